@@ -1,0 +1,63 @@
+//! `dmsae`: argument parsing and dispatch. The work lives in the library crates.
+//!
+//! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line).
+
+mod store_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "dmsae", version, about = "Distilled Matryoshka SAEs: extract activations and gradients, train, distill")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the torch version, CUDA availability, device count and store format version.
+    Env,
+    /// Create, check, inspect, import and export activation stores.
+    Store {
+        #[command(subcommand)]
+        cmd: store_cmd::StoreCmd,
+    },
+}
+
+fn env() -> Result<ExitCode> {
+    let note = dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).err();
+    let info = dmsae_extractor::runtime::info(note);
+    println!("dmsae {}", env!("CARGO_PKG_VERSION"));
+    println!("torch {}", info.torch_version);
+    println!("libtorch {}", info.libtorch_dir.map_or("unknown".into(), |d| d.display().to_string()));
+    println!("cuda available: {}", info.cuda_available);
+    println!("cuda devices: {}", info.cuda_devices);
+    if let (false, Some(n)) = (info.cuda_available, info.cuda_note) {
+        println!("cuda note: libtorch_cuda not loaded ({})", n.lines().next().unwrap_or(""));
+    }
+    println!("store format version: {}", dmsae_store::FORMAT_VERSION);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Env => env(),
+        Cmd::Store { cmd } => store_cmd::run(cmd),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed stdout (`dmsae store inspect | head`) is not a failure.
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("dmsae: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

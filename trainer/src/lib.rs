@@ -1,0 +1,1 @@
+//! Stage 2 of dmsae: SAE training from a store. Nothing here yet (see the trainer issue).
