@@ -60,6 +60,7 @@ pub struct ImportArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 1024)]
     chunk_tokens: usize,
+    /// Tokens per shard, rounded up to whole chunks.
     #[arg(long, default_value_t = 1 << 18)]
     shard_tokens: u64,
     /// raw, bytesplit or expsplit (float arrays; integers use bytesplit unless raw).

@@ -83,8 +83,20 @@ fn split_frames(stored: &[u8], count: usize) -> Result<Vec<&[u8]>, String> {
     Ok(parts)
 }
 
+thread_local! {
+    // One decompression context per thread: creating one per frame costs more than a small frame.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
 fn unzstd(frame: &[u8], out: &mut [u8], what: &str) -> Result<(), String> {
-    let got = zstd::bulk::decompress_to_buffer(frame, out).map_err(|e| format!("{what}: zstd: {e}"))?;
+    let got = DCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Decompressor::new()?);
+        }
+        c.as_mut().unwrap().decompress_to_buffer(frame, out)
+    });
+    let got = got.map_err(|e| format!("{what}: zstd: {e}"))?;
     if got != out.len() {
         return Err(format!("{what}: decompressed to {got} bytes, expected {}", out.len()));
     }
@@ -176,6 +188,8 @@ fn encode_expsplit(spec: &ArraySpec, level: i32, data: &[u8], n: usize) -> Vec<u
     frames(level, &[&side, &nibbles, &escapes, &rest])
 }
 
+/// Decoded in passes that each vectorise: unpack nibbles, add the row and column base,
+/// patch escapes, then assemble sign, exponent and mantissa.
 fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>, String> {
     let fb = FloatBits::of(spec);
     let w = spec.width;
@@ -183,33 +197,58 @@ fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>,
     let parts = split_frames(stored, 4)?;
     let mut side = vec![0u8; w + n];
     unzstd(parts[0], &mut side, "side frame")?;
-    let mut nibbles = vec![0u8; count.div_ceil(2)];
-    unzstd(parts[1], &mut nibbles, "nibble frame")?;
-    let n_esc = (0..count).filter(|&i| (nibbles[i >> 1] >> (4 * (i & 1))) & 15 == 15).count();
+    let (col, row_off) = side.split_at(w);
+    let mut packed = vec![0u8; count.div_ceil(2)];
+    unzstd(parts[1], &mut packed, "nibble frame")?;
+    if count % 2 == 1 && packed[count / 2] >> 4 != 0 {
+        return Err("padding nibble is not 0".into());
+    }
+    let mut e = vec![0u8; 2 * packed.len()];
+    for (pair, &b) in e.chunks_exact_mut(2).zip(&packed) {
+        pair[0] = b & 15;
+        pair[1] = b >> 4;
+    }
+    e.truncate(count);
+    let n_esc = e.iter().filter(|&&q| q == 15).count();
     let mut escapes = vec![0u8; n_esc];
     unzstd(parts[2], &mut escapes, "escape frame")?;
     let mut rest = vec![0u8; count * fb.rest_bytes];
     unzstd(parts[3], &mut rest, "rest frame")?;
-    let (col, row_off) = side.split_at(w);
-    let elimit = 1u32 << fb.exp;
-    let mmask = (1u32 << fb.man) - 1;
+    let esc_at: Vec<usize> =
+        if n_esc == 0 { Vec::new() } else { e.iter().enumerate().filter(|(_, &q)| q == 15).map(|(i, _)| i).collect() };
+    for (row, &r) in e.chunks_exact_mut(w).zip(row_off) {
+        let base = r.wrapping_sub(7);
+        for (x, &c) in row.iter_mut().zip(col) {
+            *x = x.wrapping_add(c).wrapping_add(base);
+        }
+    }
+    for (&i, &v) in esc_at.iter().zip(&escapes) {
+        e[i] = v;
+    }
+    if fb.exp < 8 {
+        if let Some(i) = e.iter().position(|&x| x >> fb.exp != 0) {
+            return Err(format!("element {i}: exponent {} does not fit {} bits", e[i], fb.exp));
+        }
+    }
     let mut out = vec![0u8; count * fb.size];
-    let mut esc = escapes.iter();
-    for t in 0..n {
-        let base = row_off[t].wrapping_sub(7);
-        for d in 0..w {
-            let i = t * w + d;
-            let q = (nibbles[i >> 1] >> (4 * (i & 1))) & 15;
-            let e = if q == 15 { *esc.next().unwrap() } else { col[d].wrapping_add(base).wrapping_add(q) } as u32;
-            if e >= elimit {
-                return Err(format!("element {i}: exponent {e} does not fit {} bits", fb.exp));
-            }
-            let mut r = rest[i] as u32;
-            for k in 1..fb.rest_bytes {
+    if fb.size == 2 && fb.rest_bytes == 1 {
+        // bf16: byte 0 = low exponent bit + 7 mantissa bits, byte 1 = sign + high exponent bits.
+        for ((o, &x), &r) in out.chunks_exact_mut(2).zip(&e).zip(&rest) {
+            o[0] = (x << 7) | (r & 0x7f);
+            o[1] = (r & 0x80) | (x >> 1);
+        }
+    } else {
+        let mmask = (1u32 << fb.man) - 1;
+        for (i, (o, &x)) in out.chunks_exact_mut(fb.size).zip(&e).enumerate() {
+            let mut r = 0u32;
+            for k in 0..fb.rest_bytes {
                 r |= (rest[k * count + i] as u32) << (8 * k);
             }
-            let v = ((r >> fb.man) << (fb.bits - 1)) | (e << fb.man) | (r & mmask);
-            out[i * fb.size..(i + 1) * fb.size].copy_from_slice(&v.to_le_bytes()[..fb.size]);
+            if r >> (fb.man + 1) != 0 {
+                return Err(format!("element {i}: spare bits set above the sign in the rest plane"));
+            }
+            let v = ((r >> fb.man) << (fb.bits - 1)) | ((x as u32) << fb.man) | (r & mmask);
+            o.copy_from_slice(&v.to_le_bytes()[..fb.size]);
         }
     }
     Ok(out)
