@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "dmsae", version, about = "Distilled Matryoshka SAEs: extract activations and gradients, train, distill")]
+#[command(
+    name = "dmsae",
+    version,
+    about = "Distilled Matryoshka SAEs: extract activations and gradients, train, distill"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -31,11 +35,18 @@ fn env() -> Result<ExitCode> {
     let info = dmsae_extractor::runtime::info(note);
     println!("dmsae {}", env!("CARGO_PKG_VERSION"));
     println!("torch {}", info.torch_version);
-    println!("libtorch {}", info.libtorch_dir.map_or("unknown".into(), |d| d.display().to_string()));
+    println!(
+        "libtorch {}",
+        info.libtorch_dir
+            .map_or("unknown".into(), |d| d.display().to_string())
+    );
     println!("cuda available: {}", info.cuda_available);
     println!("cuda devices: {}", info.cuda_devices);
     if let (false, Some(n)) = (info.cuda_available, info.cuda_note) {
-        println!("cuda note: libtorch_cuda not loaded ({})", n.lines().next().unwrap_or(""));
+        println!(
+            "cuda note: libtorch_cuda not loaded ({})",
+            n.lines().next().unwrap_or("")
+        );
     }
     println!("store format version: {}", dmsae_store::FORMAT_VERSION);
     Ok(ExitCode::SUCCESS)
@@ -53,7 +64,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // A closed stdout (`dmsae store inspect | head`) is not a failure.
-            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("dmsae: error: {e:#}");

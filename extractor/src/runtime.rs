@@ -26,7 +26,13 @@ fn dlopen(path: &str) -> Result<(), String> {
     if h.is_null() {
         // SAFETY: dlerror returns a thread-local C string or null.
         let e = unsafe { libc::dlerror() };
-        let msg = if e.is_null() { "unknown error".into() } else { unsafe { std::ffi::CStr::from_ptr(e) }.to_string_lossy().into_owned() };
+        let msg = if e.is_null() {
+            "unknown error".into()
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(e) }
+                .to_string_lossy()
+                .into_owned()
+        };
         return Err(msg);
     }
     Ok(())
@@ -66,18 +72,32 @@ fn loaded_libtorch_dir() -> Option<PathBuf> {
 /// The torch version of the loaded libtorch: the pip wheel's `version.py` or a libtorch
 /// archive's `build-version`, beside its `lib/`.
 fn torch_version(lib: Option<&Path>) -> String {
-    let Some(root) = lib.and_then(Path::parent) else { return "unknown".into() };
+    let Some(root) = lib.and_then(Path::parent) else {
+        return "unknown".into();
+    };
     if let Ok(t) = std::fs::read_to_string(root.join("version.py")) {
         if let Some(v) = t.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
             return v.trim().trim_matches('\'').to_string();
         }
     }
-    std::fs::read_to_string(root.join("build-version")).map(|v| v.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string(root.join("build-version"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 pub fn info(cuda_note: Option<String>) -> RuntimeInfo {
     let cuda_available = tch::Cuda::is_available();
-    let cuda_devices = if cuda_available { tch::Cuda::device_count() } else { 0 };
+    let cuda_devices = if cuda_available {
+        tch::Cuda::device_count()
+    } else {
+        0
+    };
     let libtorch_dir = loaded_libtorch_dir();
-    RuntimeInfo { torch_version: torch_version(libtorch_dir.as_deref()), libtorch_dir, cuda_available, cuda_devices, cuda_note }
+    RuntimeInfo {
+        torch_version: torch_version(libtorch_dir.as_deref()),
+        libtorch_dir,
+        cuda_available,
+        cuda_devices,
+        cuda_note,
+    }
 }

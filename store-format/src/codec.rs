@@ -13,8 +13,13 @@ pub fn encode(spec: &ArraySpec, level: i32, data: &[u8], n: usize) -> Vec<u8> {
         Codec::Raw => data.to_vec(),
         Codec::Bytesplit => {
             let s = spec.dtype.size();
-            let planes: Vec<Vec<u8>> = (0..s).map(|k| data.iter().skip(k).step_by(s).copied().collect()).collect();
-            frames(level, &planes.iter().map(|p| p.as_slice()).collect::<Vec<_>>())
+            let planes: Vec<Vec<u8>> = (0..s)
+                .map(|k| data.iter().skip(k).step_by(s).copied().collect())
+                .collect();
+            frames(
+                level,
+                &planes.iter().map(|p| p.as_slice()).collect::<Vec<_>>(),
+            )
         }
         Codec::Expsplit => encode_expsplit(spec, level, data, n),
     }
@@ -26,7 +31,10 @@ pub fn decode(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>, Stri
     match spec.codec {
         Codec::Raw => {
             if stored.len() != len {
-                return Err(format!("raw block is {} bytes, expected {len}", stored.len()));
+                return Err(format!(
+                    "raw block is {} bytes, expected {len}",
+                    stored.len()
+                ));
             }
             Ok(stored.to_vec())
         }
@@ -50,9 +58,12 @@ pub fn decode(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>, Stri
 
 /// `u32` lengths, then the zstd frames of each part.
 fn frames(level: i32, parts: &[&[u8]]) -> Vec<u8> {
-    let compressed: Vec<Vec<u8>> =
-        parts.iter().map(|p| zstd::bulk::compress(p, level).expect("zstd compression of an in-memory buffer")).collect();
-    let mut out = Vec::with_capacity(4 * parts.len() + compressed.iter().map(Vec::len).sum::<usize>());
+    let compressed: Vec<Vec<u8>> = parts
+        .iter()
+        .map(|p| zstd::bulk::compress(p, level).expect("zstd compression of an in-memory buffer"))
+        .collect();
+    let mut out =
+        Vec::with_capacity(4 * parts.len() + compressed.iter().map(Vec::len).sum::<usize>());
     for c in &compressed {
         out.extend_from_slice(&(c.len() as u32).to_le_bytes());
     }
@@ -65,20 +76,32 @@ fn frames(level: i32, parts: &[&[u8]]) -> Vec<u8> {
 fn split_frames(stored: &[u8], count: usize) -> Result<Vec<&[u8]>, String> {
     let head = 4 * count;
     if stored.len() < head {
-        return Err(format!("block of {} bytes is shorter than its {count} frame lengths", stored.len()));
+        return Err(format!(
+            "block of {} bytes is shorter than its {count} frame lengths",
+            stored.len()
+        ));
     }
     let mut at = head;
     let mut parts = Vec::with_capacity(count);
     for k in 0..count {
         let l = u32::from_le_bytes(stored[4 * k..4 * k + 4].try_into().unwrap()) as usize;
-        let end = at.checked_add(l).filter(|&e| e <= stored.len()).ok_or_else(|| {
-            format!("frame {k} length {l} runs past the block end ({} bytes)", stored.len())
-        })?;
+        let end = at
+            .checked_add(l)
+            .filter(|&e| e <= stored.len())
+            .ok_or_else(|| {
+                format!(
+                    "frame {k} length {l} runs past the block end ({} bytes)",
+                    stored.len()
+                )
+            })?;
         parts.push(&stored[at..end]);
         at = end;
     }
     if at != stored.len() {
-        return Err(format!("{} trailing bytes after the last frame", stored.len() - at));
+        return Err(format!(
+            "{} trailing bytes after the last frame",
+            stored.len() - at
+        ));
     }
     Ok(parts)
 }
@@ -98,7 +121,10 @@ fn unzstd(frame: &[u8], out: &mut [u8], what: &str) -> Result<(), String> {
     });
     let got = got.map_err(|e| format!("{what}: zstd: {e}"))?;
     if got != out.len() {
-        return Err(format!("{what}: decompressed to {got} bytes, expected {}", out.len()));
+        return Err(format!(
+            "{what}: decompressed to {got} bytes, expected {}",
+            out.len()
+        ));
     }
     Ok(())
 }
@@ -114,8 +140,17 @@ struct FloatBits {
 
 impl FloatBits {
     fn of(spec: &ArraySpec) -> FloatBits {
-        let (bits, exp, man) = spec.dtype.float_layout().expect("expsplit is for float dtypes");
-        FloatBits { size: spec.dtype.size(), bits, exp, man, rest_bytes: (man as usize + 1).div_ceil(8) }
+        let (bits, exp, man) = spec
+            .dtype
+            .float_layout()
+            .expect("expsplit is for float dtypes");
+        FloatBits {
+            size: spec.dtype.size(),
+            bits,
+            exp,
+            man,
+            rest_bytes: (man as usize + 1).div_ceil(8),
+        }
     }
     #[inline(always)]
     fn load(&self, data: &[u8], i: usize) -> u32 {
@@ -175,7 +210,10 @@ fn encode_expsplit(spec: &ArraySpec, level: i32, data: &[u8], n: usize) -> Vec<u
     for (t, row) in exps.chunks_exact(w).enumerate() {
         for (d, &e) in row.iter().enumerate() {
             let i = t * w + d;
-            let mut q = e.wrapping_sub(col[d]).wrapping_sub(row_off[t]).wrapping_add(7);
+            let mut q = e
+                .wrapping_sub(col[d])
+                .wrapping_sub(row_off[t])
+                .wrapping_add(7);
             if q >= 15 {
                 q = 15;
                 escapes.push(e);
@@ -214,8 +252,15 @@ fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>,
     unzstd(parts[2], &mut escapes, "escape frame")?;
     let mut rest = vec![0u8; count * fb.rest_bytes];
     unzstd(parts[3], &mut rest, "rest frame")?;
-    let esc_at: Vec<usize> =
-        if n_esc == 0 { Vec::new() } else { e.iter().enumerate().filter(|(_, &q)| q == 15).map(|(i, _)| i).collect() };
+    let esc_at: Vec<usize> = if n_esc == 0 {
+        Vec::new()
+    } else {
+        e.iter()
+            .enumerate()
+            .filter(|(_, &q)| q == 15)
+            .map(|(i, _)| i)
+            .collect()
+    };
     for (row, &r) in e.chunks_exact_mut(w).zip(row_off) {
         let base = r.wrapping_sub(7);
         for (x, &c) in row.iter_mut().zip(col) {
@@ -227,7 +272,10 @@ fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>,
     }
     if fb.exp < 8 {
         if let Some(i) = e.iter().position(|&x| x >> fb.exp != 0) {
-            return Err(format!("element {i}: exponent {} does not fit {} bits", e[i], fb.exp));
+            return Err(format!(
+                "element {i}: exponent {} does not fit {} bits",
+                e[i], fb.exp
+            ));
         }
     }
     let mut out = vec![0u8; count * fb.size];
@@ -245,7 +293,9 @@ fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>,
                 r |= (rest[k * count + i] as u32) << (8 * k);
             }
             if r >> (fb.man + 1) != 0 {
-                return Err(format!("element {i}: spare bits set above the sign in the rest plane"));
+                return Err(format!(
+                    "element {i}: spare bits set above the sign in the rest plane"
+                ));
             }
             let v = ((r >> fb.man) << (fb.bits - 1)) | ((x as u32) << fb.man) | (r & mmask);
             o.copy_from_slice(&v.to_le_bytes()[..fb.size]);
@@ -262,9 +312,23 @@ mod tests {
 
     fn specials(dtype: DType) -> Vec<u32> {
         match dtype {
-            DType::Bf16 => vec![0, 0x8000, 0x7f80, 0xff80, 0x7fc1, 0xffff, 0x0001, 0x807f, 0x7f7f, 0x3f80],
-            DType::F16 => vec![0, 0x8000, 0x7c00, 0xfc00, 0x7e01, 0xffff, 0x0001, 0x83ff, 0x7bff, 0x3c00],
-            _ => vec![0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0001, 0xffff_ffff, 1, 0x807f_ffff, 0x7f7f_ffff],
+            DType::Bf16 => vec![
+                0, 0x8000, 0x7f80, 0xff80, 0x7fc1, 0xffff, 0x0001, 0x807f, 0x7f7f, 0x3f80,
+            ],
+            DType::F16 => vec![
+                0, 0x8000, 0x7c00, 0xfc00, 0x7e01, 0xffff, 0x0001, 0x83ff, 0x7bff, 0x3c00,
+            ],
+            _ => vec![
+                0,
+                0x8000_0000,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7fc0_0001,
+                0xffff_ffff,
+                1,
+                0x807f_ffff,
+                0x7f7f_ffff,
+            ],
         }
     }
 
@@ -275,7 +339,8 @@ mod tests {
         let sp = specials(dtype);
         for t in 0..n {
             for d in 0..w {
-                let x: f32 = rng.gen_range(-1.0f32..1.0) * (1 << (d % 12)) as f32 * (1.0 + t as f32);
+                let x: f32 =
+                    rng.gen_range(-1.0f32..1.0) * (1 << (d % 12)) as f32 * (1.0 + t as f32);
                 let bits = match dtype {
                     DType::Bf16 => x.to_bits() >> 16,
                     DType::F16 => {
@@ -284,7 +349,11 @@ mod tests {
                     }
                     _ => x.to_bits(),
                 };
-                let bits = if rng.gen_range(0..50) == 0 { sp[rng.gen_range(0..sp.len())] } else { bits };
+                let bits = if rng.gen_range(0..50) == 0 {
+                    sp[rng.gen_range(0..sp.len())]
+                } else {
+                    bits
+                };
                 out.extend_from_slice(&bits.to_le_bytes()[..dtype.size()]);
             }
         }
@@ -299,7 +368,11 @@ mod tests {
                     let spec = ArraySpec::new("a", dtype, w, codec);
                     let data = sample(dtype, n, w, (n * w) as u64);
                     let enc = encode(&spec, 3, &data, n);
-                    assert_eq!(decode(&spec, &enc, n).unwrap(), data, "{dtype:?} {codec:?} {n}x{w}");
+                    assert_eq!(
+                        decode(&spec, &enc, n).unwrap(),
+                        data,
+                        "{dtype:?} {codec:?} {n}x{w}"
+                    );
                 }
             }
         }
@@ -313,7 +386,10 @@ mod tests {
     fn expsplit_golden_block() {
         // bf16 1.0, -2.0, 0.5, 3.0 as a 2x2 block; pins the layout in SPEC.md.
         let spec = ArraySpec::new("a", DType::Bf16, 2, Codec::Expsplit);
-        let data: Vec<u8> = [0x3f80u16, 0xc000, 0x3f00, 0x4040].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data: Vec<u8> = [0x3f80u16, 0xc000, 0x3f00, 0x4040]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let enc = encode(&spec, 3, &data, 2);
         let parts = split_frames(&enc, 4).unwrap();
         let side = zstd::bulk::decompress(parts[0], 64).unwrap();

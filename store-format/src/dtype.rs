@@ -80,9 +80,15 @@ impl DType {
         out.reserve(n);
         match self {
             DType::Bf16 => out.extend(
-                bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
             ),
-            DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
             _ => out.extend((0..n).map(|i| self.get_f64(bytes, i) as f32)),
         }
     }
@@ -140,8 +146,17 @@ pub struct ArraySpec {
 impl ArraySpec {
     pub fn new(name: &str, dtype: DType, width: usize, codec: Codec) -> Self {
         // expsplit is defined for floats only; integers fall back to byte planes.
-        let codec = if codec == Codec::Expsplit && !dtype.is_float() { Codec::Bytesplit } else { codec };
-        ArraySpec { name: name.to_string(), dtype, width, codec }
+        let codec = if codec == Codec::Expsplit && !dtype.is_float() {
+            Codec::Bytesplit
+        } else {
+            codec
+        };
+        ArraySpec {
+            name: name.to_string(),
+            dtype,
+            width,
+            codec,
+        }
     }
     pub fn row_bytes(&self) -> usize {
         self.width * self.dtype.size()
@@ -166,7 +181,16 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for d in [DType::Bf16, DType::F16, DType::F32, DType::U8, DType::U16, DType::U32, DType::I32, DType::U64] {
+        for d in [
+            DType::Bf16,
+            DType::F16,
+            DType::F32,
+            DType::U8,
+            DType::U16,
+            DType::U32,
+            DType::I32,
+            DType::U64,
+        ] {
             assert_eq!(DType::parse(d.name()), Some(d));
         }
         assert_eq!(DType::parse("f64"), None);

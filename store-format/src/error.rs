@@ -8,7 +8,10 @@ use std::path::PathBuf;
 pub enum StoreError {
     /// An operating-system error on a file.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// The file is not a shard, or its structure breaks SPEC.md (magic, version, lengths, limits).
     #[error("{path}: {what}")]
@@ -16,11 +19,21 @@ pub enum StoreError {
 
     /// A stored BLAKE3 checksum does not match the bytes it covers.
     #[error("{path}: checksum mismatch in {region}: expected {expected}, got {got}")]
-    Checksum { path: PathBuf, region: String, expected: String, got: String },
+    Checksum {
+        path: PathBuf,
+        region: String,
+        expected: String,
+        got: String,
+    },
 
     /// A block passed its checksum but does not decode to the size the header implies.
     #[error("{path}: chunk {chunk}, array {array}: {what}")]
-    Decode { path: PathBuf, chunk: usize, array: String, what: String },
+    Decode {
+        path: PathBuf,
+        chunk: usize,
+        array: String,
+        what: String,
+    },
 
     /// The manifest disagrees with itself or with the shards.
     #[error("{path}: {what}")]
@@ -33,13 +46,22 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StoreError::Io { path: path.into(), source }
+        StoreError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
-        StoreError::Format { path: path.into(), what: what.into() }
+        StoreError::Format {
+            path: path.into(),
+            what: what.into(),
+        }
     }
     pub(crate) fn manifest(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
-        StoreError::Manifest { path: path.into(), what: what.into() }
+        StoreError::Manifest {
+            path: path.into(),
+            what: what.into(),
+        }
     }
 }
 

@@ -38,5 +38,7 @@ pub const FORMAT_VERSION: u32 = shard::FORMAT_VERSION;
 
 /// fsync a directory so a rename in it survives a crash.
 pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
 }

@@ -66,18 +66,42 @@ impl Manifest {
         let path = Self::path(dir);
         let file = File::open(&path).map_err(|e| StoreError::io(&path, e))?;
         let mut text = Vec::new();
-        file.take(MAX_MANIFEST_BYTES).read_to_end(&mut text).map_err(|e| StoreError::io(&path, e))?;
-        let m: Manifest =
-            serde_json::from_slice(&text).map_err(|e| StoreError::manifest(&path, format!("not a valid manifest: {e}")))?;
+        file.take(MAX_MANIFEST_BYTES)
+            .read_to_end(&mut text)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let m: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| StoreError::manifest(&path, format!("not a valid manifest: {e}")))?;
         if m.format != "dmsae-store" || m.format_version != shard::FORMAT_VERSION {
             return Err(StoreError::manifest(
                 &path,
-                format!("format {:?} version {}, this build reads dmsae-store {}", m.format, m.format_version, shard::FORMAT_VERSION),
+                format!(
+                    "format {:?} version {}, this build reads dmsae-store {}",
+                    m.format,
+                    m.format_version,
+                    shard::FORMAT_VERSION
+                ),
             ));
+        }
+        for (i, s) in m.shards.iter().enumerate() {
+            if !is_shard_name(&s.file) {
+                return Err(StoreError::manifest(
+                    &path,
+                    format!("shard entry {:?} is not a shard file name", s.file),
+                ));
+            }
+            if i > 0 && m.shards[i - 1].file >= s.file {
+                return Err(StoreError::manifest(
+                    &path,
+                    format!("shards are not sorted by name at {:?}", s.file),
+                ));
+            }
         }
         let sum: u64 = m.shards.iter().map(|s| s.tokens).sum();
         if sum != m.total_tokens {
-            return Err(StoreError::manifest(&path, format!("total_tokens {} but shards hold {sum}", m.total_tokens)));
+            return Err(StoreError::manifest(
+                &path,
+                format!("total_tokens {} but shards hold {sum}", m.total_tokens),
+            ));
         }
         Ok(m)
     }
@@ -89,7 +113,9 @@ impl Manifest {
         let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
         let mut text = serde_json::to_vec_pretty(self).expect("manifest serialises");
         text.push(b'\n');
-        f.write_all(&text).and_then(|_| f.sync_all()).map_err(|e| StoreError::io(&tmp, e))?;
+        f.write_all(&text)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| StoreError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
         crate::sync_dir(dir)
     }
@@ -111,11 +137,20 @@ impl Manifest {
         Ok(())
     }
 
-    /// Recompute `total_tokens` and `stats` from the listed shards' footers, in manifest order.
+    /// Recompute `total_tokens`, `level`, `provenance` and `stats` from the listed shards, in
+    /// manifest order, so the manifest depends on the set of shards and not on commit order.
     fn refresh(&mut self, dir: &Path) -> Result<()> {
         self.shards.sort_by(|a, b| a.file.cmp(&b.file));
         self.total_tokens = self.shards.iter().map(|s| s.tokens).sum();
-        let metas: Vec<_> = self.shards.par_iter().map(|s| Shard::open(&dir.join(&s.file)).map(|sh| sh.meta)).collect::<Result<_>>()?;
+        let metas: Vec<_> = self
+            .shards
+            .par_iter()
+            .map(|s| Shard::open(&dir.join(&s.file)).map(|sh| sh.meta))
+            .collect::<Result<_>>()?;
+        if let Some((level, provenance)) = derived_header_fields(metas.iter().map(|m| &m.header)) {
+            self.level = level;
+            self.provenance = provenance;
+        }
         let floats: Vec<&ArraySpec> = self.arrays.iter().filter(|a| a.dtype.is_float()).collect();
         let mut merged: Vec<Stats> = floats.iter().map(|a| Stats::empty(a.width)).collect();
         for meta in &metas {
@@ -123,13 +158,33 @@ impl Manifest {
                 m.merge(s);
             }
         }
-        self.stats = floats.iter().zip(&merged).map(|(a, s)| (a.name.clone(), s.summary())).collect();
+        self.stats = floats
+            .iter()
+            .zip(&merged)
+            .map(|(a, s)| (a.name.clone(), s.summary()))
+            .collect();
         Ok(())
     }
 
     pub fn array(&self, name: &str) -> Option<&ArraySpec> {
         self.arrays.iter().find(|a| a.name == name)
     }
+}
+
+/// The manifest's `level` (the first shard's) and `provenance` (every shard's keys, the first
+/// shard holding a key wins), from the shard headers in manifest order; `None` without shards.
+pub(crate) fn derived_header_fields<'a>(
+    headers: impl IntoIterator<Item = &'a ShardHeader>,
+) -> Option<(i32, serde_json::Map<String, serde_json::Value>)> {
+    let mut headers = headers.into_iter().peekable();
+    let level = headers.peek()?.level;
+    let mut provenance = serde_json::Map::new();
+    for h in headers {
+        for (k, v) in &h.provenance {
+            provenance.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    Some((level, provenance))
 }
 
 /// Run `f` holding the store's manifest lock (an exclusive flock), so concurrent writers
@@ -146,17 +201,33 @@ fn with_lock<T>(dir: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Add a freshly committed shard to the manifest (creating it if needed).
 pub fn commit_shard(dir: &Path, header: &ShardHeader, info: ShardInfo) -> Result<Manifest> {
     with_lock(dir, || {
-        let mut m = if Manifest::path(dir).exists() { Manifest::load(dir)? } else { Manifest::new(header)? };
+        let mut m = if Manifest::path(dir).exists() {
+            Manifest::load(dir)?
+        } else {
+            Manifest::new(header)?
+        };
         m.check_compatible(dir, &info.file, header)?;
-        for (k, v) in &header.provenance {
-            m.provenance.entry(k.clone()).or_insert_with(|| v.clone());
-        }
         m.shards.retain(|s| s.file != info.file);
         m.shards.push(info);
         m.refresh(dir)?;
         m.save(dir)?;
         Ok(m)
     })
+}
+
+pub(crate) fn valid_writer_name(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `<writer>-<seq>.dmss` (SPEC.md); also keeps a manifest from naming files outside the store.
+pub fn is_shard_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(&format!(".{SHARD_EXT}")) else {
+        return false;
+    };
+    let Some((writer, seq)) = stem.rsplit_once('-') else {
+        return false;
+    };
+    valid_writer_name(writer) && seq.len() >= 6 && seq.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Committed shard files in a store directory, sorted by name.
@@ -166,7 +237,7 @@ pub fn list_shards(dir: &Path) -> Result<Vec<String>> {
     for e in rd {
         let e = e.map_err(|e| StoreError::io(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(&format!(".{SHARD_EXT}")) {
+        if is_shard_name(&name) {
             names.push(name);
         }
     }
@@ -180,22 +251,26 @@ pub fn finalize(dir: &Path) -> Result<Manifest> {
     with_lock(dir, || {
         let names = list_shards(dir)?;
         if names.is_empty() {
-            return Err(StoreError::Usage(format!("{}: no .{SHARD_EXT} shards to finalize", dir.display())));
+            return Err(StoreError::Usage(format!(
+                "{}: no .{SHARD_EXT} shards to finalize",
+                dir.display()
+            )));
         }
         let opened: Vec<(Shard, String)> = names
             .par_iter()
             .map(|n| {
                 let sh = Shard::open(&dir.join(n))?;
-                let h = blake3::Hasher::new().update_rayon(sh.bytes()).finalize().to_hex().to_string();
+                let h = blake3::Hasher::new()
+                    .update_rayon(sh.bytes())
+                    .finalize()
+                    .to_hex()
+                    .to_string();
                 Ok((sh, h))
             })
             .collect::<Result<_>>()?;
         let mut m = Manifest::new(&opened[0].0.meta.header)?;
         for (sh, hash) in &opened {
             m.check_compatible(dir, &sh.file_name(), &sh.meta.header)?;
-            for (k, v) in &sh.meta.header.provenance {
-                m.provenance.entry(k.clone()).or_insert_with(|| v.clone());
-            }
             m.shards.push(ShardInfo {
                 file: sh.file_name(),
                 tokens: sh.meta.n_tokens,

@@ -50,14 +50,26 @@ impl Npy {
         }
         let (hlen, start) = match map[6] {
             1 => (u16::from_le_bytes([map[8], map[9]]) as usize, 10usize),
-            2 | 3 if map.len() >= 12 => (u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize, 12),
+            2 | 3 if map.len() >= 12 => (
+                u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize,
+                12,
+            ),
             v => return Err(bad(format!(".npy version {v} is not supported"))),
         };
-        let end = start.checked_add(hlen).filter(|&e| e <= map.len()).ok_or_else(|| bad("header runs past the file end".into()))?;
-        let h = std::str::from_utf8(&map[start..end]).map_err(|_| bad("header is not text".into()))?;
-        let descr = dict_value(h, "descr").ok_or_else(|| bad("header has no descr".into()))?.trim_matches('\'').to_string();
+        let end = start
+            .checked_add(hlen)
+            .filter(|&e| e <= map.len())
+            .ok_or_else(|| bad("header runs past the file end".into()))?;
+        let h =
+            std::str::from_utf8(&map[start..end]).map_err(|_| bad("header is not text".into()))?;
+        let descr = dict_value(h, "descr")
+            .ok_or_else(|| bad("header has no descr".into()))?
+            .trim_matches('\'')
+            .to_string();
         if dict_value(h, "fortran_order") != Some("False") {
-            return Err(bad("Fortran-order arrays are not supported; save with np.ascontiguousarray".into()));
+            return Err(bad(
+                "Fortran-order arrays are not supported; save with np.ascontiguousarray".into(),
+            ));
         }
         let shape_txt = dict_value(h, "shape").ok_or_else(|| bad("header has no shape".into()))?;
         let shape = shape_txt
@@ -68,12 +80,28 @@ impl Npy {
             .map(|s| s.parse::<usize>())
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|_| bad(format!("bad shape {shape_txt}")))?;
-        let size = item_size(&descr).ok_or_else(|| bad(format!("dtype {descr} is not supported (little-endian ints/floats only)")))?;
-        let want = shape.iter().try_fold(size, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows".into()))?;
+        let size = item_size(&descr).ok_or_else(|| {
+            bad(format!(
+                "dtype {descr} is not supported (little-endian ints/floats only)"
+            ))
+        })?;
+        let want = shape
+            .iter()
+            .try_fold(size, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("shape overflows".into()))?;
         if map.len() - end != want {
-            return Err(bad(format!("data is {} bytes, shape {shape:?} of {descr} needs {want} (truncated?)", map.len() - end)));
+            return Err(bad(format!(
+                "data is {} bytes, shape {shape:?} of {descr} needs {want} (truncated?)",
+                map.len() - end
+            )));
         }
-        Ok(Npy { path: path.to_path_buf(), descr, shape, offset: end, map })
+        Ok(Npy {
+            path: path.to_path_buf(),
+            descr,
+            shape,
+            offset: end,
+            map,
+        })
     }
 
     pub fn data(&self) -> &[u8] {
@@ -94,31 +122,59 @@ impl Npy {
     }
 }
 
-/// Write an array atomically (temp name, fsync, rename); `fill` streams the data in.
-pub fn write_with(path: &Path, descr: &str, shape: &[usize], fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+/// Write an array atomically (temp name, fsync, rename); `fill` streams the data in. On any
+/// error the temp file is removed, so a failed write leaves nothing behind.
+pub fn write_with(
+    path: &Path,
+    descr: &str,
+    shape: &[usize],
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension("npy.tmp");
+    let written = write_tmp(path, &tmp, descr, shape, fill);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_tmp(
+    path: &Path,
+    tmp: &Path,
+    descr: &str,
+    shape: &[usize],
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_txt = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
     // NumPy pads the header so the data starts 64-byte aligned.
     let pad = (64 - (10 + h.len() + 1) % 64) % 64;
     h.extend(std::iter::repeat_n(' ', pad));
     h.push('\n');
-    let tmp = path.with_extension("npy.tmp");
-    let f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    let f = File::create(tmp).map_err(|e| StoreError::io(tmp, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
     let mut head = MAGIC.to_vec();
     head.extend_from_slice(&[1, 0]);
     head.extend_from_slice(&(h.len() as u16).to_le_bytes());
     head.extend_from_slice(h.as_bytes());
-    out.write_all(&head).map_err(|e| StoreError::io(&tmp, e))?;
+    out.write_all(&head).map_err(|e| StoreError::io(tmp, e))?;
     fill(&mut out)?;
-    let f = out.into_inner().map_err(|e| StoreError::io(&tmp, e.into_error()))?;
-    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))
+    let f = out
+        .into_inner()
+        .map_err(|e| StoreError::io(tmp, e.into_error()))?;
+    f.sync_all().map_err(|e| StoreError::io(tmp, e))?;
+    std::fs::rename(tmp, path).map_err(|e| StoreError::io(path, e))
 }
 
 pub fn write(path: &Path, descr: &str, shape: &[usize], data: &[u8]) -> Result<()> {
-    write_with(path, descr, shape, |w| w.write_all(data).map_err(|e| StoreError::io(path, e)))
+    write_with(path, descr, shape, |w| {
+        w.write_all(data).map_err(|e| StoreError::io(path, e))
+    })
 }
 
 #[cfg(test)]
@@ -132,7 +188,10 @@ mod tests {
         let data: Vec<u8> = (0..24u16).flat_map(|v| v.to_le_bytes()).collect();
         write(&p, "<u2", &[4, 6], &data).unwrap();
         let a = Npy::open(&p).unwrap();
-        assert_eq!((a.descr.as_str(), a.shape.clone(), a.data()), ("<u2", vec![4, 6], data.as_slice()));
+        assert_eq!(
+            (a.descr.as_str(), a.shape.clone(), a.data()),
+            ("<u2", vec![4, 6], data.as_slice())
+        );
         write(&p, "<f4", &[3], &[0u8; 12]).unwrap();
         assert_eq!(Npy::open(&p).unwrap().shape, vec![3]);
         std::fs::write(&p, b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f4'").unwrap();

@@ -3,7 +3,7 @@
 use crate::dtype::ArraySpec;
 use crate::error::{Result, StoreError};
 use crate::manifest::{self, Manifest};
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardMeta};
 use crate::stats::Stats;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -31,26 +31,46 @@ impl Store {
     /// Open and cross-check manifest and shard structure (not the block contents: see `verify`).
     pub fn open(dir: &Path) -> Result<Store> {
         let manifest = Manifest::load(dir)?;
-        let shards: Vec<Shard> = manifest.shards.par_iter().map(|s| Shard::open(&dir.join(&s.file))).collect::<Result<_>>()?;
+        let shards: Vec<Shard> = manifest
+            .shards
+            .par_iter()
+            .map(|s| Shard::open(&dir.join(&s.file)))
+            .collect::<Result<_>>()?;
         let mut starts = Vec::with_capacity(shards.len());
         let mut at = 0;
         for (info, sh) in manifest.shards.iter().zip(&shards) {
             let why = if sh.len_bytes() as u64 != info.bytes {
-                Some(format!("is {} bytes, manifest says {}", sh.len_bytes(), info.bytes))
+                Some(format!(
+                    "is {} bytes, manifest says {}",
+                    sh.len_bytes(),
+                    info.bytes
+                ))
             } else if sh.meta.n_tokens != info.tokens {
-                Some(format!("holds {} tokens, manifest says {}", sh.meta.n_tokens, info.tokens))
+                Some(format!(
+                    "holds {} tokens, manifest says {}",
+                    sh.meta.n_tokens, info.tokens
+                ))
             } else if sh.meta.header.arrays != manifest.arrays {
                 Some("has other arrays than the manifest".to_string())
             } else {
                 None
             };
             if let Some(why) = why {
-                return Err(StoreError::manifest(&sh.path, format!("{why} (run `dmsae store verify`)")));
+                return Err(StoreError::manifest(
+                    &sh.path,
+                    format!("{why} (run `dmsae store verify`)"),
+                ));
             }
             starts.push(at);
             at += info.tokens;
         }
-        Ok(Store { dir: dir.to_path_buf(), manifest, shards, starts, verify: true })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            manifest,
+            shards,
+            starts,
+            verify: true,
+        })
     }
 
     pub fn total_tokens(&self) -> u64 {
@@ -58,10 +78,24 @@ impl Store {
     }
 
     pub fn array(&self, name: &str) -> Result<(usize, &ArraySpec)> {
-        let i = self.manifest.arrays.iter().position(|a| a.name == name).ok_or_else(|| {
-            let have: Vec<&str> = self.manifest.arrays.iter().map(|a| a.name.as_str()).collect();
-            StoreError::Usage(format!("{}: no array {name:?} (has {})", self.dir.display(), have.join(", ")))
-        })?;
+        let i = self
+            .manifest
+            .arrays
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| {
+                let have: Vec<&str> = self
+                    .manifest
+                    .arrays
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect();
+                StoreError::Usage(format!(
+                    "{}: no array {name:?} (has {})",
+                    self.dir.display(),
+                    have.join(", ")
+                ))
+            })?;
         Ok((i, &self.manifest.arrays[i]))
     }
 
@@ -70,7 +104,9 @@ impl Store {
         self.shards
             .iter()
             .enumerate()
-            .flat_map(|(s, sh)| (0..sh.meta.chunks.len()).map(move |c| ChunkRef { shard: s, chunk: c }))
+            .flat_map(|(s, sh)| {
+                (0..sh.meta.chunks.len()).map(move |c| ChunkRef { shard: s, chunk: c })
+            })
             .collect()
     }
 
@@ -130,15 +166,25 @@ pub fn verify(dir: &Path) -> Vec<String> {
     };
     match manifest::list_shards(dir) {
         Ok(names) => {
-            for n in names.iter().filter(|n| !manifest.shards.iter().any(|s| &s.file == *n)) {
-                problems.push(format!("{}: shard not in the manifest (run `dmsae store finalize`)", dir.join(n).display()));
+            for n in names
+                .iter()
+                .filter(|n| !manifest.shards.iter().any(|s| &s.file == *n))
+            {
+                problems.push(format!(
+                    "{}: shard not in the manifest (run `dmsae store finalize`)",
+                    dir.join(n).display()
+                ));
             }
         }
         Err(e) => problems.push(e.to_string()),
     }
-    let floats: Vec<&ArraySpec> = manifest.arrays.iter().filter(|a| a.dtype.is_float()).collect();
+    let floats: Vec<&ArraySpec> = manifest
+        .arrays
+        .iter()
+        .filter(|a| a.dtype.is_float())
+        .collect();
     let mut merged: Vec<Stats> = floats.iter().map(|a| Stats::empty(a.width)).collect();
-    let per_shard: Vec<(Vec<String>, Option<Vec<Stats>>)> = manifest
+    let per_shard: Vec<(Vec<String>, Option<ShardMeta>)> = manifest
         .shards
         .iter()
         .map(|info| {
@@ -148,44 +194,94 @@ pub fn verify(dir: &Path) -> Vec<String> {
                 Ok(sh) => sh,
                 Err(e) => return (vec![e.to_string()], None),
             };
-            let hash = blake3::Hasher::new().update_rayon(sh.bytes()).finalize().to_hex().to_string();
+            let hash = blake3::Hasher::new()
+                .update_rayon(sh.bytes())
+                .finalize()
+                .to_hex()
+                .to_string();
             if hash != info.blake3 {
-                p.push(format!("{}: file checksum mismatch: manifest {}, file {hash}", path.display(), info.blake3));
+                p.push(format!(
+                    "{}: file checksum mismatch: manifest {}, file {hash}",
+                    path.display(),
+                    info.blake3
+                ));
             }
             if sh.len_bytes() as u64 != info.bytes {
-                p.push(format!("{}: {} bytes, manifest says {}", path.display(), sh.len_bytes(), info.bytes));
+                p.push(format!(
+                    "{}: {} bytes, manifest says {}",
+                    path.display(),
+                    sh.len_bytes(),
+                    info.bytes
+                ));
             }
             if sh.meta.n_tokens != info.tokens {
-                p.push(format!("{}: {} tokens, manifest says {}", path.display(), sh.meta.n_tokens, info.tokens));
+                p.push(format!(
+                    "{}: {} tokens, manifest says {}",
+                    path.display(),
+                    sh.meta.n_tokens,
+                    info.tokens
+                ));
             }
-            if sh.meta.header.arrays != manifest.arrays || sh.meta.header.chunk_tokens != manifest.chunk_tokens {
-                p.push(format!("{}: arrays or chunk size differ from the manifest", path.display()));
+            if sh.meta.header.arrays != manifest.arrays
+                || sh.meta.header.chunk_tokens != manifest.chunk_tokens
+            {
+                p.push(format!(
+                    "{}: arrays or chunk size differ from the manifest",
+                    path.display()
+                ));
             }
-            let blocks: Vec<(usize, usize)> =
-                (0..sh.meta.chunks.len()).flat_map(|c| (0..sh.meta.header.arrays.len()).map(move |a| (c, a))).collect();
-            let errs: Vec<String> =
-                blocks.par_iter().filter_map(|&(c, a)| sh.read_block(c, a, true).err().map(|e| e.to_string())).collect();
+            let blocks: Vec<(usize, usize)> = (0..sh.meta.chunks.len())
+                .flat_map(|c| (0..sh.meta.header.arrays.len()).map(move |a| (c, a)))
+                .collect();
+            let errs: Vec<String> = blocks
+                .par_iter()
+                .filter_map(|&(c, a)| sh.read_block(c, a, true).err().map(|e| e.to_string()))
+                .collect();
             p.extend(errs);
-            (p, Some(sh.meta.stats))
+            (p, Some(sh.meta))
         })
         .collect();
-    for (p, stats) in per_shard {
+    let mut headers = Vec::new();
+    for (p, meta) in per_shard {
         problems.extend(p);
-        if let Some(stats) = stats {
-            for (m, s) in merged.iter_mut().zip(&stats) {
+        if let Some(meta) = meta {
+            for (m, s) in merged.iter_mut().zip(&meta.stats) {
                 m.merge(s);
+            }
+            headers.push(meta.header);
+        }
+    }
+    // A shard that does not open is reported above; comparing the manifest's derived fields
+    // with the rest would only add misleading problems.
+    let all_opened = headers.len() == manifest.shards.len();
+    let sum: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
+    if sum != manifest.total_tokens {
+        problems.push(format!(
+            "{}: total_tokens {} but shards hold {sum}",
+            Manifest::path(dir).display(),
+            manifest.total_tokens
+        ));
+    }
+    let acts = manifest.array("acts");
+    if acts.map(|a| (a.width, a.dtype, a.codec))
+        != Some((manifest.d_model, manifest.dtype, manifest.codec))
+    {
+        problems.push(format!(
+            "{}: d_model/dtype/codec disagree with the acts array",
+            Manifest::path(dir).display()
+        ));
+    }
+    if all_opened {
+        if let Some((level, provenance)) = manifest::derived_header_fields(&headers) {
+            if manifest.level != level || manifest.provenance != provenance {
+                problems.push(format!(
+                    "{}: level or provenance differ from the shard headers (run `dmsae store finalize`)",
+                    Manifest::path(dir).display()
+                ));
             }
         }
     }
-    let sum: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
-    if sum != manifest.total_tokens {
-        problems.push(format!("{}: total_tokens {} but shards hold {sum}", Manifest::path(dir).display(), manifest.total_tokens));
-    }
-    let acts = manifest.array("acts");
-    if acts.map(|a| (a.width, a.dtype, a.codec)) != Some((manifest.d_model, manifest.dtype, manifest.codec)) {
-        problems.push(format!("{}: d_model/dtype/codec disagree with the acts array", Manifest::path(dir).display()));
-    }
-    for (a, m) in floats.iter().zip(&merged) {
+    for (a, m) in floats.iter().zip(&merged).filter(|_| all_opened) {
         if manifest.stats.get(&a.name) != Some(&m.summary()) {
             problems.push(format!(
                 "{}: stats of {:?} do not match the shard footers (run `dmsae store finalize`)",

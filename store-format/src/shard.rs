@@ -40,23 +40,39 @@ impl ShardHeader {
     /// The SPEC.md limits; `what` is the error text.
     pub fn check(&self) -> std::result::Result<(), String> {
         if self.chunk_tokens == 0 || self.chunk_tokens > MAX_CHUNK_TOKENS {
-            return Err(format!("chunk_tokens {} outside 1..={MAX_CHUNK_TOKENS}", self.chunk_tokens));
+            return Err(format!(
+                "chunk_tokens {} outside 1..={MAX_CHUNK_TOKENS}",
+                self.chunk_tokens
+            ));
         }
         if self.arrays.is_empty() || self.arrays.len() > MAX_ARRAYS {
-            return Err(format!("{} arrays, expected 1..={MAX_ARRAYS}", self.arrays.len()));
+            return Err(format!(
+                "{} arrays, expected 1..={MAX_ARRAYS}",
+                self.arrays.len()
+            ));
         }
         for (i, a) in self.arrays.iter().enumerate() {
             if self.arrays[..i].iter().any(|b| b.name == a.name) {
                 return Err(format!("array name {:?} appears twice", a.name));
             }
             if a.width == 0 || a.width > MAX_WIDTH {
-                return Err(format!("array {:?}: width {} outside 1..={MAX_WIDTH}", a.name, a.width));
+                return Err(format!(
+                    "array {:?}: width {} outside 1..={MAX_WIDTH}",
+                    a.name, a.width
+                ));
             }
             if self.chunk_tokens * a.row_bytes() > MAX_BLOCK_RAW {
-                return Err(format!("array {:?}: a chunk would decode to more than {MAX_BLOCK_RAW} bytes", a.name));
+                return Err(format!(
+                    "array {:?}: a chunk would decode to more than {MAX_BLOCK_RAW} bytes",
+                    a.name
+                ));
             }
             if a.codec == crate::Codec::Expsplit && !a.dtype.is_float() {
-                return Err(format!("array {:?}: expsplit needs a float dtype, not {}", a.name, a.dtype.name()));
+                return Err(format!(
+                    "array {:?}: expsplit needs a float dtype, not {}",
+                    a.name,
+                    a.dtype.name()
+                ));
             }
         }
         Ok(())
@@ -67,7 +83,11 @@ impl ShardHeader {
     }
 
     pub fn stats_len(&self) -> usize {
-        self.arrays.iter().filter(|a| a.dtype.is_float()).map(|a| Stats::encoded_len(a.width)).sum()
+        self.arrays
+            .iter()
+            .filter(|a| a.dtype.is_float())
+            .map(|a| Stats::encoded_len(a.width))
+            .sum()
     }
 }
 
@@ -82,7 +102,12 @@ pub struct EncodedChunk {
 impl EncodedChunk {
     /// Compress `n` rows; `cols[i]` holds array i's rows.
     pub fn encode(header: &ShardHeader, cols: &[&[u8]], n: usize) -> EncodedChunk {
-        let blocks = header.arrays.iter().zip(cols).map(|(a, c)| codec::encode(a, header.level, c, n)).collect();
+        let blocks = header
+            .arrays
+            .iter()
+            .zip(cols)
+            .map(|(a, c)| codec::encode(a, header.level, c, n))
+            .collect();
         let stats = header
             .arrays
             .iter()
@@ -90,7 +115,11 @@ impl EncodedChunk {
             .filter(|(a, _)| a.dtype.is_float())
             .map(|(a, c)| Stats::of_rows(a.dtype, a.width, c, n))
             .collect();
-        EncodedChunk { n_tokens: n, blocks, stats }
+        EncodedChunk {
+            n_tokens: n,
+            blocks,
+            stats,
+        }
     }
 }
 
@@ -131,7 +160,12 @@ impl ShardWriter {
         head.extend_from_slice(&json);
         let h = blake3::hash(&head);
         head.extend_from_slice(h.as_bytes());
-        let stats = header.arrays.iter().filter(|a| a.dtype.is_float()).map(|a| Stats::empty(a.width)).collect();
+        let stats = header
+            .arrays
+            .iter()
+            .filter(|a| a.dtype.is_float())
+            .map(|a| Stats::empty(a.width))
+            .collect();
         let mut w = ShardWriter {
             path: path.to_path_buf(),
             tmp,
@@ -152,7 +186,9 @@ impl ShardWriter {
     fn put(&mut self, b: &[u8]) -> Result<()> {
         self.hasher.update(b);
         self.bytes += b.len() as u64;
-        self.out.write_all(b).map_err(|e| StoreError::io(&self.tmp, e))
+        self.out
+            .write_all(b)
+            .map_err(|e| StoreError::io(&self.tmp, e))
     }
 
     pub fn tokens(&self) -> u64 {
@@ -168,10 +204,12 @@ impl ShardWriter {
             )));
         }
         self.last_partial = c.n_tokens < self.header.chunk_tokens;
-        self.index.extend_from_slice(&(c.n_tokens as u32).to_le_bytes());
+        self.index
+            .extend_from_slice(&(c.n_tokens as u32).to_le_bytes());
         self.index.extend_from_slice(&0u32.to_le_bytes());
         for b in &c.blocks {
-            self.index.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            self.index
+                .extend_from_slice(&(b.len() as u64).to_le_bytes());
             self.index.extend_from_slice(blake3::hash(b).as_bytes());
         }
         for b in &c.blocks {
@@ -188,27 +226,43 @@ impl ShardWriter {
     /// Index, stats, trailer; fsync; rename into place; fsync the directory.
     pub fn finish(mut self) -> Result<ShardInfo> {
         if self.n_chunks == 0 {
-            return Err(StoreError::Usage(format!("{}: a shard needs at least one chunk", self.path.display())));
+            return Err(StoreError::Usage(format!(
+                "{}: a shard needs at least one chunk",
+                self.path.display()
+            )));
         }
         let mut footer = std::mem::take(&mut self.index);
         for s in &self.stats {
             s.write_to(&mut footer);
         }
         let index_len = self.n_chunks as usize * self.header.index_record_len();
-        for v in [self.n_chunks, self.n_tokens, index_len as u64, self.header.stats_len() as u64] {
+        for v in [
+            self.n_chunks,
+            self.n_tokens,
+            index_len as u64,
+            self.header.stats_len() as u64,
+        ] {
             footer.extend_from_slice(&v.to_le_bytes());
         }
         let fh = blake3::hash(&footer);
         footer.extend_from_slice(fh.as_bytes());
         footer.extend_from_slice(END_MAGIC);
         self.put(&footer)?;
-        let file = self.out.into_inner().map_err(|e| StoreError::io(&self.tmp, e.into_error()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| StoreError::io(&self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| StoreError::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| StoreError::io(&self.path, e))?;
         crate::sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
         Ok(ShardInfo {
-            file: self.path.file_name().unwrap().to_string_lossy().into_owned(),
+            file: self
+                .path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
             tokens: self.n_tokens,
             bytes: self.bytes,
             blake3: self.hasher.finalize().to_hex().to_string(),
@@ -254,18 +308,24 @@ pub fn parse(path: &Path, b: &[u8]) -> Result<ShardMeta> {
     let bad = |what: String| StoreError::format(path, what);
     let len = b.len();
     if len < PREAMBLE + 2 + HASH + TRAILER {
-        return Err(bad(format!("{len} bytes is too short to be a shard (truncated?)")));
+        return Err(bad(format!(
+            "{len} bytes is too short to be a shard (truncated?)"
+        )));
     }
     if &b[..8] != MAGIC {
         return Err(bad("not a dmsae shard (wrong magic)".into()));
     }
     let version = u32_at(b, 8);
     if version != FORMAT_VERSION {
-        return Err(bad(format!("shard format version {version}, this build reads {FORMAT_VERSION}")));
+        return Err(bad(format!(
+            "shard format version {version}, this build reads {FORMAT_VERSION}"
+        )));
     }
     let h = u32_at(b, 12) as usize;
     if !(2..=MAX_HEADER_LEN).contains(&h) || PREAMBLE + h + HASH + TRAILER > len {
-        return Err(bad(format!("header length {h} does not fit a {len}-byte file")));
+        return Err(bad(format!(
+            "header length {h} does not fit a {len}-byte file"
+        )));
     }
     let head_end = PREAMBLE + h;
     let got = blake3::hash(&b[..head_end]);
@@ -277,26 +337,42 @@ pub fn parse(path: &Path, b: &[u8]) -> Result<ShardMeta> {
             got: got.to_hex().to_string(),
         });
     }
-    let header: ShardHeader =
-        serde_json::from_slice(&b[PREAMBLE..head_end]).map_err(|e| bad(format!("header JSON: {e}")))?;
+    let header: ShardHeader = serde_json::from_slice(&b[PREAMBLE..head_end])
+        .map_err(|e| bad(format!("header JSON: {e}")))?;
     header.check().map_err(|e| bad(format!("header: {e}")))?;
     let blocks_start = head_end + HASH;
 
     let t = len - TRAILER;
     if &b[t + 64..] != END_MAGIC {
-        return Err(bad("trailer magic missing (truncated or unfinished shard)".into()));
+        return Err(bad(
+            "trailer magic missing (truncated or unfinished shard)".into()
+        ));
     }
-    let (n_chunks, n_tokens, index_len, stats_len) = (u64_at(b, t), u64_at(b, t + 8), u64_at(b, t + 16), u64_at(b, t + 24));
+    let (n_chunks, n_tokens, index_len, stats_len) = (
+        u64_at(b, t),
+        u64_at(b, t + 8),
+        u64_at(b, t + 16),
+        u64_at(b, t + 24),
+    );
     let rec = header.index_record_len() as u64;
     if n_chunks == 0 || n_chunks.checked_mul(rec) != Some(index_len) {
-        return Err(bad(format!("trailer: {n_chunks} chunks do not make an index of {index_len} bytes")));
+        return Err(bad(format!(
+            "trailer: {n_chunks} chunks do not make an index of {index_len} bytes"
+        )));
     }
     if stats_len != header.stats_len() as u64 {
-        return Err(bad(format!("trailer: stats length {stats_len}, header implies {}", header.stats_len())));
+        return Err(bad(format!(
+            "trailer: stats length {stats_len}, header implies {}",
+            header.stats_len()
+        )));
     }
-    let footer_len = index_len.checked_add(stats_len).filter(|&f| f <= (t - blocks_start) as u64);
+    let footer_len = index_len
+        .checked_add(stats_len)
+        .filter(|&f| f <= (t - blocks_start) as u64);
     let Some(footer_len) = footer_len else {
-        return Err(bad(format!("index and stats ({index_len} + {stats_len} bytes) do not fit the file")));
+        return Err(bad(format!(
+            "index and stats ({index_len} + {stats_len} bytes) do not fit the file"
+        )));
     };
     let index_start = t - footer_len as usize;
     let got = blake3::hash(&b[index_start..t + 32]);
@@ -317,27 +393,53 @@ pub fn parse(path: &Path, b: &[u8]) -> Result<ShardMeta> {
         let r = index_start + c * rec as usize;
         let n = u32_at(b, r) as usize;
         let last = c + 1 == n_chunks as usize;
-        if n == 0 || n > header.chunk_tokens || (!last && n != header.chunk_tokens) || u32_at(b, r + 4) != 0 {
-            return Err(bad(format!("chunk {c}: {n} tokens breaks the chunk rules (chunk_tokens {})", header.chunk_tokens)));
+        if n == 0
+            || n > header.chunk_tokens
+            || (!last && n != header.chunk_tokens)
+            || u32_at(b, r + 4) != 0
+        {
+            return Err(bad(format!(
+                "chunk {c}: {n} tokens breaks the chunk rules (chunk_tokens {})",
+                header.chunk_tokens
+            )));
         }
         let mut blocks = Vec::with_capacity(arrays);
         for a in 0..arrays {
             let e = r + 8 + 40 * a;
             let l = u64_at(b, e);
-            let end = (at as u64).checked_add(l).filter(|&x| x <= index_start as u64).ok_or_else(|| {
-                bad(format!("chunk {c}, array {}: block of {l} bytes runs past the index", header.arrays[a].name))
-            })?;
-            blocks.push(BlockEntry { offset: at, len: l as usize, hash: b[e + 8..e + 40].try_into().unwrap() });
+            let end = (at as u64)
+                .checked_add(l)
+                .filter(|&x| x <= index_start as u64)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "chunk {c}, array {}: block of {l} bytes runs past the index",
+                        header.arrays[a].name
+                    ))
+                })?;
+            blocks.push(BlockEntry {
+                offset: at,
+                len: l as usize,
+                hash: b[e + 8..e + 40].try_into().unwrap(),
+            });
             at = end as usize;
         }
-        chunks.push(ChunkEntry { first_token: first, n_tokens: n, blocks });
+        chunks.push(ChunkEntry {
+            first_token: first,
+            n_tokens: n,
+            blocks,
+        });
         first += n as u64;
     }
     if at != index_start {
-        return Err(bad(format!("{} bytes between the last block and the index", index_start - at)));
+        return Err(bad(format!(
+            "{} bytes between the last block and the index",
+            index_start - at
+        )));
     }
     if first != n_tokens {
-        return Err(bad(format!("chunks hold {first} tokens, trailer says {n_tokens}")));
+        return Err(bad(format!(
+            "chunks hold {first} tokens, trailer says {n_tokens}"
+        )));
     }
     let mut stats = Vec::new();
     let mut s = index_start + index_len as usize;
@@ -346,7 +448,12 @@ pub fn parse(path: &Path, b: &[u8]) -> Result<ShardMeta> {
         stats.push(Stats::read_from(&b[s..s + l], a.width));
         s += l;
     }
-    Ok(ShardMeta { header, chunks, n_tokens, stats })
+    Ok(ShardMeta {
+        header,
+        chunks,
+        n_tokens,
+        stats,
+    })
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
@@ -366,11 +473,18 @@ impl Shard {
         // SAFETY: shards are immutable once renamed into place; a writer never reopens one.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(path, e))?;
         let meta = parse(path, &map)?;
-        Ok(Shard { path: path.to_path_buf(), meta, map })
+        Ok(Shard {
+            path: path.to_path_buf(),
+            meta,
+            map,
+        })
     }
 
     pub fn file_name(&self) -> String {
-        self.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        self.path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     pub fn len_bytes(&self) -> usize {
@@ -390,7 +504,10 @@ impl Shard {
             if got.as_bytes() != &e.hash {
                 return Err(StoreError::Checksum {
                     path: self.path.clone(),
-                    region: format!("chunk {chunk}, array {}", self.meta.header.arrays[array].name),
+                    region: format!(
+                        "chunk {chunk}, array {}",
+                        self.meta.header.arrays[array].name
+                    ),
                     expected: hex(&e.hash),
                     got: got.to_hex().to_string(),
                 });
@@ -403,11 +520,13 @@ impl Shard {
     pub fn read_block(&self, chunk: usize, array: usize, verify: bool) -> Result<Vec<u8>> {
         let stored = self.stored_block(chunk, array, verify)?;
         let spec = &self.meta.header.arrays[array];
-        codec::decode(spec, stored, self.meta.chunks[chunk].n_tokens).map_err(|what| StoreError::Decode {
-            path: self.path.clone(),
-            chunk,
-            array: spec.name.clone(),
-            what,
+        codec::decode(spec, stored, self.meta.chunks[chunk].n_tokens).map_err(|what| {
+            StoreError::Decode {
+                path: self.path.clone(),
+                chunk,
+                array: spec.name.clone(),
+                what,
+            }
         })
     }
 

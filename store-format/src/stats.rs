@@ -27,7 +27,13 @@ pub struct StatsSummary {
 
 impl Stats {
     pub fn empty(width: usize) -> Stats {
-        Stats { count: 0, sum_norm: 0.0, sum_sq_norm: 0.0, mean: vec![0.0; width], m2: vec![0.0; width] }
+        Stats {
+            count: 0,
+            sum_norm: 0.0,
+            sum_sq_norm: 0.0,
+            mean: vec![0.0; width],
+            m2: vec![0.0; width],
+        }
     }
 
     /// Stats of `n` rows; rows holding a NaN or an infinity are left out.
@@ -134,7 +140,9 @@ mod tests {
 
     #[test]
     fn merged_chunks_equal_one_pass() {
-        let v: Vec<f32> = (0..60).map(|i| ((i * 7919) % 101) as f32 * 0.37 - 11.0 + 1000.0 * (i % 3) as f32).collect();
+        let v: Vec<f32> = (0..60)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.37 - 11.0 + 1000.0 * (i % 3) as f32)
+            .collect();
         let all = Stats::of_rows(DType::F32, 3, &f32_rows(&v), 20);
         let mut m = Stats::of_rows(DType::F32, 3, &f32_rows(&v[..21]), 7);
         m.merge(&Stats::of_rows(DType::F32, 3, &f32_rows(&v[21..]), 13));
@@ -156,7 +164,12 @@ mod tests {
 
     #[test]
     fn non_finite_rows_are_left_out() {
-        let s = Stats::of_rows(DType::F32, 2, &f32_rows(&[1.0, 2.0, f32::NAN, 0.0, f32::INFINITY, 1.0, 3.0, 4.0]), 4);
+        let s = Stats::of_rows(
+            DType::F32,
+            2,
+            &f32_rows(&[1.0, 2.0, f32::NAN, 0.0, f32::INFINITY, 1.0, 3.0, 4.0]),
+            4,
+        );
         assert_eq!(s.count, 2);
         assert_eq!(s.mean, vec![2.0, 3.0]);
         assert!((s.sum_norm - (5f64.sqrt() + 5.0)).abs() < 1e-12);

@@ -75,7 +75,10 @@ pub struct Batch {
 
 impl Batch {
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.arrays.iter().find(|(a, _)| a.name == name).map(|(_, b)| b.as_slice())
+        self.arrays
+            .iter()
+            .find(|(a, _)| a.name == name)
+            .map(|(_, b)| b.as_slice())
     }
     /// An array as f32, row-major.
     pub fn f32(&self, name: &str) -> Option<Vec<f32>> {
@@ -121,7 +124,11 @@ struct Rows {
 
 impl Rows {
     fn new(specs: &[ArraySpec]) -> Rows {
-        Rows { specs: specs.to_vec(), data: vec![Vec::new(); specs.len()], n: 0 }
+        Rows {
+            specs: specs.to_vec(),
+            data: vec![Vec::new(); specs.len()],
+            n: 0,
+        }
     }
     fn push_row(&mut self, src: &[Vec<u8>], t: usize) {
         for ((d, s), a) in self.data.iter_mut().zip(src).zip(&self.specs) {
@@ -133,7 +140,12 @@ impl Rows {
     /// Move row `i` out (the last row takes its place).
     fn swap_take(&mut self, i: usize, out: &mut Rows) {
         let last = self.n - 1;
-        for ((d, o), a) in self.data.iter_mut().zip(out.data.iter_mut()).zip(&self.specs) {
+        for ((d, o), a) in self
+            .data
+            .iter_mut()
+            .zip(out.data.iter_mut())
+            .zip(&self.specs)
+        {
             let rb = a.row_bytes();
             o.extend_from_slice(&d[i * rb..(i + 1) * rb]);
             d.copy_within(last * rb..(last + 1) * rb, i * rb);
@@ -144,7 +156,12 @@ impl Rows {
     }
     fn take_front(&mut self, k: usize) -> Rows {
         let mut out = Rows::new(&self.specs);
-        for ((d, o), a) in self.data.iter_mut().zip(out.data.iter_mut()).zip(&self.specs) {
+        for ((d, o), a) in self
+            .data
+            .iter_mut()
+            .zip(out.data.iter_mut())
+            .zip(&self.specs)
+        {
             o.extend(d.drain(..k * a.row_bytes()));
         }
         self.n -= k;
@@ -152,7 +169,10 @@ impl Rows {
         out
     }
     fn into_batch(self) -> Batch {
-        Batch { n: self.n, arrays: self.specs.into_iter().zip(self.data).collect() }
+        Batch {
+            n: self.n,
+            arrays: self.specs.into_iter().zip(self.data).collect(),
+        }
     }
 }
 
@@ -162,28 +182,45 @@ impl Store {
         if opts.batch_tokens == 0 {
             return Err(StoreError::Usage("batch_tokens must be at least 1".into()));
         }
-        let wanted: Vec<usize> = opts.arrays.iter().map(|n| self.array(n).map(|(i, _)| i)).collect::<Result<_>>()?;
+        let wanted: Vec<usize> = opts
+            .arrays
+            .iter()
+            .map(|n| self.array(n).map(|(i, _)| i))
+            .collect::<Result<_>>()?;
         let flags = self.array("flags").ok().map(|(i, _)| i);
         let position = self.array("position").ok().map(|(i, _)| i);
         if opts.require_grads && flags.is_none() {
-            return Err(StoreError::Usage(format!("{}: require_grads needs a `flags` array", self.dir.display())));
+            return Err(StoreError::Usage(format!(
+                "{}: require_grads needs a `flags` array",
+                self.dir.display()
+            )));
         }
         let mut chunks: Vec<ChunkRef> = self
             .chunks()
             .into_iter()
             .filter(|c| match opts.split {
                 Split::All => true,
-                s => is_eval_chunk(&self.shards[c.shard].file_name(), c.chunk, opts.eval_fraction) == (s == Split::Eval),
+                s => {
+                    is_eval_chunk(
+                        &self.shards[c.shard].file_name(),
+                        c.chunk,
+                        opts.eval_fraction,
+                    ) == (s == Split::Eval)
+                }
             })
             .collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ opts.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(opts.seed ^ opts.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if opts.shuffle {
             chunks.shuffle(&mut rng);
         }
         let (tx, rx) = bounded(opts.prefetch.max(1));
         let store = Arc::clone(self);
         std::thread::spawn(move || {
-            let specs: Vec<ArraySpec> = wanted.iter().map(|&i| store.manifest.arrays[i].clone()).collect();
+            let specs: Vec<ArraySpec> = wanted
+                .iter()
+                .map(|&i| store.manifest.arrays[i].clone())
+                .collect();
             let mut decode: Vec<usize> = wanted.clone();
             for f in [flags, position].into_iter().flatten() {
                 if !decode.contains(&f) {
@@ -192,12 +229,21 @@ impl Store {
             }
             let group = rayon::current_num_threads().max(1) * 2;
             let mut buf = Rows::new(&specs);
-            let cap = if opts.shuffle { opts.shuffle_tokens.max(opts.batch_tokens) } else { opts.batch_tokens };
+            let cap = if opts.shuffle {
+                opts.shuffle_tokens.max(opts.batch_tokens)
+            } else {
+                opts.batch_tokens
+            };
             let send = |b: Batch| tx.send(Ok(b)).is_ok();
             for g in chunks.chunks(group) {
                 let decoded: Result<Vec<Vec<Vec<u8>>>> = g
                     .par_iter()
-                    .map(|&c| decode.iter().map(|&a| store.read_chunk(c, a)).collect::<Result<Vec<_>>>())
+                    .map(|&c| {
+                        decode
+                            .iter()
+                            .map(|&a| store.shards[c.shard].read_block(c.chunk, a, opts.verify))
+                            .collect::<Result<Vec<_>>>()
+                    })
                     .collect();
                 let decoded = match decoded {
                     Ok(d) => d,
@@ -216,7 +262,9 @@ impl Store {
                             (None, Some(p)) => p[4 * t..4 * t + 4] == [0, 0, 0, 0],
                             _ => false,
                         };
-                        if (opts.drop_bos && bos) || (opts.require_grads && fl.is_some_and(|f| f[t] & 1 == 0)) {
+                        if (opts.drop_bos && bos)
+                            || (opts.require_grads && fl.is_some_and(|f| f[t] & 1 == 0))
+                        {
                             continue;
                         }
                         buf.push_row(&cols[..wanted.len()], t);

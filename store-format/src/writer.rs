@@ -48,16 +48,15 @@ pub struct StoreWriter {
     committed: Vec<ShardInfo>,
 }
 
-fn valid_writer_name(s: &str) -> bool {
-    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
 impl StoreWriter {
     /// Open `dir` for appending (created if missing). Shard numbering continues after this
     /// writer's committed shards; its leftover `.tmp` files (a killed run) are removed.
     pub fn create(dir: &Path, arrays: Vec<ArraySpec>, opts: WriterOptions) -> Result<StoreWriter> {
-        if !valid_writer_name(&opts.writer) {
-            return Err(StoreError::Usage(format!("writer name {:?} must be 1-32 of [A-Za-z0-9_]", opts.writer)));
+        if !manifest::valid_writer_name(&opts.writer) {
+            return Err(StoreError::Usage(format!(
+                "writer name {:?} must be 1-32 of [A-Za-z0-9_]",
+                opts.writer
+            )));
         }
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let header = ShardHeader {
@@ -68,7 +67,9 @@ impl StoreWriter {
             arrays,
             provenance: opts.provenance.clone(),
         };
-        header.check().map_err(|e| StoreError::Usage(format!("{}: {e}", dir.display())))?;
+        header
+            .check()
+            .map_err(|e| StoreError::Usage(format!("{}: {e}", dir.display())))?;
         if !header.arrays.iter().any(|a| a.name == "acts") {
             return Err(StoreError::Usage("a store needs an `acts` array".into()));
         }
@@ -84,13 +85,19 @@ impl StoreWriter {
         let prefix = format!("{}-", opts.writer);
         let mut next_seq = 0;
         for name in manifest::list_shards(dir)? {
-            if let Some(seq) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(&format!(".{SHARD_EXT}"))) {
+            if let Some(seq) = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(&format!(".{SHARD_EXT}")))
+            {
                 if let Ok(s) = seq.parse::<u64>() {
                     next_seq = next_seq.max(s + 1);
                 }
             }
         }
-        for e in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?.flatten() {
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| StoreError::io(dir, e))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(&prefix) && name.ends_with(".tmp") {
                 std::fs::remove_file(e.path()).map_err(|err| StoreError::io(e.path(), err))?;
@@ -122,13 +129,22 @@ impl StoreWriter {
     /// Append rows: `cols[i]` holds the rows of array i (header order), little-endian.
     pub fn append(&mut self, cols: &[&[u8]]) -> Result<()> {
         if cols.len() != self.header.arrays.len() {
-            return Err(StoreError::Usage(format!("append got {} arrays, the store has {}", cols.len(), self.header.arrays.len())));
+            return Err(StoreError::Usage(format!(
+                "append got {} arrays, the store has {}",
+                cols.len(),
+                self.header.arrays.len()
+            )));
         }
         let a0 = &self.header.arrays[0];
         let n = cols[0].len() / a0.row_bytes();
         for (a, c) in self.header.arrays.iter().zip(cols) {
             if c.len() != n * a.row_bytes() {
-                return Err(StoreError::Usage(format!("array {}: {} bytes is not {n} rows of {} bytes", a.name, c.len(), a.row_bytes())));
+                return Err(StoreError::Usage(format!(
+                    "array {}: {} bytes is not {n} rows of {} bytes",
+                    a.name,
+                    c.len(),
+                    a.row_bytes()
+                )));
             }
         }
         for (p, c) in self.pending.iter_mut().zip(cols) {
@@ -146,7 +162,11 @@ impl StoreWriter {
     fn flush_chunks(&mut self, all: bool) -> Result<()> {
         let ct = self.header.chunk_tokens;
         let room = self.shard_tokens - self.current.as_ref().map_or(0, |w| w.tokens());
-        let rows = if all { self.pending_rows } else { self.pending_rows / ct * ct };
+        let rows = if all {
+            self.pending_rows
+        } else {
+            self.pending_rows / ct * ct
+        };
         let rows = rows.min(room as usize).min(ct * self.parallel_chunks);
         if rows == 0 {
             return Ok(());
@@ -157,15 +177,21 @@ impl StoreWriter {
             .into_par_iter()
             .map(|c| {
                 let (lo, hi) = (c * ct, ((c + 1) * ct).min(rows));
-                let cols: Vec<&[u8]> =
-                    header.arrays.iter().zip(pending).map(|(a, p)| &p[lo * a.row_bytes()..hi * a.row_bytes()]).collect();
+                let cols: Vec<&[u8]> = header
+                    .arrays
+                    .iter()
+                    .zip(pending)
+                    .map(|(a, p)| &p[lo * a.row_bytes()..hi * a.row_bytes()])
+                    .collect();
                 EncodedChunk::encode(header, &cols, hi - lo)
             })
             .collect();
         if self.current.is_none() {
             let mut h = self.header.clone();
             h.seq = self.next_seq;
-            let path = self.dir.join(format!("{}-{:06}.{SHARD_EXT}", h.writer, h.seq));
+            let path = self
+                .dir
+                .join(format!("{}-{:06}.{SHARD_EXT}", h.writer, h.seq));
             self.current = Some(ShardWriter::try_new(&path, h)?);
             self.next_seq += 1;
         }
