@@ -10,86 +10,15 @@ use dmsae_store::{
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
+
+mod common;
+use common::{args_of, assert_one_line_error, dmsae, finished, ok};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// What one run of the binary printed.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn finished(o: Output, args: &[String]) -> Run {
-    let r = Run {
-        code: o.status.code().expect("dmsae was killed by a signal"),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    };
-    assert!(
-        !r.stdout.contains("panicked") && !r.stderr.contains("panicked"),
-        "dmsae {args:?} panicked:\n{}{}",
-        r.stdout,
-        r.stderr
-    );
-    r
-}
-
-fn args_of<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<String> {
-    args.iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect()
-}
-
-/// Run `dmsae ARGS` to completion; never lets panic text through.
-fn dmsae<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_dmsae"))
-        .args(args)
-        .output()
-        .expect("run dmsae");
-    finished(out, &args_of(args))
-}
-
-/// Exit 0, or fail the test with what the binary said.
-fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
-    let r = dmsae(args);
-    assert_eq!(
-        r.code,
-        0,
-        "dmsae {:?} failed:\n{}{}",
-        args_of(args),
-        r.stdout,
-        r.stderr
-    );
-    r
-}
-
-/// An error exit: code 2, exactly one line on stderr, naming every one of `names`.
-fn assert_one_line_error(r: &Run, names: &[&str]) {
-    assert_eq!(
-        r.code, 2,
-        "expected exit 2, got {}:\n{}{}",
-        r.code, r.stdout, r.stderr
-    );
-    assert_eq!(
-        r.stderr.lines().count(),
-        1,
-        "error is not one line:\n{}",
-        r.stderr
-    );
-    assert!(r.stderr.starts_with("dmsae: error: "), "{}", r.stderr);
-    for n in names {
-        assert!(
-            r.stderr.contains(n),
-            "error does not name {n:?}: {}",
-            r.stderr
-        );
-    }
-}
 
 /// Files (not folders) in `dir`; empty when `dir` does not exist.
 fn files_in(dir: &Path) -> Vec<String> {
@@ -527,23 +456,31 @@ fn assert_import_refused(args: &[String], out: &Path, culprit: &Path) {
     );
 }
 
-#[test]
-fn import_refuses_grads_of_another_shape() {
+/// Import a small bf16 source after `damage` spoiled one of its files (returned): refused.
+fn refused_after(damage: impl FnOnce(&Source) -> PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let src = Source::write(tmp.path(), "", DType::Bf16, 30, 8, 0, 1);
-    npy::write(
-        &src.grads,
-        "<u2",
-        &[30, 9],
-        &float_rows(DType::Bf16, 30, 9, 2),
-    )
-    .unwrap();
+    let culprit = damage(&src);
     let out = tmp.path().join("store");
     assert_import_refused(
         &src.import_args(&out, "expsplit", 8, 16, "w0000"),
         &out,
-        &src.grads,
+        &culprit,
     );
+}
+
+#[test]
+fn import_refuses_grads_of_another_shape() {
+    refused_after(|src| {
+        npy::write(
+            &src.grads,
+            "<u2",
+            &[30, 9],
+            &float_rows(DType::Bf16, 30, 9, 2),
+        )
+        .unwrap();
+        src.grads.clone()
+    });
 }
 
 #[test]
@@ -560,55 +497,35 @@ fn import_refuses_acts_of_another_dtype() {
 
 #[test]
 fn import_refuses_tokens_of_another_length() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = Source::write(tmp.path(), "", DType::Bf16, 30, 8, 0, 1);
-    npy::write(&src.tokens, "<u4", &[29], &u32_bytes(0..29)).unwrap();
-    let out = tmp.path().join("store");
-    assert_import_refused(
-        &src.import_args(&out, "expsplit", 8, 16, "w0000"),
-        &out,
-        &src.tokens,
-    );
+    refused_after(|src| {
+        npy::write(&src.tokens, "<u4", &[29], &u32_bytes(0..29)).unwrap();
+        src.tokens.clone()
+    });
 }
 
 #[test]
 fn import_refuses_a_missing_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = Source::write(tmp.path(), "", DType::Bf16, 30, 8, 0, 1);
-    std::fs::remove_file(&src.loss).unwrap();
-    let out = tmp.path().join("store");
-    assert_import_refused(
-        &src.import_args(&out, "expsplit", 8, 16, "w0000"),
-        &out,
-        &src.loss,
-    );
+    refused_after(|src| {
+        std::fs::remove_file(&src.loss).unwrap();
+        src.loss.clone()
+    });
 }
 
 #[test]
 fn import_refuses_a_file_that_is_not_npy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = Source::write(tmp.path(), "", DType::Bf16, 30, 8, 0, 1);
-    std::fs::write(&src.tokens, "token,id\n1,2\n").unwrap();
-    let out = tmp.path().join("store");
-    assert_import_refused(
-        &src.import_args(&out, "expsplit", 8, 16, "w0000"),
-        &out,
-        &src.tokens,
-    );
+    refused_after(|src| {
+        std::fs::write(&src.tokens, "token,id\n1,2\n").unwrap();
+        src.tokens.clone()
+    });
 }
 
 #[test]
 fn import_refuses_a_truncated_npy() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = Source::write(tmp.path(), "", DType::Bf16, 30, 8, 0, 1);
-    let bytes = std::fs::read(&src.acts).unwrap();
-    std::fs::write(&src.acts, &bytes[..bytes.len() - 3]).unwrap();
-    let out = tmp.path().join("store");
-    assert_import_refused(
-        &src.import_args(&out, "expsplit", 8, 16, "w0000"),
-        &out,
-        &src.acts,
-    );
+    refused_after(|src| {
+        let bytes = std::fs::read(&src.acts).unwrap();
+        std::fs::write(&src.acts, &bytes[..bytes.len() - 3]).unwrap();
+        src.acts.clone()
+    });
 }
 
 #[test]

@@ -8,36 +8,13 @@ use dmsae_store::{npy, ArraySpec, Codec, DType, StoreError, StoreWriter, WriterO
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::{assert_one_line_error, dmsae, Run};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn dmsae(args: &[&std::ffi::OsStr]) -> Run {
-    let o = Command::new(env!("CARGO_BIN_EXE_dmsae"))
-        .args(args)
-        .output()
-        .expect("run dmsae");
-    let r = Run {
-        code: o.status.code().expect("dmsae was killed by a signal"),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    };
-    assert!(
-        !r.stdout.contains("panicked") && !r.stderr.contains("panicked"),
-        "dmsae {args:?} panicked:\n{}{}",
-        r.stdout,
-        r.stderr
-    );
-    r
-}
 
 fn store_cmd(cmd: &str, dir: &Path) -> Run {
     dmsae(&["store".as_ref(), cmd.as_ref(), dir.as_os_str()])
@@ -66,29 +43,6 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             )
         })
         .collect()
-}
-
-/// An error exit: code 2, one line on stderr, naming every one of `names`.
-fn assert_one_line_error(r: &Run, names: &[&str]) {
-    assert_eq!(
-        r.code, 2,
-        "expected exit 2, got {}:\n{}{}",
-        r.code, r.stdout, r.stderr
-    );
-    assert_eq!(
-        r.stderr.lines().count(),
-        1,
-        "error is not one line:\n{}",
-        r.stderr
-    );
-    assert!(r.stderr.starts_with("dmsae: error: "), "{}", r.stderr);
-    for n in names {
-        assert!(
-            r.stderr.contains(n),
-            "error does not name {n:?}: {}",
-            r.stderr
-        );
-    }
 }
 
 /// `store verify` found problems: exit 1, every problem line names `culprit` (so nothing
