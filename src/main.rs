@@ -26,7 +26,7 @@ enum Cmd {
     /// Create, check, inspect, import and export activation stores.
     Store {
         #[command(subcommand)]
-        cmd: store_cmd::StoreCmd,
+        cmd: Box<store_cmd::StoreCmd>,
     },
 }
 
@@ -55,7 +55,7 @@ fn env() -> Result<ExitCode> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Env => env(),
-        Cmd::Store { cmd } => store_cmd::run(cmd),
+        Cmd::Store { cmd } => store_cmd::run(*cmd),
     }
 }
 
