@@ -429,6 +429,51 @@ fn export(dir: &Path, out_dir: &Path, names: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Tokens/s of the training stream (shuffled, checksums on) over a store of the sample, for
+/// `acts` alone (training) and `acts` + `grads` (attribution).
+fn stream_bench(acts: &npy::Npy, grads: &npy::Npy, a: &BenchArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("dmsae-bench-{}", std::process::id()));
+    let d = acts.shape[1];
+    let arrays = vec![
+        ArraySpec::new("acts", DType::Bf16, d, Codec::Expsplit),
+        ArraySpec::new("grads", DType::Bf16, d, Codec::Expsplit),
+    ];
+    let opts = WriterOptions { chunk_tokens: a.chunk_tokens, level: a.level, ..Default::default() };
+    let result = (|| -> Result<()> {
+        let mut w = StoreWriter::create(&dir, arrays, opts)?;
+        w.append(&[acts.data(), grads.data()])?;
+        w.finish()?;
+        let store = std::sync::Arc::new(Store::open(&dir)?);
+        for names in [vec!["acts"], vec!["acts", "grads"]] {
+            let mut tokens = 0usize;
+            let mut epoch = 0;
+            let t = Instant::now();
+            while epoch == 0 || t.elapsed().as_secs_f64() < a.seconds {
+                let so = dmsae_store::StreamOptions {
+                    arrays: names.iter().map(|n| n.to_string()).collect(),
+                    batch_tokens: 1024,
+                    shuffle_tokens: 4096,
+                    epoch,
+                    ..Default::default()
+                };
+                for b in store.stream(so)? {
+                    tokens += b?.n;
+                }
+                epoch += 1;
+            }
+            println!(
+                "stream {:<12} {:>10.0} tokens/s (batches of 1024, shuffled, checksums on, {} threads)",
+                names.join("+"),
+                tokens as f64 / t.elapsed().as_secs_f64(),
+                rayon::current_num_threads()
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// A lower bound, as a fraction of raw bf16, for any coder that models the sign+mantissa byte
 /// order-0 and the exponent order-0 per column: where expsplit stands against ideal coding.
 fn entropy_bound(data: &[u8], d: usize) -> f64 {
@@ -560,5 +605,6 @@ fn bench(a: BenchArgs) -> Result<ExitCode> {
             arrs.iter().map(|x| entropy_bound(x.data(), d)).sum::<f64>() / arrs.len() as f64;
         println!("{label:<12} {:<10} {:>8.4}  (order-0 entropy of sign+mantissa, plus exponent given its column)", "bound", bound);
     }
+    stream_bench(&acts, &grads, &a)?;
     Ok(ExitCode::SUCCESS)
 }
