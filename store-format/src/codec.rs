@@ -252,15 +252,20 @@ fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>,
     unzstd(parts[2], &mut escapes, "escape frame")?;
     let mut rest = vec![0u8; count * fb.rest_bytes];
     unzstd(parts[3], &mut rest, "rest frame")?;
-    let esc_at: Vec<usize> = if n_esc == 0 {
-        Vec::new()
-    } else {
-        e.iter()
-            .enumerate()
-            .filter(|(_, &q)| q == 15)
-            .map(|(i, _)| i)
-            .collect()
-    };
+    // Escapes are rare: skip 64-element runs without one (the test vectorises).
+    let mut esc_at = Vec::with_capacity(n_esc);
+    if n_esc > 0 {
+        for (ci, run) in e.chunks(64).enumerate() {
+            if run.iter().fold(false, |any, &q| any | (q == 15)) {
+                esc_at.extend(
+                    run.iter()
+                        .enumerate()
+                        .filter(|(_, &q)| q == 15)
+                        .map(|(j, _)| ci * 64 + j),
+                );
+            }
+        }
+    }
     for (row, &r) in e.chunks_exact_mut(w).zip(row_off) {
         let base = r.wrapping_sub(7);
         for (x, &c) in row.iter_mut().zip(col) {
