@@ -1,7 +1,9 @@
 //! `dmsae`: argument parsing and dispatch. The work lives in the library crates.
 //!
-//! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line).
+//! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line);
+//! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue).
 
+mod extract_cmd;
 mod store_cmd;
 
 use anyhow::Result;
@@ -33,6 +35,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Box<store_cmd::StoreCmd>,
     },
+    /// Run a Gemma checkpoint over text; store layer-L activations, loss gradients, tokens, losses.
+    Extract(Box<extract_cmd::ExtractArgs>),
 }
 
 fn env() -> Result<ExitCode> {
@@ -61,6 +65,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Env => env(),
         Cmd::Store { cmd } => store_cmd::run(*cmd),
+        Cmd::Extract(a) => extract_cmd::run(*a),
     }
 }
 

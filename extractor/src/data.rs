@@ -1,0 +1,429 @@
+//! Input text: files, documents, tokenization and packing into contexts.
+//!
+//! Inputs: a file, a directory (every `.jsonl`, `.json`, `.txt` and `.parquet` file below it),
+//! or a glob whose last component has `*`/`?` (`data/part-*.jsonl`); files are read in sorted
+//! path order. A `.jsonl`/`.json` file holds one JSON object per line with a string `text`; a
+//! `.parquet` file (HF datasets layout) a `text` column, else a pre-tokenized `input_ids` list
+//! column (a leading BOS is dropped), read one row group at a time; any other file is one
+//! plain-text document. Text must be UTF-8.
+//!
+//! Packing: each document is tokenized without special tokens; the documents form one stream,
+//! each document after the first preceded by BOS, so a model sees every document start after a
+//! BOS. A context is BOS followed by the next `context - 1` tokens of the stream; documents run
+//! on across contexts. The tail of the stream that does not fill a context is not used.
+
+use crate::error::{Error, Result};
+use std::collections::VecDeque;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+/// The input files of `path`, in the order they are read.
+pub fn input_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.contains(['*', '?']) {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let p = e.map_err(|e| Error::io(dir, e))?.path();
+            if p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| wildcard(name, n))
+            {
+                out.push(p);
+            }
+        }
+        out.sort();
+        if out.is_empty() {
+            return Err(Error::Data {
+                path: path.to_path_buf(),
+                msg: "no file matches".into(),
+            });
+        }
+        return Ok(out);
+    }
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut dirs = vec![path.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let p = e.map_err(|e| Error::io(&d, e))?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("jsonl" | "json" | "txt" | "parquet")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            msg: "no .jsonl, .json, .txt or .parquet files".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// `*` matches any run of characters, `?` any one character.
+fn wildcard(pat: &str, s: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pat.chars().collect(), s.chars().collect());
+    // Classic backtracking over the last `*`.
+    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
+    while j < t.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == t[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(st) = star {
+            i = st + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
+}
+
+/// One document: text to tokenize, or token ids from a pre-tokenized parquet column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Doc {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+enum Reader {
+    Jsonl(std::io::BufReader<std::fs::File>),
+    /// Rows of the one projected column; `true` when it is `input_ids`.
+    Parquet(parquet::record::reader::RowIter<'static>, bool),
+}
+
+/// Documents of the input files, read lazily: one file open at a time, parquet one row group
+/// at a time.
+pub struct Documents {
+    files: VecDeque<PathBuf>,
+    /// The open file, its reader and the number of the last line or row read (1-based).
+    current: Option<(PathBuf, Reader, usize)>,
+}
+
+fn ext(p: &Path) -> &str {
+    p.extension().and_then(|x| x.to_str()).unwrap_or("")
+}
+
+/// A parquet file's row iterator over its `text` column, else its `input_ids` column.
+fn open_parquet(p: &Path) -> Result<Reader> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |msg: String| Error::Data {
+        path: p.to_path_buf(),
+        msg,
+    };
+    let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    let r = SerializedFileReader::new(f)
+        .map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
+    let root = r
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .clone();
+    let fields = root.get_fields();
+    let (field, ids) = match ["text", "input_ids"]
+        .iter()
+        .find_map(|n| fields.iter().find(|f| f.name() == *n))
+    {
+        Some(f) => (f.clone(), f.name() == "input_ids"),
+        None => return Err(bad("no `text` or `input_ids` column".into())),
+    };
+    let proj = parquet::schema::types::Type::group_type_builder(root.name())
+        .with_fields(vec![field])
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    let rows = parquet::record::reader::RowIter::from_file_into(Box::new(r))
+        .project(Some(proj))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Reader::Parquet(rows, ids))
+}
+
+fn parquet_doc(row: parquet::record::Row, ids: bool) -> std::result::Result<Doc, String> {
+    use parquet::record::Field;
+    let Some((_, field)) = row.into_columns().into_iter().next() else {
+        return Err("empty row".into());
+    };
+    match (field, ids) {
+        (Field::Str(s), false) => Ok(Doc::Text(s)),
+        (Field::ListInternal(l), true) => l
+            .elements()
+            .iter()
+            .map(|x| match x {
+                Field::Int(v) => u32::try_from(*v).map_err(|_| format!("token id {v}")),
+                Field::Long(v) => u32::try_from(*v).map_err(|_| format!("token id {v}")),
+                Field::UInt(v) => Ok(*v),
+                Field::ULong(v) => u32::try_from(*v).map_err(|_| format!("token id {v}")),
+                Field::Short(v) => u32::try_from(*v).map_err(|_| format!("token id {v}")),
+                o => Err(format!("`input_ids` element {o} is not an integer")),
+            })
+            .collect::<std::result::Result<Vec<u32>, String>>()
+            .map(Doc::Ids),
+        (Field::Null, _) => Err(format!(
+            "`{}` is null",
+            if ids { "input_ids" } else { "text" }
+        )),
+        (o, false) => Err(format!("`text` is not a string: {o}")),
+        (o, true) => Err(format!("`input_ids` is not a list: {o}")),
+    }
+}
+
+impl Documents {
+    pub fn new(files: Vec<PathBuf>) -> Documents {
+        Documents {
+            files: files.into(),
+            current: None,
+        }
+    }
+
+    /// The file being read, for errors found after a document left it.
+    fn current_path(&self) -> PathBuf {
+        self.current
+            .as_ref()
+            .map(|c| c.0.clone())
+            .unwrap_or_default()
+    }
+
+    /// The next document, or `None` at the end of the data.
+    pub fn next_doc(&mut self) -> Result<Option<Doc>> {
+        loop {
+            if self.current.is_none() {
+                let Some(p) = self.files.pop_front() else {
+                    return Ok(None);
+                };
+                let reader = match ext(&p) {
+                    "jsonl" | "json" => {
+                        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+                        Reader::Jsonl(std::io::BufReader::new(f))
+                    }
+                    "parquet" => open_parquet(&p)?,
+                    _ => {
+                        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+                        let text = String::from_utf8(bytes).map_err(|e| Error::Data {
+                            path: p.clone(),
+                            msg: format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+                        })?;
+                        return Ok(Some(Doc::Text(text)));
+                    }
+                };
+                self.current = Some((p, reader, 0));
+            }
+            let (p, reader, n) = self.current.as_mut().unwrap();
+            *n += 1;
+            match reader {
+                Reader::Parquet(rows, ids) => {
+                    let bad = |msg: String| Error::Data {
+                        path: p.clone(),
+                        msg: format!("row {n}: {msg}"),
+                    };
+                    match rows.next() {
+                        None => self.current = None,
+                        Some(row) => {
+                            let row = row.map_err(|e| bad(e.to_string()))?;
+                            return parquet_doc(row, *ids).map(Some).map_err(bad);
+                        }
+                    }
+                }
+                Reader::Jsonl(r) => {
+                    let mut buf = Vec::new();
+                    let got = r.read_until(b'\n', &mut buf).map_err(|e| Error::io(p, e))?;
+                    if got == 0 {
+                        self.current = None;
+                        continue;
+                    }
+                    let bad = |msg: String| Error::Data {
+                        path: p.clone(),
+                        msg: format!("line {n}: {msg}"),
+                    };
+                    let s = std::str::from_utf8(&buf)
+                        .map_err(|e| bad(format!("not UTF-8 (byte {})", e.valid_up_to())))?;
+                    if s.trim().is_empty() {
+                        continue;
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_str(s).map_err(|e| bad(format!("not JSON: {e}")))?;
+                    return match v.get("text") {
+                        Some(serde_json::Value::String(t)) => Ok(Some(Doc::Text(t.clone()))),
+                        Some(_) => Err(bad("`text` is not a string".into())),
+                        None => Err(bad("no `text` field".into())),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The checkpoint's `tokenizer.json`.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn load(model_dir: &Path) -> Result<Tokenizer> {
+        let path = model_dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::Data {
+                path,
+                msg: "missing".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Data {
+            path: path.clone(),
+            msg: format!("cannot load tokenizer: {e}"),
+        })?;
+        Ok(Tokenizer { inner, path })
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Data {
+            path: self.path.clone(),
+            msg: format!("tokenizing failed: {e}"),
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Packs documents into contexts of `context` tokens, each starting with `bos`.
+pub struct Packer {
+    docs: Documents,
+    tok: Tokenizer,
+    bos: u32,
+    context: usize,
+    /// Pre-tokenized ids must be below this.
+    vocab: u32,
+    stream: VecDeque<u32>,
+    started: bool,
+}
+
+impl Packer {
+    pub fn new(docs: Documents, tok: Tokenizer, bos: u32, context: usize, vocab: u32) -> Packer {
+        assert!(context >= 2, "a context holds BOS and at least one token");
+        Packer {
+            docs,
+            tok,
+            bos,
+            context,
+            vocab,
+            stream: VecDeque::new(),
+            started: false,
+        }
+    }
+
+    /// Whether the data can fill another context (reads ahead as far as needed).
+    pub fn has_context(&mut self) -> Result<bool> {
+        while self.stream.len() < self.context - 1 {
+            let Some(doc) = self.docs.next_doc()? else {
+                return Ok(false);
+            };
+            let ids = match doc {
+                Doc::Text(t) => self.tok.encode(&t)?,
+                // Pre-tokenized documents often start with BOS; packing puts its own.
+                Doc::Ids(mut ids) => {
+                    if ids.first() == Some(&self.bos) {
+                        ids.remove(0);
+                    }
+                    if let Some(&bad) = ids.iter().find(|&&x| x >= self.vocab) {
+                        return Err(Error::Data {
+                            path: self.docs.current_path(),
+                            msg: format!(
+                                "token id {bad} is outside the vocabulary of {}",
+                                self.vocab
+                            ),
+                        });
+                    }
+                    ids
+                }
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            if self.started {
+                self.stream.push_back(self.bos);
+            }
+            self.started = true;
+            self.stream.extend(ids);
+        }
+        Ok(true)
+    }
+
+    /// The next context, or `None` when the data cannot fill another.
+    pub fn next_context(&mut self) -> Result<Option<Vec<u32>>> {
+        if !self.has_context()? {
+            return Ok(None);
+        }
+        let mut c = Vec::with_capacity(self.context);
+        c.push(self.bos);
+        c.extend(self.stream.drain(..self.context - 1));
+        Ok(Some(c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard("part-*.jsonl", "part-00.jsonl"));
+        assert!(wildcard("*", ""));
+        assert!(wildcard("a?c*", "abcdef"));
+        assert!(wildcard("*.txt", "a.b.txt"));
+        assert!(!wildcard("part-*.jsonl", "part-00.json"));
+        assert!(!wildcard("a?c", "ac"));
+    }
+
+    #[test]
+    fn jsonl_documents_and_errors_name_file_and_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\": \"one\"}\n\n{\"text\": \"two\", \"x\": 1}\n{\"text\": 3}\n",
+        )
+        .unwrap();
+        let mut d = Documents::new(vec![p.clone()]);
+        assert_eq!(d.next_doc().unwrap(), Some(Doc::Text("one".into())));
+        assert_eq!(d.next_doc().unwrap(), Some(Doc::Text("two".into())));
+        let e = d.next_doc().unwrap_err().to_string();
+        assert!(
+            e.contains("a.jsonl") && e.contains("line 4") && e.contains("not a string"),
+            "{e}"
+        );
+        std::fs::write(tmp.path().join("b.txt"), "plain").unwrap();
+        std::fs::write(tmp.path().join("skip.bin"), "x").unwrap();
+        let files = input_files(tmp.path()).unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(
+            input_files(&tmp.path().join("*.txt")).unwrap(),
+            vec![tmp.path().join("b.txt")]
+        );
+        assert!(input_files(&tmp.path().join("*.parquet"))
+            .unwrap_err()
+            .to_string()
+            .contains("no file matches"));
+    }
+}

@@ -1,0 +1,319 @@
+//! The extraction loop: contexts in, per-token rows into a store (SPEC.md, "Per-token arrays").
+//!
+//! Contexts are numbered from 0 in data order across the whole run; worker `i` of `n` takes
+//! the contexts with `id % n == i`, in order, in batches of `batch`. Rows are written in
+//! context order, positions ascending, BOS positions left out unless `keep_bos`. A resumed
+//! run recomputes the batch holding its first missing row and skips the rows already
+//! committed, so the store ends with the rows an uninterrupted run writes.
+
+use crate::data::Packer;
+use crate::error::{Error, Result};
+use crate::models::Model;
+use dmsae_store::{ArraySpec, Codec, DType, StoreWriter};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// What the store's `provenance.gradient` says.
+pub const GRADIENT_DEFINITION: &str = "loss = sum over the context of next-token cross-entropy at every position \
+     that has a target (all but the last); grads[t] = d(loss)/d(acts[t]), acts = output of decoder layer L \
+     (HF hidden_states[L+1]); backward from the loss to layer L only, no parameter gradients; \
+     computed in the model dtype";
+
+pub const FLAG_GRAD: u8 = 1;
+pub const FLAG_TARGET: u8 = 2;
+pub const FLAG_BOS: u8 = 4;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub layer: usize,
+    pub context: usize,
+    pub batch: usize,
+    /// Contexts in the whole run, all workers together.
+    pub contexts: u64,
+    pub keep_bos: bool,
+    /// Gradients for contexts with `id % grad_every == 0` only (1: every context).
+    pub grad_every: u64,
+    pub workers: u64,
+    pub worker: u64,
+    /// Rows this worker already committed (resume): recomputed, not written again.
+    pub skip_rows: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Contexts this worker has passed (written or skipped).
+    pub contexts: u64,
+    /// Contexts this worker will process in all.
+    pub contexts_total: u64,
+    pub rows_written: u64,
+    /// Tokens run through the model in this process.
+    pub tokens_computed: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Done,
+    /// The data ran out before `contexts`; what was read is written.
+    DataExhausted {
+        contexts_in_data: u64,
+    },
+    /// `stop` was raised (SIGTERM); everything computed is written.
+    Stopped,
+}
+
+pub fn store_dtype(kind: Kind) -> Result<DType> {
+    match kind {
+        Kind::Float => Ok(DType::F32),
+        Kind::BFloat16 => Ok(DType::Bf16),
+        Kind::Half => Ok(DType::F16),
+        k => Err(Error::Usage(format!("no store dtype for {k:?}"))),
+    }
+}
+
+/// The arrays an extraction writes.
+pub fn arrays(d_model: usize, dtype: DType) -> Vec<ArraySpec> {
+    vec![
+        ArraySpec::new("acts", dtype, d_model, Codec::Expsplit),
+        ArraySpec::new("grads", dtype, d_model, Codec::Expsplit),
+        ArraySpec::new("tokens", DType::U32, 1, Codec::Bytesplit),
+        ArraySpec::new("loss", DType::F32, 1, Codec::Bytesplit),
+        ArraySpec::new("position", DType::U32, 1, Codec::Bytesplit),
+        ArraySpec::new("context", DType::U64, 1, Codec::Bytesplit),
+        ArraySpec::new("flags", DType::U8, 1, Codec::Bytesplit),
+    ]
+}
+
+/// Contexts of this worker among the first `contexts`.
+fn worker_contexts(o: &Options) -> u64 {
+    (o.contexts + o.workers - 1 - o.worker) / o.workers
+}
+
+fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.f_contiguous()?;
+    let n = t.numel();
+    let mut out = vec![0u8; n * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut out, n)?;
+    Ok(out)
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(bool::try_from(t.f_isfinite()?.f_all()?)?)
+}
+
+/// Columns of one batch's rows, in `arrays` order.
+type Cols = [Vec<u8>; 7];
+
+/// Run the extraction. A writer thread appends batch n (compression included) while batch n+1
+/// computes; at most one finished batch waits between them, which bounds host memory.
+pub fn run(
+    model: &Model,
+    packer: &mut Packer,
+    writer: &mut StoreWriter,
+    o: &Options,
+    bos: u32,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Cols>(1);
+        let w = s.spawn(move || -> Result<()> {
+            for cols in rx {
+                writer.append(&cols.each_ref().map(Vec::as_slice))?;
+            }
+            Ok(())
+        });
+        let r = batches(model, packer, &tx, o, bos, stop, progress);
+        drop(tx);
+        // A write error explains a failed send, so it comes first.
+        w.join().expect("store writer thread panicked")?;
+        r
+    })
+}
+
+fn batches(
+    model: &Model,
+    packer: &mut Packer,
+    tx: &std::sync::mpsc::SyncSender<Cols>,
+    o: &Options,
+    bos: u32,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    if o.layer >= model.num_layers() {
+        return Err(Error::Usage(format!(
+            "layer {} out of range: the model has {} layers (0..={})",
+            o.layer,
+            model.num_layers(),
+            model.num_layers() - 1
+        )));
+    }
+    let dtype = store_dtype(model.kind())?;
+    let t = o.context;
+    let start = Instant::now();
+    let mut p = Progress {
+        contexts_total: worker_contexts(o),
+        ..Default::default()
+    };
+    let mut skip = o.skip_rows;
+    let mut next_id = 0u64;
+    let mut batch_no = 0u64;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(Outcome::Stopped);
+        }
+        // Gather this worker's next batch; other workers' contexts are packed and dropped.
+        let mut ids: Vec<u64> = Vec::new();
+        let mut toks: Vec<Vec<u32>> = Vec::new();
+        let mut exhausted = false;
+        while toks.len() < o.batch && next_id < o.contexts {
+            let Some(c) = packer.next_context()? else {
+                exhausted = true;
+                break;
+            };
+            if next_id % o.workers == o.worker {
+                ids.push(next_id);
+                toks.push(c);
+            }
+            next_id += 1;
+        }
+        if !toks.is_empty() {
+            let keep = |tok: u32| o.keep_bos || tok != bos;
+            let rows: u64 = toks
+                .iter()
+                .map(|c| c.iter().filter(|&&x| keep(x)).count() as u64)
+                .sum();
+            if rows <= skip {
+                skip -= rows; // committed by an earlier run
+            } else {
+                let first = ids[0];
+                let cols = compute_batch(model, o, bos, dtype, &ids, &toks, skip as usize)
+                    .map_err(|e| match e {
+                        Error::NonFinite(what) => Error::NonFinite(format!(
+                            "batch {batch_no} (contexts {first}..={}): NaN or inf in {what}; the batch was not written",
+                            ids[ids.len() - 1]
+                        )),
+                        e => e,
+                    })?;
+                if tx.send(cols).is_err() {
+                    return Ok(Outcome::Stopped); // the writer failed; run() reports its error
+                }
+                p.rows_written += rows - skip;
+                p.tokens_computed += (toks.len() * t) as u64;
+                skip = 0;
+            }
+            p.contexts += toks.len() as u64;
+            p.seconds = start.elapsed().as_secs_f64();
+            progress(&p);
+            batch_no += 1;
+        }
+        if exhausted {
+            return Ok(Outcome::DataExhausted {
+                contexts_in_data: next_id,
+            });
+        }
+        if next_id >= o.contexts && toks.is_empty() {
+            return Ok(Outcome::Done);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_batch(
+    model: &Model,
+    o: &Options,
+    bos: u32,
+    dtype: DType,
+    ids: &[u64],
+    toks: &[Vec<u32>],
+    skip: usize,
+) -> Result<Cols> {
+    let t = o.context;
+    let d = model.d_model();
+    let want_grad: Vec<bool> = ids
+        .iter()
+        .map(|&c| o.grad_every > 0 && c % o.grad_every == 0)
+        .collect();
+    // Contexts with and without gradients run as two sub-batches; rows go back in context order.
+    let run = |sel: bool| -> Result<Option<(Vec<usize>, crate::LayerOutput)>> {
+        let which: Vec<usize> = (0..ids.len()).filter(|&i| want_grad[i] == sel).collect();
+        if which.is_empty() {
+            return Ok(None);
+        }
+        let flat: Vec<i64> = which
+            .iter()
+            .flat_map(|&i| toks[i].iter().map(|&x| x as i64))
+            .collect();
+        let x = Tensor::f_from_slice(&flat)?.f_view([which.len() as i64, t as i64])?;
+        let out = model.forward_layer(&x, o.layer, sel)?;
+        if !all_finite(&out.resid)? {
+            return Err(Error::NonFinite("acts".into()));
+        }
+        if let Some(g) = &out.grad {
+            if !all_finite(g)? {
+                return Err(Error::NonFinite("grads".into()));
+            }
+        }
+        if !all_finite(&out.loss.f_narrow(1, 0, t as i64 - 1)?)? {
+            return Err(Error::NonFinite("loss".into()));
+        }
+        Ok(Some((which, out)))
+    };
+    let parts = [run(true)?, run(false)?];
+    // Per context: (part, row within part).
+    let mut loc = vec![(0usize, 0usize); ids.len()];
+    let mut host: Vec<(Vec<u8>, Vec<u8>, Vec<f32>)> = Vec::new();
+    for (pi, part) in parts.iter().enumerate() {
+        let Some((which, out)) = part else {
+            host.push(Default::default());
+            continue;
+        };
+        for (r, &i) in which.iter().enumerate() {
+            loc[i] = (pi, r);
+        }
+        let acts = bytes_of(&out.resid.f_to_device(tch::Device::Cpu)?)?;
+        let grads = match &out.grad {
+            Some(g) => bytes_of(&g.f_to_device(tch::Device::Cpu)?)?,
+            None => Vec::new(),
+        };
+        let loss_t = out.loss.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+        let n = loss_t.numel();
+        let mut loss = vec![0f32; n];
+        loss_t.f_copy_data(&mut loss, n)?;
+        host.push((acts, grads, loss));
+    }
+    let rb = d * dtype.size();
+    let zeros = vec![0u8; rb];
+    let mut cols: Cols = Default::default();
+    let mut row = 0usize;
+    for (i, c) in toks.iter().enumerate() {
+        let (pi, r) = loc[i];
+        let (acts, grads, loss) = &host[pi];
+        for (pos, &tok) in c.iter().enumerate() {
+            if !(o.keep_bos || tok != bos) {
+                continue;
+            }
+            row += 1;
+            if row <= skip {
+                continue;
+            }
+            let k = r * t + pos;
+            cols[0].extend_from_slice(&acts[k * rb..(k + 1) * rb]);
+            cols[1].extend_from_slice(if want_grad[i] {
+                &grads[k * rb..(k + 1) * rb]
+            } else {
+                &zeros
+            });
+            cols[2].extend_from_slice(&tok.to_le_bytes());
+            cols[3].extend_from_slice(&loss[k].to_le_bytes());
+            cols[4].extend_from_slice(&(pos as u32).to_le_bytes());
+            cols[5].extend_from_slice(&ids[i].to_le_bytes());
+            let flags = if want_grad[i] { FLAG_GRAD } else { 0 }
+                | if pos + 1 < t { FLAG_TARGET } else { 0 }
+                | if tok == bos { FLAG_BOS } else { 0 };
+            cols[6].push(flags);
+        }
+    }
+    Ok(cols)
+}

@@ -1,0 +1,494 @@
+//! Pieces Gemma-2 and Gemma-3 share, written to match HF transformers' eager path
+//! (`modeling_gemma2.py`, `modeling_gemma3.py`) operation for operation, so float32 results
+//! agree to rounding. All ops are the fallible `f_` forms: a torch failure (out of memory)
+//! becomes an error, never a panic.
+
+use crate::config::{Config, LayerType, Rope};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+use tch::{Device, Kind, Tensor};
+
+/// RMSNorm computed in float32 with a `(1 + weight)` scale, cast back to the input dtype.
+pub(crate) struct RmsNorm {
+    scale: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let scale = w
+            .get(&format!("{name}.weight"), &[dim])?
+            .f_to_kind(Kind::Float)?
+            .f_add_scalar(1.0)?;
+        Ok(RmsNorm { scale, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.f_to_kind(Kind::Float)?;
+        let ms = xf
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
+        let y = xf
+            .f_mul(&ms.f_add_scalar(self.eps)?.f_rsqrt()?)?
+            .f_mul(&self.scale)?;
+        Ok(y.f_to_kind(x.kind())?)
+    }
+}
+
+/// A bias-free linear layer, weight `[out, in]` as in the checkpoint.
+pub(crate) struct Linear(Tensor);
+
+impl Linear {
+    pub fn new(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Ok(Linear(w.get(&format!("{name}.weight"), &[out, inp])?))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear::<Tensor>(&self.0, None)?)
+    }
+}
+
+/// GeGLU: `down(gelu(gate(x)) * up(x))`.
+pub(crate) struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    approximate: &'static str,
+}
+
+impl Mlp {
+    pub fn new(cfg: &Config, w: &Weights, p: &str) -> Result<Mlp> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::new(w, &format!("{p}.gate_proj"), i, d)?,
+            up_proj: Linear::new(w, &format!("{p}.up_proj"), i, d)?,
+            down_proj: Linear::new(w, &format!("{p}.down_proj"), d, i)?,
+            approximate: if cfg.gelu_tanh { "tanh" } else { "none" },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.f_gelu(self.approximate)?;
+        self.down_proj.forward(&g.f_mul(&self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Per-forward tensors that depend only on the sequence length, indexed by `LayerType`.
+pub(crate) struct Ctx {
+    cos: [Tensor; 2],
+    sin: [Tensor; 2],
+    /// `true` where attention is masked out: `[T, T]`.
+    mask: [Tensor; 2],
+}
+
+impl Ctx {
+    pub fn new(cfg: &Config, t: usize, device: Device, kind: Kind) -> Result<Ctx> {
+        let (c0, s0) = rope_tables(cfg.rope[0], cfg.head_dim, t, device, kind)?;
+        let (c1, s1) = rope_tables(cfg.rope[1], cfg.head_dim, t, device, kind)?;
+        let q = Tensor::f_arange(t as i64, (Kind::Int64, device))?.f_unsqueeze(1)?;
+        let k = q.f_view([1, t as i64])?;
+        let causal = k.f_gt_tensor(&q)?;
+        let sliding = match cfg.sliding_window {
+            // transformers' sliding_window_overlay keeps kv > q - window: `window` keys.
+            Some(wdw) => causal.f_logical_or(&q.f_sub(&k)?.f_ge(wdw as i64)?)?,
+            None => causal.shallow_clone(),
+        };
+        Ok(Ctx {
+            cos: [c0, c1],
+            sin: [s0, s1],
+            mask: [causal, sliding],
+        })
+    }
+}
+
+/// HF's rotary tables: `inv_freq = 1 / theta^(2i/d)` in float32, divided by the linear
+/// factor; `emb = cat(freqs, freqs)`; cos and sin cast to the model dtype.
+fn rope_tables(
+    rope: Rope,
+    dim: usize,
+    t: usize,
+    device: Device,
+    kind: Kind,
+) -> Result<(Tensor, Tensor)> {
+    let exps = Tensor::f_arange_start_step(0, dim as i64, 2, (Kind::Int64, device))?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(dim as f64)?;
+    let inv_freq = Tensor::f_pow_scalar(rope.theta, &exps)?
+        .f_reciprocal()?
+        .f_div_scalar(rope.factor)?;
+    let pos = Tensor::f_arange(t as i64, (Kind::Float, device))?.f_unsqueeze(1)?;
+    let freqs = pos.f_mul(&inv_freq.f_unsqueeze(0)?)?;
+    let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+    Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+}
+
+/// `x * cos + rotate_half(x) * sin` on `[B, H, T, Dh]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.size()[3] / 2;
+    let x1 = x.f_narrow(3, 0, half)?;
+    let x2 = x.f_narrow(3, half, half)?;
+    let rot = Tensor::f_cat(&[&x2.f_neg()?, &x1], 3)?;
+    Ok(x.f_mul(cos)?.f_add(&rot.f_mul(sin)?)?)
+}
+
+/// Grouped-query self-attention with optional tanh soft-cap on the scores (Gemma-2) and
+/// optional RMSNorm on queries and keys (Gemma-3).
+pub(crate) struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    scaling: f64,
+    softcap: Option<f64>,
+}
+
+impl Attention {
+    pub fn new(
+        cfg: &Config,
+        w: &Weights,
+        p: &str,
+        qk_norm: bool,
+        softcap: Option<f64>,
+    ) -> Result<Attention> {
+        let (d, h, kv, hd) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let qk_norm = if qk_norm {
+            Some((
+                RmsNorm::new(w, &format!("{p}.q_norm"), hd, cfg.rms_norm_eps)?,
+                RmsNorm::new(w, &format!("{p}.k_norm"), hd, cfg.rms_norm_eps)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Attention {
+            q_proj: Linear::new(w, &format!("{p}.q_proj"), h * hd, d)?,
+            k_proj: Linear::new(w, &format!("{p}.k_proj"), kv * hd, d)?,
+            v_proj: Linear::new(w, &format!("{p}.v_proj"), kv * hd, d)?,
+            o_proj: Linear::new(w, &format!("{p}.o_proj"), d, h * hd)?,
+            qk_norm,
+            heads: h as i64,
+            kv_heads: kv as i64,
+            head_dim: hd as i64,
+            scaling: cfg.query_pre_attn_scalar.powf(-0.5),
+            softcap,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx, lt: LayerType) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: i64| y.f_view([b, t, n, hd])?.f_transpose(1, 2);
+        let mut q = heads(self.q_proj.forward(x)?, h)?;
+        let mut k = heads(self.k_proj.forward(x)?, kv)?;
+        let v = heads(self.v_proj.forward(x)?, kv)?;
+        if let Some((qn, kn)) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        // GQA by broadcasting each KV head over its group of query heads (no repeat_kv copy).
+        let q = q.f_view([b, kv, h / kv, t, hd])?;
+        let k = k.f_unsqueeze(2)?;
+        let v = v.f_unsqueeze(2)?;
+        let mut s = q
+            .f_matmul(&k.f_transpose(-1, -2)?)?
+            .f_mul_scalar(self.scaling)?;
+        if let Some(c) = self.softcap {
+            s = s.f_div_scalar(c)?.f_tanh()?.f_mul_scalar(c)?;
+        }
+        let s = s.f_masked_fill(&ctx.mask[lt as usize], f64::NEG_INFINITY)?;
+        let p = s.f_softmax(-1, Kind::Float)?.f_to_kind(x.kind())?;
+        let o = p
+            .f_matmul(&v)?
+            .f_view([b, h, t, hd])?
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, h * hd])?;
+        self.o_proj.forward(&o)
+    }
+}
+
+/// A Gemma decoder layer: norms around both the attention and the MLP (sandwich norm).
+pub(crate) struct Block {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+    layer_type: LayerType,
+}
+
+impl Block {
+    pub fn new(
+        cfg: &Config,
+        w: &Weights,
+        p: &str,
+        layer: usize,
+        self_attn: Attention,
+    ) -> Result<Block> {
+        let norm =
+            |n: &str| RmsNorm::new(w, &format!("{p}.{n}"), cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Block {
+            self_attn,
+            mlp: Mlp::new(cfg, w, &format!("{p}.mlp"))?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+            layer_type: cfg.layer_type(layer),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, self.layer_type)?;
+        let x = x.f_add(&self.post_attention_layernorm.forward(&a)?)?;
+        let m = self
+            .mlp
+            .forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
+        Ok(x.f_add(&self.post_feedforward_layernorm.forward(&m)?)?)
+    }
+}
+
+/// What one extraction forward returns for a batch `[B, T]`.
+pub struct LayerOutput {
+    /// Output of decoder layer L, `[B, T, d_model]`, model dtype.
+    pub resid: Tensor,
+    /// Next-token cross-entropy per position, `[B, T]` float32; NaN at the last position.
+    pub loss: Tensor,
+    /// d(sum of `loss` over the context)/d(`resid`), `[B, T, d_model]`, model dtype.
+    pub grad: Option<Tensor>,
+}
+
+/// The decoder stack shared by both architectures; the files per architecture build it.
+pub(crate) struct Decoder {
+    pub cfg: Config,
+    pub embed_tokens: Tensor,
+    /// sqrt(d_model) rounded to the model dtype, as HF multiplies by a tensor of that dtype.
+    pub normalizer: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub final_softcap: Option<f64>,
+    pub device: Device,
+    pub kind: Kind,
+    /// Positions per cross-entropy chunk are chosen so a chunk's logits hold about this many
+    /// elements: full `[B*T, vocab]` float32 logits never exist at once.
+    pub ce_chunk_elems: usize,
+}
+
+impl Decoder {
+    /// Apply the layers in `range` to hidden states `x`.
+    fn run_layers(&self, x: Tensor, range: std::ops::Range<usize>, ctx: &Ctx) -> Result<Tensor> {
+        let mut x = x;
+        for l in &self.layers[range] {
+            x = l.forward(&x, ctx)?;
+        }
+        Ok(x)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let e = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
+        Ok(e.f_mul(&self.normalizer)?)
+    }
+
+    /// Logits for rows `[N, d]` of final-normed hidden states, soft-capped, model dtype.
+    fn logits_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let mut l = x.f_linear::<Tensor>(w, None)?;
+        if let Some(c) = self.final_softcap {
+            l = l.f_div_scalar(c)?.f_tanh()?.f_mul_scalar(c)?;
+        }
+        Ok(l)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
+        match ids.size()[..] {
+            [b, t] if b > 0 && t > 0 && ids.kind() == Kind::Int64 => Ok((b, t)),
+            _ => Err(Error::Usage(format!(
+                "input ids must be int64 [B, T] with B, T > 0, got {:?} {:?}",
+                ids.kind(),
+                ids.size()
+            ))),
+        }
+    }
+
+    /// Full float32 logits `[B, T, vocab]` (tests and small inputs only).
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = self.check_ids(ids)?;
+        let _g = tch::no_grad_guard();
+        let ctx = Ctx::new_for(self, t)?;
+        let x = self.run_layers(
+            self.embed(&ids.f_to_device(self.device)?)?,
+            0..self.layers.len(),
+            &ctx,
+        )?;
+        let x = self.norm.forward(&x)?;
+        Ok(self
+            .logits_rows(&x.f_reshape([b * t, -1])?)?
+            .f_to_kind(Kind::Float)?
+            .f_view([b, t, -1])?)
+    }
+
+    /// Residual after layer `layer`, per-token loss and (when `grad`) the loss gradient with
+    /// respect to that residual. Layers `0..=layer` run without autograd; the graph starts at a
+    /// detached copy of the residual and is differentiated only with respect to it.
+    pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
+        let n = self.layers.len();
+        if layer >= n {
+            return Err(Error::Usage(format!(
+                "layer {layer} out of range: the model has {n} layers (0..={})",
+                n - 1
+            )));
+        }
+        let (b, t) = self.check_ids(ids)?;
+        let ids = ids.f_to_device(self.device)?;
+        let ctx = Ctx::new_for(self, t)?;
+        let resid = {
+            let _g = tch::no_grad_guard();
+            self.run_layers(self.embed(&ids)?, 0..layer + 1, &ctx)?
+        };
+        let leaf = resid.f_detach()?.f_set_requires_grad(grad)?;
+        let hn = {
+            let _g = if grad {
+                None
+            } else {
+                Some(tch::no_grad_guard())
+            };
+            self.norm
+                .forward(&self.run_layers(leaf.shallow_clone(), layer + 1..n, &ctx)?)?
+        };
+        let (loss, g_hn) = self.chunked_ce(&hn, &ids, grad)?;
+        let grad = match g_hn {
+            Some(g) => {
+                // d/d(leaf) of <hn, g_hn> is the chain rule through layers L+1..N.
+                let surrogate = hn.f_mul(&g.f_view([b, t, -1])?)?.f_sum(Kind::Float)?;
+                let mut gs = Tensor::f_run_backward(&[surrogate], &[&leaf], false, false)?;
+                Some(gs.remove(0))
+            }
+            None => None,
+        };
+        Ok(LayerOutput { resid, loss, grad })
+    }
+
+    /// Per-position next-token CE over chunks of positions; with `grad`, each chunk is
+    /// differentiated on its own with respect to its rows of `hn` (so no chunk's logits outlive
+    /// it) and the row gradients are returned, `[B*T, d]`.
+    fn chunked_ce(
+        &self,
+        hn: &Tensor,
+        ids: &Tensor,
+        grad: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, d) = (hn.size()[0], hn.size()[1], hn.size()[2]);
+        let rows = b * t;
+        let flat = hn.f_detach()?.f_reshape([rows, d])?;
+        let dev = self.device;
+        // Target of position i is token i+1; the last position gets a dummy target and weight 0.
+        let tgt = Tensor::f_cat(
+            &[
+                ids.f_narrow(1, 1, t - 1)?,
+                Tensor::f_zeros([b, 1], (Kind::Int64, dev))?,
+            ],
+            1,
+        )?
+        .f_reshape([rows])?;
+        let has = Tensor::f_ones([b, t], (Kind::Float, dev))?;
+        let _ = has.f_narrow(1, t - 1, 1)?.f_fill_(0.0)?;
+        let has = has.f_reshape([rows])?;
+        let vocab = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).size()[0];
+        let chunk = (self.ce_chunk_elems as i64 / vocab).max(1);
+        let (mut losses, mut grads) = (Vec::new(), Vec::new());
+        let mut s = 0;
+        while s < rows {
+            let c = chunk.min(rows - s);
+            let x = flat.f_narrow(0, s, c)?.f_set_requires_grad(grad)?;
+            let _g = if grad {
+                None
+            } else {
+                Some(tch::no_grad_guard())
+            };
+            let l = self.logits_rows(&x)?.f_to_kind(Kind::Float)?;
+            let tg = tgt.f_narrow(0, s, c)?.f_unsqueeze(1)?;
+            let ce = l
+                .f_logsumexp([-1], false)?
+                .f_sub(&l.f_gather(1, &tg, false)?.f_squeeze_dim(1)?)?;
+            let ce = ce.f_mul(&has.f_narrow(0, s, c)?)?;
+            if grad {
+                let mut g = Tensor::f_run_backward(&[ce.f_sum(Kind::Float)?], &[&x], false, false)?;
+                grads.push(g.remove(0));
+            }
+            losses.push(ce.f_detach()?);
+            s += c;
+        }
+        let loss = Tensor::f_cat(&losses, 0)?
+            .f_masked_fill(&has.f_eq(0.0)?, f64::NAN)?
+            .f_view([b, t])?;
+        let g = if grad {
+            Some(Tensor::f_cat(&grads, 0)?)
+        } else {
+            None
+        };
+        Ok((loss, g))
+    }
+}
+
+impl Ctx {
+    fn new_for(d: &Decoder, t: i64) -> Result<Ctx> {
+        Ctx::new(&d.cfg, t as usize, d.device, d.kind)
+    }
+}
+
+impl Decoder {
+    /// Load embeddings, layers, final norm and (untied) head under `prefix` (`model.`);
+    /// `attn` builds layer i's attention from its checkpoint path.
+    pub fn build(
+        cfg: &Config,
+        w: &Weights,
+        prefix: &str,
+        attn: impl Fn(&str) -> Result<Attention>,
+    ) -> Result<Decoder> {
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get(&format!("{prefix}embed_tokens.weight"), &[v, d])?;
+        let kind = embed_tokens.kind();
+        let device = embed_tokens.device();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("{prefix}layers.{i}");
+                Block::new(cfg, w, &p, i, attn(&format!("{p}.self_attn"))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(w.get("lm_head.weight", &[v, d])?)
+        };
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            normalizer: Tensor::f_from_slice(&[(d as f64).sqrt()])?
+                .f_to_kind(kind)?
+                .f_to_device(device)?
+                .f_squeeze()?,
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(w, &format!("{prefix}norm"), d, cfg.rms_norm_eps)?,
+            lm_head,
+            final_softcap: cfg.final_logit_softcapping,
+            device,
+            kind,
+            ce_chunk_elems: 1 << 26,
+        })
+    }
+}

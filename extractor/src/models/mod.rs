@@ -1,0 +1,63 @@
+//! The supported architectures and the forward pass the extraction needs.
+
+mod common;
+pub mod gemma2;
+pub mod gemma3;
+
+pub use common::LayerOutput;
+
+use crate::config::{Arch, Config};
+use crate::error::Result;
+use crate::weights::Weights;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub struct Model {
+    pub config: Config,
+    decoder: common::Decoder,
+}
+
+impl Model {
+    /// Load an HF checkpoint directory (`config.json` plus safetensors) in `kind` on `device`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
+        let config = Config::load(dir)?;
+        let w = Weights::open(dir, device, kind)?;
+        let decoder = match config.arch {
+            Arch::Gemma2 => gemma2::load(&config, &w)?,
+            Arch::Gemma3 => gemma3::load(&config, &w)?,
+        };
+        Ok(Model { config, decoder })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn device(&self) -> Device {
+        self.decoder.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.decoder.kind
+    }
+
+    /// Full float32 logits `[B, T, vocab]` for int64 ids `[B, T]`.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        self.decoder.logits(ids)
+    }
+
+    /// The output of decoder layer `layer` (0-indexed; HF `hidden_states[layer + 1]`), the
+    /// per-token next-token loss and, with `grad`, d(sum of the loss over each context)/d(resid).
+    pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
+        self.decoder.forward_layer(ids, layer, grad)
+    }
+
+    /// Positions per cross-entropy chunk hold about `elems` logits (default 2^26).
+    pub fn set_ce_chunk_elems(&mut self, elems: usize) {
+        self.decoder.ce_chunk_elems = elems.max(1);
+    }
+}
