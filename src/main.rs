@@ -1,10 +1,12 @@
 //! `dmsae`: argument parsing and dispatch. The work lives in the library crates.
 //!
 //! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line);
-//! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue).
+//! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue), or
+//! `train` stopped by them after writing a checkpoint (rerun with --resume).
 
 mod extract_cmd;
 mod store_cmd;
+mod train_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +39,8 @@ enum Cmd {
     },
     /// Run a Gemma checkpoint over text; store layer-L activations, loss gradients, tokens, losses.
     Extract(Box<extract_cmd::ExtractArgs>),
+    /// Train a Matryoshka BatchTopK SAE (optionally from a given core) on a store.
+    Train(Box<train_cmd::TrainArgs>),
 }
 
 fn env() -> Result<ExitCode> {
@@ -66,6 +70,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Env => env(),
         Cmd::Store { cmd } => store_cmd::run(*cmd),
         Cmd::Extract(a) => extract_cmd::run(*a),
+        Cmd::Train(a) => train_cmd::run(*a),
     }
 }
 

@@ -1,1 +1,12 @@
-//! Stage 2 of dmsae: SAE training from a store. Nothing here yet (see the trainer issue).
+//! Stage 2 of dmsae: Matryoshka BatchTopK SAEs with a shared core, trained from a store
+//! without the language model.
+
+pub mod config;
+pub mod export;
+pub mod sae;
+pub mod train;
+
+pub use config::{ConfigError, TrainConfig};
+pub use sae::{Core, Sae, StepStats, Trainer};
+pub use tch;
+pub mod synthetic;

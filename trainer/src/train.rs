@@ -1,0 +1,691 @@
+//! The training run: stream a store's train split, update, log JSONL, evaluate on the held-out
+//! split, export.
+//!
+//! Normalisation (METHOD.md): activations are multiplied by one scalar s = sqrt(d / E||x||^2),
+//! E||x||^2 from the store manifest's `acts` statistics, so that E||s x||^2 = d_model. The
+//! SAE trains in these units; the export folds s back (export.rs).
+
+use crate::config::{ConfigError, TrainConfig};
+use crate::export;
+use crate::sae::{err_stats, l0s, Core, Sae, StepStats, Trainer};
+use dmsae_store::{Batch, Split, Store, StoreError, StreamOptions};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Opening or streaming the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store cannot be trained on (no `acts`, no statistics, no training tokens).
+    #[error("{path}: {msg}")]
+    Unusable { path: PathBuf, msg: String },
+    /// The core file is unreadable or has the wrong tensors.
+    #[error("{path}: {msg}")]
+    Core { path: PathBuf, msg: String },
+    /// A checkpoint that cannot be resumed from.
+    #[error("{path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    /// Writing the run directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// What the progress callback sees after each step.
+pub struct Progress<'a> {
+    pub step: u64,
+    pub total_steps: u64,
+    pub tokens: u64,
+    /// Steps and tokens trained by this process (a resumed run counts from its checkpoint).
+    pub run_steps: u64,
+    pub run_tokens: u64,
+    pub elapsed_s: f64,
+    pub stats: &'a StepStats,
+}
+
+/// Held-out metrics, in model units where they have units.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EvalMetrics {
+    pub tokens: u64,
+    /// Mean over tokens and dimensions of (x - x_hat)^2, model units.
+    pub mse: f64,
+    /// 1 - explained variance: sum ||x - x_hat||^2 / sum ||x - mean x||^2, inference encoding.
+    pub fvu: f64,
+    /// FVU with BatchTopK codes over eval batches (the training-time encoding), for comparison.
+    pub fvu_batchtopk: f64,
+    pub l0_core: f64,
+    pub l0_noncore: f64,
+    pub l0_total: f64,
+    /// Latents that never fire on the eval tokens.
+    pub dead_fraction: f64,
+    /// Latents firing on more than `dense_fraction` of the eval tokens.
+    pub dense_fraction: f64,
+    /// Mean over tokens with valid gradients of g . (x_hat - x): the first-order change of the
+    /// next-token loss when the SAE's reconstruction replaces x.
+    pub first_order_dloss: Option<f64>,
+    pub grad_tokens: u64,
+    /// Mean stored next-token loss over the eval tokens, beside the above.
+    pub mean_loss: Option<f64>,
+}
+
+pub struct Summary {
+    /// Tokens trained by this process.
+    pub run_tokens: u64,
+    /// Stopped by the `stop` flag: a checkpoint was written, no eval and no export.
+    pub interrupted: bool,
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub scale: f64,
+    pub eval: Option<EvalMetrics>,
+    pub sae: Sae,
+}
+
+/// Read a core: a safetensors file with `W_enc` [d_in, c] and `b_enc` [c] in model units (an
+/// export's tensors, columns cut to the core), converted to normalised units.
+pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainError> {
+    let err = |msg: String| TrainError::Core {
+        path: path.into(),
+        msg,
+    };
+    let tensors = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
+    let get = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.to_kind(Kind::Float))
+            .ok_or_else(|| err(format!("no tensor `{name}`")))
+    };
+    let (w, b) = (get("W_enc")?, get("b_enc")?);
+    let (ws, bs) = (w.size(), b.size());
+    if ws.len() != 2 || ws[0] != d_in as i64 || bs != [ws[1]] || ws[1] == 0 {
+        return Err(err(format!(
+            "expected W_enc [{d_in}, c] and b_enc [c] with c >= 1, got {ws:?} and {bs:?}"
+        )));
+    }
+    if !bool::try_from(w.isfinite().all().logical_and(&b.isfinite().all())).unwrap_or(false) {
+        return Err(err("W_enc or b_enc holds a non-finite value".into()));
+    }
+    Ok(Core {
+        w_enc_dc: w / scale,
+        b_enc_c: b,
+    })
+}
+
+/// The normalisation scalar of a store's `acts`.
+pub fn scale_of(store: &Store) -> Result<(usize, f64), TrainError> {
+    let bad = |msg: String| TrainError::Unusable {
+        path: store.dir.clone(),
+        msg,
+    };
+    let (_, spec) = store.array("acts")?;
+    if !spec.dtype.is_float() {
+        return Err(bad(format!(
+            "`acts` is {}, not a float array",
+            spec.dtype.name()
+        )));
+    }
+    let msn = store
+        .manifest
+        .stats
+        .get("acts")
+        .map(|s| s.mean_sq_norm)
+        .unwrap_or(0.0);
+    if !(msn.is_finite() && msn > 0.0) {
+        return Err(bad(format!(
+            "no usable `acts` statistics (mean squared norm {msn})"
+        )));
+    }
+    Ok((spec.width, (spec.width as f64 / msn).sqrt()))
+}
+
+fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tensor {
+    let v = b.f32(name).expect("requested array");
+    Tensor::from_slice(&v)
+        .view([b.n as i64, width as i64])
+        .to_device(device)
+}
+
+/// How a run starts and where it runs (not part of the saved config, so a run may resume on
+/// another device).
+pub struct RunOptions<'a> {
+    /// A core file (see `load_core`).
+    pub core: Option<&'a Path>,
+    /// Continue from the run directory's checkpoint when there is one.
+    pub resume: bool,
+    pub device: Device,
+    /// Turned true by a signal: checkpoint after the current step and return.
+    pub stop: &'a AtomicBool,
+}
+
+const CKPT: &str = "checkpoint.safetensors";
+const CKPT_JSON: &str = "checkpoint.json";
+
+/// Where the stream stood: a resumed run reopens epoch `epoch` and skips `batches` batches,
+/// which the seeded stream makes the same batches.
+#[derive(Clone, Copy, Default)]
+struct Position {
+    epoch: u64,
+    batches: u64,
+    tokens: u64,
+}
+
+fn save_checkpoint(
+    out: &Path,
+    t: &Trainer,
+    pos: Position,
+    identity: &Value,
+) -> Result<(), TrainError> {
+    let path = out.join(CKPT);
+    let mut state = t.state();
+    let p = [
+        t.step as i64,
+        pos.epoch as i64,
+        pos.batches as i64,
+        pos.tokens as i64,
+    ];
+    state.push(("position".into(), Tensor::from_slice(&p)));
+    state.push(("threshold".into(), Tensor::from_slice(&[t.sae.threshold])));
+    let tmp = out.join(format!(".{CKPT}.tmp"));
+    Tensor::write_safetensors(&state, &tmp).map_err(|e| TrainError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&path))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    // Constant over a run, so the two files cannot disagree whatever order a crash leaves.
+    export::write_atomic(&out.join(CKPT_JSON), identity.to_string().as_bytes()).map_err(io(out))
+}
+
+/// Restore a checkpoint written by a run with the same `identity` (config, store, core).
+fn load_checkpoint(out: &Path, t: &mut Trainer, identity: &Value) -> Result<Position, TrainError> {
+    let path = out.join(CKPT);
+    let bad = |msg: String| TrainError::Checkpoint {
+        path: path.clone(),
+        msg,
+    };
+    let saved: Value = std::fs::read(out.join(CKPT_JSON))
+        .map_err(io(&out.join(CKPT_JSON)))
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| bad(e.to_string())))?;
+    if &saved != identity {
+        return Err(bad(
+            "written by a run with another config, store or core; remove it or drop --resume"
+                .into(),
+        ));
+    }
+    let state = Tensor::read_safetensors(&path).map_err(|e| bad(e.to_string()))?;
+    let get = |n: &str| {
+        state
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.shallow_clone())
+            .ok_or_else(|| bad(format!("no tensor `{n}`")))
+    };
+    let p: Vec<i64> =
+        Vec::try_from(get("position")?).map_err(|e: tch::TchError| bad(e.to_string()))?;
+    let th = get("threshold")?.double_value(&[0]);
+    if p.len() != 4 {
+        return Err(bad("`position` must hold 4 values".into()));
+    }
+    t.load_state(&state, p[0] as u64, th).map_err(bad)?;
+    Ok(Position {
+        epoch: p[1] as u64,
+        batches: p[2] as u64,
+        tokens: p[3] as u64,
+    })
+}
+
+/// Train on `store_dir`, write `metrics.jsonl` and the export under `out`. `resume`: continue
+/// from `out`'s checkpoint when there is one. When `stop` turns true (a signal), the run
+/// writes a checkpoint after the current step and returns `interrupted`.
+pub fn train(
+    store_dir: &Path,
+    out: &Path,
+    cfg: TrainConfig,
+    opts: RunOptions,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Summary, TrainError> {
+    let RunOptions {
+        core: core_file,
+        resume,
+        device,
+        stop,
+    } = opts;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tch::set_num_threads(cfg.cpu_threads.unwrap_or(cores.saturating_sub(1)).max(1) as i32);
+    let store = Arc::new(Store::open(store_dir)?);
+    let (d, scale) = scale_of(&store)?;
+    let core = core_file.map(|p| load_core(p, d, scale)).transpose()?;
+    let sae = Sae::new(d, core, &cfg, Kind::Float, device).map_err(ConfigError::Invalid)?;
+    let mut t = Trainer::new(sae, cfg.clone(), core_file.is_some());
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let identity = json!({
+        "config": cfg,
+        "core_file": core_file.map(|p| p.display().to_string()),
+        "store_shards": store.manifest.shards.iter().map(|s| s.blake3.clone()).collect::<Vec<_>>(),
+    });
+    let mut pos = Position::default();
+    let log_path = out.join("metrics.jsonl");
+    let mut kept_log = String::new();
+    if resume && !out.join(CKPT).exists() && out.join(export::CFG_FILE).exists() {
+        return Err(TrainError::Unusable {
+            path: out.into(),
+            msg: "holds a finished export and no checkpoint: nothing to resume".into(),
+        });
+    }
+    if resume && out.join(CKPT).exists() {
+        pos = load_checkpoint(out, &mut t, &identity)?;
+        // Keep the log up to the checkpoint; later lines came from the interrupted run.
+        let old = std::fs::read_to_string(&log_path).unwrap_or_default();
+        for l in old.lines() {
+            let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+            if v["kind"] == "train" && v["step"].as_u64().is_some_and(|s| s <= t.step) {
+                kept_log.push_str(l);
+                kept_log.push('\n');
+            }
+        }
+    }
+    let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(io(&log_path))?);
+    log.write_all(kept_log.as_bytes()).map_err(io(&log_path))?;
+
+    let opts = |epoch: u64, split: Split| StreamOptions {
+        arrays: vec!["acts".into()],
+        batch_tokens: cfg.batch_tokens,
+        seed: cfg.seed,
+        epoch,
+        split,
+        eval_fraction: cfg.eval_fraction,
+        shuffle_tokens: cfg.shuffle_tokens,
+        drop_last: true,
+        ..Default::default()
+    };
+    let total = cfg.total_steps();
+    let start = Instant::now();
+    let (mut epoch, mut tokens, mut epoch_batches) = (pos.epoch, pos.tokens, pos.batches);
+    let (start_tokens, start_step, mut last_ckpt) = (tokens, t.step, t.step);
+    let mut stream = store.stream(opts(epoch, Split::Train))?;
+    for _ in 0..epoch_batches {
+        stream.next().transpose()?;
+    }
+    let width = t.sae.width() as i64;
+    let mut fires_f = Tensor::zeros([width], (Kind::Int64, device));
+    let (mut win_tokens, mut win_wait_ns, mut last_wait, mut win_start) =
+        (0u64, 0u64, stream.waited_ns, Instant::now());
+    while t.step < total {
+        let pos = Position {
+            epoch,
+            batches: epoch_batches,
+            tokens,
+        };
+        if stop.load(Ordering::SeqCst) {
+            log.flush().map_err(io(&log_path))?;
+            save_checkpoint(out, &t, pos, &identity)?;
+            return Ok(Summary {
+                run_tokens: tokens - start_tokens,
+                interrupted: true,
+                steps: t.step,
+                tokens,
+                seconds: start.elapsed().as_secs_f64(),
+                scale,
+                eval: None,
+                sae: t.sae,
+            });
+        }
+        if cfg.checkpoint_every > 0
+            && t.step > last_ckpt
+            && t.step.is_multiple_of(cfg.checkpoint_every)
+        {
+            save_checkpoint(out, &t, pos, &identity)?;
+            last_ckpt = t.step;
+        }
+        let batch = match stream.next() {
+            Some(b) => b?,
+            None => {
+                if epoch_batches == 0 {
+                    return Err(TrainError::Unusable {
+                        path: store_dir.into(),
+                        msg: format!("no full batch of {} training tokens", cfg.batch_tokens),
+                    });
+                }
+                epoch += 1;
+                epoch_batches = 0;
+                stream = store.stream(opts(epoch, Split::Train))?;
+                last_wait = 0;
+                continue;
+            }
+        };
+        epoch_batches += 1;
+        win_wait_ns += stream.waited_ns - last_wait;
+        last_wait = stream.waited_ns;
+        let x_bd = rows(&batch, "acts", d, device) * scale;
+        let s = t.update(&x_bd);
+        tokens += batch.n as u64;
+        win_tokens += batch.n as u64;
+        fires_f += t.last_fired_counts();
+        progress(&Progress {
+            step: t.step,
+            total_steps: total,
+            tokens,
+            run_steps: t.step - start_step,
+            run_tokens: tokens - start_tokens,
+            elapsed_s: start.elapsed().as_secs_f64(),
+            stats: &s,
+        });
+        if t.step.is_multiple_of(cfg.log_every.max(1)) || t.step == total {
+            let frac = |m: Tensor| m.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+            let rate = fires_f.to_kind(Kind::Double) / win_tokens.max(1) as f64;
+            let line = json!({
+                "kind": "train", "step": t.step, "tokens": tokens, "epoch": epoch, "lr": s.lr,
+                "loss": s.loss, "l2": s.l2, "auxk": s.auxk, "mse": s.mse, "fvu": s.fvu,
+                "l0_core": s.l0_core, "l0_noncore": s.l0_noncore, "l0_total": s.l0_core + s.l0_noncore,
+                "dead_fraction": frac(t.dead_f()), "dense_fraction": frac(rate.gt(cfg.dense_fraction)),
+                "threshold": t.sae.threshold, "grad_norm": s.grad_norm,
+                "data_wait_s": win_wait_ns as f64 * 1e-9,
+                "tokens_per_s": win_tokens as f64 / win_start.elapsed().as_secs_f64(),
+            });
+            writeln!(log, "{line}").map_err(io(&log_path))?;
+            let _ = fires_f.zero_();
+            (win_tokens, win_wait_ns, win_start) = (0, 0, Instant::now());
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    drop(stream);
+
+    let eval = evaluate(&store, &t, scale, &cfg)?;
+    writeln!(
+        log,
+        "{}",
+        json!({ "kind": "eval", "step": t.step, "tokens": tokens, "eval": eval })
+    )
+    .map_err(io(&log_path))?;
+    log.flush().map_err(io(&log_path))?;
+    log.get_ref().sync_all().map_err(io(&log_path))?;
+
+    let extra = json!({
+        "core_size": t.sae.core,
+        "core_frozen": core_file.is_some() && cfg.core_frozen,
+        "core_file": core_file.map(|p| p.display().to_string()),
+        "k": cfg.k,
+        "group_sizes": t.sae.groups,
+        "norm_scale": scale,
+        "norm_note": "trained on x * norm_scale (E||x * norm_scale||^2 = d_in); folded into these weights",
+        "threshold_normalised": t.sae.threshold,
+        "steps": t.step,
+        "tokens": tokens,
+        "train_config": cfg,
+        "eval": eval,
+        "store": {
+            "path": store_dir.display().to_string(),
+            "total_tokens": store.manifest.total_tokens,
+            "shards": store.manifest.shards.iter().map(|s| json!({"file": s.file, "blake3": s.blake3})).collect::<Vec<_>>(),
+            "provenance": store.manifest.provenance,
+        },
+        "producer": format!("dmsae-trainer {}", env!("CARGO_PKG_VERSION")),
+    });
+    // SAELens metadata from what `dmsae extract` records (null for imported stores).
+    let ex = store
+        .manifest
+        .provenance
+        .get("extract")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let metadata = json!({
+        "model_name": ex["model"],
+        "hook_name": ex["layer"].as_u64().map(|l| format!("blocks.{l}.hook_resid_post")),
+        "context_size": ex["context"],
+    });
+    export::write(
+        out,
+        &t.sae,
+        scale,
+        &export::cfg_json(&t.sae, metadata, extra),
+    )
+    .map_err(io(out))?;
+    // The export is the result; a finished run's checkpoint is only disk.
+    for f in [CKPT, CKPT_JSON] {
+        let _ = std::fs::remove_file(out.join(f));
+    }
+    Ok(Summary {
+        run_tokens: tokens - start_tokens,
+        interrupted: false,
+        steps: t.step,
+        tokens,
+        seconds,
+        scale,
+        eval,
+        sae: t.sae,
+    })
+}
+
+/// Metrics on up to `eval_tokens` held-out tokens; None when the store holds none.
+pub fn evaluate(
+    store: &Arc<Store>,
+    t: &Trainer,
+    scale: f64,
+    cfg: &TrainConfig,
+) -> Result<Option<EvalMetrics>, TrainError> {
+    let has = |n: &str| store.array(n).is_ok();
+    let (grads, loss, flags) = (has("grads"), has("loss"), has("flags"));
+    let mut arrays = vec!["acts".to_string()];
+    for (on, n) in [(grads, "grads"), (loss, "loss"), (flags, "flags")] {
+        if on {
+            arrays.push(n.into());
+        }
+    }
+    let so = StreamOptions {
+        arrays,
+        batch_tokens: cfg.batch_tokens,
+        seed: cfg.seed,
+        split: Split::Eval,
+        eval_fraction: cfg.eval_fraction,
+        shuffle: false,
+        ..Default::default()
+    };
+    let (d, sae, dev) = (t.sae.d_in, &t.sae, t.sae.device());
+    let mut m = EvalMetrics::default();
+    let (mut err, mut err_topk, mut sum_x, mut sum_sq) = (
+        0.0,
+        0.0,
+        Tensor::zeros([d as i64], (Kind::Double, dev)),
+        0.0,
+    );
+    let mut fires_f = Tensor::zeros([sae.width() as i64], (Kind::Int64, dev));
+    let (mut dloss, mut loss_sum, mut loss_n) = (0.0, 0.0, 0u64);
+    for b in store.stream(so)? {
+        let b = b?;
+        if m.tokens >= cfg.eval_tokens {
+            break;
+        }
+        let x_bd = rows(&b, "acts", d, dev);
+        tch::no_grad(|| {
+            let xn_bd = &x_bd * scale;
+            let f_bf = sae.encode(&xn_bd);
+            let diff_bd = (sae.decode(&f_bf) - &xn_bd) / scale;
+            err += diff_bd.square().sum(Kind::Double).double_value(&[]);
+            err_topk +=
+                err_stats(&xn_bd, &t.loss(&xn_bd).x_hat_bd).0 * (b.n * d) as f64 / (scale * scale);
+            sum_x += x_bd.sum_dim_intlist(0, false, Kind::Double);
+            sum_sq += x_bd.square().sum(Kind::Double).double_value(&[]);
+            let (c, n) = l0s(&f_bf, sae.core);
+            m.l0_core += c * b.n as f64;
+            m.l0_noncore += n * b.n as f64;
+            fires_f += f_bf.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
+            let fl = b.get("flags");
+            let bit = |t: usize, k: u8| fl.is_none_or(|f| f[t] & k != 0);
+            if grads {
+                let dot =
+                    (rows(&b, "grads", d, dev) * &diff_bd).sum_dim_intlist(-1, false, Kind::Double);
+                let dot: Vec<f64> = Vec::try_from(dot.to_device(Device::Cpu)).expect("f64 vector");
+                for (i, v) in dot.iter().enumerate() {
+                    if bit(i, 1) {
+                        dloss += v;
+                        m.grad_tokens += 1;
+                    }
+                }
+            }
+            if loss {
+                let l = b.f32("loss").expect("requested");
+                for (i, v) in l.iter().enumerate() {
+                    if bit(i, 2) {
+                        loss_sum += *v as f64;
+                        loss_n += 1;
+                    }
+                }
+            }
+        });
+        m.tokens += b.n as u64;
+    }
+    if m.tokens == 0 {
+        return Ok(None);
+    }
+    let n = m.tokens as f64;
+    let var = sum_sq - sum_x.square().sum(Kind::Double).double_value(&[]) / n;
+    m.mse = err / (n * d as f64);
+    m.fvu = err / var.max(f64::MIN_POSITIVE);
+    m.fvu_batchtopk = err_topk / var.max(f64::MIN_POSITIVE);
+    m.l0_core /= n;
+    m.l0_noncore /= n;
+    m.l0_total = m.l0_core + m.l0_noncore;
+    let rate = fires_f.to_kind(Kind::Double) / n;
+    m.dead_fraction = rate
+        .eq(0.0)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    m.dense_fraction = rate
+        .gt(cfg.dense_fraction)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    m.first_order_dloss = (m.grad_tokens > 0).then(|| dloss / m.grad_tokens as f64);
+    m.mean_loss = (loss_n > 0).then(|| loss_sum / loss_n as f64);
+    Ok(Some(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::sparse_dictionary;
+    use dmsae_store::{ArraySpec, Codec, DType, StoreWriter, WriterOptions};
+
+    /// The eval on a store whose every chunk is held out, against the same figures computed
+    /// by hand in f64 from the exported (model-unit) weights: FVU, L0, the first-order loss
+    /// change mean g . (x_hat - x), and the mean stored loss.
+    #[test]
+    fn eval_matches_a_direct_computation_from_the_export() {
+        tch::set_num_threads(1);
+        let (d, n) = (8usize, 600usize);
+        let (_, x) = sparse_dictionary(d, 12, 2, n, 0.05, 3);
+        let x: Vec<f32> = x.iter().map(|v| v * 5.0).collect();
+        let (_, g) = sparse_dictionary(d, 12, 3, n, 0.5, 4);
+        let loss: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let arrays = ["acts", "grads"]
+            .map(|a| ArraySpec::new(a, DType::F32, d, Codec::Raw))
+            .into_iter()
+            .chain([ArraySpec::new("loss", DType::F32, 1, Codec::Raw)])
+            .collect();
+        let opts = WriterOptions {
+            chunk_tokens: 100,
+            ..Default::default()
+        };
+        let mut w = StoreWriter::create(tmp.path(), arrays, opts).unwrap();
+        let b = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        w.append(&[&b(&x), &b(&g), &b(&loss)]).unwrap();
+        w.finish().unwrap();
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let (_, scale) = scale_of(&store).unwrap();
+
+        let cfg = TrainConfig {
+            width: 40,
+            k: 3,
+            group_fractions: vec![0.25],
+            eval_fraction: 1.0,
+            batch_tokens: 128,
+            seed: 2,
+            ..Default::default()
+        };
+        let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+        tch::no_grad(|| sae.b_enc.shallow_clone().fill_(0.05));
+        sae.threshold = 0.2;
+        let t = Trainer::new(sae, cfg.clone(), false);
+        let m = evaluate(&store, &t, scale, &cfg).unwrap().unwrap();
+
+        let wts: Vec<(&str, Vec<f32>)> = export::weights(&t.sae, scale)
+            .into_iter()
+            .map(|(k, v)| (k, Vec::try_from(v.view([-1])).unwrap()))
+            .collect();
+        let get = |k: &str| &wts.iter().find(|(n, _)| *n == k).unwrap().1;
+        let (we, wd, be, bd, th) = (
+            get("W_enc"),
+            get("W_dec"),
+            get("b_enc"),
+            get("b_dec"),
+            get("threshold"),
+        );
+        let f = 40;
+        let (mut err, mut dl, mut l0, mut sx, mut sxx) = (0.0, 0.0, 0.0, vec![0.0; d], 0.0);
+        for (xr, gr) in x.chunks_exact(d).zip(g.chunks_exact(d)) {
+            let mut xh: Vec<f64> = bd.iter().map(|v| *v as f64).collect();
+            for j in 0..f {
+                let pre = be[j] as f64
+                    + (0..d)
+                        .map(|i| (xr[i] - bd[i]) as f64 * we[i * f + j] as f64)
+                        .sum::<f64>();
+                if pre > 0.0 && pre > th[j] as f64 {
+                    l0 += 1.0;
+                    (0..d).for_each(|i| xh[i] += pre * wd[j * d + i] as f64);
+                }
+            }
+            err += (0..d).map(|i| (xh[i] - xr[i] as f64).powi(2)).sum::<f64>();
+            dl += (0..d)
+                .map(|i| gr[i] as f64 * (xh[i] - xr[i] as f64))
+                .sum::<f64>();
+            (0..d).for_each(|i| sx[i] += xr[i] as f64);
+            sxx += xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+        }
+        let nf = n as f64;
+        let var = sxx - sx.iter().map(|s| s * s).sum::<f64>() / nf;
+        let close = |a: f64, b: f64, what: &str| {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                "{what}: eval {a} vs direct {b}"
+            )
+        };
+        assert_eq!((m.tokens, m.grad_tokens), (n as u64, n as u64));
+        close(m.fvu, err / var, "fvu");
+        close(m.mse, err / (nf * d as f64), "mse");
+        close(m.l0_total, l0 / nf, "l0");
+        close(m.first_order_dloss.unwrap(), dl / nf, "first-order dloss");
+        close(
+            m.mean_loss.unwrap(),
+            loss.iter().map(|v| *v as f64).sum::<f64>() / nf,
+            "mean loss",
+        );
+        assert!(
+            m.l0_noncore > 0.0 && m.l0_total < 40.0,
+            "a threshold that neither keeps all nor none: {}",
+            m.l0_total
+        );
+    }
+}
