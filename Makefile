@@ -14,6 +14,7 @@ TORCH_PIN := torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.
 PY_TEST_DEPS := numpy zstandard blake3 pytest
 DATA ?= ../shared/data/gemma3-270m-l9-licenses
 DEMO_STORE ?= target/demo-store
+DEMO_RUN ?= target/demo-run
 CARGO_FLAGS ?= --release
 
 PYVER := $(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')
@@ -27,7 +28,7 @@ endif
 help:
 	@echo "make setup   - .venv (torch $(TORCH_PIN) CPU set-up unless LIBTORCH is set) and a release build"
 	@echo "make test    - every test: Rust (cargo test) and Python (pytest)"
-	@echo "make demo    - import the real activation sample into a store, verify, inspect, stats"
+	@echo "make demo    - import the real activation sample into a store, verify it, train a small SAE on it"
 	@echo "make bench   - store codec benchmark on the real sample (ratio, MB/s on 1 and 2 cores)"
 
 $(STAMP):
@@ -57,10 +58,13 @@ bench: build
 demo: build
 	rm -rf $(DEMO_STORE)
 	target/release/dmsae store import --acts $(DATA)/acts.npy --grads $(DATA)/grads.npy \
-	  --tokens $(DATA)/tokens.npy --loss $(DATA)/loss.npy --dtype bf16 --out $(DEMO_STORE) --shard-tokens 2048
+	  --tokens $(DATA)/tokens.npy --loss $(DATA)/loss.npy --dtype bf16 --out $(DEMO_STORE) \
+	  --chunk-tokens 256 --shard-tokens 2048
 	target/release/dmsae store verify $(DEMO_STORE)
 	target/release/dmsae store inspect $(DEMO_STORE)
 	target/release/dmsae store stats $(DEMO_STORE)
+	rm -rf $(DEMO_RUN)
+	target/release/dmsae train --shards $(DEMO_STORE) --config configs/demo-sample.toml --out $(DEMO_RUN)
 
 clean:
 	cargo clean

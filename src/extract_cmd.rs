@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Args)]
 pub struct ExtractArgs {
@@ -33,7 +32,7 @@ pub struct ExtractArgs {
     data: Option<PathBuf>,
     /// Tokens to run through the model, all workers together, with K/M/B suffixes (500M);
     /// rounded up to whole contexts.
-    #[arg(long, value_parser = parse_count)]
+    #[arg(long, value_parser = crate::cli::parse_count)]
     tokens: Option<u64>,
     /// Decoder layer whose output is stored, 0-indexed (HF hidden_states[L+1]).
     #[arg(long)]
@@ -129,7 +128,7 @@ fn resolve(a: ExtractArgs) -> Result<Resolved> {
         (Some(n), _) => Some(n),
         (None, Some(toml::Value::Integer(n))) if n > 0 => Some(n as u64),
         (None, Some(toml::Value::String(s))) => {
-            Some(parse_count(&s).map_err(|e| anyhow::anyhow!("tokens: {e}"))?)
+            Some(crate::cli::parse_count(&s).map_err(|e| anyhow::anyhow!("tokens: {e}"))?)
         }
         (None, Some(v)) => bail!("tokens = {v}: expected a positive count like 500000 or \"500M\""),
         (None, None) => None,
@@ -153,33 +152,6 @@ fn resolve(a: ExtractArgs) -> Result<Resolved> {
     })
 }
 
-/// `500M` -> 500_000_000; K, M, B are powers of 1000.
-fn parse_count(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 1_000),
-        Some('M') => (&s[..s.len() - 1], 1_000_000),
-        Some('B') => (&s[..s.len() - 1], 1_000_000_000),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a count like 1000, 64K, 500M or 2B"))?;
-    n.checked_mul(mult)
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} must be positive and fit in 64 bits"))
-}
-
-fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(Device::Cuda(n)),
-            None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
-        },
-    }
-}
-
 fn parse_kind(s: &str) -> Result<Kind> {
     match s {
         "f32" | "float32" => Ok(Kind::Float),
@@ -187,12 +159,6 @@ fn parse_kind(s: &str) -> Result<Kind> {
         "f16" | "float16" => Ok(Kind::Half),
         _ => bail!("--dtype {s}: expected f32, bf16 or f16"),
     }
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
 }
 
 fn hash_file(p: &Path) -> Result<String> {
@@ -241,23 +207,12 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
             a.workers
         );
     }
-    let device = parse_device(&a.device)?;
+    let device = crate::cli::device(&a.device)?;
     let kind = match &a.dtype {
         Some(d) => parse_kind(d)?,
         None if device == Device::Cpu => Kind::Float,
         None => Kind::BFloat16,
     };
-    if let Device::Cuda(n) = device {
-        let note = dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).err();
-        let count = dmsae_extractor::tch::Cuda::device_count();
-        if !dmsae_extractor::tch::Cuda::is_available() || n as i64 >= count {
-            bail!(
-                "--device {}: {count} CUDA device(s) visible{}",
-                a.device,
-                note.map_or(String::new(), |n| format!(" ({n})"))
-            );
-        }
-    }
     // Everything that can be refused is checked before the store is touched, cheap checks
     // before the weights are read.
     let config = Config::load(&a.model)?;
@@ -400,11 +355,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         worker: a.worker,
         skip_rows,
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
+    let stop = crate::cli::stop_on_signals();
     let tty = unsafe { libc::isatty(2) } == 1;
     let mut last_print: Option<f64> = None;
     let mut last = Progress::default();
@@ -436,7 +387,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         }
         let _ = std::io::stderr().flush();
     };
-    let outcome = extract::run(&model, &mut packer, &mut writer, &o, bos, &STOP, &mut show);
+    let outcome = extract::run(&model, &mut packer, &mut writer, &o, bos, stop, &mut show);
     if tty {
         eprintln!();
     }

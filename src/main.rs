@@ -4,6 +4,7 @@
 //! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue), or
 //! `train` stopped by them after writing a checkpoint (rerun with --resume).
 
+mod cli;
 mod extract_cmd;
 mod store_cmd;
 mod train_cmd;

@@ -417,10 +417,7 @@ fn export(dir: &Path, out_dir: &Path, names: &[String]) -> Result<ExitCode> {
             for c in s.chunks() {
                 let rows = s.read_chunk(c, ai)?;
                 out.write_all(&rows)
-                    .map_err(|e| dmsae_store::StoreError::Io {
-                        path: path.clone(),
-                        source: e,
-                    })?;
+                    .map_err(|e| dmsae_store::StoreError::Io { path: path.clone(), err: e })?;
             }
             Ok(())
         })?;

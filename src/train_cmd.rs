@@ -1,14 +1,12 @@
 //! `dmsae train`: a thin wrapper over `dmsae_trainer::train`.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
-use dmsae_trainer::tch::{Cuda, Device};
 use dmsae_trainer::train::RunOptions;
 use dmsae_trainer::{train, TrainConfig};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 #[derive(Args)]
@@ -34,8 +32,8 @@ pub struct TrainArgs {
     /// Training steps (batches).
     #[arg(long, conflicts_with = "tokens")]
     steps: Option<u64>,
-    /// Training tokens (rounded up to whole batches).
-    #[arg(long)]
+    /// Training tokens, with K/M/B suffixes (rounded up to whole batches).
+    #[arg(long, value_parser = crate::cli::parse_count)]
     tokens: Option<u64>,
     /// Seed of the initialisation and of the stream order (overrides the config file).
     #[arg(long)]
@@ -52,13 +50,6 @@ pub struct TrainArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
-}
-
-/// Set by SIGTERM/SIGINT: the trainer checkpoints after the current step and returns.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
 }
 
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
@@ -84,30 +75,8 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if let Some(v) = a.batch {
         cfg.batch_tokens = v;
     }
-    let device = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("--device {d}: expected cpu, cuda or cuda:N"),
-        },
-    };
-    if let Device::Cuda(n) = device {
-        let note = dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).err();
-        let count = Cuda::device_count();
-        if !Cuda::is_available() || n as i64 >= count {
-            bail!(
-                "--device {}: {count} CUDA device(s) visible{}",
-                a.device,
-                note.map_or(String::new(), |n| format!(" ({n})"))
-            );
-        }
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
+    let device = crate::cli::device(&a.device)?;
+    let stop = crate::cli::stop_on_signals();
     let mut last = Instant::now();
     let mut err = std::io::stderr();
     let summary = train::train(
@@ -118,7 +87,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             core: a.core.as_deref(),
             resume: a.resume,
             device,
-            stop: &STOP,
+            stop,
         },
         |p| {
             if a.quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {

@@ -6,12 +6,10 @@ use std::path::PathBuf;
 /// What went wrong while reading or writing a store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// An operating-system error on a file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// An operating-system error on a file. (Not a `source`: the message already carries it,
+    /// and `{:#}` would print it twice.)
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// The file is not a shard, or its structure breaks SPEC.md (magic, version, lengths, limits).
     #[error("{path}: {what}")]
@@ -46,10 +44,7 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StoreError::Io {
-            path: path.into(),
-            source,
-        }
+        StoreError::Io { path: path.into(), err: source }
     }
     pub(crate) fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
         StoreError::Format {
