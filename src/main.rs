@@ -2,9 +2,11 @@
 //!
 //! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line);
 //! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue), or
-//! `train` stopped by them after writing a checkpoint (rerun with --resume).
+//! `train` stopped by them after writing a checkpoint (rerun with --resume), or `train-cycle` /
+//! `distill` stopped by them (rerun the same command).
 
 mod cli;
+mod distill_cmd;
 mod extract_cmd;
 mod store_cmd;
 mod train_cmd;
@@ -42,6 +44,12 @@ enum Cmd {
     Extract(Box<extract_cmd::ExtractArgs>),
     /// Train a Matryoshka BatchTopK SAE (optionally from a given core) on a store.
     Train(Box<train_cmd::TrainArgs>),
+    /// One distillation cycle: train with the previous cycle's core, attribute, select the next core.
+    TrainCycle(Box<distill_cmd::TrainCycleArgs>),
+    /// Run distillation cycles (resumable) and write the distilled core and the run summary.
+    Distill(Box<distill_cmd::DistillArgs>),
+    /// Print a distillation run's summary.
+    Report(distill_cmd::ReportArgs),
 }
 
 fn env() -> Result<ExitCode> {
@@ -72,6 +80,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Store { cmd } => store_cmd::run(*cmd),
         Cmd::Extract(a) => extract_cmd::run(*a),
         Cmd::Train(a) => train_cmd::run(*a),
+        Cmd::TrainCycle(a) => distill_cmd::train_cycle(*a),
+        Cmd::Distill(a) => distill_cmd::distill(*a),
+        Cmd::Report(a) => distill_cmd::report(a),
     }
 }
 

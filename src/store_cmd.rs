@@ -417,7 +417,10 @@ fn export(dir: &Path, out_dir: &Path, names: &[String]) -> Result<ExitCode> {
             for c in s.chunks() {
                 let rows = s.read_chunk(c, ai)?;
                 out.write_all(&rows)
-                    .map_err(|e| dmsae_store::StoreError::Io { path: path.clone(), err: e })?;
+                    .map_err(|e| dmsae_store::StoreError::Io {
+                        path: path.clone(),
+                        err: e,
+                    })?;
             }
             Ok(())
         })?;
@@ -435,7 +438,11 @@ fn stream_bench(acts: &npy::Npy, grads: &npy::Npy, a: &BenchArgs) -> Result<()> 
         ArraySpec::new("acts", DType::Bf16, d, Codec::Expsplit),
         ArraySpec::new("grads", DType::Bf16, d, Codec::Expsplit),
     ];
-    let opts = WriterOptions { chunk_tokens: a.chunk_tokens, level: a.level, ..Default::default() };
+    let opts = WriterOptions {
+        chunk_tokens: a.chunk_tokens,
+        level: a.level,
+        ..Default::default()
+    };
     let result = (|| -> Result<()> {
         let mut w = StoreWriter::create(&dir, arrays, opts)?;
         w.append(&[acts.data(), grads.data()])?;

@@ -15,34 +15,16 @@ const D: usize = 32;
 /// it back on export.
 const UNITS: f32 = 7.0;
 
-/// Minimal safetensors reader (f32 only): name -> (shape, values).
+/// The export's tensors as f32 (they are all F32).
 fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: BTreeMap<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
-    header
+    assert!(
+        common::safetensors_dtypes(path).iter().all(|d| d == "F32"),
+        "{}",
+        path.display()
+    );
+    common::read_safetensors(path)
         .into_iter()
-        .filter(|(k, _)| k != "__metadata__")
-        .map(|(k, v)| {
-            assert_eq!(v["dtype"], "F32", "{k}");
-            let shape = v["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
-            let off = v["data_offsets"].as_array().unwrap();
-            let (lo, hi) = (
-                off[0].as_u64().unwrap() as usize,
-                off[1].as_u64().unwrap() as usize,
-            );
-            let vals = data[lo..hi]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (k, (shape, vals))
-        })
+        .map(|(k, (shape, v))| (k, (shape, v.into_iter().map(|x| x as f32).collect())))
         .collect()
 }
 

@@ -44,7 +44,10 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StoreError::Io { path: path.into(), err: source }
+        StoreError::Io {
+            path: path.into(),
+            err: source,
+        }
     }
     pub(crate) fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
         StoreError::Format {

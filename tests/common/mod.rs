@@ -2,6 +2,9 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// What one run of the binary printed.
@@ -76,4 +79,50 @@ pub fn assert_one_line_error(r: &Run, names: &[&str]) {
             r.stderr
         );
     }
+}
+
+/// Safetensors reader for F32 and I64 tensors: name -> (shape, values as f64).
+pub fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: BTreeMap<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            let off = v["data_offsets"].as_array().unwrap();
+            let raw = &data[off[0].as_u64().unwrap() as usize..off[1].as_u64().unwrap() as usize];
+            let vals = match v["dtype"].as_str().unwrap() {
+                "F32" => raw
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                "I64" => raw
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                t => panic!("{k}: dtype {t}"),
+            };
+            (k, (shape, vals))
+        })
+        .collect()
+}
+
+/// The `dtype` of every tensor in a safetensors file.
+pub fn safetensors_dtypes(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: BTreeMap<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
 }

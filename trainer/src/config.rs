@@ -68,6 +68,49 @@ pub struct TrainConfig {
     /// store's decoders (ours: spinning OpenMP threads on a busy 2-core machine made steps
     /// 16x slower, measured).
     pub cpu_threads: Option<usize>,
+    /// Attribution and core selection (`dmsae train-cycle`, `distill`): a `[distill]` table.
+    pub distill: DistillConfig,
+}
+
+/// How per-token attributions become one score per latent.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregate {
+    /// Mean over tokens of |a_j(t)|. METHOD.md "Default (ours)".
+    MeanAbs,
+    /// The `quantile` of |a_j(t)| over tokens. METHOD.md "The paper uses a high quantile (q unknown)".
+    Quantile,
+    /// Mean of a_j(t); negative scores count as 0 in the selection.
+    SignedMean,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillConfig {
+    /// Held-out tokens with valid gradients used for attribution (the eval split). Ours.
+    pub attribution_tokens: u64,
+    pub aggregate: Aggregate,
+    /// q for `aggregate = "quantile"`. Ours (the paper's q is unknown).
+    pub quantile: f64,
+    /// Keep the smallest prefix of candidates, by score, reaching this fraction of the total.
+    /// METHOD.md "default tau = 0.9 (unconfirmed)".
+    pub tau: f64,
+    /// The distilled core: lineages selected in at least this many cycles. Ours: 2, selected
+    /// again after its decoder, every other latent and the seed were re-initialised, the
+    /// weakest test of stability that a one-off selection has not passed.
+    pub min_selected: u32,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig {
+            attribution_tokens: 1 << 18,
+            aggregate: Aggregate::MeanAbs,
+            quantile: 0.99,
+            tau: 0.9,
+            min_selected: 2,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -99,6 +142,7 @@ impl Default for TrainConfig {
             shuffle_tokens: 1 << 16,
             checkpoint_every: 1000,
             cpu_threads: None,
+            distill: DistillConfig::default(),
         }
     }
 }
@@ -201,6 +245,13 @@ impl TrainConfig {
                 self.group_fractions
             ));
         }
+        let dc = &self.distill;
+        if !(dc.tau > 0.0 && dc.tau <= 1.0 && (0.0..=1.0).contains(&dc.quantile)) {
+            return bad("distill.tau must be in (0, 1] and distill.quantile in [0, 1]".into());
+        }
+        if dc.attribution_tokens == 0 || dc.min_selected == 0 {
+            return bad("distill.attribution_tokens and min_selected must be at least 1".into());
+        }
         self.group_sizes(self.width - core).map(|_| ())
     }
 }
@@ -214,6 +265,13 @@ mod tests {
         let c: TrainConfig = toml::from_str("width = 128\nk = 4\ncore_frozen = false").unwrap();
         assert_eq!((c.width, c.k, c.core_frozen, c.lr), (128, 4, false, 3e-4));
         assert!(toml::from_str::<TrainConfig>("widht = 3").is_err());
+        let c: TrainConfig =
+            toml::from_str("[distill]\ntau = 0.5\naggregate = \"signed_mean\"").unwrap();
+        assert_eq!(
+            (c.distill.tau, c.distill.aggregate),
+            (0.5, Aggregate::SignedMean)
+        );
+        assert!(toml::from_str::<TrainConfig>("[distill]\ntua = 0.5").is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Stage 2 of dmsae: Matryoshka BatchTopK SAEs with a shared core, trained from a store
 //! without the language model.
 
+pub mod attribution;
 pub mod config;
+pub mod distill;
 pub mod export;
 pub mod sae;
 pub mod train;

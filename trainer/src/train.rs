@@ -626,7 +626,9 @@ mod tests {
             ..Default::default()
         };
         let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
-        tch::no_grad(|| sae.b_enc.shallow_clone().fill_(0.05));
+        tch::no_grad(|| {
+            let _ = sae.b_enc.shallow_clone().fill_(0.05);
+        });
         sae.threshold = 0.2;
         let t = Trainer::new(sae, cfg.clone(), false);
         let m = evaluate(&store, &t, scale, &cfg).unwrap().unwrap();

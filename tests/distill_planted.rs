@@ -1,0 +1,368 @@
+//! Distillation with a planted answer: activations are sparse sums of a known orthonormal
+//! dictionary, and the stored gradients load only on a known subset S of its atoms. Through
+//! `dmsae store import` and `dmsae distill`, the first cycle must select S (precision and
+//! recall at least 0.9), later cycles must keep S's lineages, and the distilled core (lineages
+//! selected in every cycle) must be S.
+//! Also: only encoder columns carry over between cycles, `train-cycle` repeats a cycle, finished
+//! cycles are reused, and a changed config is refused.
+
+mod common;
+
+use common::{assert_one_line_error, dmsae, ok, read_safetensors};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const D: usize = 32;
+const ATOMS: usize = 24;
+/// The planted answer: the atoms the loss gradient sees.
+const S: [usize; 4] = [2, 7, 13, 19];
+/// Model units of the activations, so the normalisation is exercised.
+const UNITS: f32 = 3.0;
+const N: usize = 64 * 256;
+
+/// splitmix64 with Box-Muller: a seeded generator without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// (atoms [ATOMS][D] orthonormal, acts [N, D], grads [N, D]). Each token: 3 atoms with
+/// coefficients U(0.5, 1.5), noise 0.01. Gradient: sum over S of N(0, 1) * atom, noise 0.002.
+fn planted() -> (Vec<Vec<f64>>, Vec<f32>, Vec<f32>) {
+    let mut rng = Rng(5);
+    let mut atoms: Vec<Vec<f64>> = Vec::new();
+    while atoms.len() < ATOMS {
+        let mut v: Vec<f64> = (0..D).map(|_| rng.gauss()).collect();
+        for a in &atoms {
+            let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
+            v.iter_mut().zip(a).for_each(|(x, y)| *x -= p * y);
+        }
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        atoms.push(v.into_iter().map(|x| x / n).collect());
+    }
+    let (mut acts, mut grads) = (Vec::with_capacity(N * D), Vec::with_capacity(N * D));
+    for _ in 0..N {
+        let mut x: Vec<f64> = (0..D).map(|_| 0.01 * rng.gauss()).collect();
+        let mut on = Vec::new();
+        while on.len() < 3 {
+            let i = (rng.next() % ATOMS as u64) as usize;
+            if !on.contains(&i) {
+                on.push(i);
+            }
+        }
+        for &i in &on {
+            let c = 0.5 + rng.uniform();
+            x.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += c * a);
+        }
+        let mut g: Vec<f64> = (0..D).map(|_| 0.002 * rng.gauss()).collect();
+        for &i in &S {
+            let w = rng.gauss();
+            g.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += w * a);
+        }
+        acts.extend(x.iter().map(|v| *v as f32 * UNITS));
+        grads.extend(g.iter().map(|v| *v as f32));
+    }
+    (atoms, acts, grads)
+}
+
+fn import(dir: &Path, acts: &[f32], grads: &[f32]) -> PathBuf {
+    let mut args: Vec<String> = vec!["store".into(), "import".into()];
+    for (name, v) in [("acts", acts), ("grads", grads)] {
+        let npy = dir.join(format!("{name}.npy"));
+        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        dmsae_store::npy::write(&npy, "<f4", &[N, D], &bytes).unwrap();
+        args.extend([format!("--{name}"), npy.display().to_string()]);
+    }
+    let store = dir.join("store");
+    args.extend(
+        [
+            "--dtype",
+            "f32",
+            "--chunk-tokens",
+            "256",
+            "--codec",
+            "raw",
+            "--out",
+        ]
+        .map(String::from),
+    );
+    args.push(store.display().to_string());
+    ok(&args);
+    store
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The atom a direction is closest to, and |cosine|.
+fn best_atom(atoms: &[Vec<f64>], v: &[f64]) -> (usize, f64) {
+    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
+    atoms
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            (
+                i,
+                a.iter().zip(v).map(|(x, y)| x * y).sum::<f64>().abs() / n,
+            )
+        })
+        .fold((0, -1.0), |b, c| if c.1 > b.1 { c } else { b })
+}
+
+/// (precision, recall) of directions against S: a direction counts when its closest atom (by
+/// |cosine| > 0.75, which no other orthonormal atom can also exceed 0.67) is in S; recall counts the atoms of S some direction matched.
+fn precision_recall(atoms: &[Vec<f64>], dirs: &[Vec<f64>]) -> (f64, f64) {
+    let hits: Vec<usize> = dirs
+        .iter()
+        .map(|v| best_atom(atoms, v))
+        .filter(|(i, c)| *c > 0.75 && S.contains(i))
+        .map(|(i, _)| i)
+        .collect();
+    let found = S.iter().filter(|s| hits.contains(s)).count();
+    (
+        hits.len() as f64 / dirs.len().max(1) as f64,
+        found as f64 / S.len() as f64,
+    )
+}
+
+const CONFIG: &str = "width = 64\nk = 3\ngroup_fractions = [0.5]\nlr = 3e-3\nwarmup_steps = 20\n\
+batch_tokens = 256\ndead_tokens = 20000\neval_fraction = 0.25\nsteps = 1500\nlog_every = 100\ncpu_threads = 1\n";
+
+#[test]
+fn distillation_selects_the_planted_directions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (atoms, acts, grads) = planted();
+    let store = import(tmp.path(), &acts, &grads);
+    let cfg = tmp.path().join("distill.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let run = tmp.path().join("run");
+    let args = |cycles: &str, cfg: &Path| {
+        [
+            "distill",
+            "--shards",
+            store.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cycles",
+            cycles,
+            "--min-selected",
+            "3",
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let t = std::time::Instant::now();
+    let r = ok(&args("3", &cfg));
+    eprintln!("{}(wall {:.1} s)", r.stdout, t.elapsed().as_secs_f64());
+
+    // Each cycle's selection, read through its decoder rows (the export, model units).
+    // Lineages of the S latents selected in cycle 0: every later cycle must keep them.
+    let mut s_lineages: Vec<u64> = Vec::new();
+    for n in 0..3 {
+        let dir = run.join(format!("cycle-{n}"));
+        let c = json(&dir.join("cycle.json"));
+        let sel: Vec<usize> = serde_json::from_value(c["selected"].clone()).unwrap();
+        let lineages: Vec<u64> = serde_json::from_value(c["lineages"].clone()).unwrap();
+        let w = read_safetensors(&dir.join("sae_weights.safetensors"));
+        let wd = &w["W_dec"].1;
+        let dirs: Vec<Vec<f64>> = sel
+            .iter()
+            .map(|&j| wd[j * D..(j + 1) * D].to_vec())
+            .collect();
+        let (p, rc) = precision_recall(&atoms, &dirs);
+        if std::env::var("DEBUG_PLANTED").is_ok() {
+            let table = std::fs::read_to_string(dir.join("attribution.csv")).unwrap();
+            for (j, l) in table.lines().skip(1).enumerate() {
+                let (a, cs) = best_atom(&atoms, &wd[j * D..(j + 1) * D]);
+                eprintln!("{l}  atom {a} cos {cs:.3} in_S {}", S.contains(&a));
+            }
+        }
+        eprintln!(
+            "cycle {n}: core {} -> {} selected, precision {p:.3}, recall {rc:.3}, jaccard {}",
+            c["core_in"].as_array().unwrap().len(),
+            sel.len(),
+            c["jaccard_prev"]
+        );
+        // Cycle 0 must select S. Later cycles must keep S (recall) but may add latents: the
+        // frozen core, exempt from BatchTopK, fires densely once its decoder and b_dec are
+        // re-initialised, and the non-core decoder rows that absorb its errors pick up the
+        // gradient's directions. Measured, seeds 0-3: precision 1 in cycle 0, then 0.24-1.
+        if n == 0 {
+            assert!(p >= 0.9, "cycle 0: precision {p}, selected {sel:?}");
+        }
+        assert!(rc >= 0.9, "cycle {n}: recall {rc}, selected {sel:?}");
+        if n == 0 {
+            s_lineages = sel
+                .iter()
+                .zip(&lineages)
+                .filter(|(&j, _)| S.contains(&best_atom(&atoms, &wd[j * D..(j + 1) * D]).0))
+                .map(|(_, &l)| l)
+                .collect();
+            assert_eq!(s_lineages.len(), S.len());
+        } else {
+            assert!(
+                s_lineages.iter().all(|l| lineages.contains(l)),
+                "cycle {n} dropped an S lineage: {lineages:?} vs {s_lineages:?}"
+            );
+            let core_in: Vec<u64> = serde_json::from_value(c["core_in"].clone()).unwrap();
+            // The core keeps its lineages in index order: latent j < |core| is core_in[j].
+            for (&j, l) in sel.iter().zip(&lineages) {
+                if j < core_in.len() {
+                    assert_eq!(core_in[j], *l);
+                }
+            }
+        }
+        // The table has one row per candidate (core + first non-core group) and marks the selection.
+        let table = std::fs::read_to_string(dir.join("attribution.csv")).unwrap();
+        let rows: Vec<&str> = table.lines().skip(1).collect();
+        assert_eq!(rows.len() as u64, c["candidates"].as_u64().unwrap());
+        assert_eq!(
+            rows.iter().filter(|r| r.contains(",true,")).count(),
+            sel.len()
+        );
+        assert!(dir.join("attribution.parquet").exists());
+    }
+
+    // Only encoder columns and b_enc carry over: the core file holds no decoder, cycle 1's
+    // core encoder equals cycle 0's selection (frozen), its decoder rows and b_dec do not.
+    let core0 = read_safetensors(&run.join("cycle-0/core.safetensors"));
+    assert_eq!(
+        core0.keys().collect::<Vec<_>>(),
+        ["W_enc", "b_enc", "lineage"]
+    );
+    let c0 = json(&run.join("cycle-0/cycle.json"));
+    let sel0: Vec<usize> = serde_json::from_value(c0["selected"].clone()).unwrap();
+    let (w0, w1) = (
+        read_safetensors(&run.join("cycle-0/sae_weights.safetensors")),
+        read_safetensors(&run.join("cycle-1/sae_weights.safetensors")),
+    );
+    let c = sel0.len();
+    let f1 = w1["b_enc"].1.len();
+    for i in 0..D {
+        for j in 0..c {
+            let (a, b) = (core0["W_enc"].1[i * c + j], w1["W_enc"].1[i * f1 + j]);
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+                "W_enc[{i},{j}]: {a} vs {b}"
+            );
+        }
+    }
+    assert_eq!(&w1["b_enc"].1[..c], &core0["b_enc"].1[..]);
+    let mut dec_diff: f64 = 0.0;
+    for (j, &old) in sel0.iter().enumerate() {
+        for i in 0..D {
+            dec_diff = dec_diff.max((w1["W_dec"].1[j * D + i] - w0["W_dec"].1[old * D + i]).abs());
+        }
+    }
+    assert!(
+        dec_diff > 1e-4,
+        "core decoder rows carried over (max diff {dec_diff})"
+    );
+    assert_ne!(w1["b_dec"].1, w0["b_dec"].1);
+
+    // The distilled core (lineages selected in all 3 cycles): S, by lineage (lineages matched to
+    // atoms through cycle 0's decoder).
+    let summary = json(&run.join("summary.json"));
+    let distilled = read_safetensors(&run.join("distilled/core.safetensors"));
+    let kept: Vec<u64> = distilled["lineage"].1.iter().map(|&l| l as u64).collect();
+    assert_eq!(
+        summary["distilled"]["size"].as_u64(),
+        Some(kept.len() as u64)
+    );
+    assert_eq!(distilled["W_enc"].0, [D, kept.len()]);
+    let hits = kept.iter().filter(|l| s_lineages.contains(l)).count() as f64;
+    let (p, rc) = (hits / kept.len().max(1) as f64, hits / S.len() as f64);
+    eprintln!(
+        "distilled core: {} lineages, precision {p:.3}, recall {rc:.3}",
+        kept.len()
+    );
+    assert!(
+        p >= 0.9 && rc >= 0.9,
+        "distilled: precision {p}, recall {rc}"
+    );
+    // Each column is its lineage's column in the last cycle's core file.
+    let last = read_safetensors(&run.join("cycle-2/core.safetensors"));
+    let (lc, kc) = (last["lineage"].1.len(), kept.len());
+    for (k, l) in kept.iter().enumerate() {
+        let j = last["lineage"]
+            .1
+            .iter()
+            .position(|&x| x as u64 == *l)
+            .unwrap();
+        for i in 0..D {
+            assert_eq!(
+                distilled["W_enc"].1[i * kc + k],
+                last["W_enc"].1[i * lc + j]
+            );
+        }
+    }
+
+    // `report` prints the summary; a rerun reuses the finished cycles; another config is refused.
+    let rep = ok(&["report", run.to_str().unwrap()]);
+    assert_eq!(
+        rep.stdout.lines().filter(|l| l.starts_with("| ")).count(),
+        1 + 3
+    );
+    let before = std::fs::metadata(run.join("cycle-1/cycle.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let t = std::time::Instant::now();
+    ok(&args("3", &cfg));
+    let after = std::fs::metadata(run.join("cycle-1/cycle.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "a finished cycle was redone");
+    eprintln!("rerun: {:.1} s", t.elapsed().as_secs_f64());
+    // `train-cycle` from cycle 0 repeats distill's cycle 1 (same seed, core and store).
+    let tc = tmp.path().join("tc1");
+    let r = ok(&[
+        "train-cycle",
+        "--shards",
+        store.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--core",
+        run.join("cycle-0").to_str().unwrap(),
+        "--quiet",
+        "--out",
+        tc.to_str().unwrap(),
+    ]);
+    assert!(r.stdout.contains("cycle 1: core 4 ->"), "{}", r.stdout);
+    let (a, b) = (
+        json(&tc.join("cycle.json")),
+        json(&run.join("cycle-1/cycle.json")),
+    );
+    for key in [
+        "cycle",
+        "seed",
+        "core_in",
+        "selected",
+        "lineages",
+        "next_lineage",
+    ] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    let other = tmp.path().join("other.toml");
+    assert!(CONFIG.contains("steps = 1500"));
+    std::fs::write(&other, CONFIG.replace("steps = 1500", "steps = 1501")).unwrap();
+    let r = dmsae(&args("3", &other));
+    assert_one_line_error(&r, &["cycle-0", "cycle.json"]);
+}
