@@ -1,15 +1,13 @@
 //! `dmsae train-cycle`, `dmsae distill` and `dmsae report`: thin wrappers over
 //! `dmsae_trainer::distill`.
 
+use crate::train_cmd::TrainFlags;
 use anyhow::{Context, Result};
 use clap::Args;
 use dmsae_trainer::distill::{self, CycleSummary};
-use dmsae_trainer::train::Progress;
 use dmsae_trainer::TrainConfig;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 /// Flags shared by `train-cycle` and `distill`.
 #[derive(Args)]
@@ -17,92 +15,24 @@ pub struct CycleFlags {
     /// Store directory with `acts` and `grads`.
     #[arg(long)]
     shards: PathBuf,
-    /// TOML file of TrainConfig keys (attribution keys in a `[distill]` table); flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Dictionary size d_sae, core included.
-    #[arg(long)]
-    width: Option<usize>,
-    /// Mean non-core L0 of BatchTopK.
-    #[arg(long)]
-    k: Option<usize>,
-    /// Training steps per cycle.
-    #[arg(long, conflicts_with = "tokens")]
-    steps: Option<u64>,
-    /// Training tokens per cycle, with K/M/B suffixes.
-    #[arg(long, value_parser = crate::cli::parse_count)]
-    tokens: Option<u64>,
-    /// Base seed; cycle N trains with seed + N.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Tokens per batch.
-    #[arg(long)]
-    batch: Option<usize>,
+    #[command(flatten)]
+    train: TrainFlags,
     /// Fraction of the candidates' total score the selection keeps (distill.tau).
     #[arg(long)]
     tau: Option<f64>,
     /// Held-out tokens with gradients used for attribution, with K/M/B suffixes.
     #[arg(long, value_parser = crate::cli::parse_count)]
     attribution_tokens: Option<u64>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// No progress line.
-    #[arg(long)]
-    quiet: bool,
 }
 
 impl CycleFlags {
     fn config(&self) -> Result<TrainConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => TrainConfig::load(p)?,
-            None => TrainConfig::default(),
-        };
-        let set = |dst: &mut usize, v: Option<usize>| {
-            if let Some(v) = v {
-                *dst = v
-            }
-        };
-        set(&mut cfg.width, self.width);
-        set(&mut cfg.k, self.k);
-        set(&mut cfg.batch_tokens, self.batch);
-        if let Some(v) = self.steps {
-            (cfg.steps, cfg.tokens) = (v, None);
-        }
-        if self.tokens.is_some() {
-            cfg.tokens = self.tokens;
-        }
-        if let Some(v) = self.seed {
-            cfg.seed = v;
-        }
-        if let Some(v) = self.tau {
-            cfg.distill.tau = v;
-        }
-        if let Some(v) = self.attribution_tokens {
-            cfg.distill.attribution_tokens = v;
-        }
+        let mut cfg = self.train.config()?;
+        cfg.distill.tau = self.tau.unwrap_or(cfg.distill.tau);
+        cfg.distill.attribution_tokens = self
+            .attribution_tokens
+            .unwrap_or(cfg.distill.attribution_tokens);
         Ok(cfg)
-    }
-
-    fn progress(&self, label: String) -> impl FnMut(&Progress) + '_ {
-        let mut last = Instant::now();
-        move |p| {
-            if self.quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
-                return;
-            }
-            last = Instant::now();
-            let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
-            let _ = write!(
-                std::io::stderr(),
-                "\r{label}step {}/{}  {:.0} tokens/s  FVU {:.4}  L0 {:.1}+{:.1}   ",
-                p.step,
-                p.total_steps,
-                rate,
-                p.stats.fvu,
-                p.stats.l0_core,
-                p.stats.l0_noncore
-            );
-        }
     }
 }
 
@@ -139,7 +69,7 @@ pub struct TrainCycleArgs {
 
 pub fn train_cycle(a: TrainCycleArgs) -> Result<ExitCode> {
     let cfg = a.flags.config()?;
-    let device = crate::cli::device(&a.flags.device)?;
+    let device = crate::cli::device(&a.flags.train.device)?;
     let stop = crate::cli::stop_on_signals();
     let s = distill::train_cycle(
         &a.flags.shards,
@@ -148,7 +78,7 @@ pub fn train_cycle(a: TrainCycleArgs) -> Result<ExitCode> {
         a.core.as_deref(),
         device,
         stop,
-        a.flags.progress(String::new()),
+        a.flags.train.progress(String::new()),
     )?;
     let Some(s) = s else {
         eprintln!(
@@ -157,7 +87,7 @@ pub fn train_cycle(a: TrainCycleArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(3));
     };
-    print_cycle(&s, a.flags.quiet);
+    print_cycle(&s, a.flags.train.quiet);
     println!("wrote {}", a.out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -182,11 +112,11 @@ pub fn distill(a: DistillArgs) -> Result<ExitCode> {
     if let Some(r) = a.min_selected {
         cfg.distill.min_selected = r;
     }
-    let device = crate::cli::device(&a.flags.device)?;
+    let device = crate::cli::device(&a.flags.train.device)?;
     let stop = crate::cli::stop_on_signals();
-    let quiet = a.flags.quiet;
+    let quiet = a.flags.train.quiet;
     let mut progress: Vec<_> = (0..a.cycles)
-        .map(|n| a.flags.progress(format!("cycle {n}: ")))
+        .map(|n| a.flags.train.progress(format!("cycle {n}: ")))
         .collect();
     let summary = distill::distill(
         &a.flags.shards,

@@ -2,40 +2,32 @@
 
 use anyhow::Result;
 use clap::Args;
-use dmsae_trainer::train::RunOptions;
+use dmsae_trainer::train::{Progress, RunOptions};
 use dmsae_trainer::{train, TrainConfig};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+/// Training flags shared by `train`, `train-cycle` and `distill`; each overrides the config file.
 #[derive(Args)]
-pub struct TrainArgs {
-    /// Store directory (from `dmsae store import` or the extractor).
-    #[arg(long)]
-    shards: PathBuf,
-    /// Dictionary size d_sae, core included (overrides the config file).
-    #[arg(long)]
-    width: Option<usize>,
-    /// Mean non-core L0 of BatchTopK (overrides the config file).
-    #[arg(long)]
-    k: Option<usize>,
-    /// Core to start from: safetensors with `W_enc` [d_in, c] and `b_enc` [c], model units.
-    #[arg(long)]
-    core: Option<PathBuf>,
-    /// TOML file of TrainConfig keys; flags given here override it.
+pub struct TrainFlags {
+    /// TOML file of TrainConfig keys (attribution keys in a `[distill]` table); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Run directory: metrics.jsonl, cfg.json, sae_weights.safetensors.
+    /// Dictionary size d_sae, core included.
     #[arg(long)]
-    out: PathBuf,
-    /// Training steps (batches).
+    width: Option<usize>,
+    /// Mean non-core L0 of BatchTopK.
+    #[arg(long)]
+    k: Option<usize>,
+    /// Training steps (batches; per cycle when distilling).
     #[arg(long, conflicts_with = "tokens")]
     steps: Option<u64>,
-    /// Training tokens, with K/M/B suffixes (rounded up to whole batches).
+    /// Training tokens, with K/M/B suffixes, rounded up to whole batches (per cycle when distilling).
     #[arg(long, value_parser = crate::cli::parse_count)]
     tokens: Option<u64>,
-    /// Seed of the initialisation and of the stream order (overrides the config file).
+    /// Seed of the initialisation and of the stream order (cycle N of a distillation uses seed + N).
     #[arg(long)]
     seed: Option<u64>,
     /// Tokens per batch.
@@ -43,42 +35,80 @@ pub struct TrainArgs {
     batch: Option<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainFlags {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        cfg.width = self.width.unwrap_or(cfg.width);
+        cfg.k = self.k.unwrap_or(cfg.k);
+        cfg.batch_tokens = self.batch.unwrap_or(cfg.batch_tokens);
+        cfg.seed = self.seed.unwrap_or(cfg.seed);
+        if let Some(v) = self.steps {
+            (cfg.steps, cfg.tokens) = (v, None);
+        }
+        if self.tokens.is_some() {
+            cfg.tokens = self.tokens;
+        }
+        Ok(cfg)
+    }
+
+    /// The progress line on stderr, at most twice a second, prefixed by `label`.
+    pub fn progress(&self, label: String) -> impl FnMut(&Progress) + '_ {
+        let mut last = Instant::now();
+        move |p| {
+            if self.quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
+                return;
+            }
+            last = Instant::now();
+            let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
+            let eta = p.elapsed_s / p.run_steps.max(1) as f64 * (p.total_steps - p.step) as f64;
+            let _ = write!(
+                std::io::stderr(),
+                "\r{label}step {}/{} ({:.0}%)  {:.0} tokens/s  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}  ETA {:.0}s   ",
+                p.step,
+                p.total_steps,
+                100.0 * p.step as f64 / p.total_steps as f64,
+                rate,
+                p.stats.loss,
+                p.stats.fvu,
+                p.stats.l0_core,
+                p.stats.l0_noncore,
+                eta
+            );
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Store directory (from `dmsae store import` or the extractor).
+    #[arg(long)]
+    shards: PathBuf,
+    /// Core to start from: safetensors with `W_enc` [d_in, c] and `b_enc` [c], model units.
+    #[arg(long)]
+    core: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, cfg.json, sae_weights.safetensors.
+    #[arg(long)]
+    out: PathBuf,
     /// Continue from OUT/checkpoint.* when present (same config, store and core); otherwise start.
     #[arg(long)]
     resume: bool,
-    /// No progress line.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    train: TrainFlags,
 }
 
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
-    let mut cfg = match &a.config {
-        Some(p) => TrainConfig::load(p)?,
-        None => TrainConfig::default(),
-    };
-    if let Some(v) = a.width {
-        cfg.width = v;
-    }
-    if let Some(v) = a.k {
-        cfg.k = v;
-    }
-    if let Some(v) = a.steps {
-        (cfg.steps, cfg.tokens) = (v, None);
-    }
-    if a.tokens.is_some() {
-        cfg.tokens = a.tokens;
-    }
-    if let Some(v) = a.seed {
-        cfg.seed = v;
-    }
-    if let Some(v) = a.batch {
-        cfg.batch_tokens = v;
-    }
-    let device = crate::cli::device(&a.device)?;
+    let cfg = a.train.config()?;
+    let device = crate::cli::device(&a.train.device)?;
     let stop = crate::cli::stop_on_signals();
-    let mut last = Instant::now();
-    let mut err = std::io::stderr();
     let summary = train::train(
         &a.shards,
         &a.out,
@@ -89,29 +119,9 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             device,
             stop,
         },
-        |p| {
-            if a.quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
-                return;
-            }
-            last = Instant::now();
-            let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
-            let eta = p.elapsed_s / p.run_steps.max(1) as f64 * (p.total_steps - p.step) as f64;
-            let _ = write!(
-            err,
-            "\rstep {}/{} ({:.0}%)  {:.0} tokens/s  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}  ETA {:.0}s   ",
-            p.step,
-            p.total_steps,
-            100.0 * p.step as f64 / p.total_steps as f64,
-            rate,
-            p.stats.loss,
-            p.stats.fvu,
-            p.stats.l0_core,
-            p.stats.l0_noncore,
-            eta
-        );
-        },
+        a.train.progress(String::new()),
     )?;
-    if !a.quiet {
+    if !a.train.quiet {
         eprintln!();
     }
     if summary.interrupted {
