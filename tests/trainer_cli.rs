@@ -49,27 +49,9 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     std::fs::write(path, out).unwrap();
 }
 
-/// Import `rows` [n, D] (model units) as an f32 store with small chunks, so the eval split has some.
+/// Import `rows` [n, D] (model units) as a raw f32 store with small chunks, so the eval split has some.
 fn import(dir: &Path, rows: &[f32]) -> std::path::PathBuf {
-    let npy = dir.join("acts.npy");
-    let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-    dmsae_store::npy::write(&npy, "<f4", &[rows.len() / D, D], &bytes).unwrap();
-    let store = dir.join("store");
-    ok(&[
-        "store",
-        "import",
-        "--acts",
-        npy.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--out",
-        store.to_str().unwrap(),
-        "--chunk-tokens",
-        "256",
-        "--codec",
-        "raw",
-    ]);
-    store
+    common::import_f32_rows(dir, rows, D, &["--codec", "raw"])
 }
 
 /// SAELens JumpReLU encode + decode in plain f64: FVU of the export on `rows`.

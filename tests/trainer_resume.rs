@@ -26,22 +26,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 fn killed_and_resumed_run_matches_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, rows) = sparse_dictionary(D, 32, 3, 32 * 256, 0.02, 5);
-    let npy = tmp.path().join("acts.npy");
-    let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-    dmsae_store::npy::write(&npy, "<f4", &[rows.len() / D, D], &bytes).unwrap();
-    let store = tmp.path().join("store");
-    ok(&[
-        "store",
-        "import",
-        "--acts",
-        npy.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--out",
-        store.to_str().unwrap(),
-        "--chunk-tokens",
-        "256",
-    ]);
+    let store = common::import_f32_rows(tmp.path(), &rows, D, &[]);
     let cfg = tmp.path().join("c.toml");
     // 600 steps of 256 over ~7k training tokens: several epochs, so resume crosses epochs too.
     std::fs::write(&cfg, "lr = 3e-3\nwarmup_steps = 20\nbatch_tokens = 256\ndead_tokens = 5000\neval_fraction = 0.1\nlog_every = 25\ncheckpoint_every = 40\nshuffle_tokens = 1024\n").unwrap();

@@ -126,3 +126,24 @@ pub fn safetensors_dtypes(path: &Path) -> Vec<String> {
         .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// `dmsae store import` of f32 `rows` [n, d] (256-token chunks, so an eval split exists) into
+/// `dir/store`, with `extra` import flags.
+pub fn import_f32_rows(dir: &Path, rows: &[f32], d: usize, extra: &[&str]) -> std::path::PathBuf {
+    let npy = dir.join("acts.npy");
+    let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+    dmsae_store::npy::write(&npy, "<f4", &[rows.len() / d, d], &bytes).unwrap();
+    let store = dir.join("store");
+    let mut args = vec![
+        "store",
+        "import",
+        "--acts",
+        npy.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ];
+    args.extend(["--out", store.to_str().unwrap(), "--chunk-tokens", "256"]);
+    args.extend(extra);
+    ok(&args);
+    store
+}
