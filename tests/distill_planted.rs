@@ -244,7 +244,7 @@ fn distillation_selects_the_planted_directions() {
     let core0 = read_safetensors(&run.join("cycle-0/core.safetensors"));
     assert_eq!(
         core0.keys().collect::<Vec<_>>(),
-        ["W_enc", "b_enc", "lineage"]
+        ["W_enc", "b_enc", "lineage", "threshold"]
     );
     let c0 = json(&run.join("cycle-0/cycle.json"));
     let sel0: Vec<usize> = serde_json::from_value(c0["selected"].clone()).unwrap();

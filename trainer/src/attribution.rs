@@ -231,6 +231,7 @@ mod tests {
             w_dec: p(&[2., 0., 0., 1., 0.7, 0.7], 2),
             b_dec: Tensor::zeros([2], (Kind::Float, Device::Cpu)),
             threshold: 0.0,
+            core_threshold: Tensor::zeros([1], (Kind::Float, Device::Cpu)),
         };
         let x = t(&[1., -0.5, -1., 1.5, 0.5, 0.5], 2);
         let g = t(&[0.5, 3., 1., -1., -1., 2.], 2);

@@ -84,6 +84,13 @@ pub fn load_export(dir: &Path) -> Result<(Sae, Value), TrainError> {
     };
     let w_enc = get("W_enc")? / scale;
     let d_in = w_enc.size()[0] as usize;
+    let threshold_f = get("threshold")?;
+    if threshold_f.dim() != 1 || threshold_f.size()[0] < core as i64 {
+        return Err(bad(format!(
+            "threshold is {:?}, core_size {core}",
+            threshold_f.size()
+        )));
+    }
     let sae = Sae {
         d_in,
         core: core as usize,
@@ -94,6 +101,7 @@ pub fn load_export(dir: &Path) -> Result<(Sae, Value), TrainError> {
         w_dec: get("W_dec")? * scale,
         b_dec: get("b_dec")? * scale,
         threshold: th,
+        core_threshold: threshold_f.narrow(0, 0, core as i64),
     };
     if sae.w_dec.size() != [sae.width() as i64, d_in as i64] {
         return Err(bad(format!(
@@ -123,11 +131,13 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-/// Write a core file: `W_enc` [d, c], `b_enc` [c] (model units, f32) and `lineage` [c] (i64).
+/// Write a core file: `W_enc` [d, c], `b_enc` [c], `threshold` [c] (model units, f32) and
+/// `lineage` [c] (i64).
 pub fn write_core(
     path: &Path,
     w_enc_dc: &Tensor,
     b_enc_c: &Tensor,
+    threshold_c: &Tensor,
     lineage: &[u64],
 ) -> Result<(), TrainError> {
     let ids: Vec<i64> = lineage.iter().map(|&l| l as i64).collect();
@@ -135,6 +145,7 @@ pub fn write_core(
     let tensors = [
         ("W_enc", f(w_enc_dc)),
         ("b_enc", f(b_enc_c)),
+        ("threshold", f(threshold_c)),
         ("lineage", Tensor::from_slice(&ids)),
     ];
     let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -146,8 +157,8 @@ pub fn write_core(
         .map_err(|e| io_err(path, e))
 }
 
-/// (W_enc [d, c], b_enc [c], lineage) of a core file, model units.
-pub fn read_core(path: &Path) -> Result<(Tensor, Tensor, Vec<u64>), TrainError> {
+/// (W_enc [d, c], b_enc [c], threshold [c] (zeros when absent), lineage) of a core file.
+pub fn read_core(path: &Path) -> Result<(Tensor, Tensor, Tensor, Vec<u64>), TrainError> {
     let bad = |msg: String| TrainError::Core {
         path: path.into(),
         msg,
@@ -171,7 +182,15 @@ pub fn read_core(path: &Path) -> Result<(Tensor, Tensor, Vec<u64>), TrainError> 
             ids.len()
         )));
     }
-    Ok((w, b, ids.into_iter().map(|i| i as u64).collect()))
+    let th = get("threshold").unwrap_or_else(|_| b.zeros_like());
+    if th.size() != b.size() {
+        return Err(bad(format!(
+            "threshold {:?} does not match b_enc {:?}",
+            th.size(),
+            b.size()
+        )));
+    }
+    Ok((w, b, th, ids.into_iter().map(|i| i as u64).collect()))
 }
 
 fn jaccard(a: &[u64], b: &[u64]) -> f64 {
@@ -206,7 +225,7 @@ pub fn train_cycle(
                         msg: e.to_string(),
                     })?;
                 let file = p.join(CORE_FILE);
-                let (_, _, ids) = read_core(&file)?;
+                let (_, _, _, ids) = read_core(&file)?;
                 if ids != s.lineages {
                     return Err(TrainError::Core {
                         path: file,
@@ -296,7 +315,16 @@ pub fn train_cycle(
         .to_device(Device::Cpu)
         .index_select(1, &idx);
     let b_enc_c = sae.b_enc.to_device(Device::Cpu).index_select(0, &idx);
-    write_core(&out.join(CORE_FILE), &w_enc_dc, &b_enc_c, &lineages)?;
+    // A selected latent keeps the threshold it fired under: its carried one if it was core, the
+    // learned BatchTopK threshold if it was not.
+    let threshold_c = sae.threshold_f().index_select(0, &idx);
+    write_core(
+        &out.join(CORE_FILE),
+        &w_enc_dc,
+        &b_enc_c,
+        &threshold_c,
+        &lineages,
+    )?;
     let table = Table::new(&scores, &core_in, &selected, &lineages);
     table.write_csv(&out.join(TABLE_FILE))?;
     table.write_parquet(&out.join(TABLE_PARQUET))?;
@@ -470,16 +498,17 @@ pub fn distill(
         .filter(|(_, c)| c.len() >= r)
         .map(|(l, _)| *l)
         .collect();
-    let (mut cols, mut biases) = (Vec::new(), Vec::new());
+    let (mut cols, mut biases, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
     for &l in &kept {
         let last = *history[&l].last().expect("selected at least once");
-        let (w, b, ids) = read_core(&cycle_dir(out, last).join(CORE_FILE))?;
+        let (w, b, th, ids) = read_core(&cycle_dir(out, last).join(CORE_FILE))?;
         let p = ids
             .iter()
             .position(|&i| i == l)
             .expect("lineage in its cycle's core") as i64;
         cols.push(w.narrow(1, p, 1));
         biases.push(b.narrow(0, p, 1));
+        thresholds.push(th.narrow(0, p, 1));
     }
     let dir = out.join(DISTILLED_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -488,6 +517,7 @@ pub fn distill(
             &dir.join(CORE_FILE),
             &Tensor::cat(&cols, 1),
             &Tensor::cat(&biases, 0),
+            &Tensor::cat(&thresholds, 0),
             &kept,
         )?;
     }

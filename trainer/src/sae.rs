@@ -24,12 +24,18 @@ pub struct Sae {
     pub b_dec: Tensor, // [d]
     /// Inference threshold on non-core pre-activations; negative until first learned.
     pub threshold: f64,
+    /// JumpReLU thresholds of the core latents [c], carried from the cycle that selected them
+    /// (0: plain ReLU). Not trained.
+    pub core_threshold: Tensor,
 }
 
 /// A core handed to a new SAE: encoder columns and biases, in normalised units.
 pub struct Core {
     pub w_enc_dc: Tensor,
     pub b_enc_c: Tensor,
+    /// The core latents' JumpReLU thresholds [c]; None gives plain ReLU. A core latent is exempt
+    /// from BatchTopK, so without the threshold it was trained under, it fires on most tokens.
+    pub threshold_c: Option<Tensor>,
 }
 
 impl Sae {
@@ -81,6 +87,16 @@ impl Sae {
                 .contiguous()
                 .set_requires_grad(true)
         };
+        let core_threshold = match core.as_ref().and_then(|k| k.threshold_c.as_ref()) {
+            Some(t) if t.size() != [c as i64] => {
+                return Err(format!(
+                    "core threshold {:?} does not fit {c} core latents",
+                    t.size()
+                ))
+            }
+            Some(t) => t.to_kind(kind).to_device(device),
+            None => Tensor::zeros([c as i64], (kind, device)),
+        };
         Ok(Sae {
             d_in,
             core: c,
@@ -91,6 +107,7 @@ impl Sae {
             w_dec: p(w_dec_fd),
             b_dec: p(Tensor::zeros([d_in as i64], (Kind::Double, Device::Cpu))),
             threshold: -1.0,
+            core_threshold,
         })
     }
 
@@ -106,12 +123,25 @@ impl Sae {
         [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
     }
 
-    /// Post-ReLU activations of every latent, before any sparsification.
+    /// Post-ReLU activations of every latent before BatchTopK; core latents are JumpReLU at
+    /// their carried thresholds.
     pub fn relu_acts(&self, x_bd: &Tensor) -> Tensor {
-        (x_bd - &self.b_dec)
+        let post_bf = (x_bd - &self.b_dec)
             .matmul(&self.w_enc)
             .g_add(&self.b_enc)
-            .relu()
+            .relu();
+        let c = self.core as i64;
+        if c == 0 {
+            return post_bf;
+        }
+        let core_bc = post_bf.narrow(1, 0, c);
+        let on_bc = core_bc
+            .gt_tensor(&self.core_threshold)
+            .to_kind(core_bc.kind());
+        Tensor::cat(
+            &[core_bc * on_bc, post_bf.narrow(1, c, post_bf.size()[1] - c)],
+            1,
+        )
     }
 
     /// Training-time codes: the core as is, the non-core latents keep the k*B largest of the batch.
@@ -142,15 +172,20 @@ impl Sae {
         f_bf.matmul(&self.w_dec) + &self.b_dec
     }
 
-    /// Per-latent threshold for a JumpReLU export (on the CPU): 0 for the core (plain ReLU),
-    /// the learned threshold for the non-core latents.
+    /// Per-latent threshold for a JumpReLU export (on the CPU): the carried thresholds for the
+    /// core, the learned threshold for the non-core latents.
     pub fn threshold_f(&self) -> Tensor {
         let t = Tensor::full(
             [self.width() as i64],
             self.threshold.max(0.0),
             (Kind::Float, Device::Cpu),
         );
-        let _ = t.narrow(0, 0, self.core as i64).fill_(0.0);
+        t.narrow(0, 0, self.core as i64).copy_(
+            &self
+                .core_threshold
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu),
+        );
         t
     }
 }
@@ -494,6 +529,7 @@ mod tests {
         let core = Core {
             w_enc_dc: tensor(&core_w, 2, Kind::Float).tr(),
             b_enc_c: Tensor::from_slice(&[0.1f32, -0.2]),
+            threshold_c: None,
         };
         let sae = Sae::new(6, Some(core), &cfg, Kind::Double, Device::Cpu).unwrap();
         let t = Trainer::new(sae, cfg, true);

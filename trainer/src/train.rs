@@ -100,7 +100,8 @@ pub struct Summary {
 }
 
 /// Read a core: a safetensors file with `W_enc` [d_in, c] and `b_enc` [c] in model units (an
-/// export's tensors, columns cut to the core), converted to normalised units.
+/// export's tensors, columns cut to the core), converted to normalised units, and optionally
+/// `threshold` [c] (the core latents' JumpReLU thresholds; plain ReLU without it).
 pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainError> {
     let err = |msg: String| TrainError::Core {
         path: path.into(),
@@ -124,9 +125,25 @@ pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainErro
     if !bool::try_from(w.isfinite().all().logical_and(&b.isfinite().all())).unwrap_or(false) {
         return Err(err("W_enc or b_enc holds a non-finite value".into()));
     }
+    // Optional: thresholds are in pre-activation units, which the export's scale folding leaves
+    // unchanged.
+    let threshold_c = tensors
+        .iter()
+        .find(|(n, _)| n == "threshold")
+        .map(|(_, t)| t.to_kind(Kind::Float));
+    if let Some(t) = &threshold_c {
+        if t.size() != [ws[1]] || !bool::try_from(t.isfinite().all()).unwrap_or(false) {
+            return Err(err(format!(
+                "threshold {:?} must be [{}] and finite",
+                t.size(),
+                ws[1]
+            )));
+        }
+    }
     Ok(Core {
         w_enc_dc: w / scale,
         b_enc_c: b,
+        threshold_c,
     })
 }
 
