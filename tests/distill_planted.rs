@@ -199,10 +199,9 @@ fn distillation_selects_the_planted_directions() {
             sel.len(),
             c["jaccard_prev"]
         );
-        // Cycle 0 must select S. Later cycles must keep S (recall) but may add latents: the
-        // frozen core, exempt from BatchTopK, fires densely once its decoder and b_dec are
-        // re-initialised, and the non-core decoder rows that absorb its errors pick up the
-        // gradient's directions. Measured, seeds 0-3: precision 1 in cycle 0, then 0.24-1.
+        // Cycle 0 must select S. Later cycles must keep S (recall) but still add latents
+        // (an open problem, see the distillation issue): with the core gated by its carried
+        // thresholds, seed 0 gives precision 1 in cycle 0, then 0.31 and 0.36.
         if n == 0 {
             assert!(p >= 0.9, "cycle 0: precision {p}, selected {sel:?}");
         }
