@@ -92,7 +92,8 @@ pub struct TrainArgs {
     /// Store directory (from `dmsae store import` or the extractor).
     #[arg(long)]
     shards: PathBuf,
-    /// Core to start from: safetensors with `W_enc` [d_in, c] and `b_enc` [c], model units.
+    /// Core to start from: safetensors with `W_enc` [d_in, c] and `b_enc` [c], model units,
+    /// pre-activation x W_enc + b_enc (no b_dec; a cycle's core.safetensors), optional `threshold`.
     #[arg(long)]
     core: Option<PathBuf>,
     /// Run directory: metrics.jsonl, cfg.json, sae_weights.safetensors.

@@ -190,7 +190,14 @@ fn distillation_selects_the_planted_directions() {
             let table = std::fs::read_to_string(dir.join("attribution.csv")).unwrap();
             for (j, l) in table.lines().skip(1).enumerate() {
                 let (a, cs) = best_atom(&atoms, &wd[j * D..(j + 1) * D]);
-                eprintln!("{l}  atom {a} cos {cs:.3} in_S {}", S.contains(&a));
+                // Norm of the unit decoder row's projection on span(S): how much a non-S
+                // latent's attribution can leak from the gradient.
+                let dj = &wd[j * D..(j + 1) * D];
+                let dot = |s: usize| atoms[s].iter().zip(dj).map(|(x, y)| x * y).sum::<f64>();
+                let on_s = S.iter().map(|&s| dot(s).powi(2)).sum::<f64>().sqrt()
+                    / dj.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let in_s = S.contains(&a);
+                eprintln!("{l}  atom {a} cos {cs:.3} in_S {in_s} on_S {on_s:.3}");
             }
         }
         eprintln!(
@@ -201,7 +208,10 @@ fn distillation_selects_the_planted_directions() {
         );
         // Cycle 0 must select S. Later cycles must keep S (recall) but still add latents
         // (an open problem, see the distillation issue): with the core gated by its carried
-        // thresholds, seed 0 gives precision 1 in cycle 0, then 0.31 and 0.36.
+        // thresholds and anchored to x, seed 0 gives precision 1 in cycle 0, then 0.29 and 0.40: the
+        // frozen cycle-0 encoder columns carry interference from other atoms that the new
+        // non-core decoders correct along S (their rows gain ~0.05 on span(S), 10x cycle 0).
+        // A trainable core fixes it (the test below).
         if n == 0 {
             assert!(p >= 0.9, "cycle 0: precision {p}, selected {sel:?}");
         }
@@ -262,7 +272,17 @@ fn distillation_selects_the_planted_directions() {
             );
         }
     }
-    assert_eq!(&w1["b_enc"].1[..c], &core0["b_enc"].1[..]);
+    // The export's b_enc is SAELens' (x - b_dec) W_enc + b_enc; the core's is anchored to x.
+    for j in 0..c {
+        let shift: f64 = (0..D)
+            .map(|i| w1["b_dec"].1[i] * w1["W_enc"].1[i * f1 + j])
+            .sum();
+        let (got, want) = (w1["b_enc"].1[j] - shift, core0["b_enc"].1[j]);
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "b_enc[{j}]: {got} vs {want}"
+        );
+    }
     let mut dec_diff: f64 = 0.0;
     for (j, &old) in sel0.iter().enumerate() {
         for i in 0..D {
@@ -364,4 +384,46 @@ fn distillation_selects_the_planted_directions() {
     std::fs::write(&other, CONFIG.replace("steps = 1500", "steps = 1501")).unwrap();
     let r = dmsae(&args("3", &other));
     assert_one_line_error(&r, &["cycle-0", "cycle.json"]);
+}
+
+/// With `core_frozen = false` the carried core keeps training: every cycle selects exactly S
+/// (frozen, cycles after the first add latents; see the README's distillation notes).
+#[test]
+fn a_trainable_core_keeps_exactly_the_planted_directions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (atoms, acts, grads) = planted();
+    let store = import(tmp.path(), &acts, &grads);
+    let cfg = tmp.path().join("distill.toml");
+    std::fs::write(&cfg, format!("{CONFIG}core_frozen = false\n")).unwrap();
+    let run = tmp.path().join("run");
+    let (s, c, r) = (
+        store.to_str().unwrap(),
+        cfg.to_str().unwrap(),
+        run.to_str().unwrap(),
+    );
+    ok(&[
+        "distill", "--shards", s, "--config", c, "--cycles", "3", "--quiet", "--out", r,
+    ]);
+    for n in 0..3 {
+        let dir = run.join(format!("cycle-{n}"));
+        let cy = json(&dir.join("cycle.json"));
+        let sel: Vec<usize> = serde_json::from_value(cy["selected"].clone()).unwrap();
+        let wd = &read_safetensors(&dir.join("sae_weights.safetensors"))["W_dec"].1;
+        let dirs: Vec<Vec<f64>> = sel
+            .iter()
+            .map(|&j| wd[j * D..(j + 1) * D].to_vec())
+            .collect();
+        let (p, rc) = precision_recall(&atoms, &dirs);
+        eprintln!(
+            "trainable core, cycle {n}: {} selected, precision {p:.3}, recall {rc:.3}",
+            sel.len()
+        );
+        assert!(
+            p >= 0.9 && rc >= 0.9,
+            "cycle {n}: precision {p}, recall {rc}, selected {sel:?}"
+        );
+        if n > 0 {
+            assert_eq!(cy["jaccard_prev"].as_f64(), Some(1.0), "cycle {n}");
+        }
+    }
 }

@@ -214,7 +214,8 @@ fn train_recovers_a_synthetic_dictionary_through_the_cli() {
         eval["l0_noncore"]
     );
 
-    // A given core, frozen: its encoder columns and biases come out unchanged (model units).
+    // A given core, frozen: its encoder columns and anchored biases come out unchanged (model
+    // units).
     let c = 8;
     let (we, be) = (&w["W_enc"].1, &w["b_enc"].1);
     let core_w: Vec<f32> = (0..D)
@@ -257,7 +258,16 @@ fn train_recovers_a_synthetic_dictionary_through_the_cli() {
             );
         }
     }
-    assert_eq!(&be2[..c], &be[..c]);
+    // The core file's b_enc is anchored to x (x W_enc + b_enc); the export's is SAELens'
+    // (x - b_dec) W_enc + b_enc.
+    let bd2 = &w2["b_dec"].1;
+    for j in 0..c {
+        let shift: f32 = (0..D).map(|i| bd2[i] * we2[i * 96 + j]).sum();
+        assert!(
+            (be2[j] - shift - be[j]).abs() <= 1e-4 * be[j].abs().max(1.0),
+            "b_enc[{j}]"
+        );
+    }
     assert!(th2[..c].iter().all(|t| *t == 0.0) && th2[c..].iter().all(|t| *t > 0.0));
     let cfg2: Value =
         serde_json::from_slice(&std::fs::read(out2.join("cfg.json")).unwrap()).unwrap();

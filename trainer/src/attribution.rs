@@ -20,16 +20,9 @@ use tch::{Device, Kind, Tensor};
 
 /// Per-token codes and attributions of the first `n` latents: (f_bn, a_bn).
 pub fn token_attributions(sae: &Sae, xn_bd: &Tensor, g_bd: &Tensor, n: usize) -> (Tensor, Tensor) {
-    let (n, c) = (n as i64, sae.core as i64);
-    // `Sae::encode` on the candidates only (a few % of the width at the paper's scale): the
-    // core is ReLU, the non-core latents JumpReLU at the learned threshold.
-    let post_bn = ((xn_bd - &sae.b_dec).matmul(&sae.w_enc.narrow(1, 0, n))
-        + sae.b_enc.narrow(0, 0, n))
-    .relu();
-    let nc_bn = post_bn.narrow(1, c, n - c);
-    let on_bn = nc_bn.gt(sae.threshold.max(0.0)).to_kind(nc_bn.kind());
-    let f_bn = Tensor::cat(&[post_bn.narrow(1, 0, c), nc_bn * on_bn], 1);
-    let d_nd = sae.w_dec.narrow(0, 0, n);
+    // Only the candidates are encoded (a few % of the width at the paper's scale).
+    let f_bn = sae.encode_first(xn_bd, n);
+    let d_nd = sae.w_dec.narrow(0, 0, n as i64);
     let u_nd = &d_nd
         / d_nd
             .square()

@@ -3,7 +3,8 @@
 //!
 //! A cycle directory holds the trainer's export (cfg.json, sae_weights.safetensors,
 //! metrics.jsonl), `attribution.csv`, `core.safetensors` (the selection: `W_enc` [d, c] and
-//! `b_enc` [c] in model units, as `train --core` takes, and `lineage` [c] i64) and `cycle.json`,
+//! `b_enc` [c] in model units, as `train --core` takes, with b_enc anchored to x: the
+//! pre-activation is x W_enc + b_enc, no b_dec; and `lineage` [c] i64) and `cycle.json`,
 //! written last: a cycle with a valid `cycle.json` is done. Only encoder columns and b_enc
 //! entries carry over; the next cycle re-initialises the core's decoder rows, b_dec and every
 //! non-core latent, with seed `seed + cycle`.
@@ -91,15 +92,23 @@ pub fn load_export(dir: &Path) -> Result<(Sae, Value), TrainError> {
             threshold_f.size()
         )));
     }
+    // The export's b_enc is SAELens' form; the core's is held anchored to x (sae.rs).
+    let (b_enc, b_dec) = (get("b_enc")?, get("b_dec")? * scale);
+    if core > 0 {
+        let c = core as i64;
+        let _ = b_enc
+            .narrow(0, 0, c)
+            .g_sub_(&b_dec.matmul(&w_enc.narrow(1, 0, c)));
+    }
     let sae = Sae {
         d_in,
         core: core as usize,
         groups,
         k: k as usize,
         w_enc,
-        b_enc: get("b_enc")?,
+        b_enc,
         w_dec: get("W_dec")? * scale,
-        b_dec: get("b_dec")? * scale,
+        b_dec,
         threshold: th,
         core_threshold: threshold_f.narrow(0, 0, core as i64),
     };
@@ -314,7 +323,7 @@ pub fn train_cycle(
     let w_enc_dc = (&sae.w_enc * scale)
         .to_device(Device::Cpu)
         .index_select(1, &idx);
-    let b_enc_c = sae.b_enc.to_device(Device::Cpu).index_select(0, &idx);
+    let b_enc_c = sae.b_enc_anchored().to_device(Device::Cpu).index_select(0, &idx);
     // A selected latent keeps the threshold it fired under: its carried one if it was core, the
     // learned BatchTopK threshold if it was not.
     let threshold_c = sae.threshold_f().index_select(0, &idx);
@@ -536,7 +545,127 @@ pub fn distill(
     write_atomic(&out.join(SUMMARY_FILE), text.as_bytes()).map_err(|e| io_err(out, e))?;
     write_atomic(&out.join("summary.md"), markdown(&summary).as_bytes())
         .map_err(|e| io_err(out, e))?;
+    plots(out, &summary)?;
     Ok(Some(summary))
+}
+
+/// SVG plots of a run under `out/plots/`, from `summary.json` and each cycle's attribution
+/// table: core size, Jaccard with the previous core, FVU and first-order loss change per
+/// cycle; lineages by the number of cycles that selected them; the cumulative attribution
+/// curve of each cycle with tau marked.
+pub fn plots(out: &Path, s: &Value) -> Result<Vec<PathBuf>, TrainError> {
+    use crate::plot::{line_chart, Series};
+    let dir = out.join("plots");
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let cycles = s["cycles"].as_array().cloned().unwrap_or_default();
+    let per_cycle = |name: &str, get: &dyn Fn(&Value) -> Option<f64>| Series {
+        name: name.into(),
+        points: cycles
+            .iter()
+            .filter_map(|c| Some((c["cycle"].as_f64()?, get(c)?)))
+            .collect(),
+    };
+    let mut charts: Vec<(&str, &str, &str, Vec<Series>)> = vec![
+        (
+            "core_size.svg",
+            "Core size per cycle",
+            "latents",
+            vec![
+                per_cycle("core in", &|c| c["core_in_size"].as_f64()),
+                per_cycle("selected (next core)", &|c| c["core_size"].as_f64()),
+            ],
+        ),
+        (
+            "jaccard.svg",
+            "Jaccard overlap with the previous core (by lineage)",
+            "Jaccard",
+            vec![per_cycle("Jaccard", &|c| c["jaccard_prev"].as_f64())],
+        ),
+        (
+            "fvu.svg",
+            "Held-out FVU per cycle",
+            "FVU",
+            vec![per_cycle("FVU", &|c| c["eval"]["fvu"].as_f64())],
+        ),
+        (
+            "dloss.svg",
+            "First-order loss change per cycle",
+            "mean g·(x̂ − x)",
+            vec![per_cycle("first-order dloss", &|c| {
+                c["eval"]["first_order_dloss"].as_f64()
+            })],
+        ),
+    ];
+    // Lineages by how many cycles selected them.
+    let mut counts = vec![0usize; cycles.len() + 1];
+    for c in s["lineages"].as_object().into_iter().flat_map(|m| m.values()) {
+        let n = c.as_array().map_or(0, |a| a.len()).min(cycles.len());
+        counts[n] += 1;
+    }
+    charts.push((
+        "lineages.svg",
+        "Lineages by number of cycles that selected them",
+        "lineages",
+        vec![Series {
+            name: "lineages".into(),
+            points: (1..counts.len()).map(|n| (n as f64, counts[n] as f64)).collect(),
+        }],
+    ));
+    let mut written = Vec::new();
+    for (file, title, y, series) in charts {
+        let path = dir.join(file);
+        let x = if file == "lineages.svg" { "cycles selected" } else { "cycle" };
+        line_chart(&path, title, x, y, &series, false).map_err(|e| io_err(&path, e))?;
+        written.push(path);
+    }
+    // Cumulative share of the candidates' (positive) score by rank, one line per cycle.
+    let mut curves = Vec::new();
+    for c in &cycles {
+        let Some(n) = c["cycle"].as_u64() else { continue };
+        let Ok(text) = std::fs::read_to_string(cycle_dir(out, n).join(TABLE_FILE)) else {
+            continue;
+        };
+        let mut scores: Vec<f64> = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split(',').nth(2)?.parse::<f64>().ok())
+            .map(|v| v.max(0.0))
+            .collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        let total: f64 = scores.iter().sum();
+        let mut acc = 0.0;
+        let points = scores
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                acc += v;
+                ((i + 1) as f64, acc / total.max(f64::MIN_POSITIVE))
+            })
+            .collect();
+        curves.push(Series {
+            name: format!("cycle {n}"),
+            points,
+        });
+    }
+    if let Some(tau) = s["distill_config"]["tau"].as_f64() {
+        let n = curves.iter().map(|c| c.points.len()).max().unwrap_or(1);
+        curves.push(Series {
+            name: format!("tau = {tau}"),
+            points: vec![(1.0, tau), (n as f64, tau)],
+        });
+    }
+    let path = dir.join("attribution_cumulative.svg");
+    line_chart(
+        &path,
+        "Cumulative attribution of the candidates, by rank",
+        "candidates, highest score first",
+        "share of total score",
+        &curves,
+        false,
+    )
+    .map_err(|e| io_err(&path, e))?;
+    written.push(path);
+    Ok(written)
 }
 
 /// The run summary as a markdown table (also what `dmsae report` prints).

@@ -26,7 +26,7 @@ pub fn weights(sae: &Sae, scale: f64) -> Vec<(&'static str, Tensor)> {
     vec![
         ("W_enc", f(&(&sae.w_enc * scale))),
         ("W_dec", f(&(&sae.w_dec / scale))),
-        ("b_enc", f(&sae.b_enc)),
+        ("b_enc", f(&sae.b_enc_saelens())),
         ("b_dec", f(&(&sae.b_dec / scale))),
         ("threshold", sae.threshold_f()),
     ]

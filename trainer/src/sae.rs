@@ -5,6 +5,13 @@
 //! f = ReLU((x - b_dec) W_enc + b_enc); the core is exempt from BatchTopK, the non-core latents
 //! keep the k*B largest activations of the batch. All tensors are in normalised units (see
 //! train.rs); export.rs folds the scale back. Shape suffixes: b batch, d d_in, f d_sae.
+//!
+//! A core latent's pre-activation is anchored to x, not to b_dec: x W_enc + b_enc, so `b_enc`
+//! holds that bias for the core (`b_enc_saelens` converts for export). b_dec is re-initialised
+//! every cycle; anchored to it, a frozen core's pre-activations would shift with it, and the
+//! core latents fired on ~2x their tokens in the planted test, which the non-core decoders then
+//! corrected with components along the core directions: attribution leaked onto them and later
+//! cycles selected extra latents.
 
 use crate::config::TrainConfig;
 use rand::{Rng, SeedableRng};
@@ -126,22 +133,61 @@ impl Sae {
     /// Post-ReLU activations of every latent before BatchTopK; core latents are JumpReLU at
     /// their carried thresholds.
     pub fn relu_acts(&self, x_bd: &Tensor) -> Tensor {
-        let post_bf = (x_bd - &self.b_dec)
-            .matmul(&self.w_enc)
-            .g_add(&self.b_enc)
-            .relu();
+        self.relu_acts_first(x_bd, self.width())
+    }
+
+    /// `relu_acts` of the first `n` latents (n >= core).
+    fn relu_acts_first(&self, x_bd: &Tensor, n: usize) -> Tensor {
+        let post_bn = self.pre_acts(x_bd, n).relu();
         let c = self.core as i64;
         if c == 0 {
-            return post_bf;
+            return post_bn;
         }
-        let core_bc = post_bf.narrow(1, 0, c);
+        let core_bc = post_bn.narrow(1, 0, c);
         let on_bc = core_bc
             .gt_tensor(&self.core_threshold)
             .to_kind(core_bc.kind());
+        Tensor::cat(&[core_bc * on_bc, post_bn.narrow(1, c, n as i64 - c)], 1)
+    }
+
+    /// Pre-activations of the first `n` latents: the core's anchored to x, the rest to b_dec.
+    pub fn pre_acts(&self, x_bd: &Tensor, n: usize) -> Tensor {
+        let (n, c) = (n as i64, self.core as i64);
+        let pre_bn =
+            (x_bd - &self.b_dec).matmul(&self.w_enc.narrow(1, 0, n)) + self.b_enc.narrow(0, 0, n);
+        if c == 0 {
+            return pre_bn;
+        }
+        let shift_c = self.b_dec.matmul(&self.w_enc.narrow(1, 0, c));
         Tensor::cat(
-            &[core_bc * on_bc, post_bf.narrow(1, c, post_bf.size()[1] - c)],
+            &[pre_bn.narrow(1, 0, c) + shift_c, pre_bn.narrow(1, c, n - c)],
             1,
         )
+    }
+
+    /// b_enc in SAELens' form, (x - b_dec) W_enc + b_enc for every latent (for export): the
+    /// core entries gain b_dec W_enc.
+    pub fn b_enc_saelens(&self) -> Tensor {
+        self.b_enc_shifted(0, self.core, 1.0)
+    }
+
+    /// b_enc anchored to x for every latent, x W_enc + b_enc (for a core file): the non-core
+    /// entries lose b_dec W_enc.
+    pub fn b_enc_anchored(&self) -> Tensor {
+        self.b_enc_shifted(self.core, self.width(), -1.0)
+    }
+
+    /// A detached copy of b_enc with sign * b_dec W_enc added on latents lo..hi.
+    fn b_enc_shifted(&self, lo: usize, hi: usize, sign: f64) -> Tensor {
+        let b = self.b_enc.detach().copy();
+        let (lo, n) = (lo as i64, (hi - lo) as i64);
+        if n > 0 {
+            let w = self.w_enc.detach().narrow(1, lo, n);
+            let _ = b
+                .narrow(0, lo, n)
+                .g_add_(&(self.b_dec.detach().matmul(&w) * sign));
+        }
+        b
     }
 
     /// Training-time codes: the core as is, the non-core latents keep the k*B largest of the batch.
@@ -158,14 +204,19 @@ impl Sae {
         Tensor::cat(&[post_bf.narrow(1, 0, c), nc_bf * mask], 1)
     }
 
-    /// Inference codes without batch statistics: the core is ReLU, the non-core latents are
-    /// JumpReLU at the learned threshold.
+    /// Inference codes without batch statistics: the core is JumpReLU at its carried
+    /// thresholds, the non-core latents at the learned threshold.
     pub fn encode(&self, x_bd: &Tensor) -> Tensor {
-        let post_bf = self.relu_acts(x_bd);
+        self.encode_first(x_bd, self.width())
+    }
+
+    /// `encode` of the first `n` latents only (n >= core): attribution's candidates.
+    pub fn encode_first(&self, x_bd: &Tensor, n: usize) -> Tensor {
+        let post_bn = self.relu_acts_first(x_bd, n);
         let c = self.core as i64;
-        let nc_bf = post_bf.narrow(1, c, post_bf.size()[1] - c);
-        let on = nc_bf.gt(self.threshold.max(0.0)).to_kind(nc_bf.kind());
-        Tensor::cat(&[post_bf.narrow(1, 0, c), nc_bf * on], 1)
+        let nc_bn = post_bn.narrow(1, c, n as i64 - c);
+        let on = nc_bn.gt(self.threshold.max(0.0)).to_kind(nc_bn.kind());
+        Tensor::cat(&[post_bn.narrow(1, 0, c), nc_bn * on], 1)
     }
 
     pub fn decode(&self, f_bf: &Tensor) -> Tensor {
