@@ -26,7 +26,8 @@ pub struct ExtractArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Text: a .jsonl file (one object with `text` per line), a parquet file (`text` or
-    /// pre-tokenized `input_ids` column), a plain-text file, a directory of such files, or a
+    /// pre-tokenized `input_ids` column), a plain-text file (one document, read in ~1 MiB
+    /// pieces cut after blank lines), a directory of such files, or a
     /// glob such as 'data/part-*.parquet' (sorted path order).
     #[arg(long)]
     data: Option<PathBuf>,

@@ -102,11 +102,20 @@ fn wildcard(pat: &str, s: &str) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Doc {
     Text(String),
+    /// The next piece of the document before it (a plain-text file is read in pieces).
+    More(String),
     Ids(Vec<u32>),
 }
 
+/// A plain-text file is one document, read in pieces of about this many bytes, each cut after
+/// a blank line (else after a line) so that memory stays bounded for multi-GB files.
+const TEXT_PIECE: usize = 1 << 20;
+
 enum Reader {
     Jsonl(std::io::BufReader<std::fs::File>),
+    /// A plain-text file, the bytes read past the last piece's cut, and the file offset of
+    /// the next piece.
+    Text(std::fs::File, Vec<u8>, u64),
     /// Rows of the one projected column; `true` when it is `input_ids`.
     Parquet(parquet::record::reader::RowIter<'static>, bool),
 }
@@ -186,6 +195,36 @@ fn parquet_doc(row: parquet::record::Row, ids: bool) -> std::result::Result<Doc,
     }
 }
 
+/// The next piece of a plain-text file: at least `TEXT_PIECE` bytes (unless the file ends),
+/// cut after the last blank line in them, else after the last newline, else after a whole
+/// UTF-8 character; `None` at the end. `rest` carries the bytes past the cut.
+fn text_piece(f: &mut std::fs::File, rest: &mut Vec<u8>) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut buf = [0u8; 1 << 16];
+    while rest.len() < TEXT_PIECE {
+        let got = f.read(&mut buf)?;
+        if got == 0 {
+            return Ok((!rest.is_empty()).then(|| std::mem::take(rest)));
+        }
+        rest.extend_from_slice(&buf[..got]);
+    }
+    // Never inside a run of newlines: the tokenizer merges runs.
+    let blank = (rest.windows(3))
+        .rposition(|w| w[..2] == *b"\n\n" && w[2] != b'\n')
+        .map(|i| i + 2);
+    let line = (rest.windows(2))
+        .rposition(|w| w[0] == b'\n' && w[1] != b'\n')
+        .map(|i| i + 1);
+    // A UTF-8 continuation byte is 10xxxxxx: cut before the last character's first byte.
+    let char_start = rest
+        .iter()
+        .rposition(|&b| b & 0xC0 != 0x80)
+        .filter(|&i| i > 0);
+    let cut = blank.or(line).or(char_start).unwrap_or(rest.len());
+    let tail = rest.split_off(cut);
+    Ok(Some(std::mem::replace(rest, tail)))
+}
+
 impl Documents {
     pub fn new(files: Vec<PathBuf>) -> Documents {
         Documents {
@@ -215,20 +254,38 @@ impl Documents {
                         Reader::Jsonl(std::io::BufReader::new(f))
                     }
                     "parquet" => open_parquet(&p)?,
-                    _ => {
-                        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-                        let text = String::from_utf8(bytes).map_err(|e| Error::Data {
-                            path: p.clone(),
-                            msg: format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to()),
-                        })?;
-                        return Ok(Some(Doc::Text(text)));
-                    }
+                    _ => Reader::Text(
+                        std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?,
+                        Vec::new(),
+                        0,
+                    ),
                 };
                 self.current = Some((p, reader, 0));
             }
             let (p, reader, n) = self.current.as_mut().unwrap();
             *n += 1;
             match reader {
+                Reader::Text(f, rest, offset) => {
+                    match text_piece(f, rest).map_err(|e| Error::io(p, e))? {
+                        None => self.current = None,
+                        Some(bytes) => {
+                            let at = *offset;
+                            *offset += bytes.len() as u64;
+                            let text = String::from_utf8(bytes).map_err(|e| Error::Data {
+                                path: p.clone(),
+                                msg: format!(
+                                    "not UTF-8 (byte {})",
+                                    at + e.utf8_error().valid_up_to() as u64
+                                ),
+                            })?;
+                            return Ok(Some(if at == 0 {
+                                Doc::Text(text)
+                            } else {
+                                Doc::More(text)
+                            }));
+                        }
+                    }
+                }
                 Reader::Parquet(rows, ids) => {
                     let bad = |msg: String| Error::Data {
                         path: p.clone(),
@@ -339,8 +396,9 @@ impl Packer {
             let Some(doc) = self.docs.next_doc()? else {
                 return Ok(false);
             };
+            let more = matches!(doc, Doc::More(_));
             let ids = match doc {
-                Doc::Text(t) => self.tok.encode(&t)?,
+                Doc::Text(t) | Doc::More(t) => self.tok.encode(&t)?,
                 // Pre-tokenized documents often start with BOS; packing puts its own.
                 Doc::Ids(mut ids) => {
                     if ids.first() == Some(&self.bos) {
@@ -361,7 +419,7 @@ impl Packer {
             if ids.is_empty() {
                 continue;
             }
-            if self.started {
+            if self.started && !more {
                 self.stream.push_back(self.bos);
             }
             self.started = true;
@@ -425,5 +483,119 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no file matches"));
+    }
+
+    /// A long paragraph-ish text with multi-byte characters, about `bytes` long.
+    fn long_text(bytes: usize) -> String {
+        let mut t = String::new();
+        let mut i = 0u64;
+        while t.len() < bytes {
+            i += 1;
+            let words = 5 + (i * 7919 % 60) as usize;
+            for w in 0..words {
+                t.push_str(["the", "Gemma", "naïve", "licence", "fête", "x"][(w + i as usize) % 6]);
+                t.push(if w % 11 == 10 { '\n' } else { ' ' });
+            }
+            t.push_str(if i % 3 == 0 { "\n\n\n" } else { "\n\n" });
+        }
+        t
+    }
+
+    #[test]
+    fn plain_text_is_read_in_pieces_cut_after_blank_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.txt");
+        let text = long_text(2 * TEXT_PIECE + 12345);
+        std::fs::write(&p, &text).unwrap();
+        let mut d = Documents::new(vec![p.clone()]);
+        let mut pieces = Vec::new();
+        while let Some(doc) = d.next_doc().unwrap() {
+            pieces.push(doc);
+        }
+        assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+        assert!(matches!(pieces[0], Doc::Text(_)));
+        let strs: Vec<&str> = (pieces.iter())
+            .map(|d| match d {
+                Doc::Text(s) | Doc::More(s) => s.as_str(),
+                Doc::Ids(_) => unreachable!(),
+            })
+            .collect();
+        assert!(pieces[1..].iter().all(|d| matches!(d, Doc::More(_))));
+        assert_eq!(strs.concat(), text);
+        for w in strs.windows(2) {
+            assert!(w[0].ends_with("\n\n") && !w[1].starts_with('\n'));
+            assert!(w[0].len() <= TEXT_PIECE + (1 << 16));
+        }
+        // No newline at all: cut between whole characters.
+        let one_line = "fête naïve ".repeat(TEXT_PIECE / 5);
+        std::fs::write(&p, &one_line).unwrap();
+        let mut d = Documents::new(vec![p.clone()]);
+        let mut got = String::new();
+        while let Some(Doc::Text(s) | Doc::More(s)) = d.next_doc().unwrap() {
+            got.push_str(&s);
+        }
+        assert_eq!(got, one_line);
+        // Bad UTF-8 in a later piece names the file offset.
+        let mut bytes = text.clone().into_bytes();
+        let at = (TEXT_PIECE + 100..)
+            .find(|&i| bytes[i - 1] < 0x80 && bytes[i] < 0x80)
+            .unwrap();
+        bytes[at] = 0xFF;
+        std::fs::write(&p, &bytes).unwrap();
+        let mut d = Documents::new(vec![p.clone()]);
+        let e = loop {
+            match d.next_doc() {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("bad byte not found"),
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(
+            e.contains("a.txt") && e.contains(&format!("byte {at}")),
+            "{e}"
+        );
+    }
+
+    /// Pieces of one file are one document: BOS starts each context and nowhere else.
+    #[test]
+    fn pieces_of_a_text_file_pack_as_one_document() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gemma3");
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.txt");
+        std::fs::write(&p, long_text(TEXT_PIECE + 5000)).unwrap();
+        let tok = Tokenizer::load(&dir).unwrap();
+        let bos = 2;
+        let mut packer = Packer::new(Documents::new(vec![p]), tok, bos, 512, 1 << 20);
+        let mut contexts = 0;
+        while let Some(c) = packer.next_context().unwrap() {
+            assert_eq!(c[0], bos);
+            assert!(
+                !c[1..].contains(&bos),
+                "context {contexts} holds a BOS inside"
+            );
+            contexts += 1;
+        }
+        assert!(contexts > 100);
+    }
+
+    /// With Gemma's real tokenizer (no prefix marker per input), tokenizing the pieces gives the
+    /// whole file's ids. Needs DMSAE_REAL_GEMMA3=DIR (CI sets it).
+    #[test]
+    fn real_tokenizer_ids_of_pieces_equal_the_whole() {
+        let Ok(dir) = std::env::var("DMSAE_REAL_GEMMA3") else {
+            eprintln!("skipped: DMSAE_REAL_GEMMA3 is not set");
+            return;
+        };
+        let tok = Tokenizer::load(Path::new(&dir)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.txt");
+        let text = long_text(2 * TEXT_PIECE + 777);
+        std::fs::write(&p, &text).unwrap();
+        let mut d = Documents::new(vec![p]);
+        let mut ids = Vec::new();
+        while let Some(Doc::Text(s) | Doc::More(s)) = d.next_doc().unwrap() {
+            ids.extend(tok.encode(&s).unwrap());
+        }
+        assert_eq!(ids, tok.encode(&text).unwrap());
     }
 }
