@@ -11,6 +11,6 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use models::{LayerOutput, Model};
+pub use models::{CleanPass, LayerOutput, Model, SpliceLosses};
 // The tch the models are written against, for callers building inputs.
 pub use tch;

@@ -291,7 +291,12 @@ pub(crate) struct Decoder {
 
 impl Decoder {
     /// Apply the layers in `range` to hidden states `x`.
-    fn run_layers(&self, x: Tensor, range: std::ops::Range<usize>, ctx: &Ctx) -> Result<Tensor> {
+    pub(crate) fn run_layers(
+        &self,
+        x: Tensor,
+        range: std::ops::Range<usize>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let mut x = x;
         for l in &self.layers[range] {
             x = l.forward(&x, ctx)?;
@@ -299,13 +304,13 @@ impl Decoder {
         Ok(x)
     }
 
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let e = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
         Ok(e.f_mul(&self.normalizer)?)
     }
 
     /// Logits for rows `[N, d]` of final-normed hidden states, soft-capped, model dtype.
-    fn logits_rows(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn logits_rows(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut l = x.f_linear::<Tensor>(w, None)?;
         if let Some(c) = self.final_softcap {
@@ -314,7 +319,7 @@ impl Decoder {
         Ok(l)
     }
 
-    fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
+    pub(crate) fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
         match ids.size()[..] {
             [b, t] if b > 0 && t > 0 && ids.kind() == Kind::Int64 => Ok((b, t)),
             _ => Err(Error::Usage(format!(
@@ -386,7 +391,7 @@ impl Decoder {
     /// Per-position next-token CE over chunks of positions; with `grad`, each chunk is
     /// differentiated on its own with respect to its rows of `hn` (so no chunk's logits outlive
     /// it) and the row gradients are returned, `[B*T, d]`.
-    fn chunked_ce(
+    pub(crate) fn chunked_ce(
         &self,
         hn: &Tensor,
         ids: &Tensor,
@@ -446,7 +451,7 @@ impl Decoder {
 }
 
 impl Ctx {
-    fn new_for(d: &Decoder, t: i64) -> Result<Ctx> {
+    pub(crate) fn new_for(d: &Decoder, t: i64) -> Result<Ctx> {
         Ctx::new(&d.cfg, t as usize, d.device, d.kind)
     }
 }

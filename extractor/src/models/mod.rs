@@ -3,8 +3,10 @@
 mod common;
 pub mod gemma2;
 pub mod gemma3;
+mod splice;
 
 pub use common::LayerOutput;
+pub use splice::{CleanPass, SpliceLosses};
 
 use crate::config::{Arch, Config};
 use crate::error::Result;
@@ -59,5 +61,17 @@ impl Model {
     /// Positions per cross-entropy chunk hold about `elems` logits (default 2^26).
     pub fn set_ce_chunk_elems(&mut self, elems: usize) {
         self.decoder.ce_chunk_elems = elems.max(1);
+    }
+
+    /// Layers `0..=layer` once, then the clean rest of the model; with `grad`, also
+    /// d(sum of next-token CE over each context)/d(residual after `layer`). See `splice`.
+    pub fn clean_pass(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<CleanPass> {
+        self.decoder.clean_pass(ids, layer, grad)
+    }
+
+    /// Per-position clean CE, and CE and KL(clean ‖ variant) for each variant: a `[B, T, d]`
+    /// tensor that replaces the residual after the clean pass's layer.
+    pub fn splice(&self, clean: &CleanPass, variants: &[Tensor]) -> Result<SpliceLosses> {
+        self.decoder.splice(clean, variants)
     }
 }
