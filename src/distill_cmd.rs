@@ -148,15 +148,27 @@ pub fn distill(a: DistillArgs) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct ReportArgs {
-    /// A `dmsae distill` run directory.
+    /// A `dmsae distill` run directory (writes RUN/plots/) or a `dmsae sweep` directory.
     run: PathBuf,
 }
 
 pub fn report(a: ReportArgs) -> Result<ExitCode> {
+    let sweep_file = a.run.join(dmsae_trainer::sweep::SWEEP_FILE);
+    if sweep_file.exists() {
+        let bytes =
+            std::fs::read(&sweep_file).with_context(|| format!("{}", sweep_file.display()))?;
+        let s: serde_json::Value =
+            serde_json::from_slice(&bytes).with_context(|| format!("{}", sweep_file.display()))?;
+        print!("{}", dmsae_trainer::sweep::markdown(&s));
+        dmsae_trainer::sweep::plots(&a.run, &s)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let path = a.run.join(distill::SUMMARY_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
     let s: serde_json::Value =
         serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
     print!("{}", distill::markdown(&s));
+    // Plots follow the summary, so a run from before they existed gets them too.
+    distill::plots(&a.run, &s)?;
     Ok(ExitCode::SUCCESS)
 }

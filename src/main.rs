@@ -3,12 +3,13 @@
 //! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line);
 //! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue), or
 //! `train` stopped by them after writing a checkpoint (rerun with --resume), or `train-cycle` /
-//! `distill` stopped by them (rerun the same command).
+//! `distill` / `sweep` stopped by them (rerun the same command).
 
 mod cli;
 mod distill_cmd;
 mod extract_cmd;
 mod store_cmd;
+mod sweep_cmd;
 mod train_cmd;
 
 use anyhow::Result;
@@ -48,7 +49,10 @@ enum Cmd {
     TrainCycle(Box<distill_cmd::TrainCycleArgs>),
     /// Run distillation cycles (resumable) and write the distilled core and the run summary.
     Distill(Box<distill_cmd::DistillArgs>),
-    /// Print a distillation run's summary.
+    /// Train SAEs at several k reusing the distilled core, with a no-core baseline and a
+    /// random-core ablation, in one pass over the store.
+    Sweep(Box<sweep_cmd::SweepArgs>),
+    /// Print a distillation run's summary or a sweep's table (and refresh their plots).
     Report(distill_cmd::ReportArgs),
 }
 
@@ -82,6 +86,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Train(a) => train_cmd::run(*a),
         Cmd::TrainCycle(a) => distill_cmd::train_cycle(*a),
         Cmd::Distill(a) => distill_cmd::distill(*a),
+        Cmd::Sweep(a) => sweep_cmd::run(*a),
         Cmd::Report(a) => distill_cmd::report(a),
     }
 }

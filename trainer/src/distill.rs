@@ -323,7 +323,10 @@ pub fn train_cycle(
     let w_enc_dc = (&sae.w_enc * scale)
         .to_device(Device::Cpu)
         .index_select(1, &idx);
-    let b_enc_c = sae.b_enc_anchored().to_device(Device::Cpu).index_select(0, &idx);
+    let b_enc_c = sae
+        .b_enc_anchored()
+        .to_device(Device::Cpu)
+        .index_select(0, &idx);
     // A selected latent keeps the threshold it fired under: its carried one if it was core, the
     // learned BatchTopK threshold if it was not.
     let threshold_c = sae.threshold_f().index_select(0, &idx);
@@ -598,7 +601,11 @@ pub fn plots(out: &Path, s: &Value) -> Result<Vec<PathBuf>, TrainError> {
     ];
     // Lineages by how many cycles selected them.
     let mut counts = vec![0usize; cycles.len() + 1];
-    for c in s["lineages"].as_object().into_iter().flat_map(|m| m.values()) {
+    for c in s["lineages"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+    {
         let n = c.as_array().map_or(0, |a| a.len()).min(cycles.len());
         counts[n] += 1;
     }
@@ -608,20 +615,28 @@ pub fn plots(out: &Path, s: &Value) -> Result<Vec<PathBuf>, TrainError> {
         "lineages",
         vec![Series {
             name: "lineages".into(),
-            points: (1..counts.len()).map(|n| (n as f64, counts[n] as f64)).collect(),
+            points: (1..counts.len())
+                .map(|n| (n as f64, counts[n] as f64))
+                .collect(),
         }],
     ));
     let mut written = Vec::new();
     for (file, title, y, series) in charts {
         let path = dir.join(file);
-        let x = if file == "lineages.svg" { "cycles selected" } else { "cycle" };
+        let x = if file == "lineages.svg" {
+            "cycles selected"
+        } else {
+            "cycle"
+        };
         line_chart(&path, title, x, y, &series, false).map_err(|e| io_err(&path, e))?;
         written.push(path);
     }
     // Cumulative share of the candidates' (positive) score by rank, one line per cycle.
     let mut curves = Vec::new();
     for c in &cycles {
-        let Some(n) = c["cycle"].as_u64() else { continue };
+        let Some(n) = c["cycle"].as_u64() else {
+            continue;
+        };
         let Ok(text) = std::fs::read_to_string(cycle_dir(out, n).join(TABLE_FILE)) else {
             continue;
         };

@@ -5,7 +5,9 @@ pub mod attribution;
 pub mod config;
 pub mod distill;
 pub mod export;
+pub mod plot;
 pub mod sae;
+pub mod sweep;
 pub mod train;
 
 pub use config::{ConfigError, TrainConfig};

@@ -99,8 +99,9 @@ pub struct Summary {
     pub sae: Sae,
 }
 
-/// Read a core: a safetensors file with `W_enc` [d_in, c] and `b_enc` [c] in model units (an
-/// export's tensors, columns cut to the core), converted to normalised units, and optionally
+/// Read a core: a safetensors file with `W_enc` [d_in, c] and `b_enc` [c] in model units, the
+/// pre-activation being x W_enc + b_enc (anchored to x, no b_dec: sae.rs says why; from an
+/// export, b_enc - b_dec W_enc), converted to normalised units, and optionally
 /// `threshold` [c] (the core latents' JumpReLU thresholds; plain ReLU without it).
 pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainError> {
     let err = |msg: String| TrainError::Core {
@@ -198,11 +199,11 @@ const CKPT_JSON: &str = "checkpoint.json";
 
 /// Where the stream stood: a resumed run reopens epoch `epoch` and skips `batches` batches,
 /// which the seeded stream makes the same batches.
-#[derive(Clone, Copy, Default)]
-struct Position {
-    epoch: u64,
-    batches: u64,
-    tokens: u64,
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+pub(crate) struct Position {
+    pub epoch: u64,
+    pub batches: u64,
+    pub tokens: u64,
 }
 
 fn save_checkpoint(
@@ -280,7 +281,7 @@ pub fn train(
     out: &Path,
     cfg: TrainConfig,
     opts: RunOptions,
-    mut progress: impl FnMut(&Progress),
+    progress: impl FnMut(&Progress),
 ) -> Result<Summary, TrainError> {
     let RunOptions {
         core: core_file,
@@ -288,43 +289,222 @@ pub fn train(
         device,
         stop,
     } = opts;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    tch::set_num_threads(cfg.cpu_threads.unwrap_or(cores.saturating_sub(1)).max(1) as i32);
+    set_threads(&cfg);
     let store = Arc::new(Store::open(store_dir)?);
     let (d, scale) = scale_of(&store)?;
-    let core = core_file.map(|p| load_core(p, d, scale)).transpose()?;
-    let sae = Sae::new(d, core, &cfg, Kind::Float, device).map_err(ConfigError::Invalid)?;
-    let mut t = Trainer::new(sae, cfg.clone(), core_file.is_some());
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let identity = json!({
-        "config": cfg,
-        "core_file": core_file.map(|p| p.display().to_string()),
-        "store_shards": store.manifest.shards.iter().map(|s| s.blake3.clone()).collect::<Vec<_>>(),
-    });
-    let mut pos = Position::default();
-    let log_path = out.join("metrics.jsonl");
-    let mut kept_log = String::new();
-    if resume && !out.join(CKPT).exists() && out.join(export::CFG_FILE).exists() {
-        return Err(TrainError::Unusable {
-            path: out.into(),
-            msg: "holds a finished export and no checkpoint: nothing to resume".into(),
+    let spec = MemberSpec {
+        out: out.into(),
+        cfg,
+        core_file: core_file.map(Into::into),
+        extra: None,
+    };
+    let (member, pos) = Member::open(&store, d, scale, &spec, resume, device)?;
+    let start_tokens = pos.tokens;
+    let mut members = [member];
+    let end = train_members(&store, store_dir, &mut members, pos, scale, stop, progress)?;
+    let [member] = members;
+    let steps = member.t.step;
+    let (eval, sae) = if end.interrupted {
+        (None, member.t.sae)
+    } else {
+        member.finish(&store, store_dir, scale, end.pos.tokens)?
+    };
+    Ok(Summary {
+        run_tokens: end.pos.tokens - start_tokens,
+        interrupted: end.interrupted,
+        steps,
+        tokens: end.pos.tokens,
+        seconds: end.seconds,
+        scale,
+        eval,
+        sae,
+    })
+}
+
+pub(crate) fn set_threads(cfg: &TrainConfig) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tch::set_num_threads(cfg.cpu_threads.unwrap_or(cores.saturating_sub(1)).max(1) as i32);
+}
+
+/// What a model fed from a shared stream is: a `train` run, or one of a sweep's models.
+pub(crate) struct MemberSpec {
+    pub out: PathBuf,
+    pub cfg: TrainConfig,
+    pub core_file: Option<PathBuf>,
+    /// Keys added to cfg.json's "dmsae" object (a sweep's series); none for `train`.
+    pub extra: Option<serde_json::Map<String, Value>>,
+}
+
+/// One model being trained: its trainer, run directory, log and checkpoint identity.
+pub(crate) struct Member {
+    pub t: Trainer,
+    pub out: PathBuf,
+    core_file: Option<PathBuf>,
+    identity: Value,
+    extra: Option<serde_json::Map<String, Value>>,
+    log: std::io::BufWriter<std::fs::File>,
+    log_path: PathBuf,
+    fires_f: Tensor,
+}
+
+impl Member {
+    /// A new model under `spec.out`, or, with `resume`, the one in its checkpoint, with the
+    /// stream position it stood at (the start otherwise).
+    pub(crate) fn open(
+        store: &Store,
+        d: usize,
+        scale: f64,
+        spec: &MemberSpec,
+        resume: bool,
+        device: Device,
+    ) -> Result<(Member, Position), TrainError> {
+        let (out, cfg, core_file) = (&spec.out, &spec.cfg, spec.core_file.as_deref());
+        let core = core_file.map(|p| load_core(p, d, scale)).transpose()?;
+        let sae = Sae::new(d, core, cfg, Kind::Float, device).map_err(ConfigError::Invalid)?;
+        let mut t = Trainer::new(sae, cfg.clone(), core_file.is_some());
+        std::fs::create_dir_all(out).map_err(io(out))?;
+        let identity = json!({
+            "config": cfg,
+            "core_file": core_file.map(|p| p.display().to_string()),
+            "store_shards": store.manifest.shards.iter().map(|s| s.blake3.clone()).collect::<Vec<_>>(),
         });
-    }
-    if resume && out.join(CKPT).exists() {
-        pos = load_checkpoint(out, &mut t, &identity)?;
-        // Keep the log up to the checkpoint; later lines came from the interrupted run.
-        let old = std::fs::read_to_string(&log_path).unwrap_or_default();
-        for l in old.lines() {
-            let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
-            if v["kind"] == "train" && v["step"].as_u64().is_some_and(|s| s <= t.step) {
-                kept_log.push_str(l);
-                kept_log.push('\n');
+        let mut pos = Position::default();
+        let log_path = out.join("metrics.jsonl");
+        let mut kept_log = String::new();
+        if resume && !out.join(CKPT).exists() && out.join(export::CFG_FILE).exists() {
+            return Err(TrainError::Unusable {
+                path: out.clone(),
+                msg: "holds a finished export and no checkpoint: nothing to resume".into(),
+            });
+        }
+        if resume && out.join(CKPT).exists() {
+            pos = load_checkpoint(out, &mut t, &identity)?;
+            // Keep the log up to the checkpoint; later lines came from the interrupted run.
+            let old = std::fs::read_to_string(&log_path).unwrap_or_default();
+            for l in old.lines() {
+                let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+                if v["kind"] == "train" && v["step"].as_u64().is_some_and(|s| s <= t.step) {
+                    kept_log.push_str(l);
+                    kept_log.push('\n');
+                }
             }
         }
+        let mut log =
+            std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(io(&log_path))?);
+        log.write_all(kept_log.as_bytes()).map_err(io(&log_path))?;
+        let fires_f = Tensor::zeros([t.sae.width() as i64], (Kind::Int64, device));
+        let m = Member {
+            t,
+            out: out.clone(),
+            core_file: core_file.map(Into::into),
+            identity,
+            extra: spec.extra.clone(),
+            log,
+            log_path,
+            fires_f,
+        };
+        Ok((m, pos))
     }
-    let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(io(&log_path))?);
-    log.write_all(kept_log.as_bytes()).map_err(io(&log_path))?;
 
+    fn checkpoint(&mut self, pos: Position) -> Result<(), TrainError> {
+        self.log.flush().map_err(io(&self.log_path))?;
+        save_checkpoint(&self.out, &self.t, pos, &self.identity)
+    }
+
+    /// Evaluate on the held-out split, write the export and drop the checkpoint.
+    pub(crate) fn finish(
+        mut self,
+        store: &Arc<Store>,
+        store_dir: &Path,
+        scale: f64,
+        tokens: u64,
+    ) -> Result<(Option<EvalMetrics>, Sae), TrainError> {
+        let (t, out, log_path) = (&self.t, &self.out, &self.log_path);
+        let (cfg, core_file) = (&t.cfg, self.core_file.as_deref());
+        let eval = evaluate(store, t, scale, cfg)?;
+        let log = &mut self.log;
+        writeln!(
+            log,
+            "{}",
+            json!({ "kind": "eval", "step": t.step, "tokens": tokens, "eval": eval })
+        )
+        .map_err(io(log_path))?;
+        log.flush().map_err(io(log_path))?;
+        log.get_ref().sync_all().map_err(io(log_path))?;
+
+        let mut extra = json!({
+            "core_size": t.sae.core,
+            "core_frozen": core_file.is_some() && cfg.core_frozen,
+            "core_file": core_file.map(|p| p.display().to_string()),
+            "k": cfg.k,
+            "group_sizes": t.sae.groups,
+            "norm_scale": scale,
+            "norm_note": "trained on x * norm_scale (E||x * norm_scale||^2 = d_in); folded into these weights",
+            "threshold_normalised": t.sae.threshold,
+            "steps": t.step,
+            "tokens": tokens,
+            "train_config": cfg,
+            "eval": eval,
+            "store": {
+                "path": store_dir.display().to_string(),
+                "total_tokens": store.manifest.total_tokens,
+                "shards": store.manifest.shards.iter().map(|s| json!({"file": s.file, "blake3": s.blake3})).collect::<Vec<_>>(),
+                "provenance": store.manifest.provenance,
+            },
+            "producer": format!("dmsae-trainer {}", env!("CARGO_PKG_VERSION")),
+        });
+        if let (Some(obj), Some(more)) = (extra.as_object_mut(), &self.extra) {
+            obj.extend(more.clone());
+        }
+        // SAELens metadata from what `dmsae extract` records (null for imported stores).
+        let ex = store
+            .manifest
+            .provenance
+            .get("extract")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let metadata = json!({
+            "model_name": ex["model"],
+            "hook_name": ex["layer"].as_u64().map(|l| format!("blocks.{l}.hook_resid_post")),
+            "context_size": ex["context"],
+        });
+        export::write(
+            out,
+            &t.sae,
+            scale,
+            &export::cfg_json(&t.sae, metadata, extra),
+        )
+        .map_err(io(out))?;
+        // The export is the result; a finished run's checkpoint is only disk.
+        for f in [CKPT, CKPT_JSON] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        Ok((eval, self.t.sae))
+    }
+}
+
+/// Where `train_members` stopped.
+pub(crate) struct LoopEnd {
+    pub pos: Position,
+    /// `stop` turned true: every member holds a checkpoint at `pos`.
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+/// Feed every member the same training batches, each read once, from `pos` to the end of
+/// training. The stream, schedule, logging and checkpoint settings are the first member's;
+/// the others must share them (sweep.rs checks), so each member sees what it would alone.
+pub(crate) fn train_members(
+    store: &Arc<Store>,
+    store_dir: &Path,
+    members: &mut [Member],
+    pos: Position,
+    scale: f64,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(&Progress),
+) -> Result<LoopEnd, TrainError> {
+    let cfg = members[0].t.cfg.clone();
+    let (d, device) = (members[0].t.sae.d_in, members[0].t.sae.device());
     let opts = |epoch: u64, split: Split| StreamOptions {
         arrays: vec!["acts".into()],
         batch_tokens: cfg.batch_tokens,
@@ -339,41 +519,36 @@ pub fn train(
     let total = cfg.total_steps();
     let start = Instant::now();
     let (mut epoch, mut tokens, mut epoch_batches) = (pos.epoch, pos.tokens, pos.batches);
-    let (start_tokens, start_step, mut last_ckpt) = (tokens, t.step, t.step);
+    let mut step = members[0].t.step;
+    let (start_tokens, start_step, mut last_ckpt) = (tokens, step, step);
     let mut stream = store.stream(opts(epoch, Split::Train))?;
     for _ in 0..epoch_batches {
         stream.next().transpose()?;
     }
-    let width = t.sae.width() as i64;
-    let mut fires_f = Tensor::zeros([width], (Kind::Int64, device));
     let (mut win_tokens, mut win_wait_ns, mut last_wait, mut win_start) =
         (0u64, 0u64, stream.waited_ns, Instant::now());
-    while t.step < total {
+    while step < total {
         let pos = Position {
             epoch,
             batches: epoch_batches,
             tokens,
         };
         if stop.load(Ordering::SeqCst) {
-            log.flush().map_err(io(&log_path))?;
-            save_checkpoint(out, &t, pos, &identity)?;
-            return Ok(Summary {
-                run_tokens: tokens - start_tokens,
+            for m in members.iter_mut() {
+                m.checkpoint(pos)?;
+            }
+            return Ok(LoopEnd {
+                pos,
                 interrupted: true,
-                steps: t.step,
-                tokens,
                 seconds: start.elapsed().as_secs_f64(),
-                scale,
-                eval: None,
-                sae: t.sae,
             });
         }
-        if cfg.checkpoint_every > 0
-            && t.step > last_ckpt
-            && t.step.is_multiple_of(cfg.checkpoint_every)
+        if cfg.checkpoint_every > 0 && step > last_ckpt && step.is_multiple_of(cfg.checkpoint_every)
         {
-            save_checkpoint(out, &t, pos, &identity)?;
-            last_ckpt = t.step;
+            for m in members.iter() {
+                save_checkpoint(&m.out, &m.t, pos, &m.identity)?;
+            }
+            last_ckpt = step;
         }
         let batch = match stream.next() {
             Some(b) => b?,
@@ -395,102 +570,55 @@ pub fn train(
         win_wait_ns += stream.waited_ns - last_wait;
         last_wait = stream.waited_ns;
         let x_bd = rows(&batch, "acts", d, device) * scale;
-        let s = t.update(&x_bd);
+        let stats: Vec<StepStats> = members
+            .iter_mut()
+            .map(|m| {
+                let s = m.t.update(&x_bd);
+                m.fires_f += m.t.last_fired_counts();
+                s
+            })
+            .collect();
+        step = members[0].t.step;
         tokens += batch.n as u64;
         win_tokens += batch.n as u64;
-        fires_f += t.last_fired_counts();
         progress(&Progress {
-            step: t.step,
+            step,
             total_steps: total,
             tokens,
-            run_steps: t.step - start_step,
+            run_steps: step - start_step,
             run_tokens: tokens - start_tokens,
             elapsed_s: start.elapsed().as_secs_f64(),
-            stats: &s,
+            stats: &stats[0],
         });
-        if t.step.is_multiple_of(cfg.log_every.max(1)) || t.step == total {
+        if step.is_multiple_of(cfg.log_every.max(1)) || step == total {
             let frac = |m: Tensor| m.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-            let rate = fires_f.to_kind(Kind::Double) / win_tokens.max(1) as f64;
-            let line = json!({
-                "kind": "train", "step": t.step, "tokens": tokens, "epoch": epoch, "lr": s.lr,
-                "loss": s.loss, "l2": s.l2, "auxk": s.auxk, "mse": s.mse, "fvu": s.fvu,
-                "l0_core": s.l0_core, "l0_noncore": s.l0_noncore, "l0_total": s.l0_core + s.l0_noncore,
-                "dead_fraction": frac(t.dead_f()), "dense_fraction": frac(rate.gt(cfg.dense_fraction)),
-                "threshold": t.sae.threshold, "grad_norm": s.grad_norm,
-                "data_wait_s": win_wait_ns as f64 * 1e-9,
-                "tokens_per_s": win_tokens as f64 / win_start.elapsed().as_secs_f64(),
-            });
-            writeln!(log, "{line}").map_err(io(&log_path))?;
-            let _ = fires_f.zero_();
+            let tokens_per_s = win_tokens as f64 / win_start.elapsed().as_secs_f64();
+            for (m, s) in members.iter_mut().zip(&stats) {
+                let rate = m.fires_f.to_kind(Kind::Double) / win_tokens.max(1) as f64;
+                let t = &m.t;
+                let line = json!({
+                    "kind": "train", "step": t.step, "tokens": tokens, "epoch": epoch, "lr": s.lr,
+                    "loss": s.loss, "l2": s.l2, "auxk": s.auxk, "mse": s.mse, "fvu": s.fvu,
+                    "l0_core": s.l0_core, "l0_noncore": s.l0_noncore, "l0_total": s.l0_core + s.l0_noncore,
+                    "dead_fraction": frac(t.dead_f()), "dense_fraction": frac(rate.gt(cfg.dense_fraction)),
+                    "threshold": t.sae.threshold, "grad_norm": s.grad_norm,
+                    "data_wait_s": win_wait_ns as f64 * 1e-9,
+                    "tokens_per_s": tokens_per_s,
+                });
+                writeln!(m.log, "{line}").map_err(io(&m.log_path))?;
+                let _ = m.fires_f.zero_();
+            }
             (win_tokens, win_wait_ns, win_start) = (0, 0, Instant::now());
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
-    drop(stream);
-
-    let eval = evaluate(&store, &t, scale, &cfg)?;
-    writeln!(
-        log,
-        "{}",
-        json!({ "kind": "eval", "step": t.step, "tokens": tokens, "eval": eval })
-    )
-    .map_err(io(&log_path))?;
-    log.flush().map_err(io(&log_path))?;
-    log.get_ref().sync_all().map_err(io(&log_path))?;
-
-    let extra = json!({
-        "core_size": t.sae.core,
-        "core_frozen": core_file.is_some() && cfg.core_frozen,
-        "core_file": core_file.map(|p| p.display().to_string()),
-        "k": cfg.k,
-        "group_sizes": t.sae.groups,
-        "norm_scale": scale,
-        "norm_note": "trained on x * norm_scale (E||x * norm_scale||^2 = d_in); folded into these weights",
-        "threshold_normalised": t.sae.threshold,
-        "steps": t.step,
-        "tokens": tokens,
-        "train_config": cfg,
-        "eval": eval,
-        "store": {
-            "path": store_dir.display().to_string(),
-            "total_tokens": store.manifest.total_tokens,
-            "shards": store.manifest.shards.iter().map(|s| json!({"file": s.file, "blake3": s.blake3})).collect::<Vec<_>>(),
-            "provenance": store.manifest.provenance,
+    Ok(LoopEnd {
+        pos: Position {
+            epoch,
+            batches: epoch_batches,
+            tokens,
         },
-        "producer": format!("dmsae-trainer {}", env!("CARGO_PKG_VERSION")),
-    });
-    // SAELens metadata from what `dmsae extract` records (null for imported stores).
-    let ex = store
-        .manifest
-        .provenance
-        .get("extract")
-        .cloned()
-        .unwrap_or(Value::Null);
-    let metadata = json!({
-        "model_name": ex["model"],
-        "hook_name": ex["layer"].as_u64().map(|l| format!("blocks.{l}.hook_resid_post")),
-        "context_size": ex["context"],
-    });
-    export::write(
-        out,
-        &t.sae,
-        scale,
-        &export::cfg_json(&t.sae, metadata, extra),
-    )
-    .map_err(io(out))?;
-    // The export is the result; a finished run's checkpoint is only disk.
-    for f in [CKPT, CKPT_JSON] {
-        let _ = std::fs::remove_file(out.join(f));
-    }
-    Ok(Summary {
-        run_tokens: tokens - start_tokens,
         interrupted: false,
-        steps: t.step,
-        tokens,
-        seconds,
-        scale,
-        eval,
-        sae: t.sae,
+        seconds: start.elapsed().as_secs_f64(),
     })
 }
 

@@ -1,0 +1,185 @@
+//! `dmsae sweep`: a thin wrapper over `dmsae_trainer::sweep`.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use dmsae_trainer::distill::{cycle_dir, CORE_FILE, DISTILLED_DIR};
+use dmsae_trainer::sweep::{self, Series, SweepSpec};
+use dmsae_trainer::TrainConfig;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct SweepArgs {
+    /// Store directory (the one the distillation ran on, or another of the same layer).
+    #[arg(long)]
+    shards: PathBuf,
+    /// A `dmsae distill` run: its distilled/core.safetensors, and cycle-0/ for the random core.
+    #[arg(long)]
+    distill_run: Option<PathBuf>,
+    /// A core file (instead of the run's distilled core); without --distill-run there is no
+    /// random-core series.
+    #[arg(long)]
+    core: Option<PathBuf>,
+    /// The k values (mean non-core L0), comma-separated: one model per series and k.
+    #[arg(long)]
+    k: String,
+    /// Series to train, comma-separated: distilled-core, baseline, random-core (default: all
+    /// that the inputs allow: no core, baseline only). Split across invocations into the same --out when the models do
+    /// not fit in memory together.
+    #[arg(long, value_delimiter = ',')]
+    series: Vec<String>,
+    /// TOML file of TrainConfig keys shared by every model; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Dictionary size d_sae of every model, core included.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Training steps (batches) of every model.
+    #[arg(long, conflicts_with = "tokens")]
+    steps: Option<u64>,
+    /// Training tokens, with K/M/B suffixes, rounded up to whole batches.
+    #[arg(long, value_parser = crate::cli::parse_count)]
+    tokens: Option<u64>,
+    /// Seed of the initialisation, the stream order and the random core's draw.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Tokens per batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// Sweep directory: <series>-k<k>/ exports, sweep.json, sweep.md, plots/.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl SweepArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        cfg.width = self.width.unwrap_or(cfg.width);
+        cfg.batch_tokens = self.batch.unwrap_or(cfg.batch_tokens);
+        cfg.seed = self.seed.unwrap_or(cfg.seed);
+        if let Some(v) = self.steps {
+            (cfg.steps, cfg.tokens) = (v, None);
+        }
+        if self.tokens.is_some() {
+            cfg.tokens = self.tokens;
+        }
+        Ok(cfg)
+    }
+}
+
+/// `16,32,64` -> [16, 32, 64]; every entry a positive integer.
+fn parse_ks(s: &str) -> Result<Vec<usize>> {
+    let ks: Option<Vec<usize>> = s
+        .split(',')
+        .map(|v| v.trim().parse().ok().filter(|&k| k > 0))
+        .collect();
+    match ks {
+        Some(ks) if !ks.is_empty() => Ok(ks),
+        _ => bail!("--k {s:?}: expected positive integers separated by commas, like 16,32,64"),
+    }
+}
+
+pub fn run(a: SweepArgs) -> Result<ExitCode> {
+    let ks = parse_ks(&a.k)?;
+    let cfg = a.config()?;
+    let core = a.core.clone().or_else(|| {
+        a.distill_run
+            .as_ref()
+            .map(|r| r.join(DISTILLED_DIR).join(CORE_FILE))
+    });
+    let random_from = a.distill_run.as_ref().map(|r| cycle_dir(r, 0));
+    let series = if a.series.is_empty() {
+        Series::ALL
+            .into_iter()
+            .filter(|s| match s {
+                Series::DistilledCore => core.is_some(),
+                Series::Baseline => true,
+                Series::RandomCore => random_from.is_some(),
+            })
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        for s in &a.series {
+            match Series::parse(s) {
+                Some(s) if !v.contains(&s) => v.push(s),
+                Some(_) => {}
+                None => bail!("--series {s}: expected distilled-core, baseline or random-core"),
+            }
+        }
+        v
+    };
+    let device = crate::cli::device(&a.device)?;
+    let stop = crate::cli::stop_on_signals();
+    let n_models = series.len() * ks.len();
+    let mut last = Instant::now();
+    let quiet = a.quiet;
+    let outcome = sweep::sweep(
+        SweepSpec {
+            store: &a.shards,
+            out: &a.out,
+            cfg,
+            ks,
+            series,
+            core,
+            random_from,
+            device,
+            stop,
+        },
+        |p| {
+            if quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
+                return;
+            }
+            last = Instant::now();
+            let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
+            let eta = p.elapsed_s / p.run_steps.max(1) as f64 * (p.total_steps - p.step) as f64;
+            let _ = write!(
+                std::io::stderr(),
+                "\rsweep: step {}/{} ({:.0}%)  {:.0} tokens/s (each read once, up to {n_models} models)  ETA {:.0}s   ",
+                p.step,
+                p.total_steps,
+                100.0 * p.step as f64 / p.total_steps as f64,
+                rate,
+                eta
+            );
+        },
+    )?;
+    if !quiet && !outcome.trained.is_empty() || outcome.interrupted {
+        eprintln!();
+    }
+    if outcome.interrupted {
+        eprintln!(
+            "dmsae: interrupted; checkpoints in {}/*/ (rerun the same command to resume)",
+            a.out.display()
+        );
+        return Ok(ExitCode::from(3));
+    }
+    if !outcome.skipped.is_empty() {
+        println!("already finished, skipped: {}", outcome.skipped.join(", "));
+    }
+    if !outcome.trained.is_empty() {
+        println!("trained in one pass: {}", outcome.trained.join(", "));
+        println!(
+            "{} tokens in {:.1} s ({:.0} tokens/s, each read once for {} models)",
+            outcome.run_tokens,
+            outcome.seconds,
+            outcome.run_tokens as f64 / outcome.seconds.max(1e-9),
+            outcome.trained.len()
+        );
+    }
+    if let Some(s) = &outcome.summary {
+        print!("{}", sweep::markdown(s));
+    }
+    println!("wrote {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

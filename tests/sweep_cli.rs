@@ -1,0 +1,396 @@
+//! `dmsae sweep` end to end on a small planted store (activations: sparse sums of orthonormal
+//! atoms; gradients on a few of them), after a short `dmsae distill`:
+//! - a model trained inside the one-pass sweep has exactly the weights `dmsae train` gives it
+//!   alone with the same config, seed and core (for each series);
+//! - distilled-core and random-core models carry their core (size, encoder rows, thresholds);
+//!   the random core is drawn from cycle 0's candidates; the baseline has no core;
+//! - sweep.json/sweep.md/plots come from the real run, `report` prints the table;
+//! - a rerun skips finished models, a k list split across invocations fills one table;
+//! - bad input fails on one line with exit 2.
+
+mod common;
+
+use common::{assert_one_line_error, dmsae, ok, read_safetensors};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const D: usize = 16;
+const ATOMS: usize = 12;
+const S: [usize; 3] = [1, 5, 9];
+const N: usize = 64 * 128;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// A store of `n` tokens of width `d` with acts and grads under `dir/store`.
+fn make_store(dir: &Path, d: usize, n: usize) -> PathBuf {
+    let mut rng = Rng(11);
+    let mut atoms: Vec<Vec<f64>> = Vec::new();
+    while atoms.len() < ATOMS.min(d) {
+        let mut v: Vec<f64> = (0..d).map(|_| rng.gauss()).collect();
+        for a in &atoms {
+            let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
+            v.iter_mut().zip(a).for_each(|(x, y)| *x -= p * y);
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        atoms.push(v.into_iter().map(|x| x / norm).collect());
+    }
+    let (mut acts, mut grads) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let mut x: Vec<f64> = (0..d).map(|_| 0.01 * rng.gauss()).collect();
+        for _ in 0..3 {
+            let i = (rng.next() % atoms.len() as u64) as usize;
+            let c = 0.5 + rng.uniform();
+            x.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += c * a);
+        }
+        let mut g: Vec<f64> = (0..d).map(|_| 0.002 * rng.gauss()).collect();
+        for &i in S.iter().filter(|&&i| i < atoms.len()) {
+            let w = rng.gauss();
+            g.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += w * a);
+        }
+        acts.extend(x.iter().map(|v| *v as f32 * 2.0));
+        grads.extend(g.iter().map(|v| *v as f32));
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let mut args: Vec<String> = vec!["store".into(), "import".into()];
+    for (name, v) in [("acts", &acts), ("grads", &grads)] {
+        let npy = dir.join(format!("{name}.npy"));
+        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        dmsae_store::npy::write(&npy, "<f4", &[n, d], &bytes).unwrap();
+        args.extend([format!("--{name}"), npy.display().to_string()]);
+    }
+    let out = dir.join("store");
+    args.extend(
+        [
+            "--dtype",
+            "f32",
+            "--chunk-tokens",
+            "256",
+            "--codec",
+            "raw",
+            "--out",
+        ]
+        .map(String::from),
+    );
+    args.push(out.display().to_string());
+    ok(&args);
+    out
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+const CONFIG: &str = "width = 48\nk = 3\ngroup_fractions = [0.5]\nlr = 3e-3\nwarmup_steps = 10\n\
+batch_tokens = 128\ndead_tokens = 20000\neval_fraction = 0.25\nsteps = 150\nlog_every = 50\ncpu_threads = 1\n";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn sweep_trains_in_one_pass_what_train_trains_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = make_store(&tmp.path().join("data"), D, N);
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let run = tmp.path().join("run");
+    ok(&[
+        "distill",
+        "--shards",
+        s(&store),
+        "--config",
+        s(&cfg),
+        "--cycles",
+        "2",
+        "--min-selected",
+        "1",
+        "--quiet",
+        "--out",
+        s(&run),
+    ]);
+    for p in [
+        "core_size",
+        "jaccard",
+        "fvu",
+        "dloss",
+        "lineages",
+        "attribution_cumulative",
+    ] {
+        let svg = std::fs::read_to_string(run.join("plots").join(format!("{p}.svg"))).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{p}");
+    }
+    let core_file = run.join("distilled/core.safetensors");
+    let core = read_safetensors(&core_file);
+    let c = core["lineage"].0[0];
+    assert!(c > 0, "the planted store gives a non-empty distilled core");
+
+    let sweep = tmp.path().join("sweep");
+    let sweep_args = |ks: &str, out: &Path| {
+        vec![
+            "sweep".to_string(),
+            "--shards".into(),
+            s(&store).into(),
+            "--distill-run".into(),
+            s(&run).into(),
+            "--config".into(),
+            s(&cfg).into(),
+            "--k".into(),
+            ks.into(),
+            "--quiet".into(),
+            "--out".into(),
+            s(out).into(),
+        ]
+    };
+    // A split k list: k 2 first, then 2,4 trains only the k-4 models.
+    let r = ok(&sweep_args("2", &sweep));
+    assert!(
+        r.stdout
+            .contains("trained in one pass: distilled-core-k2, baseline-k2, random-core-k2"),
+        "{}",
+        r.stdout
+    );
+    let r = ok(&sweep_args("2,4", &sweep));
+    assert!(
+        r.stdout
+            .contains("already finished, skipped: distilled-core-k2, baseline-k2, random-core-k2"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("trained in one pass: distilled-core-k4, baseline-k4, random-core-k4"),
+        "{}",
+        r.stdout
+    );
+    let before = std::fs::read(sweep.join("baseline-k4/sae_weights.safetensors")).unwrap();
+    let r = ok(&sweep_args("2,4", &sweep));
+    assert!(!r.stdout.contains("trained in one pass"), "{}", r.stdout);
+    assert_eq!(
+        before,
+        std::fs::read(sweep.join("baseline-k4/sae_weights.safetensors")).unwrap()
+    );
+
+    // One pass changes nothing: each model equals `dmsae train` alone, bit for bit.
+    let random_file = sweep.join("random-core.safetensors");
+    for (name, k, core) in [
+        ("distilled-core-k4", "4", Some(&core_file)),
+        ("baseline-k4", "4", None),
+        ("random-core-k2", "2", Some(&random_file)),
+    ] {
+        let alone = tmp.path().join(format!("alone-{name}"));
+        let mut args = vec![
+            "train",
+            "--shards",
+            s(&store),
+            "--config",
+            s(&cfg),
+            "--k",
+            k,
+            "--quiet",
+            "--out",
+            s(&alone),
+        ];
+        if let Some(p) = core {
+            args.extend(["--core", s(p)]);
+        }
+        ok(&args);
+        let a = std::fs::read(alone.join("sae_weights.safetensors")).unwrap();
+        let b = std::fs::read(sweep.join(name).join("sae_weights.safetensors")).unwrap();
+        assert!(a == b, "{name}: the sweep's weights differ from train's");
+        let (ea, eb) = (
+            json(&alone.join("cfg.json")),
+            json(&sweep.join(name).join("cfg.json")),
+        );
+        assert_eq!(ea["dmsae"]["eval"], eb["dmsae"]["eval"], "{name}");
+    }
+
+    // Cores: size, encoder rows and thresholds as given; the baseline has none.
+    let random = read_safetensors(&random_file);
+    let picked: Vec<usize> = random["lineage"].1.iter().map(|v| *v as usize).collect();
+    let c0 = json(&run.join("cycle-0/cfg.json"));
+    let first_group = c0["dmsae"]["group_sizes"][0].as_u64().unwrap() as usize;
+    assert_eq!(picked.len(), c);
+    assert!(picked.windows(2).all(|w| w[0] < w[1]) && *picked.last().unwrap() < first_group);
+    let w0 = read_safetensors(&run.join("cycle-0/sae_weights.safetensors"));
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+    for (i, &j) in picked.iter().enumerate() {
+        for r in 0..D {
+            assert!(close(
+                random["W_enc"].1[r * c + i],
+                w0["W_enc"].1[r * 48 + j]
+            ));
+        }
+        assert_eq!(random["threshold"].1[i], w0["threshold"].1[j]);
+    }
+    assert_ne!(
+        random["W_enc"].1, core["W_enc"].1,
+        "a random draw is not the distilled core"
+    );
+    for (name, file) in [("distilled-core", &core), ("random-core", &random)] {
+        for k in [2, 4] {
+            let dir = sweep.join(format!("{name}-k{k}"));
+            let x = json(&dir.join("cfg.json"));
+            assert_eq!(x["dmsae"]["core_size"], c);
+            assert_eq!(x["dmsae"]["sweep_series"], name);
+            assert_eq!(x["dmsae"]["k"], k);
+            let w = read_safetensors(&dir.join("sae_weights.safetensors"));
+            for i in 0..c {
+                for r in 0..D {
+                    assert!(
+                        close(w["W_enc"].1[r * 48 + i], file["W_enc"].1[r * c + i]),
+                        "{name}"
+                    );
+                }
+                assert_eq!(w["threshold"].1[i], file["threshold"].1[i], "{name}");
+            }
+        }
+    }
+    let b = json(&sweep.join("baseline-k2/cfg.json"));
+    assert_eq!(
+        (
+            b["dmsae"]["core_size"].as_u64(),
+            b["dmsae"]["eval"]["l0_core"].as_f64()
+        ),
+        (Some(0), Some(0.0))
+    );
+
+    // The summary: six models, total L0 counts the core.
+    let sj = json(&sweep.join("sweep.json"));
+    let models = sj["models"].as_array().unwrap();
+    let names: Vec<&str> = models
+        .iter()
+        .map(|m| m["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "distilled-core-k2",
+            "distilled-core-k4",
+            "baseline-k2",
+            "baseline-k4",
+            "random-core-k2",
+            "random-core-k4"
+        ]
+    );
+    for m in models {
+        let v = |k: &str| m[k].as_f64().unwrap();
+        assert!((v("l0_total") - v("l0_core") - v("l0_noncore")).abs() < 1e-9);
+        assert!(v("fvu") > 0.0 && v("fvu") < 1.0, "{m}");
+        assert!(m["first_order_dloss"].as_f64().is_some());
+        if m["series"] != "baseline" {
+            assert!(v("l0_core") > 0.0, "{m}");
+        }
+    }
+    for p in ["fvu_vs_l0", "dloss_vs_l0"] {
+        let svg = std::fs::read_to_string(sweep.join("plots").join(format!("{p}.svg"))).unwrap();
+        assert_eq!(svg.matches("<polyline").count(), 3, "{p}");
+    }
+    let r = ok(&["report", s(&sweep)]);
+    assert_eq!(
+        r.stdout
+            .lines()
+            .filter(|l| l.starts_with("| baseline |"))
+            .count(),
+        2,
+        "{}",
+        r.stdout
+    );
+
+    // Bad input: one line, exit 2, naming what is wrong.
+    let missing = tmp.path().join("nope.safetensors");
+    let mut a = sweep_args("2", &tmp.path().join("bad1"));
+    a.extend(["--core".into(), s(&missing).into()]);
+    assert_one_line_error(&dmsae(&a), &["nope.safetensors"]);
+    for ks in ["0", "", "2,,4", "x"] {
+        assert_one_line_error(&dmsae(&sweep_args(ks, &tmp.path().join("bad2"))), &["--k"]);
+    }
+    let bad = tmp.path().join("bad4");
+    assert_one_line_error(
+        &dmsae(&sweep_args("2,200", &bad)),
+        &["distilled-core-k200", "k = 200"],
+    );
+    assert!(
+        !bad.exists(),
+        "nothing is written before every model's config is checked"
+    );
+    let other = make_store(&tmp.path().join("other"), 8, 2048);
+    let mut a = sweep_args("2", &tmp.path().join("bad3"));
+    a[2] = s(&other).into();
+    assert_one_line_error(&dmsae(&a), &["core.safetensors", "W_enc [8, c]"]);
+    let mut a = sweep_args("2", &sweep);
+    a.extend(["--width".into(), "40".into()]);
+    assert_one_line_error(&dmsae(&a), &["distilled-core-k2", "another config"]);
+
+    // SIGTERM: every model checkpoints at the same step, exit 3; the rerun resumes them all in
+    // one pass and ends where `train` ends alone.
+    let cfg2 = tmp.path().join("cfg2.toml");
+    std::fs::write(
+        &cfg2,
+        CONFIG.replace("steps = 150", "steps = 800") + "checkpoint_every = 100\n",
+    )
+    .unwrap();
+    let cut = tmp.path().join("cut");
+    let mut a = sweep_args("2", &cut);
+    a[6] = s(&cfg2).into();
+    a.extend(["--series".into(), "baseline,random-core".into()]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
+        .args(&a)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !cut.join("random-core-k2/checkpoint.json").exists() {
+        assert!(t.elapsed().as_secs() < 60, "no periodic checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child by its id.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let r = common::finished(child.wait_with_output().unwrap(), &a);
+    assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+    for m in ["baseline-k2", "random-core-k2"] {
+        assert!(
+            cut.join(m).join("checkpoint.safetensors").exists()
+                && !cut.join(m).join("sae_weights.safetensors").exists()
+        );
+    }
+    ok(&a);
+    let alone = tmp.path().join("alone-long");
+    ok(&[
+        "train",
+        "--shards",
+        s(&store),
+        "--config",
+        s(&cfg2),
+        "--k",
+        "2",
+        "--quiet",
+        "--out",
+        s(&alone),
+    ]);
+    assert!(
+        std::fs::read(alone.join("sae_weights.safetensors")).unwrap()
+            == std::fs::read(cut.join("baseline-k2/sae_weights.safetensors")).unwrap(),
+        "killed and resumed sweep differs from train alone"
+    );
+    assert!(!cut.join("baseline-k2/checkpoint.safetensors").exists());
+}
