@@ -161,6 +161,9 @@ pub fn report(a: ReportArgs) -> Result<ExitCode> {
             serde_json::from_slice(&bytes).with_context(|| format!("{}", sweep_file.display()))?;
         print!("{}", dmsae_trainer::sweep::markdown(&s));
         dmsae_trainer::sweep::plots(&a.run, &s)?;
+        if let Some(md) = dmsae_trainer::eval::report_section(&a.run)? {
+            print!("\n{md}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let path = a.run.join(distill::SUMMARY_FILE);
@@ -170,5 +173,8 @@ pub fn report(a: ReportArgs) -> Result<ExitCode> {
     print!("{}", distill::markdown(&s));
     // Plots follow the summary, so a run from before they existed gets them too.
     distill::plots(&a.run, &s)?;
+    if let Some(md) = dmsae_trainer::eval::report_section(&a.run)? {
+        print!("\n{md}");
+    }
     Ok(ExitCode::SUCCESS)
 }

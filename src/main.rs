@@ -3,10 +3,11 @@
 //! Exit codes: 0 success; 1 `store verify` found problems; 2 an error (printed on one line);
 //! 3 `extract` stopped by SIGTERM/SIGINT after committing its work (rerun to continue), or
 //! `train` stopped by them after writing a checkpoint (rerun with --resume), or `train-cycle` /
-//! `distill` / `sweep` stopped by them (rerun the same command).
+//! `distill` / `sweep` stopped by them (rerun the same command), or `eval` stopped by them (nothing written).
 
 mod cli;
 mod distill_cmd;
+mod eval_cmd;
 mod extract_cmd;
 mod store_cmd;
 mod sweep_cmd;
@@ -54,6 +55,8 @@ enum Cmd {
     Sweep(Box<sweep_cmd::SweepArgs>),
     /// Print a distillation run's summary or a sweep's table (and refresh their plots).
     Report(distill_cmd::ReportArgs),
+    /// Splice SAE reconstructions into the model: CE-loss recovered, KL, FVU, L0 on held-out text.
+    Eval(Box<eval_cmd::EvalArgs>),
 }
 
 fn env() -> Result<ExitCode> {
@@ -88,6 +91,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Distill(a) => distill_cmd::distill(*a),
         Cmd::Sweep(a) => sweep_cmd::run(*a),
         Cmd::Report(a) => distill_cmd::report(a),
+        Cmd::Eval(a) => eval_cmd::run(*a),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod attribution;
 pub mod config;
 pub mod distill;
+pub mod eval;
 pub mod export;
 pub mod plot;
 pub mod sae;
