@@ -336,6 +336,18 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
     let mut a = sweep_args("2", &sweep);
     a.extend(["--width".into(), "40".into()]);
     assert_one_line_error(&dmsae(&a), &["distilled-core-k2", "another config"]);
+    // A core regenerated at the same path is another core: known by content, not path.
+    let core_path = run.join("distilled/core.safetensors");
+    let saved = std::fs::read(&core_path).unwrap();
+    let mut changed = saved.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    std::fs::write(&core_path, &changed).unwrap();
+    assert_one_line_error(
+        &dmsae(&sweep_args("2", &sweep)),
+        &["distilled-core-k2", "another config or core"],
+    );
+    std::fs::write(&core_path, &saved).unwrap();
 
     // SIGTERM: every model checkpoints at the same step, exit 3; the rerun resumes them all in
     // one pass and ends where `train` ends alone.

@@ -24,8 +24,8 @@ use crate::distill::{load_export, write_core};
 use crate::export::{self, write_atomic};
 use crate::plot::{line_chart, Series as PlotSeries};
 use crate::train::{
-    load_core, scale_of, set_threads, train_members, Member, MemberSpec, Position, Progress,
-    TrainError,
+    file_blake3, load_core, scale_of, set_threads, train_members, Member, MemberSpec, Position,
+    Progress, TrainError,
 };
 use dmsae_store::Store;
 use rand::SeedableRng;
@@ -233,8 +233,8 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
             if cfg_path.exists() {
                 let v = read_json(&cfg_path)?;
                 let x = &v["dmsae"];
-                let same_core =
-                    x["core_file"] == json!(core_file.as_ref().map(|p| p.display().to_string()));
+                let hash = core_file.as_deref().map(file_blake3).transpose()?;
+                let same_core = x["core_blake3"] == json!(hash);
                 if x["train_config"] != json!(cfg_k) || !same_core {
                     return Err(bad(
                         &cfg_path,

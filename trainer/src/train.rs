@@ -148,6 +148,12 @@ pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainErro
     })
 }
 
+/// BLAKE3 of a core file, so a run or sweep model knows its core by content, not path.
+pub fn file_blake3(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
 /// The normalisation scalar of a store's `acts`.
 pub fn scale_of(store: &Store) -> Result<(usize, f64), TrainError> {
     let bad = |msg: String| TrainError::Unusable {
@@ -366,6 +372,7 @@ impl Member {
         let identity = json!({
             "config": cfg,
             "core_file": core_file.map(|p| p.display().to_string()),
+            "core_blake3": core_file.map(file_blake3).transpose()?,
             "store_shards": store.manifest.shards.iter().map(|s| s.blake3.clone()).collect::<Vec<_>>(),
         });
         let mut pos = Position::default();
@@ -436,6 +443,7 @@ impl Member {
             "core_size": t.sae.core,
             "core_frozen": core_file.is_some() && cfg.core_frozen,
             "core_file": core_file.map(|p| p.display().to_string()),
+            "core_blake3": core_file.map(file_blake3).transpose()?,
             "k": cfg.k,
             "group_sizes": t.sae.groups,
             "norm_scale": scale,
