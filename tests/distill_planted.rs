@@ -8,8 +8,7 @@
 
 mod common;
 
-use common::{assert_one_line_error, dmsae, ok, read_safetensors};
-use serde_json::Value;
+use common::{assert_one_line_error, dmsae, json, ok, read_safetensors};
 use std::path::{Path, PathBuf};
 
 const D: usize = 32;
@@ -20,92 +19,13 @@ const S: [usize; 4] = [2, 7, 13, 19];
 const UNITS: f32 = 3.0;
 const N: usize = 64 * 256;
 
-/// splitmix64 with Box-Muller: a seeded generator without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn gauss(&mut self) -> f64 {
-        let (u, v) = (self.uniform().max(1e-300), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
-/// (atoms [ATOMS][D] orthonormal, acts [N, D], grads [N, D]). Each token: 3 atoms with
-/// coefficients U(0.5, 1.5), noise 0.01. Gradient: sum over S of N(0, 1) * atom, noise 0.002.
+/// (atoms [ATOMS][D] orthonormal, acts [N, D], grads [N, D]): see `common::planted`.
 fn planted() -> (Vec<Vec<f64>>, Vec<f32>, Vec<f32>) {
-    let mut rng = Rng(5);
-    let mut atoms: Vec<Vec<f64>> = Vec::new();
-    while atoms.len() < ATOMS {
-        let mut v: Vec<f64> = (0..D).map(|_| rng.gauss()).collect();
-        for a in &atoms {
-            let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
-            v.iter_mut().zip(a).for_each(|(x, y)| *x -= p * y);
-        }
-        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        atoms.push(v.into_iter().map(|x| x / n).collect());
-    }
-    let (mut acts, mut grads) = (Vec::with_capacity(N * D), Vec::with_capacity(N * D));
-    for _ in 0..N {
-        let mut x: Vec<f64> = (0..D).map(|_| 0.01 * rng.gauss()).collect();
-        let mut on = Vec::new();
-        while on.len() < 3 {
-            let i = (rng.next() % ATOMS as u64) as usize;
-            if !on.contains(&i) {
-                on.push(i);
-            }
-        }
-        for &i in &on {
-            let c = 0.5 + rng.uniform();
-            x.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += c * a);
-        }
-        let mut g: Vec<f64> = (0..D).map(|_| 0.002 * rng.gauss()).collect();
-        for &i in &S {
-            let w = rng.gauss();
-            g.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += w * a);
-        }
-        acts.extend(x.iter().map(|v| *v as f32 * UNITS));
-        grads.extend(g.iter().map(|v| *v as f32));
-    }
-    (atoms, acts, grads)
+    common::planted(5, D, ATOMS, &S, N, UNITS)
 }
 
 fn import(dir: &Path, acts: &[f32], grads: &[f32]) -> PathBuf {
-    let mut args: Vec<String> = vec!["store".into(), "import".into()];
-    for (name, v) in [("acts", acts), ("grads", grads)] {
-        let npy = dir.join(format!("{name}.npy"));
-        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-        dmsae_store::npy::write(&npy, "<f4", &[N, D], &bytes).unwrap();
-        args.extend([format!("--{name}"), npy.display().to_string()]);
-    }
-    let store = dir.join("store");
-    args.extend(
-        [
-            "--dtype",
-            "f32",
-            "--chunk-tokens",
-            "256",
-            "--codec",
-            "raw",
-            "--out",
-        ]
-        .map(String::from),
-    );
-    args.push(store.display().to_string());
-    ok(&args);
-    store
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    common::import_acts_grads(dir, acts, grads, D)
 }
 
 /// The atom a direction is closest to, and |cosine|.

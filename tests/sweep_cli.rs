@@ -10,8 +10,7 @@
 
 mod common;
 
-use common::{assert_one_line_error, dmsae, ok, read_safetensors};
-use serde_json::Value;
+use common::{assert_one_line_error, dmsae, json, ok, read_safetensors};
 use std::path::{Path, PathBuf};
 
 const D: usize = 16;
@@ -19,81 +18,12 @@ const ATOMS: usize = 12;
 const S: [usize; 3] = [1, 5, 9];
 const N: usize = 64 * 128;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn gauss(&mut self) -> f64 {
-        let (u, v) = (self.uniform().max(1e-300), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
-
-/// A store of `n` tokens of width `d` with acts and grads under `dir/store`.
+/// A store of `n` planted tokens of width `d` (`common::planted`) under `dir/store`.
 fn make_store(dir: &Path, d: usize, n: usize) -> PathBuf {
-    let mut rng = Rng(11);
-    let mut atoms: Vec<Vec<f64>> = Vec::new();
-    while atoms.len() < ATOMS.min(d) {
-        let mut v: Vec<f64> = (0..d).map(|_| rng.gauss()).collect();
-        for a in &atoms {
-            let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
-            v.iter_mut().zip(a).for_each(|(x, y)| *x -= p * y);
-        }
-        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        atoms.push(v.into_iter().map(|x| x / norm).collect());
-    }
-    let (mut acts, mut grads) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let mut x: Vec<f64> = (0..d).map(|_| 0.01 * rng.gauss()).collect();
-        for _ in 0..3 {
-            let i = (rng.next() % atoms.len() as u64) as usize;
-            let c = 0.5 + rng.uniform();
-            x.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += c * a);
-        }
-        let mut g: Vec<f64> = (0..d).map(|_| 0.002 * rng.gauss()).collect();
-        for &i in S.iter().filter(|&&i| i < atoms.len()) {
-            let w = rng.gauss();
-            g.iter_mut().zip(&atoms[i]).for_each(|(v, a)| *v += w * a);
-        }
-        acts.extend(x.iter().map(|v| *v as f32 * 2.0));
-        grads.extend(g.iter().map(|v| *v as f32));
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    let mut args: Vec<String> = vec!["store".into(), "import".into()];
-    for (name, v) in [("acts", &acts), ("grads", &grads)] {
-        let npy = dir.join(format!("{name}.npy"));
-        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-        dmsae_store::npy::write(&npy, "<f4", &[n, d], &bytes).unwrap();
-        args.extend([format!("--{name}"), npy.display().to_string()]);
-    }
-    let out = dir.join("store");
-    args.extend(
-        [
-            "--dtype",
-            "f32",
-            "--chunk-tokens",
-            "256",
-            "--codec",
-            "raw",
-            "--out",
-        ]
-        .map(String::from),
-    );
-    args.push(out.display().to_string());
-    ok(&args);
-    out
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    let atoms = ATOMS.min(d);
+    let s: Vec<usize> = S.iter().copied().filter(|&i| i < atoms).collect();
+    let (_, acts, grads) = common::planted(11, d, atoms, &s, n, 2.0);
+    common::import_acts_grads(dir, &acts, &grads, d)
 }
 
 const CONFIG: &str = "width = 48\nk = 3\ngroup_fractions = [0.5]\nlr = 3e-3\nwarmup_steps = 10\n\

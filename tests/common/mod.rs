@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// What one run of the binary printed.
@@ -144,6 +144,104 @@ pub fn import_f32_rows(dir: &Path, rows: &[f32], d: usize, extra: &[&str]) -> st
     ];
     args.extend(["--out", store.to_str().unwrap(), "--chunk-tokens", "256"]);
     args.extend(extra);
+    ok(&args);
+    store
+}
+
+pub fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// splitmix64 with Box-Muller: a seeded generator without a dependency.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// Planted data for distillation: `atoms` orthonormal directions in `d` dimensions; each of `n`
+/// tokens is 3 distinct atoms with coefficients U(0.5, 1.5) plus noise 0.01, times `units`;
+/// its gradient is a sum over the atoms in `s` of N(0, 1) * atom, plus noise 0.002.
+/// Returns (atoms, acts [n, d], grads [n, d]).
+pub fn planted(
+    seed: u64,
+    d: usize,
+    atoms: usize,
+    s: &[usize],
+    n: usize,
+    units: f32,
+) -> (Vec<Vec<f64>>, Vec<f32>, Vec<f32>) {
+    let mut rng = Rng(seed);
+    let mut dict: Vec<Vec<f64>> = Vec::new();
+    while dict.len() < atoms {
+        let mut v: Vec<f64> = (0..d).map(|_| rng.gauss()).collect();
+        for a in &dict {
+            let p: f64 = v.iter().zip(a).map(|(x, y)| x * y).sum();
+            v.iter_mut().zip(a).for_each(|(x, y)| *x -= p * y);
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dict.push(v.into_iter().map(|x| x / norm).collect());
+    }
+    let (mut acts, mut grads) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
+    for _ in 0..n {
+        let mut x: Vec<f64> = (0..d).map(|_| 0.01 * rng.gauss()).collect();
+        let mut on = Vec::new();
+        while on.len() < 3 {
+            let i = (rng.next() % atoms as u64) as usize;
+            if !on.contains(&i) {
+                on.push(i);
+            }
+        }
+        for &i in &on {
+            let c = 0.5 + rng.uniform();
+            x.iter_mut().zip(&dict[i]).for_each(|(v, a)| *v += c * a);
+        }
+        let mut g: Vec<f64> = (0..d).map(|_| 0.002 * rng.gauss()).collect();
+        for &i in s {
+            let w = rng.gauss();
+            g.iter_mut().zip(&dict[i]).for_each(|(v, a)| *v += w * a);
+        }
+        acts.extend(x.iter().map(|v| *v as f32 * units));
+        grads.extend(g.iter().map(|v| *v as f32));
+    }
+    (dict, acts, grads)
+}
+
+/// `dir/store` from float32 `acts` and `grads` rows of width `d` (raw codec, 256-token chunks).
+pub fn import_acts_grads(dir: &Path, acts: &[f32], grads: &[f32], d: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut args: Vec<String> = vec!["store".into(), "import".into()];
+    for (name, v) in [("acts", acts), ("grads", grads)] {
+        let npy = dir.join(format!("{name}.npy"));
+        let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        dmsae_store::npy::write(&npy, "<f4", &[v.len() / d, d], &bytes).unwrap();
+        args.extend([format!("--{name}"), npy.display().to_string()]);
+    }
+    let store = dir.join("store");
+    for a in [
+        "--dtype",
+        "f32",
+        "--chunk-tokens",
+        "256",
+        "--codec",
+        "raw",
+        "--out",
+    ] {
+        args.push(a.into());
+    }
+    args.push(store.display().to_string());
     ok(&args);
     store
 }
