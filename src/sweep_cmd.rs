@@ -1,10 +1,10 @@
 //! `dmsae sweep`: a thin wrapper over `dmsae_trainer::sweep`.
 
+use crate::train_cmd::ModelFlags;
 use anyhow::{bail, Result};
 use clap::Args;
 use dmsae_trainer::distill::{cycle_dir, CORE_FILE, DISTILLED_DIR};
 use dmsae_trainer::sweep::{self, Series, SweepSpec};
-use dmsae_trainer::TrainConfig;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,52 +30,12 @@ pub struct SweepArgs {
     /// not fit in memory together.
     #[arg(long, value_delimiter = ',')]
     series: Vec<String>,
-    /// TOML file of TrainConfig keys shared by every model; flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Dictionary size d_sae of every model, core included.
-    #[arg(long)]
-    width: Option<usize>,
-    /// Training steps (batches) of every model.
-    #[arg(long, conflicts_with = "tokens")]
-    steps: Option<u64>,
-    /// Training tokens, with K/M/B suffixes, rounded up to whole batches.
-    #[arg(long, value_parser = crate::cli::parse_count)]
-    tokens: Option<u64>,
-    /// Seed of the initialisation, the stream order and the random core's draw.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Tokens per batch.
-    #[arg(long)]
-    batch: Option<usize>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// No progress line.
-    #[arg(long)]
-    quiet: bool,
+    /// Flags shared by every model (width, steps, seed, ...).
+    #[command(flatten)]
+    model: ModelFlags,
     /// Sweep directory: <series>-k<k>/ exports, sweep.json, sweep.md, plots/.
     #[arg(long)]
     out: PathBuf,
-}
-
-impl SweepArgs {
-    fn config(&self) -> Result<TrainConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => TrainConfig::load(p)?,
-            None => TrainConfig::default(),
-        };
-        cfg.width = self.width.unwrap_or(cfg.width);
-        cfg.batch_tokens = self.batch.unwrap_or(cfg.batch_tokens);
-        cfg.seed = self.seed.unwrap_or(cfg.seed);
-        if let Some(v) = self.steps {
-            (cfg.steps, cfg.tokens) = (v, None);
-        }
-        if self.tokens.is_some() {
-            cfg.tokens = self.tokens;
-        }
-        Ok(cfg)
-    }
 }
 
 /// `16,32,64` -> [16, 32, 64]; every entry a positive integer.
@@ -92,7 +52,7 @@ fn parse_ks(s: &str) -> Result<Vec<usize>> {
 
 pub fn run(a: SweepArgs) -> Result<ExitCode> {
     let ks = parse_ks(&a.k)?;
-    let cfg = a.config()?;
+    let cfg = a.model.config()?;
     let core = a.core.clone().or_else(|| {
         a.distill_run
             .as_ref()
@@ -119,11 +79,11 @@ pub fn run(a: SweepArgs) -> Result<ExitCode> {
         }
         v
     };
-    let device = crate::cli::device(&a.device)?;
+    let device = crate::cli::device(&a.model.device)?;
     let stop = crate::cli::stop_on_signals();
     let n_models = series.len() * ks.len();
     let mut last = Instant::now();
-    let quiet = a.quiet;
+    let quiet = a.model.quiet;
     let outcome = sweep::sweep(
         SweepSpec {
             store: &a.shards,

@@ -9,25 +9,24 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Training flags shared by `train`, `train-cycle` and `distill`; each overrides the config file.
+/// Flags of every training command (`train`, `train-cycle`, `distill`, `sweep`), each
+/// overriding the config file; k is per command (one value, or the sweep's list).
 #[derive(Args)]
-pub struct TrainFlags {
+pub struct ModelFlags {
     /// TOML file of TrainConfig keys (attribution keys in a `[distill]` table); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Dictionary size d_sae, core included.
     #[arg(long)]
     width: Option<usize>,
-    /// Mean non-core L0 of BatchTopK.
-    #[arg(long)]
-    k: Option<usize>,
     /// Training steps (batches; per cycle when distilling).
     #[arg(long, conflicts_with = "tokens")]
     steps: Option<u64>,
     /// Training tokens, with K/M/B suffixes, rounded up to whole batches (per cycle when distilling).
     #[arg(long, value_parser = crate::cli::parse_count)]
     tokens: Option<u64>,
-    /// Seed of the initialisation and of the stream order (cycle N of a distillation uses seed + N).
+    /// Seed of the initialisation and of the stream order (cycle N of a distillation uses
+    /// seed + N; a sweep's random core is drawn with it).
     #[arg(long)]
     seed: Option<u64>,
     /// Tokens per batch.
@@ -41,14 +40,38 @@ pub struct TrainFlags {
     pub quiet: bool,
 }
 
+/// `ModelFlags` and one k: `train`, `train-cycle` and `distill`.
+#[derive(Args)]
+pub struct TrainFlags {
+    #[command(flatten)]
+    pub model: ModelFlags,
+    /// Mean non-core L0 of BatchTopK.
+    #[arg(long)]
+    k: Option<usize>,
+}
+
+impl std::ops::Deref for TrainFlags {
+    type Target = ModelFlags;
+    fn deref(&self) -> &ModelFlags {
+        &self.model
+    }
+}
+
 impl TrainFlags {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut cfg = self.model.config()?;
+        cfg.k = self.k.unwrap_or(cfg.k);
+        Ok(cfg)
+    }
+}
+
+impl ModelFlags {
     pub fn config(&self) -> Result<TrainConfig> {
         let mut cfg = match &self.config {
             Some(p) => TrainConfig::load(p)?,
             None => TrainConfig::default(),
         };
         cfg.width = self.width.unwrap_or(cfg.width);
-        cfg.k = self.k.unwrap_or(cfg.k);
         cfg.batch_tokens = self.batch.unwrap_or(cfg.batch_tokens);
         cfg.seed = self.seed.unwrap_or(cfg.seed);
         if let Some(v) = self.steps {
