@@ -271,6 +271,15 @@ pub struct LayerOutput {
     pub grad: Option<Tensor>,
 }
 
+/// Layers `0..=L` of a batch: ids on the model's device, the context, the residual after L.
+pub(crate) struct Prefix {
+    pub ids: Tensor,
+    pub ctx: Ctx,
+    pub resid: Tensor,
+    pub b: i64,
+    pub t: i64,
+}
+
 /// The decoder stack shared by both architectures; the files per architecture build it.
 pub(crate) struct Decoder {
     pub cfg: Config,
@@ -347,10 +356,8 @@ impl Decoder {
             .f_view([b, t, -1])?)
     }
 
-    /// Residual after layer `layer`, per-token loss and (when `grad`) the loss gradient with
-    /// respect to that residual. Layers `0..=layer` run without autograd; the graph starts at a
-    /// detached copy of the residual and is differentiated only with respect to it.
-    pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
+    /// Checks `layer` and `ids`, then runs layers `0..=layer` without autograd.
+    pub(crate) fn prefix(&self, ids: &Tensor, layer: usize) -> Result<Prefix> {
         let n = self.layers.len();
         if layer >= n {
             return Err(Error::Usage(format!(
@@ -365,6 +372,27 @@ impl Decoder {
             let _g = tch::no_grad_guard();
             self.run_layers(self.embed(&ids)?, 0..layer + 1, &ctx)?
         };
+        Ok(Prefix {
+            ids,
+            ctx,
+            resid,
+            b,
+            t,
+        })
+    }
+
+    /// Residual after layer `layer`, per-token loss and (when `grad`) the loss gradient with
+    /// respect to that residual. Layers `0..=layer` run without autograd; the graph starts at a
+    /// detached copy of the residual and is differentiated only with respect to it.
+    pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
+        let Prefix {
+            ids,
+            ctx,
+            resid,
+            b,
+            t,
+        } = self.prefix(ids, layer)?;
+        let n = self.layers.len();
         let leaf = resid.f_detach()?.f_set_requires_grad(grad)?;
         let hn = {
             let _g = if grad {

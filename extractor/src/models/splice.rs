@@ -7,7 +7,7 @@
 //! log-softmax is computed once per chunk and compared with each variant's, so float32 logits
 //! exist for one chunk at a time (the vocabulary is 262k for Gemma-3).
 
-use super::common::{Ctx, Decoder};
+use super::common::{Ctx, Decoder, Prefix};
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -35,20 +35,14 @@ pub struct SpliceLosses {
 
 impl Decoder {
     pub(crate) fn clean_pass(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<CleanPass> {
+        let Prefix {
+            ids,
+            ctx,
+            resid,
+            b,
+            t,
+        } = self.prefix(ids, layer)?;
         let n = self.layers.len();
-        if layer >= n {
-            return Err(Error::Usage(format!(
-                "layer {layer} out of range: the model has {n} layers (0..={})",
-                n - 1
-            )));
-        }
-        let (b, t) = self.check_ids(ids)?;
-        let ids = ids.f_to_device(self.device)?;
-        let ctx = Ctx::new_for(self, t)?;
-        let resid = {
-            let _g = tch::no_grad_guard();
-            self.run_layers(self.embed(&ids)?, 0..layer + 1, &ctx)?
-        };
         if !grad {
             let _g = tch::no_grad_guard();
             let hn = self.norm.forward(&self.run_layers(
