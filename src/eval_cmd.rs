@@ -1,9 +1,9 @@
 //! `dmsae eval`: splice SAE reconstructions into the model on held-out text; thin wrapper over
 //! `dmsae_trainer::eval`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use dmsae_extractor::data::{input_files, Documents, Packer, Tokenizer};
+use dmsae_extractor::data::Packer;
 use dmsae_extractor::tch::{Device, Kind, Tensor};
 use dmsae_extractor::{Config, Model};
 use dmsae_trainer::eval::{self, EvalSae, Evaluator, Options};
@@ -83,30 +83,14 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
             );
         }
     }
-    let tok = Tokenizer::load(&a.model)?;
-    let bos = config
-        .bos_token_id
-        .or_else(|| tok.token_id("<bos>"))
-        .with_context(|| {
-            format!(
-                "{}: no bos_token_id in config.json and no <bos> token",
-                a.model.display()
-            )
-        })?;
-    let mut packer = Packer::new(
-        Documents::new(input_files(&a.data)?),
-        tok,
-        bos,
+    let mut packer = Packer::for_model(
+        &a.model,
+        config.bos_token_id,
+        config.vocab_size,
+        &a.data,
         a.context,
-        config.vocab_size as u32,
-    );
-    if !packer.has_context()? {
-        bail!(
-            "{}: not enough text for one context of {} tokens",
-            a.data.display(),
-            a.context
-        );
-    }
+    )?;
+    let bos = packer.bos();
     let model = Model::load(&a.model, device, kind)?;
     let contexts = a.tokens.div_ceil(a.context as u64);
     let opts = Options {

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dmsae_extractor::data::{input_files, Documents, Packer, Tokenizer};
+use dmsae_extractor::data::Packer;
 use dmsae_extractor::extract::{self, Options, Outcome, Progress};
 use dmsae_extractor::tch::{Device, Kind};
 use dmsae_extractor::{Config, Model};
@@ -226,31 +226,15 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
             config.num_hidden_layers - 1
         );
     }
-    let tok = Tokenizer::load(&a.model)?;
-    let bos = config
-        .bos_token_id
-        .or_else(|| tok.token_id("<bos>"))
-        .with_context(|| {
-            format!(
-                "{}: no bos_token_id in config.json and no <bos> token",
-                a.model.display()
-            )
-        })?;
-    let tokenizer_blake3 = hash_file(&tok.path)?;
-    let mut packer = Packer::new(
-        Documents::new(input_files(&a.data)?),
-        tok,
-        bos,
+    let mut packer = Packer::for_model(
+        &a.model,
+        config.bos_token_id,
+        config.vocab_size,
+        &a.data,
         a.context,
-        config.vocab_size as u32,
-    );
-    if !packer.has_context()? {
-        bail!(
-            "{}: not enough text for one context of {} tokens",
-            a.data.display(),
-            a.context
-        );
-    }
+    )?;
+    let bos = packer.bos();
+    let tokenizer_blake3 = hash_file(&packer.tokenizer().path)?;
     let model = Model::load(&a.model, device, kind)?;
     let contexts = a.tokens.div_ceil(a.context as u64);
 

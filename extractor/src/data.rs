@@ -390,6 +390,47 @@ impl Packer {
         }
     }
 
+    /// The model's tokenizer over the documents at `data` (file, directory or glob); BOS is
+    /// `bos_token_id` (config.json) or the `<bos>` token. Refuses data that cannot fill one
+    /// context.
+    pub fn for_model(
+        model_dir: &Path,
+        bos_token_id: Option<u32>,
+        vocab: usize,
+        data: &Path,
+        context: usize,
+    ) -> Result<Packer> {
+        let tok = Tokenizer::load(model_dir)?;
+        let bos = bos_token_id
+            .or_else(|| tok.token_id("<bos>"))
+            .ok_or_else(|| Error::Data {
+                path: model_dir.join("config.json"),
+                msg: "no bos_token_id, and the tokenizer has no <bos> token".into(),
+            })?;
+        let mut p = Packer::new(
+            Documents::new(input_files(data)?),
+            tok,
+            bos,
+            context,
+            vocab as u32,
+        );
+        if !p.has_context()? {
+            return Err(Error::Data {
+                path: data.to_path_buf(),
+                msg: format!("not enough text for one context of {context} tokens"),
+            });
+        }
+        Ok(p)
+    }
+
+    pub fn bos(&self) -> u32 {
+        self.bos
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
     /// Whether the data can fill another context (reads ahead as far as needed).
     pub fn has_context(&mut self) -> Result<bool> {
         while self.stream.len() < self.context - 1 {
