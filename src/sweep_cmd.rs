@@ -5,10 +5,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use dmsae_trainer::distill::{cycle_dir, CORE_FILE, DISTILLED_DIR};
 use dmsae_trainer::sweep::{self, Series, SweepSpec};
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 #[derive(Args)]
 pub struct SweepArgs {
@@ -82,7 +80,6 @@ pub fn run(a: SweepArgs) -> Result<ExitCode> {
     let device = crate::cli::device(&a.model.device)?;
     let stop = crate::cli::stop_on_signals();
     let n_models = series.len() * ks.len();
-    let mut last = Instant::now();
     let quiet = a.model.quiet;
     let outcome = sweep::sweep(
         SweepSpec {
@@ -96,23 +93,16 @@ pub fn run(a: SweepArgs) -> Result<ExitCode> {
             device,
             stop,
         },
-        |p| {
-            if quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
-                return;
-            }
-            last = Instant::now();
-            let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
-            let eta = p.elapsed_s / p.run_steps.max(1) as f64 * (p.total_steps - p.step) as f64;
-            let _ = write!(
-                std::io::stderr(),
-                "\rsweep: step {}/{} ({:.0}%)  {:.0} tokens/s (each read once, up to {n_models} models)  ETA {:.0}s   ",
+        crate::train_cmd::progress_line(quiet, |p, rate, eta| {
+            format!(
+                "sweep: step {}/{} ({:.0}%)  {:.0} tokens/s (each read once, up to {n_models} models)  ETA {:.0}s",
                 p.step,
                 p.total_steps,
                 100.0 * p.step as f64 / p.total_steps as f64,
                 rate,
                 eta
-            );
-        },
+            )
+        }),
     )?;
     if !quiet && !outcome.trained.is_empty() || outcome.interrupted {
         eprintln!();

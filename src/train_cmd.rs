@@ -85,17 +85,9 @@ impl ModelFlags {
 
     /// The progress line on stderr, at most twice a second, prefixed by `label`.
     pub fn progress(&self, label: String) -> impl FnMut(&Progress) + '_ {
-        let mut last = Instant::now();
-        move |p| {
-            if self.quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
-                return;
-            }
-            last = Instant::now();
-            let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
-            let eta = p.elapsed_s / p.run_steps.max(1) as f64 * (p.total_steps - p.step) as f64;
-            let _ = write!(
-                std::io::stderr(),
-                "\r{label}step {}/{} ({:.0}%)  {:.0} tokens/s  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}  ETA {:.0}s   ",
+        progress_line(self.quiet, move |p, rate, eta| {
+            format!(
+                "{label}step {}/{} ({:.0}%)  {:.0} tokens/s  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}  ETA {:.0}s",
                 p.step,
                 p.total_steps,
                 100.0 * p.step as f64 / p.total_steps as f64,
@@ -105,8 +97,26 @@ impl ModelFlags {
                 p.stats.l0_core,
                 p.stats.l0_noncore,
                 eta
-            );
+            )
+        })
+    }
+}
+
+/// A progress line on stderr, redrawn at most twice a second (and at the last step); `line`
+/// gets the progress, tokens/s and the ETA in seconds.
+pub fn progress_line(
+    quiet: bool,
+    mut line: impl FnMut(&Progress, f64, f64) -> String,
+) -> impl FnMut(&Progress) {
+    let mut last = Instant::now();
+    move |p| {
+        if quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
+            return;
         }
+        last = Instant::now();
+        let rate = p.run_tokens as f64 / p.elapsed_s.max(1e-9);
+        let eta = p.elapsed_s / p.run_steps.max(1) as f64 * (p.total_steps - p.step) as f64;
+        let _ = write!(std::io::stderr(), "\r{}   ", line(p, rate, eta));
     }
 }
 
