@@ -13,7 +13,7 @@ use crate::attribution::{attribute, select, Scores};
 use crate::config::{DistillConfig, TrainConfig};
 use crate::export::{self, write_atomic};
 use crate::sae::Sae;
-use crate::train::{self, scale_of, Progress, RunOptions, TrainError};
+use crate::train::{self, scale_of, CoreFile, Progress, RunOptions, TrainError};
 use dmsae_store::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -166,40 +166,15 @@ pub fn write_core(
         .map_err(|e| io_err(path, e))
 }
 
-/// (W_enc [d, c], b_enc [c], threshold [c] (zeros when absent), lineage) of a core file.
+/// (W_enc [d, c], b_enc [c], threshold [c] (zeros when absent), lineage) of a cycle's core file.
 pub fn read_core(path: &Path) -> Result<(Tensor, Tensor, Tensor, Vec<u64>), TrainError> {
-    let bad = |msg: String| TrainError::Core {
+    let f = CoreFile::read(path)?;
+    let lineage = f.lineage.ok_or_else(|| TrainError::Core {
         path: path.into(),
-        msg,
-    };
-    let tensors = Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?;
-    let get = |n: &str| {
-        tensors
-            .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, t)| t.shallow_clone())
-            .ok_or_else(|| bad(format!("no tensor `{n}`")))
-    };
-    let (w, b, l) = (get("W_enc")?, get("b_enc")?, get("lineage")?);
-    let ids: Vec<i64> =
-        Vec::try_from(l.to_kind(Kind::Int64)).map_err(|e: tch::TchError| bad(e.to_string()))?;
-    if w.dim() != 2 || w.size()[1] as usize != ids.len() || b.size() != [ids.len() as i64] {
-        return Err(bad(format!(
-            "W_enc {:?}, b_enc {:?} and lineage [{}] disagree",
-            w.size(),
-            b.size(),
-            ids.len()
-        )));
-    }
-    let th = get("threshold").unwrap_or_else(|_| b.zeros_like());
-    if th.size() != b.size() {
-        return Err(bad(format!(
-            "threshold {:?} does not match b_enc {:?}",
-            th.size(),
-            b.size()
-        )));
-    }
-    Ok((w, b, th, ids.into_iter().map(|i| i as u64).collect()))
+        msg: "no tensor `lineage`".into(),
+    })?;
+    let th = f.threshold_c.unwrap_or_else(|| f.b_enc_c.zeros_like());
+    Ok((f.w_enc_dc, f.b_enc_c, th, lineage))
 }
 
 fn jaccard(a: &[u64], b: &[u64]) -> f64 {

@@ -99,52 +99,90 @@ pub struct Summary {
     pub sae: Sae,
 }
 
-/// Read a core: a safetensors file with `W_enc` [d_in, c] and `b_enc` [c] in model units, the
+/// A core file as written: `W_enc` [d_in, c] and `b_enc` [c] in model units, the
 /// pre-activation being x W_enc + b_enc (anchored to x, no b_dec: sae.rs says why; from an
-/// export, b_enc - b_dec W_enc), converted to normalised units, and optionally
-/// `threshold` [c] (the core latents' JumpReLU thresholds; plain ReLU without it).
-pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainError> {
-    let err = |msg: String| TrainError::Core {
-        path: path.into(),
-        msg,
-    };
-    let tensors = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
-    let get = |name: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.to_kind(Kind::Float))
-            .ok_or_else(|| err(format!("no tensor `{name}`")))
-    };
-    let (w, b) = (get("W_enc")?, get("b_enc")?);
-    let (ws, bs) = (w.size(), b.size());
-    if ws.len() != 2 || ws[0] != d_in as i64 || bs != [ws[1]] || ws[1] == 0 {
-        return Err(err(format!(
-            "expected W_enc [{d_in}, c] and b_enc [c] with c >= 1, got {ws:?} and {bs:?}"
-        )));
-    }
-    if !bool::try_from(w.isfinite().all().logical_and(&b.isfinite().all())).unwrap_or(false) {
-        return Err(err("W_enc or b_enc holds a non-finite value".into()));
-    }
-    // Optional: thresholds are in pre-activation units, which the export's scale folding leaves
-    // unchanged.
-    let threshold_c = tensors
-        .iter()
-        .find(|(n, _)| n == "threshold")
-        .map(|(_, t)| t.to_kind(Kind::Float));
-    if let Some(t) = &threshold_c {
-        if t.size() != [ws[1]] || !bool::try_from(t.isfinite().all()).unwrap_or(false) {
+/// export, b_enc - b_dec W_enc), and optionally `threshold` [c] (the core latents' JumpReLU
+/// thresholds, in pre-activation units, which the export's scale folding leaves unchanged;
+/// plain ReLU without it) and `lineage` [c] (distillation's ids).
+pub struct CoreFile {
+    pub w_enc_dc: Tensor,
+    pub b_enc_c: Tensor,
+    pub threshold_c: Option<Tensor>,
+    pub lineage: Option<Vec<u64>>,
+}
+
+impl CoreFile {
+    /// Read and check shapes, finiteness and agreement of the tensors (float32, CPU).
+    pub fn read(path: &Path) -> Result<CoreFile, TrainError> {
+        let err = |msg: String| TrainError::Core {
+            path: path.into(),
+            msg,
+        };
+        let tensors = Tensor::read_safetensors(path).map_err(|e| err(e.to_string()))?;
+        let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let get = |name: &str| {
+            find(name)
+                .map(|t| t.to_kind(Kind::Float))
+                .ok_or_else(|| err(format!("no tensor `{name}`")))
+        };
+        let (w, b) = (get("W_enc")?, get("b_enc")?);
+        let (ws, bs) = (w.size(), b.size());
+        if ws.len() != 2 || bs != [ws[1]] || ws[1] == 0 {
             return Err(err(format!(
-                "threshold {:?} must be [{}] and finite",
-                t.size(),
-                ws[1]
+                "expected W_enc [d_in, c] and b_enc [c] with c >= 1, got {ws:?} and {bs:?}"
             )));
         }
+        let finite = |t: &Tensor| bool::try_from(t.isfinite().all()).unwrap_or(false);
+        if !finite(&w) || !finite(&b) {
+            return Err(err("W_enc or b_enc holds a non-finite value".into()));
+        }
+        let threshold_c = find("threshold").map(|t| t.to_kind(Kind::Float));
+        if let Some(t) = &threshold_c {
+            if t.size() != bs || !finite(t) {
+                return Err(err(format!(
+                    "threshold {:?} must be {bs:?} and finite",
+                    t.size()
+                )));
+            }
+        }
+        let lineage = match find("lineage") {
+            None => None,
+            Some(l) => {
+                let ids: Vec<i64> = Vec::try_from(l.to_kind(Kind::Int64).view([-1]))
+                    .map_err(|e: tch::TchError| err(e.to_string()))?;
+                if ids.len() as i64 != ws[1] || ids.iter().any(|&i| i < 0) {
+                    return Err(err(format!(
+                        "lineage [{}] must hold c = {} ids >= 0",
+                        ids.len(),
+                        ws[1]
+                    )));
+                }
+                Some(ids.into_iter().map(|i| i as u64).collect())
+            }
+        };
+        Ok(CoreFile {
+            w_enc_dc: w,
+            b_enc_c: b,
+            threshold_c,
+            lineage,
+        })
+    }
+}
+
+/// A core file's `Core` for a store of width `d_in`, in normalised units.
+pub fn load_core(path: &Path, d_in: usize, scale: f64) -> Result<Core, TrainError> {
+    let f = CoreFile::read(path)?;
+    let ws = f.w_enc_dc.size();
+    if ws[0] != d_in as i64 {
+        return Err(TrainError::Core {
+            path: path.into(),
+            msg: format!("expected W_enc [{d_in}, c], got {ws:?}"),
+        });
     }
     Ok(Core {
-        w_enc_dc: w / scale,
-        b_enc_c: b,
-        threshold_c,
+        w_enc_dc: f.w_enc_dc / scale,
+        b_enc_c: f.b_enc_c,
+        threshold_c: f.threshold_c,
     })
 }
 
