@@ -299,6 +299,19 @@ fn distillation_selects_the_planted_directions() {
     ] {
         assert_eq!(a[key], b[key], "{key}");
     }
+    // Nothing to attribute (no held-out split): refused before any training is written.
+    let none = tmp.path().join("none.toml");
+    std::fs::write(
+        &none,
+        CONFIG.replace("eval_fraction = 0.25", "eval_fraction = 0.0"),
+    )
+    .unwrap();
+    let fresh = tmp.path().join("fresh");
+    let mut a = args("1", &none).to_vec();
+    let last = a.len() - 1;
+    a[last] = fresh.to_str().unwrap().into();
+    assert_one_line_error(&dmsae(&a), &["no held-out tokens with gradients"]);
+    assert!(!fresh.join("cycle-0").join("cfg.json").exists());
     let other = tmp.path().join("other.toml");
     assert!(CONFIG.contains("steps = 1500"));
     std::fs::write(&other, CONFIG.replace("steps = 1500", "steps = 1501")).unwrap();

@@ -123,6 +123,50 @@ fn quantile_columns(t_tn: &Tensor, q: f64) -> Vec<f64> {
     Vec::try_from(v).expect("f64 vector")
 }
 
+/// The attribution tokens' stream: held-out (eval split) batches of acts and grads, in store
+/// order, only tokens with gradients when the store says which have them.
+fn attribution_stream(
+    store: &Arc<Store>,
+    cfg: &TrainConfig,
+) -> Result<dmsae_store::BatchStream, TrainError> {
+    let bad = |msg: String| TrainError::Unusable {
+        path: store.dir.clone(),
+        msg,
+    };
+    store
+        .array("grads")
+        .map_err(|_| bad("no `grads` array: attribution needs stored gradients".into()))?;
+    let so = StreamOptions {
+        arrays: vec!["acts".into(), "grads".into()],
+        batch_tokens: cfg.batch_tokens,
+        seed: cfg.seed,
+        split: Split::Eval,
+        eval_fraction: cfg.eval_fraction,
+        require_grads: store.array("flags").is_ok(),
+        shuffle: false,
+        ..Default::default()
+    };
+    Ok(store.stream(so)?)
+}
+
+fn no_attribution_tokens(store: &Arc<Store>, cfg: &TrainConfig) -> TrainError {
+    TrainError::Unusable {
+        path: store.dir.clone(),
+        msg: format!(
+            "no held-out tokens with gradients (eval_fraction {})",
+            cfg.eval_fraction
+        ),
+    }
+}
+
+/// Refuse, before a cycle trains, a store and config that leave attribution nothing to score.
+pub fn check_attribution_data(store: &Arc<Store>, cfg: &TrainConfig) -> Result<(), TrainError> {
+    match attribution_stream(store, cfg)?.next() {
+        Some(b) => b.map(|_| ()).map_err(Into::into),
+        None => Err(no_attribution_tokens(store, cfg)),
+    }
+}
+
 /// Scores of the candidates (core + first non-core group) over up to
 /// `cfg.distill.attribution_tokens` held-out tokens (the eval split) with valid gradients.
 pub fn attribute(
@@ -131,29 +175,11 @@ pub fn attribute(
     scale: f64,
     cfg: &TrainConfig,
 ) -> Result<Scores, TrainError> {
-    let bad = |msg: String| TrainError::Unusable {
-        path: store.dir.clone(),
-        msg,
-    };
-    store
-        .array("grads")
-        .map_err(|_| bad("no `grads` array: attribution needs stored gradients".into()))?;
-    let flags = store.array("flags").is_ok();
-    let so = StreamOptions {
-        arrays: vec!["acts".into(), "grads".into()],
-        batch_tokens: cfg.batch_tokens,
-        seed: cfg.seed,
-        split: Split::Eval,
-        eval_fraction: cfg.eval_fraction,
-        require_grads: flags,
-        shuffle: false,
-        ..Default::default()
-    };
     let dc = &cfg.distill;
     let n = sae.core + sae.groups[0];
     let (d, dev) = (sae.d_in as i64, sae.device());
     let mut acc = Accumulator::new(n, dc.aggregate == Aggregate::Quantile, dev);
-    for b in store.stream(so)? {
+    for b in attribution_stream(store, cfg)? {
         let b = b?;
         let take = (dc.attribution_tokens - acc.tokens).min(b.n as u64) as i64;
         let rows = |name: &str| {
@@ -171,10 +197,7 @@ pub fn attribute(
         }
     }
     if acc.tokens == 0 {
-        return Err(bad(format!(
-            "no held-out tokens with gradients (eval_fraction {})",
-            cfg.eval_fraction
-        )));
+        return Err(no_attribution_tokens(store, cfg));
     }
     Ok(acc.finish(dc.aggregate, dc.quantile))
 }

@@ -9,7 +9,7 @@
 //! entries carry over; the next cycle re-initialises the core's decoder rows, b_dec and every
 //! non-core latent, with seed `seed + cycle`.
 
-use crate::attribution::{attribute, select, Scores};
+use crate::attribution::{attribute, check_attribution_data, select, Scores};
 use crate::config::{DistillConfig, TrainConfig};
 use crate::export::{self, write_atomic};
 use crate::sae::Sae;
@@ -247,6 +247,8 @@ pub fn train_cycle(
         }
     }
     if !out.join(export::CFG_FILE).exists() {
+        let store = Arc::new(Store::open(store_dir)?);
+        check_attribution_data(&store, cfg)?;
         let summary = train::train(
             store_dir,
             out,
