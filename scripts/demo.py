@@ -68,11 +68,6 @@ def apply_set(cfg, item):
     t[last] = value
 
 
-def have(dmsae, command):
-    r = subprocess.run([dmsae, command, "--help"], capture_output=True, text=True)
-    return r.returncode == 0
-
-
 class Demo:
     def __init__(self, a, cfg):
         self.a, self.cfg, self.out = a, cfg, a.out
@@ -146,9 +141,7 @@ def main():
     d.run("report", [a.dmsae, "report", run_dir])
     sw = dict(cfg.get("sweep", {}))
     sweep_dir = None
-    if sw and not have(a.dmsae, "sweep"):
-        print("\ndemo: `dmsae sweep` does not exist in this build; [sweep] skipped")
-    elif sw:
+    if sw:
         ks = sw.pop("ks", None)
         if not ks:
             sys.exit(f"demo: {a.config}: [sweep] needs ks = [..]")
@@ -160,10 +153,7 @@ def main():
         d.run("sweep", args)
         d.run("report", [a.dmsae, "report", sweep_dir])
     ev = dict(cfg.get("eval", {}))
-    if ev and not have(a.dmsae, "eval"):
-        print("\ndemo: `dmsae eval` does not exist in this build; [eval] skipped")
-        ev = {}
-    elif ev:
+    if ev:
         # The sweep's exports when there is a sweep, else the last distillation cycle's SAE.
         sae = sweep_dir or os.path.join(run_dir, f"cycle-{cycles - 1}")
         _, eval_dir = d.settings("eval", f"# sae {sae} text {text_sha['eval.jsonl']}\n" + toml_dump(ev) + "\n")
