@@ -35,7 +35,7 @@ ifeq ($(LIBTORCH)$(LIBTORCH_USE_PYTORCH),)
   USE_VENV_TORCH := 1
 endif
 
-.PHONY: help setup build test test-rust test-python bench demo demo-sample model-venv model saelens corpus clean
+.PHONY: help setup build test test-rust test-python test-real bench demo demo-sample model-venv model saelens corpus clean
 
 help:
 	@echo "make setup   - .venv (torch $(TORCH_PIN) CPU set-up unless LIBTORCH is set) and a release build"
@@ -44,6 +44,7 @@ help:
 	@echo "               distill, sweep, eval, report ($(DEMO_CONFIG); SET='section.key=value ...')"
 	@echo "make demo-sample - import the real activation sample into a store, verify it, train a small SAE"
 	@echo "make model   - $(MODEL_VENV) (full torch + transformers) and the converted model in $(MODEL_DIR)"
+	@echo "make test-real - the real-model eval test against transformers (makes its reference first, ~4 min)"
 	@echo "make saelens - SAELens in $(MODEL_VENV), so \`make test\` also checks that exports load in SAELens"
 	@echo "make bench   - store codec benchmark on the real sample (ratio, MB/s on 1 and 2 cores)"
 
@@ -95,6 +96,17 @@ saelens: $(SAELENS_STAMP)
 # Verifies the cached conversion against its SHA256SUMS (about 1 s) and converts only when needed.
 model: $(MODEL_STAMP)
 	DMSAE_MODEL_CACHE=$(abspath $(DMSAE_MODEL_CACHE)) $(MODEL_VENV)/bin/python scripts/convert_gemma3_gguf.py
+
+# transformers' CE, KL and first-order figures for three SAEs spliced into the converted model
+# (tests/fixtures/gen_eval_fixtures.py --real, ~3.5 min on 2 cores); `make test-real` then runs
+# the real-model eval test against them (CI does).
+EVAL_REF := $(MODEL_DIR)/eval-reference/expected.json
+$(EVAL_REF): $(MODEL_STAMP)
+	$(MAKE) --no-print-directory model
+	$(MODEL_VENV)/bin/python tests/fixtures/gen_eval_fixtures.py --real $(MODEL_DIR)
+
+test-real: $(EVAL_REF) build
+	DMSAE_REAL_GEMMA3=$(abspath $(MODEL_DIR)) cargo test $(CARGO_FLAGS) --test eval_cli -- --ignored
 
 corpus:
 	$(PYTHON) scripts/build_corpus.py $(DEMO_DIR)/corpus
