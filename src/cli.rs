@@ -60,3 +60,13 @@ pub fn stop_on_signals() -> &'static AtomicBool {
     }
     &STOP
 }
+
+/// A core given as a file, or as a directory holding `core.safetensors` (a cycle's directory,
+/// or a distillation run's `distilled/`).
+pub fn core_file(p: &std::path::Path) -> std::path::PathBuf {
+    if p.is_dir() {
+        p.join(dmsae_trainer::distill::CORE_FILE)
+    } else {
+        p.to_path_buf()
+    }
+}

@@ -16,8 +16,8 @@ pub struct SweepArgs {
     /// A `dmsae distill` run: its distilled/core.safetensors, and cycle-0/ for the random core.
     #[arg(long)]
     distill_run: Option<PathBuf>,
-    /// A core file (instead of the run's distilled core); without --distill-run there is no
-    /// random-core series.
+    /// A core file, or a directory holding core.safetensors (instead of the run's distilled
+    /// core); without --distill-run there is no random-core series.
     #[arg(long)]
     core: Option<PathBuf>,
     /// The k values (mean non-core L0), comma-separated: one model per series and k.
@@ -51,7 +51,7 @@ fn parse_ks(s: &str) -> Result<Vec<usize>> {
 pub fn run(a: SweepArgs) -> Result<ExitCode> {
     let ks = parse_ks(&a.k)?;
     let cfg = a.model.config()?;
-    let core = a.core.clone().or_else(|| {
+    let core = a.core.as_deref().map(crate::cli::core_file).or_else(|| {
         a.distill_run
             .as_ref()
             .map(|r| r.join(DISTILLED_DIR).join(CORE_FILE))

@@ -126,7 +126,8 @@ pub struct TrainArgs {
     #[arg(long)]
     shards: PathBuf,
     /// Core to start from: safetensors with `W_enc` [d_in, c] and `b_enc` [c], model units,
-    /// pre-activation x W_enc + b_enc (no b_dec; a cycle's core.safetensors), optional `threshold`.
+    /// pre-activation x W_enc + b_enc (no b_dec; a cycle's core.safetensors), optional
+    /// `threshold`; or a directory holding core.safetensors (RUN/distilled, RUN/cycle-N).
     #[arg(long)]
     core: Option<PathBuf>,
     /// Run directory: metrics.jsonl, cfg.json, sae_weights.safetensors.
@@ -141,6 +142,7 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let cfg = a.train.config()?;
+    let core = a.core.as_deref().map(crate::cli::core_file);
     let device = crate::cli::device(&a.train.device)?;
     let stop = crate::cli::stop_on_signals();
     let summary = train::train(
@@ -148,7 +150,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         &a.out,
         cfg,
         RunOptions {
-            core: a.core.as_deref(),
+            core: core.as_deref(),
             resume: a.resume,
             device,
             stop,

@@ -111,6 +111,29 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
     let before = std::fs::read(sweep.join("baseline-k4/sae_weights.safetensors")).unwrap();
     let r = ok(&sweep_args("2,4", &sweep));
     assert!(!r.stdout.contains("trained in one pass"), "{}", r.stdout);
+    // The core given as the run's distilled/ directory is the same core (known by content).
+    let distilled = run.join("distilled");
+    let r = ok(&[
+        "sweep",
+        "--shards",
+        s(&store),
+        "--core",
+        s(&distilled),
+        "--series",
+        "distilled-core",
+        "--config",
+        s(&cfg),
+        "--k",
+        "4",
+        "--quiet",
+        "--out",
+        s(&sweep),
+    ]);
+    assert!(
+        r.stdout.contains("already finished, skipped: distilled-core-k4"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(
         before,
         std::fs::read(sweep.join("baseline-k4/sae_weights.safetensors")).unwrap()
