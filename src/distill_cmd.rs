@@ -42,12 +42,16 @@ fn print_cycle(s: &CycleSummary, quiet: bool) {
     }
     let e = &s.eval;
     println!(
-        "cycle {}: core {} -> {} (Jaccard {}), {} attribution tokens, FVU {:.4}, L0 {:.2} core + {:.2} non-core, first-order dloss {}",
+        "cycle {}: core {} -> {} (Jaccard {}), {} attribution tokens{}, FVU {:.4}, L0 {:.2} core + {:.2} non-core, first-order dloss {}",
         s.cycle,
         s.core_in.len(),
         s.core_size,
         s.jaccard_prev.map_or("-".into(), |j| format!("{j:.3}")),
         s.attribution_tokens,
+        match s.attribution_tokens_per_s {
+            r if r > 0.0 => format!(" ({r:.0} tokens/s)"),
+            _ => String::new(),
+        },
         e["fvu"].as_f64().unwrap_or(f64::NAN),
         e["l0_core"].as_f64().unwrap_or(f64::NAN),
         e["l0_noncore"].as_f64().unwrap_or(f64::NAN),

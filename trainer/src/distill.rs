@@ -40,6 +40,10 @@ pub struct CycleSummary {
     /// Candidates: the core and the first non-core group.
     pub candidates: usize,
     pub attribution_tokens: u64,
+    /// The attribution pass's rate (stream, encode, score), tokens/s; a timing, so it is not
+    /// part of the cycle's identity (0 in cycles written before it was recorded).
+    #[serde(default)]
+    pub attribution_tokens_per_s: f64,
     /// Selected latents (indices of this cycle's SAE, ascending) and their lineages: the next core.
     pub selected: Vec<usize>,
     pub lineages: Vec<u64>,
@@ -281,7 +285,9 @@ pub fn train_cycle(
     };
     let store = Arc::new(Store::open(store_dir)?);
     let (_, scale) = scale_of(&store)?;
+    let t0 = std::time::Instant::now();
     let scores = attribute(&store, &sae, scale, cfg)?;
+    let attribution_tokens_per_s = scores.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     let selected = select(&scores.score, cfg.distill.tau);
 
     // Core latents keep their lineage; newly selected ones get fresh ids in index order.
@@ -326,6 +332,7 @@ pub fn train_cycle(
         seed: tcfg.seed,
         candidates: scores.score.len(),
         attribution_tokens: scores.tokens,
+        attribution_tokens_per_s,
         jaccard_prev: (cycle > 0).then(|| jaccard(&core_in, &lineages)),
         core_in,
         core_size: selected.len(),
