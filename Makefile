@@ -35,7 +35,7 @@ ifeq ($(LIBTORCH)$(LIBTORCH_USE_PYTORCH),)
   USE_VENV_TORCH := 1
 endif
 
-.PHONY: help setup build test test-rust test-python test-real bench demo demo-sample model-venv model saelens corpus clean
+.PHONY: help setup build test test-rust test-python test-real bench bench-sweep demo demo-sample model-venv model saelens corpus clean
 
 help:
 	@echo "make setup   - .venv (torch $(TORCH_PIN) CPU set-up unless LIBTORCH is set) and a release build"
@@ -47,6 +47,7 @@ help:
 	@echo "make test-real - the real-model eval test against transformers (makes its reference first, ~4 min)"
 	@echo "make saelens - SAELens in $(MODEL_VENV), so \`make test\` also checks that exports load in SAELens"
 	@echo "make bench   - store codec benchmark on the real sample (ratio, MB/s on 1 and 2 cores)"
+	@echo "make bench-sweep - the demo's sweep in one pass against its models trained one at a time (after make demo)"
 
 $(STAMP):
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +77,13 @@ test-python: build
 
 bench: build
 	target/release/dmsae store bench --data $(DATA)
+
+bench-sweep: build
+	@test -f $(DEMO_DIR)/distill/distilled/core.safetensors || \
+	  { echo "make bench-sweep: no distilled core in $(DEMO_DIR)/distill; run make demo first" >&2; exit 2; }
+	rm -rf $(DEMO_DIR)/bench-sweep
+	target/release/dmsae sweep --shards $(DEMO_DIR)/extract --distill-run $(DEMO_DIR)/distill \
+	  --config $(DEMO_DIR)/sweep.toml --k 16,64 --out $(DEMO_DIR)/bench-sweep --compare-separate --quiet
 
 $(MODEL_STAMP):
 	@test -x $(MODEL_VENV)/bin/python || $(PYTHON) -m venv $(MODEL_VENV)

@@ -34,6 +34,10 @@ pub struct SweepArgs {
     /// Sweep directory: <series>-k<k>/ exports, sweep.json, sweep.md, plots/.
     #[arg(long)]
     out: PathBuf,
+    /// Benchmark: after the sweep, train each model it trained again alone (in a scratch
+    /// directory, removed after) and print both timings side by side, with their ratio.
+    #[arg(long)]
+    compare_separate: bool,
 }
 
 /// `16,32,64` -> [16, 32, 64]; every entry a positive integer.
@@ -81,18 +85,25 @@ pub fn run(a: SweepArgs) -> Result<ExitCode> {
     let stop = crate::cli::stop_on_signals();
     let n_models = series.len() * ks.len();
     let quiet = a.model.quiet;
+    // --compare-separate's scratch models (declared first: the specs borrow them).
+    let scratch = a.out.join(".compare-separate");
+    let alone_dirs: Vec<_> = (series.iter())
+        .flat_map(|&s| ks.iter().map(move |&k| (s, k, sweep::model_dir_name(s, k))))
+        .map(|(s, k, name)| (s, k, scratch.join(&name), name))
+        .collect();
+    let spec = |out, ks, series| SweepSpec {
+        store: &a.shards,
+        out,
+        cfg: cfg.clone(),
+        ks,
+        series,
+        core: core.clone(),
+        random_from: random_from.clone(),
+        device,
+        stop,
+    };
     let outcome = sweep::sweep(
-        SweepSpec {
-            store: &a.shards,
-            out: &a.out,
-            cfg,
-            ks,
-            series,
-            core,
-            random_from,
-            device,
-            stop,
-        },
+        spec(&a.out, ks.clone(), series.clone()),
         crate::train_cmd::progress_line(quiet, |p, rate, eta| {
             format!(
                 "sweep: step {}/{} ({:.0}%)  {:.0} tokens/s (each read once, up to {n_models} models)  ETA {:.0}s",
@@ -131,5 +142,63 @@ pub fn run(a: SweepArgs) -> Result<ExitCode> {
         print!("{}", sweep::markdown(s));
     }
     println!("wrote {}", a.out.display());
+    if a.compare_separate {
+        if outcome.trained.is_empty() {
+            bail!("--compare-separate: every model in {} was already finished, so there is no sweep pass to time; use a new --out", a.out.display());
+        }
+        let mut alone = Vec::new();
+        for (s, k, dir, name) in &alone_dirs {
+            if !outcome.trained.contains(name) {
+                continue;
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            if !quiet {
+                eprintln!("compare-separate: training {name} alone");
+            }
+            let o = sweep::sweep(spec(dir, vec![*k], vec![*s]), |_| {})?;
+            if o.interrupted {
+                eprintln!(
+                    "dmsae: interrupted during --compare-separate; the sweep itself is finished"
+                );
+                return Ok(ExitCode::from(3));
+            }
+            let file = |d: &std::path::Path| {
+                std::fs::read(d.join(name).join(dmsae_trainer::export::WEIGHTS_FILE))
+            };
+            let same = file(&a.out)? == file(dir)?;
+            alone.push((name.clone(), o.run_tokens, o.seconds, same));
+        }
+        std::fs::remove_dir_all(&scratch)?;
+        print!(
+            "{}",
+            compare_table(outcome.run_tokens, outcome.seconds, &alone)
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sweep's one pass against each model trained alone: tokens/s per model, total seconds
+/// and their ratio (training time only; evals and exports excluded on both sides).
+fn compare_table(tokens: u64, seconds: f64, alone: &[(String, u64, f64, bool)]) -> String {
+    let rate = |t: u64, s: f64| t as f64 / s.max(1e-9);
+    let n = alone.len();
+    let mut md = format!(
+        "\nbenchmark: one pass for {n} models against each trained alone (same store, config, seeds)\n| model | alone: s | alone: tokens/s | in the sweep: tokens/s per model | same weights |\n|---|---|---|---|---|\n"
+    );
+    for (name, t, s, same) in alone {
+        md.push_str(&format!(
+            "| {name} | {s:.1} | {:.0} | {:.0} | {} |\n",
+            rate(*t, *s),
+            rate(tokens, seconds),
+            if *same { "yes, bit for bit" } else { "NO" }
+        ));
+    }
+    let total: f64 = alone.iter().map(|a| a.2).sum();
+    let read: u64 = alone.iter().map(|a| a.1).sum();
+    md.push_str(&format!(
+        "one pass {seconds:.1} s vs one at a time {total:.1} s: ratio {:.2} ({:.2}x the model-tokens/s); the store read for {tokens} tokens vs {read}\n",
+        seconds / total.max(1e-9),
+        total / seconds.max(1e-9)
+    ));
+    md
 }

@@ -130,7 +130,8 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
         s(&sweep),
     ]);
     assert!(
-        r.stdout.contains("already finished, skipped: distilled-core-k4"),
+        r.stdout
+            .contains("already finished, skipped: distilled-core-k4"),
         "{}",
         r.stdout
     );
@@ -301,6 +302,34 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
         &["distilled-core-k2", "another config or core"],
     );
     std::fs::write(&core_path, &saved).unwrap();
+
+    // The benchmark retrains each model alone beside the one pass and finds the same bytes.
+    let bench = tmp.path().join("bench");
+    let mut a = sweep_args("2,4", &bench);
+    a.extend([
+        "--series".into(),
+        "baseline".into(),
+        "--compare-separate".into(),
+    ]);
+    let r = ok(&a);
+    let rows: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("| baseline-k"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", r.stdout);
+    assert!(
+        rows.iter().all(|l| l.ends_with("| yes, bit for bit |")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("one pass") && r.stdout.contains(": ratio "),
+        "{}",
+        r.stdout
+    );
+    assert!(!bench.join(".compare-separate").exists());
+    assert_one_line_error(&dmsae(&a), &["--compare-separate", "already finished"]);
 
     // SIGTERM: every model checkpoints at the same step, exit 3; the rerun resumes them all in
     // one pass and ends where `train` ends alone.
