@@ -42,6 +42,7 @@ pub struct TrainConfig {
     pub dead_tokens: u64,
     /// EMA decay of the inference threshold (the smallest kept non-core activation). METHOD.md
     /// "a per-SAE threshold learned as an EMA (anchor)"; 0.999 is dictionary_learning's value.
+    /// Ours: capped at 1 - 10/steps, so the EMA spans at most the last tenth of a short run.
     pub threshold_beta: f64,
     /// A given core is held fixed (encoder rows and b_enc). METHOD.md "frozen or trainable ...
     /// make it a key (default frozen)".

@@ -515,7 +515,11 @@ impl Trainer {
         let start = self.cfg.warmup_steps.min(self.cfg.total_steps() / 2);
         if self.step + 1 >= start && kept.numel() > 0 {
             let min = kept.min().double_value(&[]);
-            let beta = self.cfg.threshold_beta;
+            // The EMA spans at most the last tenth of training: at 0.999 (about 1,000 steps)
+            // a short run's threshold stays near its early, smaller values and the inference
+            // L0 overshoots k.
+            let steps = self.cfg.total_steps().max(1) as f64;
+            let beta = self.cfg.threshold_beta.min((1.0 - 10.0 / steps).max(0.0));
             self.sae.threshold = if self.sae.threshold < 0.0 {
                 min
             } else {
