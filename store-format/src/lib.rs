@@ -18,6 +18,7 @@ mod dtype;
 mod error;
 pub mod manifest;
 pub mod npy;
+mod partial;
 mod reader;
 pub mod shard;
 mod stats;

@@ -3,8 +3,9 @@
 
 use crate::dtype::{ArraySpec, Codec, DType};
 use crate::error::{Result, StoreError};
+use crate::partial;
 use crate::shard::{self, Shard, ShardHeader, ShardInfo, SHARD_EXT};
-use crate::stats::{Stats, StatsSummary};
+use crate::stats::StatsSummary;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -137,54 +138,29 @@ impl Manifest {
         Ok(())
     }
 
-    /// Recompute `total_tokens`, `level`, `provenance` and `stats` from the listed shards, in
-    /// manifest order, so the manifest depends on the set of shards and not on commit order.
+    /// Recompute `total_tokens`, `level`, `provenance` and `stats` from the listed shards
+    /// (per writer in file order, then across writers: `partial`), so the manifest depends on
+    /// the set of shards and not on commit order. Reads only the footers no cache covers.
     fn refresh(&mut self, dir: &Path) -> Result<()> {
         self.shards.sort_by(|a, b| a.file.cmp(&b.file));
         self.total_tokens = self.shards.iter().map(|s| s.tokens).sum();
-        let metas: Vec<_> = self
-            .shards
-            .par_iter()
-            .map(|s| Shard::open(&dir.join(&s.file)).map(|sh| sh.meta))
-            .collect::<Result<_>>()?;
-        if let Some((level, provenance)) = derived_header_fields(metas.iter().map(|m| &m.header)) {
+        let floats: Vec<&ArraySpec> = self.arrays.iter().filter(|a| a.dtype.is_float()).collect();
+        let partials = partial::partials(dir, &self.shards, &floats)?;
+        if let Some((level, provenance, stats)) = partial::combine(&partials, &floats) {
             self.level = level;
             self.provenance = provenance;
+            self.stats = floats
+                .iter()
+                .zip(&stats)
+                .map(|(a, s)| (a.name.clone(), s.summary()))
+                .collect();
         }
-        let floats: Vec<&ArraySpec> = self.arrays.iter().filter(|a| a.dtype.is_float()).collect();
-        let mut merged: Vec<Stats> = floats.iter().map(|a| Stats::empty(a.width)).collect();
-        for meta in &metas {
-            for (m, s) in merged.iter_mut().zip(&meta.stats) {
-                m.merge(s);
-            }
-        }
-        self.stats = floats
-            .iter()
-            .zip(&merged)
-            .map(|(a, s)| (a.name.clone(), s.summary()))
-            .collect();
         Ok(())
     }
 
     pub fn array(&self, name: &str) -> Option<&ArraySpec> {
         self.arrays.iter().find(|a| a.name == name)
     }
-}
-
-/// The manifest's `level` (the first shard's) and `provenance` (every shard's keys, the first
-/// shard holding a key wins), from the shard headers in manifest order; `None` without shards.
-pub(crate) fn derived_header_fields<'a>(
-    headers: impl IntoIterator<Item = &'a ShardHeader>,
-) -> Option<(i32, serde_json::Map<String, serde_json::Value>)> {
-    let mut headers = headers.into_iter().peekable();
-    let level = headers.peek()?.level;
-    let mut provenance = serde_json::Map::new();
-    for h in headers {
-        for (k, v) in &h.provenance {
-            provenance.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
-    Some((level, provenance))
 }
 
 /// Run `f` holding the store's manifest lock (an exclusive flock), so concurrent writers
@@ -279,6 +255,7 @@ pub fn finalize(dir: &Path) -> Result<Manifest> {
             });
         }
         drop(opened);
+        partial::clear(dir)?;
         m.refresh(dir)?;
         m.save(dir)?;
         Ok(m)

@@ -3,8 +3,8 @@
 use crate::dtype::ArraySpec;
 use crate::error::{Result, StoreError};
 use crate::manifest::{self, Manifest};
+use crate::partial;
 use crate::shard::{Shard, ShardMeta};
-use crate::stats::Stats;
 use rayon::prelude::*;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -183,7 +183,6 @@ pub fn verify(dir: &Path) -> Vec<String> {
         .iter()
         .filter(|a| a.dtype.is_float())
         .collect();
-    let mut merged: Vec<Stats> = floats.iter().map(|a| Stats::empty(a.width)).collect();
     let per_shard: Vec<(Vec<String>, Option<ShardMeta>)> = manifest
         .shards
         .iter()
@@ -241,19 +240,18 @@ pub fn verify(dir: &Path) -> Vec<String> {
             (p, Some(sh.meta))
         })
         .collect();
-    let mut headers = Vec::new();
+    let mut metas = Vec::new();
     for (p, meta) in per_shard {
         problems.extend(p);
-        if let Some(meta) = meta {
-            for (m, s) in merged.iter_mut().zip(&meta.stats) {
-                m.merge(s);
-            }
-            headers.push(meta.header);
-        }
+        metas.extend(meta);
     }
     // A shard that does not open is reported above; comparing the manifest's derived fields
     // with the rest would only add misleading problems.
-    let all_opened = headers.len() == manifest.shards.len();
+    let all_opened = metas.len() == manifest.shards.len();
+    let partials = partial::partials_of(&manifest.shards, &metas, &floats);
+    let derived = all_opened
+        .then(|| partial::combine(&partials, &floats))
+        .flatten();
     let sum: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
     if sum != manifest.total_tokens {
         problems.push(format!(
@@ -271,17 +269,16 @@ pub fn verify(dir: &Path) -> Vec<String> {
             Manifest::path(dir).display()
         ));
     }
-    if all_opened {
-        if let Some((level, provenance)) = manifest::derived_header_fields(&headers) {
-            if manifest.level != level || manifest.provenance != provenance {
-                problems.push(format!(
-                    "{}: level or provenance differ from the shard headers (run `dmsae store finalize`)",
-                    Manifest::path(dir).display()
-                ));
-            }
-        }
+    let Some((level, provenance, stats)) = derived else {
+        return problems;
+    };
+    if manifest.level != level || manifest.provenance != provenance {
+        problems.push(format!(
+            "{}: level or provenance differ from the shard headers (run `dmsae store finalize`)",
+            Manifest::path(dir).display()
+        ));
     }
-    for (a, m) in floats.iter().zip(&merged).filter(|_| all_opened) {
+    for (a, m) in floats.iter().zip(&stats) {
         if manifest.stats.get(&a.name) != Some(&m.summary()) {
             problems.push(format!(
                 "{}: stats of {:?} do not match the shard footers (run `dmsae store finalize`)",
