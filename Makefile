@@ -35,7 +35,7 @@ ifeq ($(LIBTORCH)$(LIBTORCH_USE_PYTORCH),)
   USE_VENV_TORCH := 1
 endif
 
-.PHONY: help setup build test test-rust test-python test-real bench bench-sweep demo demo-sample model-venv model saelens corpus clean
+.PHONY: help setup build test test-rust test-python test-real bench bench-sweep bench-train bench-extract demo demo-sample model-venv model saelens corpus clean
 
 help:
 	@echo "make setup   - .venv (torch $(TORCH_PIN) CPU set-up unless LIBTORCH is set) and a release build"
@@ -48,6 +48,8 @@ help:
 	@echo "make saelens - SAELens in $(MODEL_VENV), so \`make test\` also checks that exports load in SAELens"
 	@echo "make bench   - store codec benchmark on the real sample (ratio, MB/s on 1 and 2 cores)"
 	@echo "make bench-sweep - the demo's sweep in one pass against its models trained one at a time (after make demo)"
+	@echo "make bench-train - dmsae's training step against an eager PyTorch step, same sizes (BENCH_TRAIN='--width 16384')"
+	@echo "make bench-extract - dmsae extract against transformers eager on the same contexts (Gemma-3-270M, CPU)"
 
 $(STAMP):
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +79,19 @@ test-python: build
 
 bench: build
 	target/release/dmsae store bench --data $(DATA)
+
+# The anchor runs in $(MODEL_VENV)'s full torch; on a GPU machine run the script directly with
+# --preset h100 --device cuda.
+BENCH_TRAIN ?=
+bench-train: build $(MODEL_STAMP)
+	$(MODEL_VENV)/bin/python scripts/bench_train.py --dmsae target/release/dmsae --preset cpu $(BENCH_TRAIN)
+
+BENCH_EXTRACT ?=
+bench-extract: build $(MODEL_STAMP)
+	$(MAKE) --no-print-directory model
+	test -f $(DEMO_DIR)/corpus/train.jsonl || $(PYTHON) scripts/build_corpus.py $(DEMO_DIR)/corpus
+	$(MODEL_VENV)/bin/python scripts/bench_extract.py --dmsae target/release/dmsae --model $(MODEL_DIR) \
+	  --data $(DEMO_DIR)/corpus/train.jsonl $(BENCH_EXTRACT)
 
 bench-sweep: build
 	@test -f $(DEMO_DIR)/distill/distilled/core.safetensors || \

@@ -1,0 +1,181 @@
+"""`make bench-train`: dmsae's training step against an eager PyTorch Matryoshka BatchTopK step
+(the issue's anchor), at the same sizes, in one run, printed side by side with their ratio.
+
+The anchor is what a researcher writes in PyTorch (dictionary_learning's Matryoshka BatchTopK
+trainer, reduced to the step): dense decoder product for every prefix, BatchTopK over the
+batch, the unit-norm decoder constraint, gradient clipping, Adam, the dead-latent counters and
+the threshold EMA. It reads its batches from memory; dmsae streams them from a store on disk
+(decompressing and verifying every block), so the comparison is not flattered in our favour.
+AuxK is idle on both sides: no latent can be dead within a benchmark's few steps.
+
+Run with a Python that has torch (`.venv-model/bin/python`, or the GPU machine's):
+    python scripts/bench_train.py --dmsae target/release/dmsae --preset cpu
+    python scripts/bench_train.py --dmsae dmsae --preset h100 --device cuda
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+# (d_model, width, k, batch, steps, store tokens). h100: the issue's sizes.
+PRESETS = {
+    "cpu": (640, 4096, 32, 1024, 24, 65536),
+    "h100": (2304, 65536, 64, 4096, 120, 262144),
+}
+GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4]  # METHOD.md; the rest is the last group
+
+
+def groups(width):
+    sizes = [int(width * f) for f in GROUP_FRACTIONS]
+    return sizes + [width - sum(sizes)]
+
+
+def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16):
+    """Tokens/s of the eager PyTorch step over `steps` timed steps after `warm` untimed ones."""
+    d = x_all.shape[1]
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(width, d, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    params = {
+        "W_dec": w_dec.clone().to(device).requires_grad_(),
+        "W_enc": w_dec.t().contiguous().to(device).requires_grad_(),
+        "b_enc": torch.zeros(width, device=device, requires_grad=True),
+        "b_dec": torch.zeros(d, device=device, requires_grad=True),
+    }
+    opt = torch.optim.Adam(params.values(), lr=3e-4, betas=(0.9, 0.999))
+    bounds = np.cumsum([0] + groups(width))
+    fired_since = torch.zeros(width, dtype=torch.long, device=device)
+    threshold = -1.0
+    x_all = x_all.to(device)
+    n_batches = x_all.shape[0] // batch
+
+    def step(i):
+        nonlocal fired_since, threshold
+        x = x_all[(i % n_batches) * batch : (i % n_batches + 1) * batch]
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+            post = torch.relu(pre).float()
+            flat = post.flatten()
+            vals, idx = flat.topk(k * batch, sorted=False)
+            f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(post)
+            x_hat = params["b_dec"].expand_as(x)
+            loss = 0.0
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                x_hat = x_hat + f[:, lo:hi] @ params["W_dec"][lo:hi]
+                loss = loss + (x - x_hat.float()).pow(2).sum(-1).mean()
+            loss = loss / (len(bounds) - 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            wd, gd = params["W_dec"], params["W_dec"].grad
+            gd -= (gd * wd).sum(-1, keepdim=True) * wd
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            opt.step()
+            wd /= wd.norm(dim=1, keepdim=True)
+            fired = (f > 0).any(0)
+            fired_since = torch.where(fired, 0, fired_since + batch)
+            kept_min = vals[vals > 0].min().item()
+            threshold = kept_min if threshold < 0 else 0.999 * threshold + 0.001 * kept_min
+        return loss.item()
+
+    for i in range(warm):
+        step(i)
+    sync(device)
+    t = time.perf_counter()
+    for i in range(warm, warm + steps):
+        step(i)
+    sync(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads):
+    """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up)."""
+    cfg = os.path.join(work, "bench.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            f"width = {width}\nk = {k}\nbatch_tokens = {batch}\nsteps = {warm + steps}\n"
+            f"log_every = {warm}\nwarmup_steps = {warm}\neval_fraction = 0.01\n"
+            f"eval_tokens = {batch}\ncheckpoint_every = 0\ncpu_threads = {threads}\n"
+        )
+    out = os.path.join(work, "run")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [dmsae, "train", "--shards", store, "--config", cfg, "--device", device, "--quiet", "--out", out]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    train = [l for l in lines if l.get("kind") == "train"][1:]
+    tokens = sum(l["tokens_per_s"] for l in train) / len(train)
+    wait = sum(l["data_wait_s"] for l in train)
+    return tokens, wait
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dmsae", required=True)
+    ap.add_argument("--preset", choices=PRESETS, default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides")
+    ap.add_argument("--work", help="scratch directory (default: a temporary one, removed)")
+    for key in ("width", "k", "batch", "steps"):
+        ap.add_argument(f"--{key}", type=int, help="override the preset's")
+    a = ap.parse_args()
+    d, width, k, batch, steps, n_tokens = PRESETS[a.preset]
+    width, k, batch, steps = (v if o is None else o for v, o in
+                              zip((width, k, batch, steps), (a.width, a.k, a.batch, a.steps)))
+    warm = max(steps // 4, 2)
+    torch.set_num_threads(a.threads)
+    work = a.work or tempfile.mkdtemp(prefix="dmsae-bench-train-")
+    try:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n_tokens, d), dtype=np.float32)
+        # bf16 (round to nearest even), as `dmsae extract` stores activations.
+        u = x.view(np.uint32)
+        bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        acts = os.path.join(work, "acts.npy")
+        np.save(acts, bits)
+        x = (bits.astype(np.uint32) << 16).view(np.float32)
+        store = os.path.join(work, "store")
+        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run(
+            [a.dmsae, "store", "import", "--acts", acts, "--dtype", "bf16", "--out", store],
+            check=True, capture_output=True,
+        )
+        os.remove(acts)
+        xt = torch.from_numpy(x)  # the same bf16 values as the store, in float32
+        del u, bits
+        ours, wait = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device, a.threads)
+        rows = [("dmsae train (sparse decoder, streamed from the store)", ours)]
+        torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
+        rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
+                     anchor_rate(xt, width, k, batch, steps, warm, a.device, False)))
+        if a.device != "cpu":
+            rows.append(("eager PyTorch, bf16 autocast",
+                         anchor_rate(xt, width, k, batch, steps, warm, a.device, True)))
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    dev = torch.cuda.get_device_name() if a.device != "cpu" else f"CPU, {a.threads} threads"
+    print(f"training step, d {d}, width {width}, k {k}, batch {batch}, METHOD.md groups, "
+          f"{steps} timed steps after {warm}; {dev}; torch {torch.__version__}")
+    print("| implementation | tokens/s | dmsae / this |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} | {ours / rate:.2f} |")
+    print(f"dmsae waited {wait:.3f} s for data over its timed windows")
+
+
+if __name__ == "__main__":
+    main()
