@@ -156,12 +156,12 @@ impl Sae {
     /// Post-ReLU activations of every latent before BatchTopK; core latents are JumpReLU at
     /// their carried thresholds.
     pub fn relu_acts(&self, x_bd: &Tensor) -> Tensor {
-        self.relu_acts_first(x_bd, self.width())
+        self.relu_acts_first(x_bd, self.width(), false)
     }
 
-    /// `relu_acts` of the first `n` latents (n >= core).
-    fn relu_acts_first(&self, x_bd: &Tensor, n: usize) -> Tensor {
-        let post_bn = self.pre_acts(x_bd, n).relu();
+    /// `relu_acts` of the first `n` latents (n >= core); `bf16`: the encoder product in bf16.
+    fn relu_acts_first(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
+        let post_bn = self.pre_acts_as(x_bd, n, bf16).relu();
         let c = self.core as i64;
         if c == 0 {
             return post_bn;
@@ -175,9 +175,24 @@ impl Sae {
 
     /// Pre-activations of the first `n` latents: the core's anchored to x, the rest to b_dec.
     pub fn pre_acts(&self, x_bd: &Tensor, n: usize) -> Tensor {
+        self.pre_acts_as(x_bd, n, false)
+    }
+
+    /// `pre_acts`, with the [B, d] x [d, n] product in bf16 when `bf16` (float32 out; autograd
+    /// runs its backward products in bf16 too, as under autocast).
+    fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
         let (n, c) = (n as i64, self.core as i64);
-        let pre_bn =
-            (x_bd - &self.b_dec).matmul(&self.w_enc.narrow(1, 0, n)) + self.b_enc.narrow(0, 0, n);
+        let (xc_bd, w_dn) = (x_bd - &self.b_dec, self.w_enc.narrow(1, 0, n));
+        let prod_bn = if bf16 {
+            let b = Kind::BFloat16;
+            xc_bd
+                .to_kind(b)
+                .matmul(&w_dn.to_kind(b))
+                .to_kind(x_bd.kind())
+        } else {
+            xc_bd.matmul(&w_dn)
+        };
+        let pre_bn = prod_bn + self.b_enc.narrow(0, 0, n);
         if c == 0 {
             return pre_bn;
         }
@@ -235,7 +250,7 @@ impl Sae {
 
     /// `encode` of the first `n` latents only (n >= core): attribution's candidates.
     pub fn encode_first(&self, x_bd: &Tensor, n: usize) -> Tensor {
-        let post_bn = self.relu_acts_first(x_bd, n);
+        let post_bn = self.relu_acts_first(x_bd, n, false);
         let c = self.core as i64;
         let nc_bn = post_bn.narrow(1, c, n as i64 - c);
         let on = nc_bn.gt(self.threshold.max(0.0)).to_kind(nc_bn.kind());
@@ -335,6 +350,8 @@ pub struct Trainer {
     pub since_fired_f: Tensor,
     /// Tokens on which each latent fired in the last step.
     fired_f: Tensor,
+    /// The training encoder product in bf16 (`TrainConfig::encoder_bf16`).
+    bf16: bool,
 }
 
 impl Trainer {
@@ -350,6 +367,7 @@ impl Trainer {
             freeze_core: core_given && cfg.core_frozen,
             since_fired_f: Tensor::zeros([sae.width() as i64], (Kind::Int64, sae.device())),
             fired_f: Tensor::zeros([sae.width() as i64], (Kind::Int64, sae.device())),
+            bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
             sae,
             cfg,
             step: 0,
@@ -370,7 +388,7 @@ impl Trainer {
     /// sum_d (x - x_hat_p)^2, averaged over the batch; plus auxk_alpha * AuxK.
     pub fn loss(&self, x_bd: &Tensor) -> LossOut {
         let s = &self.sae;
-        let post_bf = s.relu_acts(x_bd);
+        let post_bf = s.relu_acts_first(x_bd, s.width(), self.bf16);
         let f_bf = s.batch_topk(&post_bf);
 
         let sq_err = |x_hat_bd: &Tensor| {
@@ -722,15 +740,49 @@ mod tests {
             assert!(p.equal(q));
         }
         assert_eq!(a.sae.threshold, b.sae.threshold);
-        let c = train(&TrainConfig { seed: 8, ..cfg }, &x, 16, 40);
+        let c = train(
+            &TrainConfig {
+                seed: 8,
+                ..cfg.clone()
+            },
+            &x,
+            16,
+            40,
+        );
         assert!(!a.sae.w_dec.equal(&c.sae.w_dec));
+        // The bf16 encoder product changes the numbers, a little.
+        let e = train(
+            &TrainConfig {
+                encoder_bf16: Some(true),
+                ..cfg
+            },
+            &x,
+            16,
+            40,
+        );
+        let diff = (&a.sae.w_enc - &e.sae.w_enc).abs().max().double_value(&[]);
+        assert!(
+            diff > 0.0 && diff < 0.05,
+            "bf16 vs f32 W_enc: max |diff| {diff}"
+        );
     }
 
     #[test]
     fn recovers_a_known_sparse_dictionary() {
+        recovers_with(small_cfg(0));
+    }
+
+    #[test]
+    fn recovers_a_known_sparse_dictionary_with_a_bf16_encoder_product() {
+        recovers_with(TrainConfig {
+            encoder_bf16: Some(true),
+            ..small_cfg(0)
+        });
+    }
+
+    fn recovers_with(cfg: TrainConfig) {
         let d = 32;
         let (dict, x) = sparse_dictionary(d, 48, 4, 64 * 256, 0.02, 11);
-        let cfg = small_cfg(0);
         let t = train(&cfg, &x, d, cfg.steps as usize);
         let w: Vec<f32> = Vec::try_from(t.sae.w_dec.detach().view([-1])).unwrap();
         let rec = recovery(&dict, &w, d);
