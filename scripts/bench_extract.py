@@ -106,10 +106,12 @@ def main():
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"bench_extract: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
-        m = re.search(r"(\d+) tokens/s over", r.stdout + r.stderr)
+        m = re.search(r"([\d.]+)([KMB]?) tokens/s over \S+ \(model ([\d.]+)s, waiting for the store writer ([\d.]+)s\)",
+                      r.stdout)
         if not m:
             sys.exit(f"bench_extract: no rate in dmsae's output:\n{r.stdout}{r.stderr}")
-        ours = float(m[1])
+        ours = float(m[1]) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m[2]]
+        model_s, wait_s = float(m[3]), float(m[4])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     anchor = anchor_rate(a.model, a.data, n_ctx, a)
@@ -119,6 +121,7 @@ def main():
     print("| implementation | tokens/s | dmsae / this |\n|---|---|---|")
     print(f"| dmsae extract (whole command: model, gradients, store) | {ours:,.0f} | 1.00 |")
     print(f"| transformers eager, forward + autograd.grad (first batch untimed) | {anchor:,.0f} | {ours / anchor:.2f} |")
+    print(f"dmsae: {model_s:.1f} s in the model, {wait_s:.2f} s waiting for its store writer")
 
 
 if __name__ == "__main__":

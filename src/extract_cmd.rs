@@ -382,14 +382,16 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     let rows: u64 = shards.iter().map(|s| s.tokens).sum();
     let secs = last.seconds.max(1e-9);
     println!(
-        "{}: worker {} of {}: {} contexts, {rows} rows written this run (layer {}, {}), {} tokens/s over {secs:.1}s",
+        "{}: worker {} of {}: {} contexts, {rows} rows written this run (layer {}, {}), {} tokens/s over {secs:.1}s (model {:.1}s, waiting for the store writer {:.2}s)",
         a.out.display(),
         a.worker,
         a.workers,
         last.contexts,
         a.layer,
         if skip_rows > 0 { format!("resumed after {skip_rows} rows") } else { "fresh".into() },
-        human(last.tokens_computed as f64 / secs)
+        human(last.tokens_computed as f64 / secs),
+        last.model_seconds,
+        last.writer_wait_seconds
     );
     match outcome {
         Outcome::Done => Ok(ExitCode::SUCCESS),

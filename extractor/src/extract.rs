@@ -50,6 +50,10 @@ pub struct Progress {
     /// Tokens run through the model in this process.
     pub tokens_computed: u64,
     pub seconds: f64,
+    /// Of `seconds`: in the model (forward, gradient, checks, copy out), and blocked handing a
+    /// batch to the store writer (the accelerator idles then; it should stay near 0).
+    pub model_seconds: f64,
+    pub writer_wait_seconds: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +192,7 @@ fn batches(
                 skip -= rows; // committed by an earlier run
             } else {
                 let first = ids[0];
+                let t_model = Instant::now();
                 let cols = compute_batch(model, o, bos, dtype, &ids, &toks, skip as usize)
                     .map_err(|e| match e {
                         Error::NonFinite(what) => Error::NonFinite(format!(
@@ -196,9 +201,12 @@ fn batches(
                         )),
                         e => e,
                     })?;
+                let t_send = Instant::now();
+                p.model_seconds += (t_send - t_model).as_secs_f64();
                 if tx.send(cols).is_err() {
                     return Ok(Outcome::Stopped); // the writer failed; run() reports its error
                 }
+                p.writer_wait_seconds += t_send.elapsed().as_secs_f64();
                 p.rows_written += rows - skip;
                 p.tokens_computed += (toks.len() * t) as u64;
                 skip = 0;
