@@ -158,6 +158,22 @@ fn extract_writes_what_the_model_and_tokenizer_give() {
         "{}",
         r.stdout
     );
+    // "... over 0.4s (model 0.3s, waiting for the store writer 0.00s)": parts of the whole.
+    let secs: Vec<f64> = r
+        .stdout
+        .split(['(', ' ', 's', ','])
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [.., total, model, wait] = secs[..] else {
+        panic!("{}", r.stdout)
+    };
+    assert!(
+        r.stdout.contains("waiting for the store writer")
+            && model > 0.0
+            && model + wait <= total + 0.05,
+        "{}",
+        r.stdout
+    );
     let s = read_store(&out);
     let want = expected_contexts(6);
     assert_eq!(s.tokens, want.concat());
