@@ -158,7 +158,8 @@ def main():
         xt = torch.from_numpy(x)  # the same bf16 values as the store, in float32
         del u, bits
         ours, wait = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device, a.threads)
-        rows = [("dmsae train (sparse decoder, streamed from the store)", ours)]
+        bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
+        rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
         torch.backends.cuda.matmul.allow_tf32 = True  # the float32 anchor used tf32
         rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
                      anchor_rate(xt, width, k, batch, steps, warm, a.device, False)))
