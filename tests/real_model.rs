@@ -49,8 +49,10 @@ fn json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-/// (tokens, loss, position, context, flags) of every stored row.
-fn rows(dir: &Path) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u64>, Vec<u8>, Vec<f32>) {
+/// Columns of every stored row: tokens, loss, position, context, flags, grads.
+type Rows = (Vec<u32>, Vec<f32>, Vec<u32>, Vec<u64>, Vec<u8>, Vec<f32>);
+
+fn rows(dir: &Path) -> Rows {
     let s = Store::open(dir).unwrap();
     let n = s.total_tokens();
     let raw = |name: &str| s.read_rows(name, 0..n).unwrap();

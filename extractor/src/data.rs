@@ -537,7 +537,11 @@ mod tests {
                 t.push_str(["the", "Gemma", "naïve", "licence", "fête", "x"][(w + i as usize) % 6]);
                 t.push(if w % 11 == 10 { '\n' } else { ' ' });
             }
-            t.push_str(if i % 3 == 0 { "\n\n\n" } else { "\n\n" });
+            t.push_str(if i.is_multiple_of(3) {
+                "\n\n\n"
+            } else {
+                "\n\n"
+            });
         }
         t
     }
