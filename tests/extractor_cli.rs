@@ -369,6 +369,25 @@ fn extract_refusals_are_one_line() {
         )),
         &["missing.jsonl"],
     );
+    // A tokenizer that gives ids past the model's vocab_size (another model's).
+    let other = tmp.path().join("other-tokenizer");
+    std::fs::create_dir(&other).unwrap();
+    for e in std::fs::read_dir(fixtures().join("gemma3")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
+    }
+    let mut t = common::json(&other.join("tokenizer.json"));
+    for (_, id) in t["model"]["vocab"].as_object_mut().unwrap() {
+        if id.as_u64().unwrap() >= 300 {
+            *id = (id.as_u64().unwrap() + 300).into();
+        }
+    }
+    std::fs::write(other.join("tokenizer.json"), t.to_string()).unwrap();
+    let mut a = extract_args(&sample, &tmp.path().join("s2"), 64, &[]);
+    a[mi] = other.to_str().unwrap().into();
+    assert_one_line_error(&dmsae(&a), &["tokenizer.json", "vocab_size 512"]);
+    assert!(!tmp.path().join("s2").exists(), "a store was created");
+
     let mut a = extract_args(&sample, &out, 64, &[]);
     let ti = a.iter().position(|x| x == "--tokens").unwrap() + 1;
     a[ti] = "5X".into();

@@ -439,7 +439,20 @@ impl Packer {
             };
             let more = matches!(doc, Doc::More(_));
             let ids = match doc {
-                Doc::Text(t) | Doc::More(t) => self.tok.encode(&t)?,
+                Doc::Text(t) | Doc::More(t) => {
+                    let ids = self.tok.encode(&t)?;
+                    // A tokenizer from another checkpoint would index past the embedding.
+                    if let Some(&bad) = ids.iter().find(|&&x| x >= self.vocab) {
+                        return Err(Error::Data {
+                            path: self.tok.path.clone(),
+                            msg: format!(
+                                "gives token id {bad}, outside the model's vocab_size {} (config.json): a tokenizer of another model?",
+                                self.vocab
+                            ),
+                        });
+                    }
+                    ids
+                }
                 // Pre-tokenized documents often start with BOS; packing puts its own.
                 Doc::Ids(mut ids) => {
                     if ids.first() == Some(&self.bos) {
