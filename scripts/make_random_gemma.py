@@ -19,7 +19,7 @@ PRESETS = {
     "gemma-2-2b": (2304, 9216, 26, 8, 4, 256, 256000),
     "tiny": (64, 128, 4, 4, 2, 16, 512),
 }
-WORDS = 4000  # distinct words in the tokenizer (ids 3..); the rest of the vocabulary is unused
+WORDS = 4000  # distinct words in the tokenizer at most (ids 4..); the rest of the vocabulary is unused
 
 
 def config(p):
@@ -74,9 +74,9 @@ def write_safetensors(path, p, seed):
     os.replace(path + ".tmp", path)
 
 
-def tokenizer():
+def tokenizer(words):
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i + 4 for i in range(WORDS)})
+    vocab.update({f"w{i}": i + 4 for i in range(words)})
     special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": False, "special": True} for t, i in list(vocab.items())[:4]]
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
@@ -93,14 +93,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     p = PRESETS[a.preset]
+    words = min(WORDS, p[-1] - 4)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(config(p), f, indent=1)
     with open(os.path.join(a.out, "tokenizer.json"), "w") as f:
-        json.dump(tokenizer(), f)
+        json.dump(tokenizer(words), f)
     write_safetensors(os.path.join(a.out, "model.safetensors"), p, a.seed)
     g = torch.Generator().manual_seed(a.seed + 1)
-    ids = torch.randint(0, WORDS, (int(a.words),), generator=g).tolist()
+    ids = torch.randint(0, words, (int(a.words),), generator=g).tolist()
     with open(a.text, "w") as f:
         for i in range(0, len(ids), 200):  # paragraphs of 200 words
             f.write(" ".join(f"w{j}" for j in ids[i : i + 200]) + "\n\n")

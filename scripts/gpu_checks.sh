@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The device checks the issues leave open, in one call on a lent GPU machine (device tool):
+# build here, copy target/release/dmsae to gpu/dmsae (git-ignored), carry it, then
+#   run: bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
+# It needs only torch on that machine (no transformers, no model download): the extraction runs
+# on a randomly initialised Gemma-2-2B-shaped checkpoint (scripts/make_random_gemma.py), so its
+# speeds are real and its activations meaningless. SMALL=1 DEVICE=cpu runs the same steps at toy
+# sizes on a CPU, to check the script itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${DMSAE_BIN:-gpu/dmsae}
+PY=${PYTHON:-$(command -v /opt/torch/.venv/bin/python || command -v python3)}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-/tmp/dmsae-gpu-checks}
+W=$(mktemp -d "${TMPDIR:-/tmp}/dmsae-gpu-XXXXXX")
+trap 'rm -rf "$W"' EXIT
+mkdir -p "$OUT"
+LOG=$OUT/gpu-checks.log
+export LD_LIBRARY_PATH="$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ "${SMALL:-0}" = 1 ]; then
+  MODEL=tiny LAYER=2 CTX=128 BATCH=4 EXTRACT=8K WORDS=20000 WIDTH=1024 K=16 STEPS=40
+  TBATCH=512 ATTR=2K TRAIN_PRESET="--preset cpu --width 1024 --steps 8"
+else
+  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K WORDS=600000 WIDTH=65536 K=64
+  STEPS=200 TBATCH=4096 ATTR=64K TRAIN_PRESET="--preset h100"
+fi
+# A quarter of the store held out, so attribution has $ATTR tokens with gradients.
+printf 'eval_fraction = 0.25\nbatch_tokens = %s\nwarmup_steps = %s\ncheckpoint_every = 0\n' "$TBATCH" "$((STEPS / 10))" > "$W/train.toml"
+step() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
+run() { "$@" 2>&1 | tee -a "$LOG"; }
+
+step "environment: is CUDA visible to the binary?"
+run "$BIN" env
+command -v nvidia-smi >/dev/null && run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+
+step "random $MODEL checkpoint and text"
+run "$PY" scripts/make_random_gemma.py --preset "$MODEL" --out "$W/model" --text "$W/text.txt" --words "$WORDS"
+
+for dtype in bf16 f32; do
+  step "extract, $dtype: tokens/s, and the wait for the store writer (should be ~0)"
+  run "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT" --layer "$LAYER" \
+    --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype "$dtype" --out "$W/store-$dtype"
+done
+run "$BIN" store inspect "$W/store-bf16"
+
+step "one distillation cycle on the extracted store: training, then attribution tokens/s"
+run "$BIN" train-cycle --shards "$W/store-bf16" --width "$WIDTH" --k "$K" --steps "$STEPS" \
+  --config "$W/train.toml" --attribution-tokens "$ATTR" --device "$DEVICE" --quiet --out "$W/run/cycle-0"
+
+step "sweep in one pass against one model at a time"
+run "$BIN" sweep --shards "$W/store-bf16" --core "$W/run/cycle-0" --series distilled-core,baseline \
+  --k "$K,$((2 * K))" --width "$WIDTH" --steps "$STEPS" --config "$W/train.toml" --device "$DEVICE" --quiet \
+  --compare-separate --out "$W/sweep"
+
+step "training step against eager PyTorch (the issue's anchor)"
+run "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET
+
+step "done"
