@@ -382,7 +382,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     let rows: u64 = shards.iter().map(|s| s.tokens).sum();
     let secs = last.seconds.max(1e-9);
     println!(
-        "{}: worker {} of {}: {} contexts, {rows} rows written this run (layer {}, {}), {} tokens/s over {secs:.1}s (model {:.1}s, waiting for the store writer {:.2}s)",
+        "{}: worker {} of {}: {} contexts, {rows} rows written this run (layer {}, {}), {} tokens/s over {secs:.2}s (model {:.2}s, waiting for the store writer {:.2}s)",
         a.out.display(),
         a.worker,
         a.workers,

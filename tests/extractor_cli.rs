@@ -158,7 +158,7 @@ fn extract_writes_what_the_model_and_tokenizer_give() {
         "{}",
         r.stdout
     );
-    // "... over 0.4s (model 0.3s, waiting for the store writer 0.00s)": parts of the whole.
+    // "... over 0.41s (model 0.32s, waiting for the store writer 0.00s)": parts of the whole.
     let secs: Vec<f64> = r
         .stdout
         .split(['(', ' ', 's', ','])
@@ -169,8 +169,9 @@ fn extract_writes_what_the_model_and_tokenizer_give() {
     };
     assert!(
         r.stdout.contains("waiting for the store writer")
-            && model > 0.0
-            && model + wait <= total + 0.05,
+            && model >= 0.0
+            && wait >= 0.0
+            && model + wait <= total + 0.02,
         "{}",
         r.stdout
     );
