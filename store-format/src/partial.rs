@@ -59,7 +59,7 @@ impl Partial {
         }
     }
 
-    pub fn add(&mut self, info: &ShardInfo, meta: &ShardMeta) {
+    fn add(&mut self, info: &ShardInfo, meta: &ShardMeta) {
         if self.shards.is_empty() {
             self.level = meta.header.level;
         }
@@ -71,7 +71,13 @@ impl Partial {
         for (m, s) in self.stats.iter_mut().zip(&meta.stats) {
             m.merge(s);
         }
-        self.shards.push((info.file.clone(), info.blake3.clone()));
+        self.shards.push(key(info));
+    }
+
+    fn extend(&mut self, infos: &[ShardInfo], metas: &[ShardMeta]) {
+        for (info, meta) in infos.iter().zip(metas) {
+            self.add(info, meta);
+        }
     }
 
     fn path(dir: &Path, writer: &str) -> PathBuf {
@@ -168,32 +174,30 @@ pub fn partials(dir: &Path, shards: &[ShardInfo], floats: &[&ArraySpec]) -> Resu
                 .par_iter()
                 .map(|s| Shard::open(&dir.join(&s.file)).map(|sh| sh.meta))
                 .collect::<Result<_>>()?;
-            for (info, meta) in own[from..].iter().zip(&metas) {
-                p.add(info, meta);
-            }
+            p.extend(&own[from..], &metas);
             p.save(dir, writer)?;
             Ok(p)
         })
         .collect()
 }
 
-/// The partials of a verified pass, from metas already opened (in `shards` order).
+/// The partials of a verified pass, from every shard's meta already opened (in `shards`
+/// order).
 pub fn partials_of(
     shards: &[ShardInfo],
     metas: &[ShardMeta],
     floats: &[&ArraySpec],
 ) -> Vec<Partial> {
-    let mut out: Vec<Partial> = Vec::new();
-    let mut last: Option<&str> = None;
-    for (info, meta) in shards.iter().zip(metas) {
-        let w = writer_of(&info.file);
-        if last != Some(w) {
-            out.push(Partial::empty(floats));
-            last = Some(w);
-        }
-        out.last_mut().expect("pushed above").add(info, meta);
-    }
-    out
+    let mut at = 0;
+    by_writer(shards)
+        .into_iter()
+        .map(|(_, own)| {
+            let mut p = Partial::empty(floats);
+            p.extend(own, &metas[at..at + own.len()]);
+            at += own.len();
+            p
+        })
+        .collect()
 }
 
 /// The writers' partials combined in writer order: (level, provenance, stats); None

@@ -248,9 +248,11 @@ pub fn verify(dir: &Path) -> Vec<String> {
     // A shard that does not open is reported above; comparing the manifest's derived fields
     // with the rest would only add misleading problems.
     let all_opened = metas.len() == manifest.shards.len();
-    let partials = partial::partials_of(&manifest.shards, &metas, &floats);
     let derived = all_opened
-        .then(|| partial::combine(&partials, &floats))
+        .then(|| {
+            let partials = partial::partials_of(&manifest.shards, &metas, &floats);
+            partial::combine(&partials, &floats)
+        })
         .flatten();
     let sum: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
     if sum != manifest.total_tokens {
