@@ -14,6 +14,7 @@ Run with a Python that has torch (`.venv-model/bin/python`, or the GPU machine's
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -22,9 +23,9 @@ import sys
 import tempfile
 import time
 
-import itertools
-
 import torch
+
+from make_random_gemma import tensor_bytes  # scripts/ is on sys.path when run as a script
 
 # (d_model, width, k, batch, steps, store tokens). h100: the issue's sizes.
 PRESETS = {
@@ -103,7 +104,7 @@ def write_npy_u16(path, t, shape):
     header += " " * (63 - (10 + len(header)) % 64) + "\n"
     with open(path, "wb") as f:
         f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
-        f.write(bytes(t.contiguous().untyped_storage()))
+        f.write(tensor_bytes(t))
 
 
 def sync(device):

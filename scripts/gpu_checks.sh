@@ -8,8 +8,11 @@
 # sizes on a CPU, to check the script itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${DMSAE_BIN:-gpu/dmsae}
-PY=${PYTHON:-$(command -v /opt/torch/.venv/bin/python || command -v python3)}
+# The carried binary on the GPU machine, this checkout's build elsewhere; a Python with torch:
+# the GPU machine's, else the model venv (make model-venv).
+first() { for f in "$@"; do if [ -x "$f" ]; then echo "$f"; return; fi; done; echo "${@: -1}"; }
+BIN=${DMSAE_BIN:-$(first gpu/dmsae target/release/dmsae)}
+PY=${PYTHON:-$(first /opt/torch/.venv/bin/python .venv-model/bin/python python3)}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/dmsae-gpu-checks}
 W=$(mktemp -d "${TMPDIR:-/tmp}/dmsae-gpu-XXXXXX")
