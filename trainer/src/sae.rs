@@ -8,10 +8,8 @@
 //!
 //! A core latent's pre-activation is anchored to x, not to b_dec: x W_enc + b_enc, so `b_enc`
 //! holds that bias for the core (`b_enc_saelens` converts for export). b_dec is re-initialised
-//! every cycle; anchored to it, a frozen core's pre-activations would shift with it, and the
-//! core latents fired on ~2x their tokens in the planted test, which the non-core decoders then
-//! corrected with components along the core directions: attribution leaked onto them and later
-//! cycles selected extra latents.
+//! every cycle; anchored to it, a frozen core's pre-activations would shift with it, and a
+//! carried latent would no longer compute the function that attribution selected.
 
 use crate::config::TrainConfig;
 use rand::{Rng, SeedableRng};
