@@ -104,7 +104,7 @@ pub fn run(a: SweepArgs) -> Result<ExitCode> {
     };
     let outcome = sweep::sweep(
         spec(&a.out, ks.clone(), series.clone()),
-        crate::train_cmd::progress_line(quiet, |p, rate, eta| {
+        crate::train_cmd::progress_line(quiet, "sweep: ".into(), |p, rate, eta| {
             format!(
                 "sweep: step {}/{} ({:.0}%)  {:.0} tokens/s (each read once, up to {n_models} models)  ETA {:.0}s",
                 p.step,

@@ -85,7 +85,7 @@ impl ModelFlags {
 
     /// The progress line on stderr, at most twice a second, prefixed by `label`.
     pub fn progress(&self, label: String) -> impl FnMut(&Progress) + '_ {
-        progress_line(self.quiet, move |p, rate, eta| {
+        progress_line(self.quiet, label.clone(), move |p, rate, eta| {
             format!(
                 "{label}step {}/{} ({:.0}%)  {:.0} tokens/s  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}  ETA {:.0}s",
                 p.step,
@@ -103,13 +103,21 @@ impl ModelFlags {
 }
 
 /// A progress line on stderr, redrawn at most twice a second (and at the last step); `line`
-/// gets the progress, tokens/s and the ETA in seconds.
+/// gets the progress, tokens/s and the ETA in seconds. A run that continues a checkpoint says
+/// so once, quiet or not, so a job's log shows where it picked up.
 pub fn progress_line(
     quiet: bool,
+    label: String,
     mut line: impl FnMut(&Progress, f64, f64) -> String,
 ) -> impl FnMut(&Progress) {
-    let mut last = Instant::now();
+    let (mut last, mut first) = (Instant::now(), true);
     move |p| {
+        if std::mem::take(&mut first) && p.step > p.run_steps {
+            eprintln!(
+                "{label}resumed from the checkpoint at step {}",
+                p.step - p.run_steps
+            );
+        }
         if quiet || (last.elapsed().as_secs_f64() < 0.5 && p.step != p.total_steps) {
             return;
         }

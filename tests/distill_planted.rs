@@ -355,3 +355,94 @@ fn a_trainable_core_keeps_exactly_the_planted_directions() {
         }
     }
 }
+
+/// `distill` killed by SIGTERM in the middle of cycle 1 exits 3 with cycle 1's checkpoint, and
+/// the same command resumes it: every cycle's weights, core file and attribution table, and the
+/// distilled core, come out byte for byte as in an uninterrupted run.
+#[test]
+fn a_killed_distill_resumes_to_the_same_cycles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, acts, grads) = planted();
+    let store = import(tmp.path(), &acts, &grads);
+    let cfg = tmp.path().join("distill.toml");
+    assert!(CONFIG.contains("steps = 1500"));
+    std::fs::write(
+        &cfg,
+        CONFIG.replace("steps = 1500", "steps = 600") + "checkpoint_every = 50\n",
+    )
+    .unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "distill",
+            "--shards",
+            store.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cycles",
+            "2",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let full = tmp.path().join("full");
+    ok(&args(&full));
+
+    let cut = tmp.path().join("cut");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
+        .args(args(&cut))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !cut.join("cycle-1/checkpoint.json").exists() {
+        assert!(t.elapsed().as_secs() < 120, "no checkpoint in cycle 1");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child by its id.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let r = common::finished(child.wait_with_output().unwrap(), &args(&cut));
+    assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("rerun the same command to resume"),
+        "{}",
+        r.stderr
+    );
+    assert!(cut.join("cycle-0/cycle.json").exists());
+    assert!(!cut.join("cycle-1/cycle.json").exists() && !cut.join("distilled").exists());
+
+    let stopped = read_safetensors(&cut.join("cycle-1/checkpoint.safetensors"))["position"].1[0];
+    assert!(
+        (1.0..600.0).contains(&stopped),
+        "checkpoint at step {stopped}"
+    );
+    let r = ok(&args(&cut));
+    // Cycle 0 is reused as finished; cycle 1 continues its checkpoint rather than restarting.
+    assert!(
+        r.stderr.contains(&format!(
+            "cycle 1: resumed from the checkpoint at step {stopped}\n"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("cycle 0: resumed"), "{}", r.stderr);
+    for f in [
+        "cycle-0/sae_weights.safetensors",
+        "cycle-1/sae_weights.safetensors",
+        "cycle-1/core.safetensors",
+        "cycle-1/attribution.csv",
+        "distilled/core.safetensors",
+    ] {
+        assert!(
+            std::fs::read(full.join(f)).unwrap() == std::fs::read(cut.join(f)).unwrap(),
+            "{f} differs after a kill in cycle 1 and a resume"
+        );
+    }
+    assert!(!cut.join("cycle-1/checkpoint.safetensors").exists());
+}

@@ -367,7 +367,13 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
                 && !cut.join(m).join("sae_weights.safetensors").exists()
         );
     }
-    ok(&a);
+    let r = ok(&a);
+    assert!(
+        r.stderr
+            .contains("sweep: resumed from the checkpoint at step "),
+        "{}",
+        r.stderr
+    );
     let alone = tmp.path().join("alone-long");
     ok(&[
         "train",

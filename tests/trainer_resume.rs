@@ -102,7 +102,13 @@ fn killed_and_resumed_run_matches_an_uninterrupted_one() {
 
     let mut resume = args(&cut);
     resume.push("--resume".into());
-    ok(&resume);
+    let r = ok(&resume);
+    assert!(
+        r.stderr
+            .contains(&format!("resumed from the checkpoint at step {stopped}\n")),
+        "{}",
+        r.stderr
+    );
     for f in ["sae_weights.safetensors", "cfg.json"] {
         let (a, b) = (
             std::fs::read(full.join(f)).unwrap(),

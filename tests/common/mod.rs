@@ -104,6 +104,10 @@ pub fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f64>)>
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
                     .collect(),
+                "F64" => raw
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
                 "I64" => raw
                     .chunks_exact(8)
                     .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
