@@ -24,8 +24,29 @@ fn planted() -> (Vec<Vec<f64>>, Vec<f32>, Vec<f32>) {
     common::planted(5, D, ATOMS, &S, N, UNITS)
 }
 
-fn import(dir: &Path, acts: &[f32], grads: &[f32]) -> PathBuf {
-    common::import_acts_grads(dir, acts, grads, D)
+/// (temp dir, atoms, the planted store, a distill config holding `config`) for one test.
+fn planted_run(config: &str) -> (tempfile::TempDir, Vec<Vec<f64>>, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (atoms, acts, grads) = planted();
+    let store = common::import_acts_grads(tmp.path(), &acts, &grads, D);
+    let cfg = tmp.path().join("distill.toml");
+    std::fs::write(&cfg, config).unwrap();
+    (tmp, atoms, store, cfg)
+}
+
+/// `dmsae distill` of `store` under `cfg` for `cycles` cycles into `out`, quietly.
+fn distill_args(store: &Path, cfg: &Path, cycles: u32, out: &Path) -> Vec<String> {
+    let (store, cfg, out) = (store.to_str(), cfg.to_str(), out.to_str());
+    let cycles = cycles.to_string();
+    let args = [
+        "distill",
+        "--shards",
+        store.unwrap(),
+        "--config",
+        cfg.unwrap(),
+    ];
+    let rest = ["--cycles", &cycles, "--quiet", "--out", out.unwrap()];
+    args.iter().chain(&rest).map(|a| a.to_string()).collect()
 }
 
 /// The atom a direction is closest to, and |cosine|.
@@ -64,31 +85,15 @@ batch_tokens = 256\ndead_tokens = 20000\neval_fraction = 0.25\nsteps = 1500\nlog
 
 #[test]
 fn distillation_selects_the_planted_directions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (atoms, acts, grads) = planted();
-    let store = import(tmp.path(), &acts, &grads);
-    let cfg = tmp.path().join("distill.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    let (tmp, atoms, store, cfg) = planted_run(CONFIG);
     let run = tmp.path().join("run");
-    let args = |cycles: &str, cfg: &Path| {
-        [
-            "distill",
-            "--shards",
-            store.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--cycles",
-            cycles,
-            "--min-selected",
-            "3",
-            "--quiet",
-            "--out",
-            run.to_str().unwrap(),
-        ]
-        .map(String::from)
+    let args = |cycles: u32, cfg: &Path| {
+        let mut a = distill_args(&store, cfg, cycles, &run);
+        a.extend(["--min-selected".into(), "3".into()]);
+        a
     };
     let t = std::time::Instant::now();
-    let r = ok(&args("3", &cfg));
+    let r = ok(&args(3, &cfg));
     eprintln!("{}(wall {:.1} s)", r.stdout, t.elapsed().as_secs_f64());
 
     // Each cycle's selection, read through its decoder rows (the export, model units).
@@ -258,7 +263,7 @@ fn distillation_selects_the_planted_directions() {
         .modified()
         .unwrap();
     let t = std::time::Instant::now();
-    ok(&args("3", &cfg));
+    ok(&args(3, &cfg));
     let after = std::fs::metadata(run.join("cycle-1/cycle.json"))
         .unwrap()
         .modified()
@@ -302,15 +307,13 @@ fn distillation_selects_the_planted_directions() {
     )
     .unwrap();
     let fresh = tmp.path().join("fresh");
-    let mut a = args("1", &none).to_vec();
-    let last = a.len() - 1;
-    a[last] = fresh.to_str().unwrap().into();
-    assert_one_line_error(&dmsae(&a), &["no held-out tokens with gradients"]);
+    let r = dmsae(&distill_args(&store, &none, 1, &fresh));
+    assert_one_line_error(&r, &["no held-out tokens with gradients"]);
     assert!(!fresh.join("cycle-0").join("cfg.json").exists());
     let other = tmp.path().join("other.toml");
     assert!(CONFIG.contains("steps = 1500"));
     std::fs::write(&other, CONFIG.replace("steps = 1500", "steps = 1501")).unwrap();
-    let r = dmsae(&args("3", &other));
+    let r = dmsae(&args(3, &other));
     assert_one_line_error(&r, &["cycle-0", "cycle.json"]);
 }
 
@@ -318,20 +321,9 @@ fn distillation_selects_the_planted_directions() {
 /// exactly S.
 #[test]
 fn a_trainable_core_keeps_exactly_the_planted_directions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (atoms, acts, grads) = planted();
-    let store = import(tmp.path(), &acts, &grads);
-    let cfg = tmp.path().join("distill.toml");
-    std::fs::write(&cfg, format!("{CONFIG}core_frozen = false\n")).unwrap();
+    let (tmp, atoms, store, cfg) = planted_run(&format!("{CONFIG}core_frozen = false\n"));
     let run = tmp.path().join("run");
-    let (s, c, r) = (
-        store.to_str().unwrap(),
-        cfg.to_str().unwrap(),
-        run.to_str().unwrap(),
-    );
-    ok(&[
-        "distill", "--shards", s, "--config", c, "--cycles", "3", "--quiet", "--out", r,
-    ]);
+    ok(&distill_args(&store, &cfg, 3, &run));
     for n in 0..3 {
         let dir = run.join(format!("cycle-{n}"));
         let cy = json(&dir.join("cycle.json"));
@@ -361,53 +353,15 @@ fn a_trainable_core_keeps_exactly_the_planted_directions() {
 /// distilled core, come out byte for byte as in an uninterrupted run.
 #[test]
 fn a_killed_distill_resumes_to_the_same_cycles() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (_, acts, grads) = planted();
-    let store = import(tmp.path(), &acts, &grads);
-    let cfg = tmp.path().join("distill.toml");
     assert!(CONFIG.contains("steps = 1500"));
-    std::fs::write(
-        &cfg,
-        CONFIG.replace("steps = 1500", "steps = 600") + "checkpoint_every = 50\n",
-    )
-    .unwrap();
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "distill",
-            "--shards",
-            store.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--cycles",
-            "2",
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let short = CONFIG.replace("steps = 1500", "steps = 600") + "checkpoint_every = 50\n";
+    let (tmp, _, store, cfg) = planted_run(&short);
+    let args = |out: &Path| distill_args(&store, &cfg, 2, out);
     let full = tmp.path().join("full");
     ok(&args(&full));
 
     let cut = tmp.path().join("cut");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
-        .args(args(&cut))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !cut.join("cycle-1/checkpoint.json").exists() {
-        assert!(t.elapsed().as_secs() < 120, "no checkpoint in cycle 1");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    // SAFETY: signalling our own child by its id.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let r = common::finished(child.wait_with_output().unwrap(), &args(&cut));
+    let r = common::sigterm_once_exists(&args(&cut), &cut.join("cycle-1/checkpoint.json"));
     assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stderr.contains("rerun the same command to resume"),

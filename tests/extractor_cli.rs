@@ -411,20 +411,8 @@ fn sigterm_stops_cleanly_and_rerun_completes() {
         let i = args.iter().position(|a| a == flag).unwrap() + 1;
         args[i] = v.into();
     }
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // Stop it once its first shard is committed.
-    let t0 = std::time::Instant::now();
-    while !out.join("manifest.json").exists() {
-        assert!(t0.elapsed().as_secs() < 60, "no shard committed");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let r = common::finished(child.wait_with_output().unwrap(), &args);
+    let r = common::sigterm_once_exists(&args, &out.join("manifest.json"));
     assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stderr

@@ -343,23 +343,7 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
     let mut a = sweep_args("2", &cut);
     a[6] = s(&cfg2).into();
     a.extend(["--series".into(), "baseline,random-core".into()]);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
-        .args(&a)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !cut.join("random-core-k2/checkpoint.json").exists() {
-        assert!(t.elapsed().as_secs() < 60, "no periodic checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    // SAFETY: signalling our own child by its id.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let r = common::finished(child.wait_with_output().unwrap(), &a);
+    let r = common::sigterm_once_exists(&a, &cut.join("random-core-k2/checkpoint.json"));
     assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
     for m in ["baseline-k2", "random-core-k2"] {
         assert!(

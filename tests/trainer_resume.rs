@@ -7,8 +7,6 @@ use common::ok;
 use dmsae_trainer::synthetic::sparse_dictionary;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 const D: usize = 32;
 
@@ -61,26 +59,7 @@ fn killed_and_resumed_run_matches_an_uninterrupted_one() {
     );
 
     let cut = tmp.path().join("cut");
-    let child = Command::new(env!("CARGO_BIN_EXE_dmsae"))
-        .args(args(&cut))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !cut.join("checkpoint.json").exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no periodic checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // SAFETY: signalling our own child by its id.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let r = common::finished(child.wait_with_output().unwrap(), &args(&cut));
+    let r = common::sigterm_once_exists(&args(&cut), &cut.join("checkpoint.json"));
     assert_eq!(
         r.code, 3,
         "expected the interrupted exit:\n{}{}",

@@ -44,6 +44,32 @@ pub fn dmsae<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
     finished(out, &args_of(args))
 }
 
+/// Start `dmsae ARGS`, send it SIGTERM as soon as `file` exists (what a scheduler does to a
+/// job mid-run), and return how it finished.
+pub fn sigterm_once_exists<S: AsRef<std::ffi::OsStr>>(args: &[S], file: &Path) -> Run {
+    let child = Command::new(env!("CARGO_BIN_EXE_dmsae"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dmsae");
+    let t = std::time::Instant::now();
+    while !file.exists() {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "{} never appeared",
+            file.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child by its id.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    finished(child.wait_with_output().unwrap(), &args_of(args))
+}
+
 /// Exit 0, or fail the test with what the binary said.
 pub fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
     let r = dmsae(args);
