@@ -251,6 +251,38 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
             assert!(v("l0_core") > 0.0, "{m}");
         }
     }
+    // At equal total L0: one row per model's L0, ascending; each model's own series reads its
+    // own FVU there, and a series is empty outside its L0 range.
+    let grid = sj["at_equal_l0"].as_array().unwrap();
+    assert_eq!(grid.len(), models.len());
+    let l0 = |r: &serde_json::Value| r["l0_total"].as_f64().unwrap();
+    assert!(grid.windows(2).all(|w| l0(&w[0]) < l0(&w[1])));
+    for m in models {
+        let row = grid
+            .iter()
+            .find(|r| r["l0_total"] == m["l0_total"])
+            .unwrap();
+        assert_eq!(row["fvu"][m["series"].as_str().unwrap()], m["fvu"]);
+    }
+    let range = |series: &str| {
+        let l0s = models
+            .iter()
+            .filter(|m| m["series"] == series)
+            .map(|m| l0(m));
+        (
+            l0s.clone().fold(f64::MAX, f64::min),
+            l0s.fold(0.0, f64::max),
+        )
+    };
+    for r in grid {
+        for series in ["distilled-core", "baseline", "random-core"] {
+            let (lo, hi) = range(series);
+            let inside = (lo..=hi).contains(&l0(r));
+            assert_eq!(r["fvu"][series].is_f64(), inside, "{series} at {}", l0(r));
+        }
+    }
+    let md = std::fs::read_to_string(sweep.join("sweep.md")).unwrap();
+    assert!(md.contains("| L0 total | FVU distilled-core | FVU baseline | FVU random-core |"));
     for p in ["fvu_vs_l0", "dloss_vs_l0"] {
         let svg = std::fs::read_to_string(sweep.join("plots").join(format!("{p}.svg"))).unwrap();
         assert_eq!(svg.matches("<polyline").count(), 3, "{p}");

@@ -133,7 +133,10 @@ pub fn random_core(
     if c > candidates {
         return Err(bad(
             &cfg_path,
-            format!("{candidates} candidates (core + first group), fewer than the core size {c}"),
+            format!(
+                "{candidates} candidates (core + first group), fewer than the core size {c}, so \
+                 no random core of that size can be drawn; leave random-core out of --series"
+            ),
         ));
     }
     let scale = cfg_json["dmsae"]["norm_scale"].as_f64().unwrap_or(1.0);
@@ -374,8 +377,10 @@ fn summarise(
     if let Some(o) = shared.as_object_mut() {
         o.remove("k");
     }
+    let at_equal_l0 = at_equal_l0(&rows);
     let summary = json!({
         "models": rows,
+        "at_equal_l0": at_equal_l0,
         "core_file": core.map(|p| p.display().to_string()),
         "random_core_from": random_from.map(|p| p.display().to_string()),
         "train_config": shared,
@@ -411,7 +416,95 @@ pub fn markdown(s: &Value) -> String {
         ));
     }
     md.push_str("\nCompare series at equal total L0 (core latents counted).\n");
+    let rows = s["models"].as_array().cloned().unwrap_or_default();
+    let grid = at_equal_l0(&rows);
+    let present: Vec<Series> = Series::ALL
+        .into_iter()
+        .filter(|ser| !points(&rows, *ser, "fvu").is_empty())
+        .collect();
+    if present.len() > 1 {
+        md.push_str(&format!(
+            "\nAt equal total L0: each series read at every model's total L0, linearly in log L0 \
+             between its own two nearest models (- outside its range, never extrapolated).\n\n\
+             | L0 total |{}{}\n|---|{}\n",
+            present
+                .iter()
+                .map(|s| format!(" FVU {} |", s.name()))
+                .collect::<String>(),
+            present
+                .iter()
+                .map(|s| format!(" dloss {} |", s.name()))
+                .collect::<String>(),
+            "---|".repeat(2 * present.len())
+        ));
+        for r in grid.as_array().into_iter().flatten() {
+            md.push_str(&format!("| {} |", f(&r["l0_total"])));
+            for (key, fmt) in [
+                ("fvu", &f as &dyn Fn(&Value) -> String),
+                ("first_order_dloss", &g),
+            ] {
+                for ser in &present {
+                    md.push_str(&format!(" {} |", fmt(&r[key][ser.name()])));
+                }
+            }
+            md.push('\n');
+        }
+    }
     md
+}
+
+/// One series' (total L0, `key`) points, in k order.
+fn points(rows: &[Value], series: Series, key: &str) -> Vec<(f64, f64)> {
+    rows.iter()
+        .filter(|r| r["series"] == series.name())
+        .map(|r| {
+            let v = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            (v("l0_total"), v(key))
+        })
+        .collect()
+}
+
+/// `points` read at total L0 `l0`: linear in log L0 between the two nearest points around it;
+/// None outside their range (a series is never extrapolated).
+fn interpolate(points: &[(f64, f64)], l0: f64) -> Option<f64> {
+    let mut p: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(x, y)| *x > 0.0 && x.is_finite() && y.is_finite())
+        .collect();
+    p.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some(&(_, y)) = p.iter().find(|(x, _)| *x == l0) {
+        return Some(y);
+    }
+    let w = p.windows(2).find(|w| w[0].0 < l0 && l0 < w[1].0)?;
+    let t = (l0.ln() - w[0].0.ln()) / (w[1].0.ln() - w[0].0.ln());
+    Some(w[0].1 + t * (w[1].1 - w[0].1))
+}
+
+/// For every model's total L0 (ascending), each series' FVU and first-order dloss there
+/// (`interpolate`; null outside the series' range): the issue's "results at equal total L0".
+fn at_equal_l0(rows: &[Value]) -> Value {
+    let mut l0s: Vec<f64> = rows.iter().filter_map(|r| r["l0_total"].as_f64()).collect();
+    l0s.sort_by(f64::total_cmp);
+    l0s.dedup();
+    let at = |key: &str, l0: f64| -> Value {
+        Series::ALL
+            .iter()
+            .map(|&ser| {
+                (
+                    ser.name().to_string(),
+                    json!(interpolate(&points(rows, ser, key), l0)),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    l0s.iter()
+        .map(|&l0| {
+            json!({ "l0_total": l0, "fvu": at("fvu", l0),
+            "first_order_dloss": at("first_order_dloss", l0) })
+        })
+        .collect()
 }
 
 /// `plots/fvu_vs_l0.svg` and `plots/dloss_vs_l0.svg`: one line per series, ordered by k.
@@ -422,15 +515,8 @@ pub fn plots(out: &Path, s: &Value) -> Result<Vec<PathBuf>, TrainError> {
     let series_of = |key: &str| -> Vec<PlotSeries> {
         Series::ALL
             .iter()
-            .filter_map(|ser| {
-                let points: Vec<(f64, f64)> = rows
-                    .iter()
-                    .filter(|r| r["series"] == ser.name())
-                    .map(|r| {
-                        let v = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-                        (v("l0_total"), v(key))
-                    })
-                    .collect();
+            .filter_map(|&ser| {
+                let points = points(&rows, ser, key);
                 (!points.is_empty()).then(|| PlotSeries {
                     name: ser.name().into(),
                     points,
@@ -466,4 +552,22 @@ pub fn plots(out: &Path, s: &Value) -> Result<Vec<PathBuf>, TrainError> {
         written.push(path);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interpolate;
+
+    #[test]
+    fn interpolation_is_linear_in_log_l0_and_never_extrapolates() {
+        let p = [(64.0, 0.10), (16.0, 0.20)];
+        assert_eq!(interpolate(&p, 16.0), Some(0.20));
+        assert_eq!(interpolate(&p, 64.0), Some(0.10));
+        // 32 is halfway between 16 and 64 in log L0.
+        assert!((interpolate(&p, 32.0).unwrap() - 0.15).abs() < 1e-12);
+        assert_eq!(interpolate(&p, 15.9), None);
+        assert_eq!(interpolate(&p, 64.1), None);
+        assert_eq!(interpolate(&[(8.0, 0.3)], 8.0), Some(0.3));
+        assert_eq!(interpolate(&[(8.0, f64::NAN), (4.0, 0.3)], 6.0), None);
+    }
 }
