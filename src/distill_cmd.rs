@@ -152,7 +152,8 @@ pub fn distill(a: DistillArgs) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct ReportArgs {
-    /// A `dmsae distill` run directory (writes RUN/plots/) or a `dmsae sweep` directory.
+    /// A `dmsae distill` run directory (writes RUN/plots/), a `dmsae sweep` directory, or a
+    /// `dmsae eval --out` directory.
     run: PathBuf,
 }
 
@@ -171,6 +172,12 @@ pub fn report(a: ReportArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let path = a.run.join(distill::SUMMARY_FILE);
+    if !path.exists() {
+        if let Some(md) = dmsae_trainer::eval::report_section(&a.run)? {
+            print!("{md}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
     let s: serde_json::Value =
         serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;

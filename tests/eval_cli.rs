@@ -207,6 +207,8 @@ fn sweep_matches_transformers_on_the_tiny_model() {
         // The table on stdout is eval.md; the plot has one series per kind.
         let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
         assert!(r.stdout.starts_with(&md), "{}", r.stdout);
+        assert!(md.contains("| L0 total | CE recovered baseline | CE recovered distilled-core |"));
+        assert_eq!(ok(&["report", out.to_str().unwrap()]).stdout, md);
         assert!(md.contains(if flag.is_some() {
             "spliced too"
         } else {

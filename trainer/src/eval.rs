@@ -13,6 +13,7 @@
 //! SAEs are read in SAELens' `jumprelu` layout as `export.rs` writes it, in model units:
 //! f = JumpReLU((x − b_dec) W_enc + b_enc, threshold), x_hat = f W_dec + b_dec.
 
+use crate::compare;
 use crate::export::{self, write_atomic};
 use crate::plot;
 use dmsae_extractor::Model;
@@ -609,6 +610,28 @@ pub fn markdown(r: &EvalReport) -> String {
         }
         None => {}
     }
+    // The same series at equal total L0, where the SAEs come from more than one.
+    let mut series: Vec<&str> = r.saes.iter().map(|e| e.series.as_str()).collect();
+    series.sort_unstable();
+    series.dedup();
+    if series.len() > 1 {
+        let points = |name: &str, value: fn(&SaeResult) -> f64| {
+            let of = r.saes.iter().filter(|e| e.series == name);
+            of.map(|e| (e.l0_total, value(e))).collect()
+        };
+        let metrics: [(&str, fn(&SaeResult) -> f64); 2] =
+            [("CE recovered", |e| e.ce_recovered), ("KL", |e| e.kl)];
+        let cols: Vec<compare::Column> = metrics
+            .iter()
+            .flat_map(|&(label, value)| series.iter().map(move |&name| (label, value, name)))
+            .map(|(label, value, name)| compare::Column {
+                header: format!("{label} {name}"),
+                points: points(name, value),
+                fmt: |x| format!("{x:.4}"),
+            })
+            .collect();
+        s += &compare::markdown(&cols);
+    }
     s
 }
 
@@ -849,6 +872,11 @@ mod tests {
         assert_eq!(md, markdown(&r));
         assert!(md.contains("| a | baseline | 8 | 3.0000 | - |"), "{md}");
         assert!(md.contains("fewer than 3 SAEs"), "{md}");
+        // At equal total L0 (both at 3.0): recovered per series, then KL; undefined is "-".
+        assert!(
+            md.contains("| 3.00 | - | 0.5000 | 0.1000 | 0.1000 |"),
+            "{md}"
+        );
         let svg = std::fs::read_to_string(tmp.path().join(PLOT_FILE)).unwrap();
         assert!(svg.contains("baseline") && svg.contains("random-core"));
     }

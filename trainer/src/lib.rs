@@ -2,6 +2,7 @@
 //! without the language model.
 
 pub mod attribution;
+pub mod compare;
 pub mod config;
 pub mod distill;
 pub mod eval;

@@ -19,6 +19,7 @@
 //! covers every finished model in DIR, so a k list may be split across invocations (several
 //! 65k-wide models with Adam state may not fit one GPU together).
 
+use crate::compare;
 use crate::config::{ConfigError, TrainConfig};
 use crate::distill::{load_export, write_core};
 use crate::export::{self, write_atomic};
@@ -417,38 +418,25 @@ pub fn markdown(s: &Value) -> String {
     }
     md.push_str("\nCompare series at equal total L0 (core latents counted).\n");
     let rows = s["models"].as_array().cloned().unwrap_or_default();
-    let grid = at_equal_l0(&rows);
     let present: Vec<Series> = Series::ALL
         .into_iter()
         .filter(|ser| !points(&rows, *ser, "fvu").is_empty())
         .collect();
     if present.len() > 1 {
-        md.push_str(&format!(
-            "\nAt equal total L0: each series read at every model's total L0, linearly in log L0 \
-             between its own two nearest models (- outside its range, never extrapolated).\n\n\
-             | L0 total |{}{}\n|---|{}\n",
-            present
-                .iter()
-                .map(|s| format!(" FVU {} |", s.name()))
-                .collect::<String>(),
-            present
-                .iter()
-                .map(|s| format!(" dloss {} |", s.name()))
-                .collect::<String>(),
-            "---|".repeat(2 * present.len())
-        ));
-        for r in grid.as_array().into_iter().flatten() {
-            md.push_str(&format!("| {} |", f(&r["l0_total"])));
-            for (key, fmt) in [
-                ("fvu", &f as &dyn Fn(&Value) -> String),
-                ("first_order_dloss", &g),
-            ] {
-                for ser in &present {
-                    md.push_str(&format!(" {} |", fmt(&r[key][ser.name()])));
-                }
-            }
-            md.push('\n');
-        }
+        let metrics: [(&str, &str, fn(f64) -> String); 2] = [
+            ("FVU", "fvu", |x| format!("{x:.4}")),
+            ("dloss", "first_order_dloss", |x| format!("{x:.4e}")),
+        ];
+        let cols: Vec<compare::Column> = metrics
+            .iter()
+            .flat_map(|&(label, key, fmt)| present.iter().map(move |&ser| (label, key, fmt, ser)))
+            .map(|(label, key, fmt, ser)| compare::Column {
+                header: format!("{label} {}", ser.name()),
+                points: points(&rows, ser, key),
+                fmt,
+            })
+            .collect();
+        md.push_str(&compare::markdown(&cols));
     }
     md
 }
@@ -464,43 +452,22 @@ fn points(rows: &[Value], series: Series, key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// `points` read at total L0 `l0`: linear in log L0 between the two nearest points around it;
-/// None outside their range (a series is never extrapolated).
-fn interpolate(points: &[(f64, f64)], l0: f64) -> Option<f64> {
-    let mut p: Vec<(f64, f64)> = points
-        .iter()
-        .copied()
-        .filter(|(x, y)| *x > 0.0 && x.is_finite() && y.is_finite())
-        .collect();
-    p.sort_by(|a, b| a.0.total_cmp(&b.0));
-    if let Some(&(_, y)) = p.iter().find(|(x, _)| *x == l0) {
-        return Some(y);
-    }
-    let w = p.windows(2).find(|w| w[0].0 < l0 && l0 < w[1].0)?;
-    let t = (l0.ln() - w[0].0.ln()) / (w[1].0.ln() - w[0].0.ln());
-    Some(w[0].1 + t * (w[1].1 - w[0].1))
-}
-
 /// For every model's total L0 (ascending), each series' FVU and first-order dloss there
-/// (`interpolate`; null outside the series' range): the issue's "results at equal total L0".
+/// (`compare::interpolate`; null outside the series' range).
 fn at_equal_l0(rows: &[Value]) -> Value {
-    let mut l0s: Vec<f64> = rows.iter().filter_map(|r| r["l0_total"].as_f64()).collect();
-    l0s.sort_by(f64::total_cmp);
-    l0s.dedup();
     let at = |key: &str, l0: f64| -> Value {
         Series::ALL
             .iter()
             .map(|&ser| {
-                (
-                    ser.name().to_string(),
-                    json!(interpolate(&points(rows, ser, key), l0)),
-                )
+                let v = compare::interpolate(&points(rows, ser, key), l0);
+                (ser.name().to_string(), json!(v))
             })
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    l0s.iter()
-        .map(|&l0| {
+    compare::l0_grid(rows.iter().filter_map(|r| r["l0_total"].as_f64()))
+        .into_iter()
+        .map(|l0| {
             json!({ "l0_total": l0, "fvu": at("fvu", l0),
             "first_order_dloss": at("first_order_dloss", l0) })
         })
@@ -552,22 +519,4 @@ pub fn plots(out: &Path, s: &Value) -> Result<Vec<PathBuf>, TrainError> {
         written.push(path);
     }
     Ok(written)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::interpolate;
-
-    #[test]
-    fn interpolation_is_linear_in_log_l0_and_never_extrapolates() {
-        let p = [(64.0, 0.10), (16.0, 0.20)];
-        assert_eq!(interpolate(&p, 16.0), Some(0.20));
-        assert_eq!(interpolate(&p, 64.0), Some(0.10));
-        // 32 is halfway between 16 and 64 in log L0.
-        assert!((interpolate(&p, 32.0).unwrap() - 0.15).abs() < 1e-12);
-        assert_eq!(interpolate(&p, 15.9), None);
-        assert_eq!(interpolate(&p, 64.1), None);
-        assert_eq!(interpolate(&[(8.0, 0.3)], 8.0), Some(0.3));
-        assert_eq!(interpolate(&[(8.0, f64::NAN), (4.0, 0.3)], 6.0), None);
-    }
 }
