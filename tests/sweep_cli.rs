@@ -265,10 +265,7 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
         assert_eq!(row["fvu"][m["series"].as_str().unwrap()], m["fvu"]);
     }
     let range = |series: &str| {
-        let l0s = models
-            .iter()
-            .filter(|m| m["series"] == series)
-            .map(|m| l0(m));
+        let l0s = models.iter().filter(|m| m["series"] == series).map(l0);
         (
             l0s.clone().fold(f64::MAX, f64::min),
             l0s.fold(0.0, f64::max),

@@ -28,11 +28,14 @@ pub fn l0_grid(l0s: impl IntoIterator<Item = f64>) -> Vec<f64> {
     l0s
 }
 
+/// How a column prints its values.
+pub type Format = fn(f64) -> String;
+
 /// One column of the table: a metric of one series.
 pub struct Column {
     pub header: String,
     pub points: Vec<(f64, f64)>,
-    pub fmt: fn(f64) -> String,
+    pub fmt: Format,
 }
 
 /// The markdown table: a row per L0 of `l0_grid`, a cell per column (- where `interpolate`

@@ -619,8 +619,8 @@ pub fn markdown(r: &EvalReport) -> String {
             let of = r.saes.iter().filter(|e| e.series == name);
             of.map(|e| (e.l0_total, value(e))).collect()
         };
-        let metrics: [(&str, fn(&SaeResult) -> f64); 2] =
-            [("CE recovered", |e| e.ce_recovered), ("KL", |e| e.kl)];
+        type Metric = (&'static str, fn(&SaeResult) -> f64);
+        let metrics: [Metric; 2] = [("CE recovered", |e| e.ce_recovered), ("KL", |e| e.kl)];
         let cols: Vec<compare::Column> = metrics
             .iter()
             .flat_map(|&(label, value)| series.iter().map(move |&name| (label, value, name)))

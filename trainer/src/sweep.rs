@@ -423,7 +423,7 @@ pub fn markdown(s: &Value) -> String {
         .filter(|ser| !points(&rows, *ser, "fvu").is_empty())
         .collect();
     if present.len() > 1 {
-        let metrics: [(&str, &str, fn(f64) -> String); 2] = [
+        let metrics: [(&str, &str, compare::Format); 2] = [
             ("FVU", "fvu", |x| format!("{x:.4}")),
             ("dloss", "first_order_dloss", |x| format!("{x:.4e}")),
         ];
