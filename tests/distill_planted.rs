@@ -19,15 +19,10 @@ const S: [usize; 4] = [2, 7, 13, 19];
 const UNITS: f32 = 3.0;
 const N: usize = 64 * 256;
 
-/// (atoms [ATOMS][D] orthonormal, acts [N, D], grads [N, D]): see `common::planted`.
-fn planted() -> (Vec<Vec<f64>>, Vec<f32>, Vec<f32>) {
-    common::planted(5, D, ATOMS, &S, N, UNITS)
-}
-
 /// (temp dir, atoms, the planted store, a distill config holding `config`) for one test.
 fn planted_run(config: &str) -> (tempfile::TempDir, Vec<Vec<f64>>, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let (atoms, acts, grads) = planted();
+    let (atoms, acts, grads) = common::planted(5, D, ATOMS, &S, N, UNITS);
     let store = common::import_acts_grads(tmp.path(), &acts, &grads, D);
     let cfg = tmp.path().join("distill.toml");
     std::fs::write(&cfg, config).unwrap();

@@ -92,7 +92,7 @@ impl Partial {
         }
         let b = std::fs::read(&path).ok()?;
         let body = b.len().checked_sub(32)?;
-        if b.len() < 16 || &b[..8] != MAGIC || blake3::hash(&b[..body]).as_bytes() != &b[body..] {
+        if &b[..8] != MAGIC || blake3::hash(&b[..body]).as_bytes() != &b[body..] {
             return None;
         }
         let head_len = usize::try_from(u64::from_le_bytes(b[8..16].try_into().ok()?)).ok()?;

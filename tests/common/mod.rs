@@ -56,7 +56,7 @@ pub fn sigterm_once_exists<S: AsRef<std::ffi::OsStr>>(args: &[S], file: &Path) -
     let t = std::time::Instant::now();
     while !file.exists() {
         assert!(
-            t.elapsed().as_secs() < 120,
+            t.elapsed().as_secs() < 60,
             "{} never appeared",
             file.display()
         );
