@@ -50,10 +50,19 @@ step "one distillation cycle on the extracted store: training, then attribution 
 run "$BIN" train-cycle --shards "$W/store-bf16" --width "$WIDTH" --k "$K" --steps "$STEPS" \
   --config "$W/train.toml" --attribution-tokens "$ATTR" --device "$DEVICE" --quiet --out "$W/run/cycle-0"
 
+step "cycle 1 from cycle 0's core: the carried core (and its thresholds) on the device"
+run "$BIN" train-cycle --shards "$W/store-bf16" --core "$W/run/cycle-0" --width "$WIDTH" --k "$K" \
+  --steps "$STEPS" --config "$W/train.toml" --attribution-tokens "$ATTR" --device "$DEVICE" --quiet \
+  --out "$W/run/cycle-1"
+
 step "sweep in one pass against one model at a time"
 run "$BIN" sweep --shards "$W/store-bf16" --core "$W/run/cycle-0" --series distilled-core,baseline \
   --k "$K,$((2 * K))" --width "$WIDTH" --steps "$STEPS" --config "$W/train.toml" --device "$DEVICE" --quiet \
   --compare-separate --out "$W/sweep"
+
+step "eval: the sweep's SAEs spliced into the model on the device"
+run "$BIN" eval --model "$W/model" --sae "$W/sweep" --data "$W/text.txt" --tokens "$((CTX * 8))" \
+  --context "$CTX" --batch "$BATCH" --device "$DEVICE" --out "$W/eval"
 
 step "training step against eager PyTorch (the issue's anchor)"
 run "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET

@@ -276,13 +276,7 @@ pub fn train_cycle(
             msg: "an export trained with another config; remove the directory".into(),
         });
     }
-    let sae = Sae {
-        w_enc: sae.w_enc.to_device(device),
-        b_enc: sae.b_enc.to_device(device),
-        w_dec: sae.w_dec.to_device(device),
-        b_dec: sae.b_dec.to_device(device),
-        ..sae
-    };
+    let sae = sae.to_device(device);
     let store = Arc::new(Store::open(store_dir)?);
     let (_, scale) = scale_of(&store)?;
     let t0 = std::time::Instant::now();

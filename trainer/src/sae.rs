@@ -143,6 +143,18 @@ impl Sae {
         self.w_enc.device()
     }
 
+    /// Every tensor on `device`, the core thresholds included (a loaded export's are on the CPU).
+    pub fn to_device(self, device: Device) -> Sae {
+        Sae {
+            w_enc: self.w_enc.to_device(device),
+            b_enc: self.b_enc.to_device(device),
+            w_dec: self.w_dec.to_device(device),
+            b_dec: self.b_dec.to_device(device),
+            core_threshold: self.core_threshold.to_device(device),
+            ..self
+        }
+    }
+
     pub fn width(&self) -> usize {
         self.core + self.groups.iter().sum::<usize>()
     }
@@ -348,7 +360,8 @@ pub struct Trainer {
     pub since_fired_f: Tensor,
     /// Tokens on which each latent fired in the last step.
     fired_f: Tensor,
-    /// The training encoder product in bf16 (`TrainConfig::encoder_bf16`).
+    /// The training encoder product in bf16 (`TrainConfig::encoder_bf16`; unset, it follows
+    /// the device the run started on, and a checkpoint carries it to the resumed run).
     bf16: bool,
 }
 
@@ -385,8 +398,13 @@ impl Trainer {
     /// Matryoshka loss: the mean over prefixes p = 1..=G (core + first p non-core groups) of
     /// sum_d (x - x_hat_p)^2, averaged over the batch; plus auxk_alpha * AuxK.
     pub fn loss(&self, x_bd: &Tensor) -> LossOut {
+        self.loss_as(x_bd, self.bf16)
+    }
+
+    /// `loss` with the encoder product in bf16 or not, whatever training uses (evals: f32).
+    pub fn loss_as(&self, x_bd: &Tensor, bf16: bool) -> LossOut {
         let s = &self.sae;
-        let post_bf = s.relu_acts_first(x_bd, s.width(), self.bf16);
+        let post_bf = s.relu_acts_first(x_bd, s.width(), bf16);
         let f_bf = s.batch_topk(&post_bf);
 
         let sq_err = |x_hat_bd: &Tensor| {
@@ -545,7 +563,7 @@ impl Trainer {
     }
 
     /// Everything a resumed run needs besides `step` and the threshold, on the CPU: weights,
-    /// Adam moments, dead-latent counters.
+    /// Adam moments, dead-latent counters, the encoder product.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
         let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
@@ -559,6 +577,10 @@ impl Trainer {
             out.push((format!("adam_v.{n}"), cpu(&self.v[i])));
         }
         out.push(("since_fired".into(), cpu(&self.since_fired_f)));
+        out.push((
+            "encoder_bf16".into(),
+            Tensor::from_slice(&[self.bf16 as u8]),
+        ));
         out
     }
 
@@ -594,8 +616,18 @@ impl Trainer {
             self.v[i] = get(&format!("adam_v.{n}"), &self.v[i])?;
         }
         self.since_fired_f = get("since_fired", &self.since_fired_f)?;
+        // A run resumed on another device keeps the product it started with. Checkpoints from
+        // before this entry resume with the current device's default.
+        if let Some((_, t)) = tensors.iter().find(|(n, _)| n == "encoder_bf16") {
+            self.bf16 = t.int64_value(&[0]) != 0;
+        }
         (self.step, self.sae.threshold) = (step, threshold);
         Ok(())
+    }
+
+    /// Whether the training encoder product runs in bf16.
+    pub fn encoder_bf16(&self) -> bool {
+        self.bf16
     }
 
     /// Tokens on which each latent fired in the last step.
@@ -752,7 +784,7 @@ mod tests {
         let e = train(
             &TrainConfig {
                 encoder_bf16: Some(true),
-                ..cfg
+                ..cfg.clone()
             },
             &x,
             16,
@@ -763,6 +795,25 @@ mod tests {
             diff > 0.0 && diff < 0.05,
             "bf16 vs f32 W_enc: max |diff| {diff}"
         );
+        // Resumed where the unset key means f32 (the CPU), a bf16 run stays bf16: the
+        // checkpoint carries the product, and the continuation matches the bf16 run's.
+        let unset = TrainConfig {
+            encoder_bf16: None,
+            ..cfg.clone()
+        };
+        let mut r = Trainer::new(
+            Sae::new(16, None, &unset, Kind::Float, Device::Cpu).unwrap(),
+            unset,
+            false,
+        );
+        assert!(!r.encoder_bf16());
+        r.load_state(&e.state(), e.step, e.sae.threshold).unwrap();
+        assert!(r.encoder_bf16());
+        let x_bd = tensor(&x[..cfg.batch_tokens * 16], cfg.batch_tokens, Kind::Float);
+        let mut e = e;
+        e.update(&x_bd);
+        r.update(&x_bd);
+        assert!(r.sae.w_enc.equal(&e.sae.w_enc));
     }
 
     #[test]

@@ -490,6 +490,7 @@ impl Member {
             "steps": t.step,
             "tokens": tokens,
             "train_config": cfg,
+            "encoder_bf16": t.encoder_bf16(),
             "eval": eval,
             "store": {
                 "path": store_dir.display().to_string(),
@@ -713,8 +714,8 @@ pub fn evaluate(
             let f_bf = sae.encode(&xn_bd);
             let diff_bd = (sae.decode(&f_bf) - &xn_bd) / scale;
             err += diff_bd.square().sum(Kind::Double).double_value(&[]);
-            err_topk +=
-                err_stats(&xn_bd, &t.loss(&xn_bd).x_hat_bd).0 * (b.n * d) as f64 / (scale * scale);
+            err_topk += err_stats(&xn_bd, &t.loss_as(&xn_bd, false).x_hat_bd).0 * (b.n * d) as f64
+                / (scale * scale);
             sum_x += x_bd.sum_dim_intlist(0, false, Kind::Double);
             sum_sq += x_bd.square().sum(Kind::Double).double_value(&[]);
             let (c, n) = l0s(&f_bf, sae.core);
