@@ -6,7 +6,9 @@ trainer, reduced to the step): dense decoder product for every prefix, BatchTopK
 batch, the unit-norm decoder constraint, gradient clipping, Adam, the dead-latent counters and
 the threshold EMA. It reads its batches from memory; dmsae streams them from a store on disk
 (decompressing and verifying every block), so the comparison is not flattered in our favour.
-AuxK is idle on both sides: no latent can be dead within a benchmark's few steps.
+AuxK is idle on both sides by default: no latent can be dead within a benchmark's few steps.
+`--auxk` counts every latent dead (dead_tokens = 0), so AuxK takes its full k_aux = d/2
+(METHOD.md) every step on both sides: a step of a long run with at least d/2 dead latents.
 
 Run with a Python that has torch (`.venv-model/bin/python`, or the GPU machine's):
     python scripts/bench_train.py --dmsae target/release/dmsae --preset cpu
@@ -40,7 +42,7 @@ def groups(width):
     return sizes + [width - sum(sizes)]
 
 
-def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16):
+def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens):
     """Tokens/s of the eager PyTorch step over `steps` timed steps after `warm` untimed ones."""
     d = x_all.shape[1]
     g = torch.Generator().manual_seed(0)
@@ -74,6 +76,17 @@ def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16):
                 x_hat = x_hat + f[:, lo:hi] @ params["W_dec"][lo:hi]
                 loss = loss + (x - x_hat.float()).pow(2).sum(-1).mean()
             loss = loss / (len(bounds) - 1)
+            dead = fired_since >= dead_tokens
+            n_dead = int(dead.sum())
+            if n_dead > 0:  # dictionary_learning's AuxK: a dense scatter times W_dec
+                e = (x - x_hat.float()).detach()
+                aux = torch.where(dead[None], post, -torch.inf)
+                a_vals, a_idx = aux.topk(min(d // 2, n_dead), sorted=False)
+                a = torch.zeros_like(post).scatter(-1, a_idx, a_vals)
+                e_hat = a @ params["W_dec"]
+                l2_aux = (e - e_hat.float()).pow(2).sum(-1).mean()
+                var = (e - e.mean(0)).pow(2).sum(-1).mean()
+                loss = loss + l2_aux / var / 32
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -112,7 +125,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads):
+def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens):
     """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up)."""
     cfg = os.path.join(work, "bench.toml")
     with open(cfg, "w") as f:
@@ -120,6 +133,7 @@ def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads
             f"width = {width}\nk = {k}\nbatch_tokens = {batch}\nsteps = {warm + steps}\n"
             f"log_every = {warm}\nwarmup_steps = {warm}\neval_fraction = 0.01\n"
             f"eval_tokens = {batch}\ncheckpoint_every = 0\ncpu_threads = {threads}\n"
+            f"dead_tokens = {dead_tokens}\n"
         )
     out = os.path.join(work, "run")
     shutil.rmtree(out, ignore_errors=True)
@@ -141,6 +155,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides")
     ap.add_argument("--work", help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--auxk", action="store_true",
+                    help="every latent counts as dead: full AuxK every step, both sides")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -163,21 +179,25 @@ def main():
         )
         os.remove(acts)
         xt = xt.float()  # the same values as the store
-        ours, wait = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device, a.threads)
+        dead_tokens = 0 if a.auxk else 10_000_000  # METHOD.md's 10M: never within a bench
+        ours, wait = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                                a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
         rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
         torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
         rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
-                     anchor_rate(xt, width, k, batch, steps, warm, a.device, False)))
+                     anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens)))
         if a.device != "cpu":
             rows.append(("eager PyTorch, bf16 autocast",
-                         anchor_rate(xt, width, k, batch, steps, warm, a.device, True)))
+                         anchor_rate(xt, width, k, batch, steps, warm, a.device, True, dead_tokens)))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
     dev = torch.cuda.get_device_name() if a.device != "cpu" else f"CPU, {a.threads} threads"
     print(f"training step, d {d}, width {width}, k {k}, batch {batch}, METHOD.md groups, "
-          f"{steps} timed steps after {warm}; {dev}; torch {torch.__version__}")
+          f"{steps} timed steps after {warm}; "
+          f"AuxK {f'on every latent (k_aux {min(d // 2, width)})' if a.auxk else 'idle'}; {dev}; "
+          f"torch {torch.__version__}")
     print("| implementation | tokens/s | dmsae / this |\n|---|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:,.0f} | {ours / rate:.2f} |")

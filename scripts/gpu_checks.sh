@@ -64,7 +64,15 @@ step "eval: the sweep's SAEs spliced into the model on the device"
 run "$BIN" eval --model "$W/model" --sae "$W/sweep" --data "$W/text.txt" --tokens "$((CTX * 8))" \
   --context "$CTX" --batch "$BATCH" --device "$DEVICE" --out "$W/eval"
 
-step "training step against eager PyTorch (the issue's anchor)"
+step "where a training step's time goes (DMSAE_PROFILE), AuxK idle and then on every latent"
+for dead in 10000000 0; do
+  printf 'dead_tokens = %s\n' "$dead" | cat "$W/train.toml" - > "$W/profile.toml"
+  DMSAE_PROFILE=1 run "$BIN" train --shards "$W/store-bf16" --width "$WIDTH" --k "$K" --steps 50 \
+    --config "$W/profile.toml" --device "$DEVICE" --quiet --out "$W/profile-$dead"
+done
+
+step "training step against eager PyTorch (the issue's anchor), AuxK idle and on every latent"
 run "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET
+run "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk
 
 step "done"

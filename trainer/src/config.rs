@@ -51,6 +51,14 @@ pub struct TrainConfig {
     /// seeds.
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub encoder_bf16: Option<bool>,
+    /// AuxK's reconstruction as one dense [B, width] x [width, d] product (bf16 when the
+    /// encoder product is) instead of gathering each token's k_aux decoder rows; None: when
+    /// the encoder product is bf16 and k_aux >= width / 256. Ours: at the paper's sizes
+    /// (k_aux 1,152, width 65,536, batch 4,096) the gathers and their backward move ~130 GB a
+    /// step and the products cost ~3.7 TFLOP (estimates for an H100, not measured); on a CPU,
+    /// at k_aux 320 and width 16k, the gathers are the cheaper.
+    #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
+    pub auxk_dense: Option<bool>,
     /// A given core is held fixed (encoder rows and b_enc). METHOD.md "frozen or trainable ...
     /// make it a key (default frozen)".
     pub core_frozen: bool,
@@ -140,6 +148,7 @@ impl Default for TrainConfig {
             dead_tokens: 10_000_000,
             threshold_beta: 0.999,
             encoder_bf16: None,
+            auxk_dense: None,
             core_frozen: true,
             steps: 30_000,
             tokens: None,

@@ -8,6 +8,7 @@ pub mod distill;
 pub mod eval;
 pub mod export;
 pub mod plot;
+pub mod profile;
 pub mod sae;
 pub mod sweep;
 pub mod train;

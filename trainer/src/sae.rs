@@ -12,6 +12,7 @@
 //! carried latent would no longer compute the function that attribution selected.
 
 use crate::config::TrainConfig;
+use crate::profile::Laps;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -54,6 +55,26 @@ impl Codes {
             vals,
             batch: f_bf.size()[0],
         }
+    }
+
+    /// The training codes (`Sae::train_codes`) from (row, column, value) lists in any order.
+    fn sorted(rows: Tensor, cols: Tensor, vals: Tensor, width: i64, batch: i64) -> Codes {
+        let order = (&rows * width + &cols).argsort(0, false);
+        Codes {
+            rows: rows.index_select(0, &order),
+            cols: cols.index_select(0, &order),
+            vals: vals.index_select(0, &order),
+            batch,
+        }
+    }
+
+    /// Entries on latents lo..hi.
+    fn count_in(&self, lo: i64, hi: i64) -> i64 {
+        self.cols
+            .ge(lo)
+            .logical_and(&self.cols.lt(hi))
+            .sum(Kind::Int64)
+            .int64_value(&[])
     }
 }
 
@@ -163,13 +184,8 @@ impl Sae {
         [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
     }
 
-    /// Post-ReLU activations of every latent before BatchTopK; core latents are JumpReLU at
-    /// their carried thresholds.
-    pub fn relu_acts(&self, x_bd: &Tensor) -> Tensor {
-        self.relu_acts_first(x_bd, self.width(), false)
-    }
-
-    /// `relu_acts` of the first `n` latents (n >= core); `bf16`: the encoder product in bf16.
+    /// Post-ReLU activations of the first `n` latents (n >= core) before any sparsity; core
+    /// latents are JumpReLU at their carried thresholds. `bf16`: the encoder product in bf16.
     fn relu_acts_first(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
         let post_bn = self.pre_acts_as(x_bd, n, bf16).relu();
         let c = self.core as i64;
@@ -192,7 +208,11 @@ impl Sae {
     /// runs its backward products in bf16 too, as under autocast).
     fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
         let (n, c) = (n as i64, self.core as i64);
-        let (xc_bd, w_dn) = (x_bd - &self.b_dec, self.w_enc.narrow(1, 0, n));
+        // b_dec reaches the product only through `b_dec_grad_n` below, so the product's
+        // backward computes W_enc's gradient and skips d/d(x - b_dec), a second [B, n] x [n, d]
+        // product that would only be summed over the batch for b_dec.
+        let bd = self.b_dec.detach();
+        let (xc_bd, w_dn) = (x_bd - &bd, self.w_enc.narrow(1, 0, n));
         let prod_bn = if bf16 {
             let b = Kind::BFloat16;
             xc_bd
@@ -202,15 +222,20 @@ impl Sae {
         } else {
             xc_bd.matmul(&w_dn)
         };
-        let pre_bn = prod_bn + self.b_enc.narrow(0, 0, n);
-        if c == 0 {
-            return pre_bn;
-        }
-        let shift_c = self.b_dec.matmul(&self.w_enc.narrow(1, 0, c));
-        Tensor::cat(
-            &[pre_bn.narrow(1, 0, c) + shift_c, pre_bn.narrow(1, c, n - c)],
-            1,
-        )
+        // Zero in value (bit for bit), -W_enc in gradient: b_dec's part, as one [n] x [n, d]
+        // product of the batch-summed gradient.
+        let bias_n = self.b_enc.narrow(0, 0, n) + (&bd - &self.b_dec).matmul(&w_dn.detach());
+        // The core is anchored to x: its entries gain back b_dec W_enc, in the bias vector
+        // rather than in a [B, n] copy.
+        let bias_n = match c {
+            0 => bias_n,
+            _ => {
+                let shift_c = self.b_dec.matmul(&self.w_enc.narrow(1, 0, c));
+                let rest = bias_n.zeros_like().narrow(0, c, n - c);
+                bias_n + Tensor::cat(&[shift_c, rest], 0)
+            }
+        };
+        prod_bn + bias_n
     }
 
     /// b_enc in SAELens' form, (x - b_dec) W_enc + b_enc for every latent (for export): the
@@ -238,18 +263,39 @@ impl Sae {
         b
     }
 
-    /// Training-time codes: the core as is, the non-core latents keep the k*B largest of the batch.
-    pub fn batch_topk(&self, post_bf: &Tensor) -> Tensor {
-        let (b, c) = (post_bf.size()[0], self.core as i64);
-        let nc_bf = post_bf.narrow(1, c, post_bf.size()[1] - c);
-        let flat = nc_bf.reshape([-1]);
+    /// Training-time codes from pre-activations [B, W], differentiable through them: the core
+    /// JumpReLU at its carried thresholds, the non-core latents BatchTopK (the k*B largest
+    /// positive pre-activations of the batch). Built as sparse entries, without the dense
+    /// [B, W] masks and copies that a GPU step would otherwise spend its memory bandwidth on.
+    pub fn train_codes(&self, pre_bw: &Tensor) -> Codes {
+        let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
+        let flat = pre_bw.narrow(1, c, w - c).reshape([-1]);
         let keep = (self.k as i64 * b).min(flat.size()[0]);
-        let (_, idx) = flat.detach().topk(keep, 0, true, false);
-        let mask = flat
-            .zeros_like()
-            .scatter_value(0, &idx, 1.0)
-            .view_as(&nc_bf);
-        Tensor::cat(&[post_bf.narrow(1, 0, c), nc_bf * mask], 1)
+        let (top, idx) = flat.detach().topk(keep, 0, true, false);
+        let idx = idx.masked_select(&top.gt(0.0));
+        let (rows, cols, vals) = (
+            idx.floor_divide_scalar(w - c),
+            idx.remainder(w - c) + c,
+            flat.index_select(0, &idx),
+        );
+        if c == 0 {
+            return Codes::sorted(rows, cols, vals, w, b);
+        }
+        let core_bc = pre_bw.narrow(1, 0, c);
+        let p = core_bc.detach();
+        let nz = p
+            .gt_tensor(&self.core_threshold)
+            .logical_and(&p.gt(0.0))
+            .nonzero();
+        let (rows_c, cols_c) = (nz.select(1, 0), nz.select(1, 1));
+        let vals_c = core_bc.index(&[Some(&rows_c), Some(&cols_c)]);
+        Codes::sorted(
+            Tensor::cat(&[rows_c, rows], 0),
+            Tensor::cat(&[cols_c, cols], 0),
+            Tensor::cat(&[vals_c, vals], 0),
+            w,
+            b,
+        )
     }
 
     /// Inference codes without batch statistics: the core is JumpReLU at its carried
@@ -327,7 +373,7 @@ pub struct LossOut {
     pub loss: Tensor,
     pub l2: Tensor,
     pub auxk: Tensor,
-    pub f_bf: Tensor,
+    pub codes: Codes,
     pub x_hat_bd: Tensor,
 }
 
@@ -403,9 +449,15 @@ impl Trainer {
 
     /// `loss` with the encoder product in bf16 or not, whatever training uses (evals: f32).
     pub fn loss_as(&self, x_bd: &Tensor, bf16: bool) -> LossOut {
+        self.loss_timed(x_bd, bf16, &mut Laps::off())
+    }
+
+    fn loss_timed(&self, x_bd: &Tensor, bf16: bool, laps: &mut Laps) -> LossOut {
         let s = &self.sae;
-        let post_bf = s.relu_acts_first(x_bd, s.width(), bf16);
-        let f_bf = s.batch_topk(&post_bf);
+        let pre_bf = s.pre_acts_as(x_bd, s.width(), bf16);
+        laps.lap(0);
+        let codes = s.train_codes(&pre_bf);
+        laps.lap(1);
 
         let sq_err = |x_hat_bd: &Tensor| {
             (x_bd - x_hat_bd)
@@ -413,7 +465,6 @@ impl Trainer {
                 .sum_dim_intlist(-1, false, None)
                 .mean(None)
         };
-        let codes = Codes::of(&f_bf);
         let mut lo = s.core;
         let mut x_hat_bd = s.decode_latents(&codes, 0, lo) + &s.b_dec;
         let mut l2 = x_bd.zeros_like().sum(None);
@@ -425,38 +476,53 @@ impl Trainer {
         }
         let l2 = l2 / s.groups.len() as f64;
 
-        let auxk = self.auxk(&(x_bd - &x_hat_bd).detach(), &post_bf);
+        laps.lap(2);
+        let auxk = self.auxk(&(x_bd - &x_hat_bd).detach(), &pre_bf);
+        laps.lap(3);
         LossOut {
             loss: &l2 + &auxk * self.cfg.auxk_alpha,
             l2,
             auxk,
-            f_bf,
+            codes,
             x_hat_bd,
         }
     }
 
     /// AuxK (Gao et al.): the top k_aux dead latents of each token reconstruct the residual,
     /// without b_dec; the error is divided by the residual's variance about its batch mean.
-    fn auxk(&self, e_bd: &Tensor, post_bf: &Tensor) -> Tensor {
+    fn auxk(&self, e_bd: &Tensor, pre_bf: &Tensor) -> Tensor {
         let dead_f = self.dead_f();
         let n_dead = dead_f.sum(Kind::Int64).int64_value(&[]);
         if n_dead == 0 {
             return e_bd.zeros_like().sum(None);
         }
-        let dead_bf = post_bf * dead_f.to_kind(post_bf.kind()).unsqueeze(0);
+        let dead_bf = pre_bf.relu() * dead_f.to_kind(pre_bf.kind()).unsqueeze(0);
         let (acts_bk, idx_bk) = dead_bf.topk((self.k_aux as i64).min(n_dead), -1, true, false);
-        // Each token's k_aux rows, as one bag each (no dense [B, width] product).
         let (b, k) = (idx_bk.size()[0], idx_bk.size()[1]);
-        let (e_hat_bd, _, _, _) = Tensor::embedding_bag(
-            &self.sae.w_dec,
-            &idx_bk.reshape([-1]),
-            &Tensor::arange_start_step(0, b * k, k, (Kind::Int64, idx_bk.device())),
-            false,
-            0,
-            false,
-            Some(acts_bk.reshape([-1])),
-            false,
-        );
+        let e_hat_bd = if self.auxk_dense() {
+            let a_bf = dead_bf.zeros_like().scatter(1, &idx_bk, &acts_bk);
+            if self.bf16 {
+                let h = Kind::BFloat16;
+                a_bf.to_kind(h)
+                    .matmul(&self.sae.w_dec.to_kind(h))
+                    .to_kind(e_bd.kind())
+            } else {
+                a_bf.matmul(&self.sae.w_dec)
+            }
+        } else {
+            // Each token's k_aux rows, as one bag each.
+            Tensor::embedding_bag(
+                &self.sae.w_dec,
+                &idx_bk.reshape([-1]),
+                &Tensor::arange_start_step(0, b * k, k, (Kind::Int64, idx_bk.device())),
+                false,
+                0,
+                false,
+                Some(acts_bk.reshape([-1])),
+                false,
+            )
+            .0
+        };
         let err = (e_bd - e_hat_bd)
             .square()
             .sum_dim_intlist(-1, false, None)
@@ -476,8 +542,10 @@ impl Trainer {
             // Ours: the batch mean (dictionary_learning uses the geometric median).
             tch::no_grad(|| self.sae.b_dec.copy_(&x_bd.mean_dim(0, false, None)));
         }
-        let out = self.loss(x_bd);
+        let mut laps = Laps::start(self.sae.device());
+        let out = self.loss_timed(x_bd, self.bf16, &mut laps);
         let mut g = Tensor::run_backward(&[&out.loss], &self.sae.params(), false, false);
+        laps.lap(4);
         let lr = self.cfg.lr_at(self.step);
         let grad_norm = tch::no_grad(|| {
             let c = self.sae.core as i64;
@@ -497,15 +565,25 @@ impl Trainer {
                 let scale = self.cfg.grad_clip / norm;
                 g.iter_mut().for_each(|t| *t = &*t * scale);
             }
+            laps.lap(5);
             self.adam(&g, lr);
+            laps.lap(6);
             let unit = unit_rows(&self.sae.w_dec);
             self.sae.w_dec.copy_(&unit);
+            laps.lap(7);
             norm
         });
-        tch::no_grad(|| self.bookkeep(&out.f_bf, x_bd.size()[0]));
+        tch::no_grad(|| self.bookkeep(&out.codes));
         self.step += 1;
         let (mse, fvu) = tch::no_grad(|| err_stats(x_bd, &out.x_hat_bd));
-        let (l0c, l0n) = l0s(&out.f_bf, self.sae.core);
+        let (c, w) = (self.sae.core as i64, self.sae.width() as i64);
+        let per_token = |n: i64| n as f64 / (out.codes.batch.max(1)) as f64;
+        let (l0c, l0n) = (
+            per_token(out.codes.count_in(0, c)),
+            per_token(out.codes.count_in(c, w)),
+        );
+        laps.lap(8);
+        laps.end();
         StepStats {
             loss: out.loss.double_value(&[]),
             l2: out.l2.double_value(&[]),
@@ -537,14 +615,14 @@ impl Trainer {
         }
     }
 
-    fn bookkeep(&mut self, f_bf: &Tensor, b: i64) {
-        self.fired_f = f_bf.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
+    fn bookkeep(&mut self, codes: &Codes) {
+        let b = codes.batch;
+        self.fired_f = codes.cols.bincount::<Tensor>(None, self.sae.width() as i64);
         self.since_fired_f = (&self.since_fired_f + b) * self.fired_f.eq(0).to_kind(Kind::Int64);
         // EMA of the smallest kept non-core activation, from the end of the warm-up
         // (dictionary_learning starts at step 1000, its warm-up length).
         let c = self.sae.core as i64;
-        let nc = f_bf.narrow(1, c, f_bf.size()[1] - c);
-        let kept = nc.masked_select(&nc.gt(0.0));
+        let kept = codes.vals.detach().masked_select(&codes.cols.ge(c));
         // (Runs shorter than two warm-ups start at half-way, so every export has a threshold.)
         let start = self.cfg.warmup_steps.min(self.cfg.total_steps() / 2);
         if self.step + 1 >= start && kept.numel() > 0 {
@@ -579,7 +657,7 @@ impl Trainer {
         out.push(("since_fired".into(), cpu(&self.since_fired_f)));
         out.push((
             "encoder_bf16".into(),
-            Tensor::from_slice(&[self.bf16 as u8]),
+            Tensor::from_slice(&[self.bf16 as i64]),
         ));
         out
     }
@@ -628,6 +706,13 @@ impl Trainer {
     /// Whether the training encoder product runs in bf16.
     pub fn encoder_bf16(&self) -> bool {
         self.bf16
+    }
+
+    /// Whether AuxK reconstructs with a dense product (`TrainConfig::auxk_dense`).
+    fn auxk_dense(&self) -> bool {
+        self.cfg
+            .auxk_dense
+            .unwrap_or(self.bf16 && self.k_aux * 256 >= self.sae.width())
     }
 
     /// Tokens on which each latent fired in the last step.
@@ -701,7 +786,7 @@ mod tests {
         let grads = Tensor::run_backward(&[&out.loss], &t.sae.params(), false, false);
         let e0_bd = (&x_bd - &out.x_hat_bd).detach();
         let loss = || {
-            let aux = t.auxk(&e0_bd, &t.sae.relu_acts(&x_bd));
+            let aux = t.auxk(&e0_bd, &t.sae.pre_acts(&x_bd, 12));
             (t.loss(&x_bd).l2 + aux * t.cfg.auxk_alpha).double_value(&[])
         };
         assert!((loss() - out.loss.double_value(&[])).abs() < 1e-12);
@@ -729,6 +814,113 @@ mod tests {
             }
         }
         assert_eq!(checked, 6 * 12 * 2 + 12 + 6);
+    }
+
+    /// The loss as its definition reads, with dense [B, W] tensors: JumpReLU core, a 0/1 mask of
+    /// the batch's k*B largest non-core activations, each prefix decoded by a dense product,
+    /// AuxK from a dense scatter of each token's top dead activations.
+    #[allow(clippy::assign_op_pattern)] // tch's `+=` is in place, which autograd must not see
+    fn dense_reference_loss(t: &Trainer, x_bd: &Tensor) -> Tensor {
+        let s = &t.sae;
+        let (b, w, c) = (x_bd.size()[0], s.width() as i64, s.core as i64);
+        let pre = (x_bd - &s.b_dec).matmul(&s.w_enc) + &s.b_enc;
+        let shift = s.b_dec.matmul(&s.w_enc.narrow(1, 0, c));
+        let post = Tensor::cat(&[pre.narrow(1, 0, c) + shift, pre.narrow(1, c, w - c)], 1).relu();
+        let core = post.narrow(1, 0, c);
+        let core = &core * core.gt_tensor(&s.core_threshold).to_kind(core.kind());
+        let nc = post.narrow(1, c, w - c);
+        let (_, idx) = nc.reshape([-1]).topk(s.k as i64 * b, 0, true, true);
+        let mask = nc
+            .reshape([-1])
+            .zeros_like()
+            .scatter_value(0, &idx, 1.0)
+            .view_as(&nc);
+        let f = Tensor::cat(&[core, &nc * mask], 1);
+        let mut l2 = x_bd.zeros_like().sum(None);
+        let mut hi = c;
+        for &m in &s.groups {
+            hi += m as i64;
+            let x_hat = f.narrow(1, 0, hi).matmul(&s.w_dec.narrow(0, 0, hi)) + &s.b_dec;
+            l2 = l2
+                + (x_bd - x_hat)
+                    .square()
+                    .sum_dim_intlist(-1, false, None)
+                    .mean(None);
+        }
+        let l2 = l2 / s.groups.len() as f64;
+        let x_hat = f.matmul(&s.w_dec) + &s.b_dec;
+        let e = (x_bd - x_hat).detach();
+        let dead = post * t.dead_f().to_kind(x_bd.kind());
+        let (top, at) = dead.topk(t.k_aux as i64, -1, true, true);
+        let aux_f = dead.zeros_like().scatter(1, &at, &top);
+        let err = (&e - aux_f.matmul(&s.w_dec))
+            .square()
+            .sum_dim_intlist(-1, false, None)
+            .mean(None);
+        let var = (&e - e.mean_dim(0, true, None))
+            .square()
+            .sum_dim_intlist(-1, false, None)
+            .mean(None);
+        l2 + err / var * t.cfg.auxk_alpha
+    }
+
+    /// The sparse training path (codes as entries, decoder rows gathered) gives the loss and
+    /// every gradient of the dense definition: a trained core with thresholds, half the
+    /// non-core latents dead, f64.
+    #[test]
+    fn sparse_training_loss_matches_the_dense_definition() {
+        let (d, w, b) = (8usize, 48usize, 64usize);
+        let cfg = TrainConfig {
+            width: w,
+            k: 3,
+            dead_tokens: 1,
+            k_aux: Some(5),
+            core_frozen: false,
+            seed: 5,
+            ..Default::default()
+        };
+        let (core_w, _) = sparse_dictionary(d, 4, 1, 1, 0.0, 2);
+        let core = Core {
+            w_enc_dc: tensor(&core_w, 4, Kind::Float).tr(),
+            b_enc_c: Tensor::from_slice(&[0.3f32, -0.1, 0.0, 0.2]),
+            threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.05, 0.2, 0.4])),
+        };
+        let mut sae = Sae::new(d, Some(core), &cfg, Kind::Double, Device::Cpu).unwrap();
+        tch::no_grad(|| sae.b_dec.copy_(&Tensor::from_slice(&[0.2f64; 8])));
+        let mut t = Trainer::new(sae, cfg, true);
+        // Every other non-core latent dead.
+        t.since_fired_f
+            .narrow(0, 4, 44)
+            .copy_(&Tensor::arange(44, (Kind::Int64, Device::Cpu)).remainder(2));
+        let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
+        let x_bd = tensor(&x, b, Kind::Double);
+        let (ours, reference) = (t.loss(&x_bd), dense_reference_loss(&t, &x_bd));
+        assert!(ours.auxk.double_value(&[]) > 0.0);
+        let (lo, lr) = (ours.loss.double_value(&[]), reference.double_value(&[]));
+        assert!((lo - lr).abs() < 1e-12 * lr, "loss {lo} vs dense {lr}");
+        let g_ref = Tensor::run_backward(&[&reference], &t.sae.params(), false, false);
+        let same_gradients = |loss: &Tensor, what: &str| {
+            let g = Tensor::run_backward(&[loss], &t.sae.params(), false, false);
+            for (i, (a, r)) in g.iter().zip(&g_ref).enumerate() {
+                let diff = (a - r).abs().max().double_value(&[]);
+                let scale = r.abs().max().double_value(&[]);
+                assert!(
+                    scale > 0.0 && diff < 1e-10 * scale,
+                    "{what}, param {i}: max diff {diff} of {scale}"
+                );
+            }
+        };
+        same_gradients(&ours.loss, "gathered AuxK");
+        // AuxK's dense product gives the same loss and gradients.
+        t.cfg.auxk_dense = Some(true);
+        let dense = t.loss(&x_bd).loss;
+        let ld = dense.double_value(&[]);
+        assert!((ld - lr).abs() < 1e-12 * lr, "dense AuxK {ld} vs {lr}");
+        same_gradients(&dense, "dense AuxK");
+        // The core fired where its threshold let it, and BatchTopK kept k per token on average.
+        let (c, n) = (ours.codes.count_in(0, 4), ours.codes.count_in(4, 48));
+        assert!(c > 0 && c < 4 * b as i64, "core entries {c}");
+        assert_eq!(n, 3 * b as i64);
     }
 
     fn train(cfg: &TrainConfig, x: &[f32], d: usize, steps: usize) -> Trainer {

@@ -565,6 +565,7 @@ pub(crate) fn train_members(
     };
     let total = cfg.total_steps();
     let start = Instant::now();
+    crate::profile::init();
     let (mut epoch, mut tokens, mut epoch_batches) = (pos.epoch, pos.tokens, pos.batches);
     let mut step = members[0].t.step;
     let (start_tokens, start_step, mut last_ckpt) = (tokens, step, step);
@@ -658,6 +659,7 @@ pub(crate) fn train_members(
             (win_tokens, win_wait_ns, win_start) = (0, 0, Instant::now());
         }
     }
+    crate::profile::report();
     Ok(LoopEnd {
         pos: Position {
             epoch,
