@@ -271,7 +271,7 @@ impl Sae {
         let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
         let flat = pre_bw.narrow(1, c, w - c).reshape([-1]);
         let keep = (self.k as i64 * b).min(flat.size()[0]);
-        let (top, idx) = flat.detach().topk(keep, 0, true, false);
+        let (top, idx) = top_entries(&flat.detach(), keep);
         let idx = idx.masked_select(&top.gt(0.0));
         let (rows, cols, vals) = (
             idx.floor_divide_scalar(w - c),
@@ -358,6 +358,29 @@ impl Sae {
         );
         t
     }
+}
+
+/// The `keep` largest entries of the 1-D `flat` (values, indices): the set `topk` gives, ties
+/// aside. A top-k over every 16th entry yields a cut that about 2 * keep entries reach; those
+/// go through the exact top-k. Over 16.7M entries (batch 1,024, width 16k) this took a quarter
+/// of the full top-k's time on the 2-core CPU. Falls back to the full top-k when the cut is not
+/// positive (fewer positive entries than needed) or fewer than `keep` entries reach it.
+fn top_entries(flat: &Tensor, keep: i64) -> (Tensor, Tensor) {
+    const STRIDE: i64 = 16;
+    let n = flat.size()[0];
+    let full = || flat.topk(keep, 0, true, false);
+    if keep == 0 || n < 8 * STRIDE * keep {
+        return full();
+    }
+    let sample = flat.slice(0, 0, n, STRIDE);
+    let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
+    let cut = sample.topk(m, 0, true, false).0.min();
+    let at = flat.ge_tensor(&cut).nonzero().squeeze_dim(1);
+    if at.size()[0] < keep || cut.double_value(&[]) <= 0.0 {
+        return full();
+    }
+    let (v, j) = flat.index_select(0, &at).topk(keep, 0, true, false);
+    (v, at.index_select(0, &j))
 }
 
 fn unit_rows(w: &Tensor) -> Tensor {
@@ -553,23 +576,35 @@ impl Trainer {
                 let _ = g[0].narrow(1, 0, c).zero_();
                 let _ = g[1].narrow(0, 0, c).zero_();
             }
+            // In place throughout: on a GPU these passes over [W, d] are memory-bound, and each
+            // temporary is one more.
             let w_fd = &self.sae.w_dec;
-            let par_f1 = (&g[2] * w_fd).sum_dim_intlist(-1, true, None);
-            g[2] = &g[2] - par_f1 * w_fd;
+            let minus_par_f1 = g[2]
+                .unsqueeze(1)
+                .bmm(&w_fd.unsqueeze(2))
+                .squeeze_dim(2)
+                .neg();
+            let _ = g[2].addcmul_(&minus_par_f1, w_fd);
             let norm = g
                 .iter()
-                .map(|t| t.square().sum(Kind::Double).double_value(&[]))
+                .map(|t| t.norm().double_value(&[]).powi(2))
                 .sum::<f64>()
                 .sqrt();
             if norm > self.cfg.grad_clip {
                 let scale = self.cfg.grad_clip / norm;
-                g.iter_mut().for_each(|t| *t = &*t * scale);
+                g.iter_mut().for_each(|t| {
+                    let _ = t.g_mul_scalar_(scale);
+                });
             }
             laps.lap(5);
-            self.adam(&g, lr);
+            self.adam(&mut g, lr);
             laps.lap(6);
-            let unit = unit_rows(&self.sae.w_dec);
-            self.sae.w_dec.copy_(&unit);
+            let norms_f1 = self
+                .sae
+                .w_dec
+                .norm_scalaropt_dim(2, [-1], true)
+                .clamp_min(1e-12);
+            let _ = self.sae.w_dec.g_div_(&norms_f1);
             laps.lap(7);
             norm
         });
@@ -597,21 +632,26 @@ impl Trainer {
         }
     }
 
-    fn adam(&mut self, g: &[Tensor], lr: f64) {
+    /// Adam, in place (it squares `g`): lr * m_hat / (sqrt(v_hat) + eps) written as
+    /// (lr sqrt(c2) / c1) * m / (sqrt(v) + eps sqrt(c2)), in six passes over each parameter.
+    fn adam(&mut self, g: &mut [Tensor], lr: f64) {
         let (b1, b2, eps) = (self.cfg.adam_beta1, self.cfg.adam_beta2, self.cfg.adam_eps);
         let t = (self.step + 1) as i32;
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let mut params = [
+        let params = [
             &mut self.sae.w_enc,
             &mut self.sae.b_enc,
             &mut self.sae.w_dec,
             &mut self.sae.b_dec,
         ];
-        for (i, p) in params.iter_mut().enumerate() {
-            self.m[i] = &self.m[i] * b1 + &g[i] * (1.0 - b1);
-            self.v[i] = &self.v[i] * b2 + g[i].square() * (1.0 - b2);
-            let step = (&self.m[i] / c1) / ((&self.v[i] / c2).sqrt() + eps) * lr;
-            let _ = p.g_sub_(&step);
+        for (i, p) in params.into_iter().enumerate() {
+            let _ = self.m[i].lerp_(&g[i], 1.0 - b1);
+            let _ = g[i].square_();
+            let _ = self.v[i].lerp_(&g[i], 1.0 - b2);
+            let mut denom = self.v[i].sqrt();
+            let _ = denom.g_add_scalar_(eps * c2.sqrt());
+            let _ = denom.g_div_scalar_(-lr * c2.sqrt() / c1);
+            let _ = p.addcdiv_(&self.m[i], &denom);
         }
     }
 
@@ -921,6 +961,65 @@ mod tests {
         let (c, n) = (ours.codes.count_in(0, 4), ours.codes.count_in(4, 48));
         assert!(c > 0 && c < 4 * b as i64, "core entries {c}");
         assert_eq!(n, 3 * b as i64);
+    }
+
+    /// The sampled-cut top-k picks the same entries as one top-k: on the fast path (every
+    /// entry positive), with fewer positive entries than `keep`, and with a heavy tail.
+    #[test]
+    fn top_entries_are_the_top_k() {
+        tch::manual_seed(0);
+        let n = 1 << 16;
+        let normal = Tensor::randn([n], (Kind::Float, Device::Cpu));
+        let cases = [
+            (normal.exp(), 64),
+            ((&normal - 3.5).relu(), 64),
+            (normal.square().square(), 300),
+        ];
+        for (x, keep) in cases {
+            let (v, i) = top_entries(&x, keep);
+            let (vw, iw) = x.topk(keep, 0, true, false);
+            assert_eq!(i.size(), [keep]);
+            assert!(i.sort(0, false).0.equal(&iw.sort(0, false).0));
+            assert!(v.sort(0, false).0.equal(&vw.sort(0, false).0));
+        }
+    }
+
+    /// The in-place Adam against the textbook update, written out, over three steps with
+    /// bias correction, in f64.
+    #[test]
+    fn in_place_adam_is_adam() {
+        let cfg = TrainConfig {
+            width: 64,
+            ..small_cfg(1)
+        };
+        let sae = Sae::new(4, None, &cfg, Kind::Double, Device::Cpu).unwrap();
+        let mut t = Trainer::new(sae, cfg.clone(), false);
+        let copy = |ts: &[&Tensor]| ts.iter().map(|p| p.detach().copy()).collect::<Vec<_>>();
+        let mut p = copy(&t.sae.params());
+        let (mut m, mut v): (Vec<Tensor>, Vec<Tensor>) = (
+            p.iter().map(|x| x.zeros_like()).collect(),
+            p.iter().map(|x| x.zeros_like()).collect(),
+        );
+        let (b1, b2, eps, lr) = (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, 1e-2);
+        for step in 0..3 {
+            tch::manual_seed(step);
+            let g: Vec<Tensor> = p.iter().map(|x| x.randn_like()).collect();
+            let n = (step + 1) as i32;
+            for i in 0..4 {
+                m[i] = &m[i] * b1 + &g[i] * (1.0 - b1);
+                v[i] = &v[i] * b2 + g[i].square() * (1.0 - b2);
+                let m_hat = &m[i] / (1.0 - b1.powi(n));
+                let v_hat = &v[i] / (1.0 - b2.powi(n));
+                p[i] = &p[i] - m_hat / (v_hat.sqrt() + eps) * lr;
+            }
+            tch::no_grad(|| t.adam(&mut copy(&g.iter().collect::<Vec<_>>()), lr));
+            t.step += 1;
+        }
+        for (ours, want) in t.sae.params().iter().zip(&p) {
+            let diff = (*ours - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "max |diff| {diff}");
+        }
+        assert!(!t.sae.w_enc.allclose(&t.sae.w_dec.tr(), 1e-3, 1e-3, false));
     }
 
     fn train(cfg: &TrainConfig, x: &[f32], d: usize, steps: usize) -> Trainer {
