@@ -633,7 +633,8 @@ impl Trainer {
     }
 
     /// Adam, in place (it squares `g`): lr * m_hat / (sqrt(v_hat) + eps) written as
-    /// (lr sqrt(c2) / c1) * m / (sqrt(v) + eps sqrt(c2)), in six passes over each parameter.
+    /// (lr sqrt(c2) / c1) * m / (sqrt(v) + eps sqrt(c2)): seven in-place operations and one
+    /// temporary per parameter, where the out-of-place form takes fourteen.
     fn adam(&mut self, g: &mut [Tensor], lr: f64) {
         let (b1, b2, eps) = (self.cfg.adam_beta1, self.cfg.adam_beta2, self.cfg.adam_eps);
         let t = (self.step + 1) as i32;
