@@ -2,6 +2,8 @@
 # The device checks the issues leave open, in one call on a lent GPU machine (device tool):
 # build here, copy target/release/dmsae to gpu/dmsae (git-ignored), carry it, then
 #   run: bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
+# Every step appends to that log as it goes, so a call cut off by its time limit still returns
+# the steps it finished.
 # It needs only torch on that machine (no transformers, no model download): the extraction runs
 # on a randomly initialised Gemma-2-2B-shaped checkpoint (scripts/make_random_gemma.py), so its
 # speeds are real and its activations meaningless. SMALL=1 DEVICE=cpu runs the same steps at toy
@@ -21,10 +23,10 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu-checks.log
 export LD_LIBRARY_PATH="$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ "${SMALL:-0}" = 1 ]; then
-  MODEL=tiny LAYER=2 CTX=128 BATCH=4 EXTRACT=8K WORDS=20000 WIDTH=1024 K=16 STEPS=40
+  MODEL=tiny LAYER=2 CTX=128 BATCH=4 EXTRACT=8K EXTRACT_F32=2K WORDS=20000 WIDTH=1024 K=16 STEPS=40
   TBATCH=512 ATTR=2K TRAIN_PRESET="--preset cpu --width 1024 --steps 8"
 else
-  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K WORDS=600000 WIDTH=65536 K=64
+  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K EXTRACT_F32=64K WORDS=600000 WIDTH=65536 K=64
   STEPS=200 TBATCH=4096 ATTR=64K TRAIN_PRESET="--preset h100"
 fi
 # A quarter of the store held out, so attribution has $ATTR tokens with gradients.
@@ -41,7 +43,8 @@ run "$PY" scripts/make_random_gemma.py --preset "$MODEL" --out "$W/model" --text
 
 for dtype in bf16 f32; do
   step "extract, $dtype: tokens/s, and the wait for the store writer (should be ~0)"
-  run "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT" --layer "$LAYER" \
+  tokens=$EXTRACT; [ "$dtype" = f32 ] && tokens=$EXTRACT_F32  # f32 is only a rate here
+  run "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$tokens" --layer "$LAYER" \
     --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype "$dtype" --out "$W/store-$dtype"
 done
 run "$BIN" store inspect "$W/store-bf16"

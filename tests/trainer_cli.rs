@@ -349,5 +349,24 @@ fn train_refuses_bad_input_on_one_line() {
         ]);
         assert_one_line_error(&r, &[dev]);
     }
+    // A learning rate that overflows the weights: stopped at the first non-finite step.
+    let wild = tmp.path().join("wild.toml");
+    std::fs::write(&wild, "lr = 1e30\nwarmup_steps = 0\nbatch_tokens = 256\n").unwrap();
+    let r = dmsae(&[
+        "train",
+        "--shards",
+        s,
+        "--width",
+        "64",
+        "--k",
+        "2",
+        "--steps",
+        "50",
+        "--config",
+        wild.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert_one_line_error(&r, &["run", "training diverged at step", "lower lr"]);
     assert!(!out.join("cfg.json").exists());
 }

@@ -1,9 +1,9 @@
-//! `DMSAE_PROFILE=1`: wall time per phase of the training step, summed over every model and
-//! printed to stderr every 50 steps and at the end of a run. On CUDA each phase ends with a
-//! device synchronisation, so the step runs a little slower than without it; the breakdown is
-//! what it is for.
+//! `DMSAE_PROFILE=1`: wall time per phase of the training step, printed to stderr every 50
+//! model steps and at the end of a run (each model of a sweep counts: times are per model
+//! step). On CUDA each phase ends with a device synchronisation, so the step runs a little
+//! slower than without it; the breakdown is what it is for.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use tch::Device;
@@ -13,10 +13,13 @@ pub const PHASES: [&str; 9] = [
 ];
 
 static ON: AtomicBool = AtomicBool::new(false);
+static PRINTED: AtomicU64 = AtomicU64::new(0);
 static TOTALS: Mutex<([f64; PHASES.len()], u64)> = Mutex::new(([0.0; PHASES.len()], 0));
 
-/// Read `DMSAE_PROFILE` once, at the start of a run.
+/// Read `DMSAE_PROFILE` and start the totals afresh, at the start of a run.
 pub fn init() {
+    *TOTALS.lock().expect("profile lock") = ([0.0; PHASES.len()], 0);
+    PRINTED.store(0, Ordering::Relaxed);
     ON.store(
         std::env::var("DMSAE_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"),
         Ordering::Relaxed,
@@ -78,14 +81,15 @@ impl Laps {
     }
 }
 
-/// Print the breakdown: ms per step and share of each phase.
+/// Print the breakdown (ms per step and share of each phase), unless nothing ran since the
+/// last one.
 pub fn report() {
     if !ON.load(Ordering::Relaxed) {
         return;
     }
     let (acc, n) = *TOTALS.lock().expect("profile lock");
     let total: f64 = acc.iter().sum();
-    if n == 0 || total <= 0.0 {
+    if n == 0 || total <= 0.0 || PRINTED.swap(n, Ordering::Relaxed) == n {
         return;
     }
     let parts: Vec<String> = PHASES
@@ -94,7 +98,7 @@ pub fn report() {
         .map(|(p, s)| format!("{p} {:.1} ({:.0}%)", 1e3 * s / n as f64, 100.0 * s / total))
         .collect();
     eprintln!(
-        "profile over {n} steps, ms per step: {:.1} = {}",
+        "profile over {n} model steps, ms per model step: {:.1} = {}",
         1e3 * total / n as f64,
         parts.join(", ")
     );

@@ -208,7 +208,7 @@ impl Sae {
     /// runs its backward products in bf16 too, as under autocast).
     fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
         let (n, c) = (n as i64, self.core as i64);
-        // b_dec reaches the product only through `b_dec_grad_n` below, so the product's
+        // b_dec reaches the product only through the zero term in `bias_n` below, so the product's
         // backward computes W_enc's gradient and skips d/d(x - b_dec), a second [B, n] x [n, d]
         // product that would only be summed over the batch for b_dec.
         let bd = self.b_dec.detach();
@@ -467,15 +467,17 @@ impl Trainer {
     /// Matryoshka loss: the mean over prefixes p = 1..=G (core + first p non-core groups) of
     /// sum_d (x - x_hat_p)^2, averaged over the batch; plus auxk_alpha * AuxK.
     pub fn loss(&self, x_bd: &Tensor) -> LossOut {
-        self.loss_as(x_bd, self.bf16)
+        self.loss_timed(x_bd, self.bf16, true, &mut Laps::off())
     }
 
-    /// `loss` with the encoder product in bf16 or not, whatever training uses (evals: f32).
-    pub fn loss_as(&self, x_bd: &Tensor, bf16: bool) -> LossOut {
-        self.loss_timed(x_bd, bf16, &mut Laps::off())
+    /// The training-time (BatchTopK) reconstruction, in float32 whatever training uses and
+    /// without AuxK: evaluation's.
+    pub fn batchtopk_x_hat(&self, x_bd: &Tensor) -> Tensor {
+        self.loss_timed(x_bd, false, false, &mut Laps::off())
+            .x_hat_bd
     }
 
-    fn loss_timed(&self, x_bd: &Tensor, bf16: bool, laps: &mut Laps) -> LossOut {
+    fn loss_timed(&self, x_bd: &Tensor, bf16: bool, auxk: bool, laps: &mut Laps) -> LossOut {
         let s = &self.sae;
         let pre_bf = s.pre_acts_as(x_bd, s.width(), bf16);
         laps.lap(0);
@@ -500,7 +502,10 @@ impl Trainer {
         let l2 = l2 / s.groups.len() as f64;
 
         laps.lap(2);
-        let auxk = self.auxk(&(x_bd - &x_hat_bd).detach(), &pre_bf);
+        let auxk = match auxk {
+            true => self.auxk(&(x_bd - &x_hat_bd).detach(), &pre_bf),
+            false => x_bd.zeros_like().sum(None),
+        };
         laps.lap(3);
         LossOut {
             loss: &l2 + &auxk * self.cfg.auxk_alpha,
@@ -566,7 +571,7 @@ impl Trainer {
             tch::no_grad(|| self.sae.b_dec.copy_(&x_bd.mean_dim(0, false, None)));
         }
         let mut laps = Laps::start(self.sae.device());
-        let out = self.loss_timed(x_bd, self.bf16, &mut laps);
+        let out = self.loss_timed(x_bd, self.bf16, true, &mut laps);
         let mut g = Tensor::run_backward(&[&out.loss], &self.sae.params(), false, false);
         laps.lap(4);
         let lr = self.cfg.lr_at(self.step);
@@ -725,7 +730,8 @@ impl Trainer {
                     like.size()
                 ));
             }
-            Ok(t.to_device(like.device()))
+            // A copy: Adam updates the moments in place, and `tensors` may share their memory.
+            Ok(t.to_device(like.device()).copy())
         };
         let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
         for (i, n) in names.iter().enumerate() {
@@ -1099,12 +1105,19 @@ mod tests {
             false,
         );
         assert!(!r.encoder_bf16());
+        // Resumed before the last step, where the learning rate is not yet 0.
+        let bf16 = TrainConfig {
+            encoder_bf16: Some(true),
+            ..cfg.clone()
+        };
+        let mut e = train(&bf16, &x, 16, 39);
         r.load_state(&e.state(), e.step, e.sae.threshold).unwrap();
         assert!(r.encoder_bf16());
         let x_bd = tensor(&x[..cfg.batch_tokens * 16], cfg.batch_tokens, Kind::Float);
-        let mut e = e;
+        let before = e.sae.w_enc.copy();
         e.update(&x_bd);
         r.update(&x_bd);
+        assert!(!e.sae.w_enc.equal(&before));
         assert!(r.sae.w_enc.equal(&e.sae.w_enc));
     }
 

@@ -34,6 +34,13 @@ pub enum TrainError {
     /// A checkpoint that cannot be resumed from.
     #[error("{path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+    /// The loss or the gradient norm stopped being finite.
+    #[error("{path}: training diverged at step {step}: {msg}")]
+    Diverged {
+        path: PathBuf,
+        step: u64,
+        msg: String,
+    },
     /// Writing the run directory failed.
     #[error("{path}: {source}")]
     Io {
@@ -626,6 +633,20 @@ pub(crate) fn train_members(
                 s
             })
             .collect();
+        for (m, s) in members.iter().zip(&stats) {
+            // Caught before any checkpoint holds the poisoned weights. (A NaN pre-activation
+            // never passes BatchTopK's `> 0`, so the loss alone could stay finite.)
+            if !(s.loss.is_finite() && s.grad_norm.is_finite()) {
+                return Err(TrainError::Diverged {
+                    path: m.out.clone(),
+                    step: m.t.step,
+                    msg: format!(
+                        "loss {}, gradient norm {}; lower lr (now {}) or check the store",
+                        s.loss, s.grad_norm, cfg.lr
+                    ),
+                });
+            }
+        }
         step = members[0].t.step;
         tokens += batch.n as u64;
         win_tokens += batch.n as u64;
@@ -716,7 +737,7 @@ pub fn evaluate(
             let f_bf = sae.encode(&xn_bd);
             let diff_bd = (sae.decode(&f_bf) - &xn_bd) / scale;
             err += diff_bd.square().sum(Kind::Double).double_value(&[]);
-            err_topk += err_stats(&xn_bd, &t.loss_as(&xn_bd, false).x_hat_bd).0 * (b.n * d) as f64
+            err_topk += err_stats(&xn_bd, &t.batchtopk_x_hat(&xn_bd)).0 * (b.n * d) as f64
                 / (scale * scale);
             sum_x += x_bd.sum_dim_intlist(0, false, Kind::Double);
             sum_sq += x_bd.square().sum(Kind::Double).double_value(&[]);
