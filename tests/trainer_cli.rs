@@ -310,21 +310,15 @@ fn train_refuses_bad_input_on_one_line() {
             ("b_enc", vec![2], vec![0.0; 2]),
         ],
     );
-    let r = dmsae(&[
-        "train",
-        "--shards",
-        s,
-        "--width",
-        "64",
-        "--k",
-        "2",
-        "--core",
-        core.to_str().unwrap(),
-        "--out",
-        o,
-        "--steps",
-        "1",
-    ]);
+    // `train` of a width-64, k-2 SAE into `o`, plus `extra`.
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train", "--shards", s, "--width", "64", "--k", "2", "--out", o,
+        ];
+        args.extend_from_slice(extra);
+        dmsae(&args)
+    };
+    let r = train(&["--core", core.to_str().unwrap(), "--steps", "1"]);
     assert_one_line_error(&r, &["core.safetensors", "W_enc"]);
     let r = dmsae(&[
         "train", "--shards", s, "--width", "8", "--k", "2", "--out", o, "--steps", "1",
@@ -344,29 +338,12 @@ fn train_refuses_bad_input_on_one_line() {
     ]);
     assert_one_line_error(&r, &["nope"]);
     for dev in ["tpu", "cuda:99"] {
-        let r = dmsae(&[
-            "train", "--shards", s, "--width", "64", "--k", "2", "--out", o, "--device", dev,
-        ]);
-        assert_one_line_error(&r, &[dev]);
+        assert_one_line_error(&train(&["--device", dev]), &[dev]);
     }
     // A learning rate that overflows the weights: stopped at the first non-finite step.
     let wild = tmp.path().join("wild.toml");
     std::fs::write(&wild, "lr = 1e30\nwarmup_steps = 0\nbatch_tokens = 256\n").unwrap();
-    let r = dmsae(&[
-        "train",
-        "--shards",
-        s,
-        "--width",
-        "64",
-        "--k",
-        "2",
-        "--steps",
-        "50",
-        "--config",
-        wild.to_str().unwrap(),
-        "--out",
-        o,
-    ]);
+    let r = train(&["--steps", "50", "--config", wild.to_str().unwrap()]);
     assert_one_line_error(&r, &["run", "training diverged at step", "lower lr"]);
     assert!(!out.join("cfg.json").exists());
 }
