@@ -55,8 +55,9 @@ pub struct TrainConfig {
     /// encoder product is) instead of gathering each token's k_aux decoder rows; None: when
     /// the encoder product is bf16 and k_aux >= width / 256. Ours: at the paper's sizes
     /// (k_aux 1,152, width 65,536, batch 4,096) the gathers and their backward move ~130 GB a
-    /// step and the products cost ~3.7 TFLOP (estimates for an H100, not measured); on a CPU,
-    /// at k_aux 320 and width 16k, the gathers are the cheaper.
+    /// step and the products cost ~3.7 TFLOP (estimates for an H100, not measured); on the
+    /// 2-core CPU, at k_aux 320 and width 4,096, the gathers measured cheaper (369 against 508
+    /// ms a step, float32).
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub auxk_dense: Option<bool>,
     /// A given core is held fixed (encoder rows and b_enc). METHOD.md "frozen or trainable ...

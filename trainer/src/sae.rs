@@ -213,15 +213,7 @@ impl Sae {
         // product that would only be summed over the batch for b_dec.
         let bd = self.b_dec.detach();
         let (xc_bd, w_dn) = (x_bd - &bd, self.w_enc.narrow(1, 0, n));
-        let prod_bn = if bf16 {
-            let b = Kind::BFloat16;
-            xc_bd
-                .to_kind(b)
-                .matmul(&w_dn.to_kind(b))
-                .to_kind(x_bd.kind())
-        } else {
-            xc_bd.matmul(&w_dn)
-        };
+        let prod_bn = product(&xc_bd, &w_dn, bf16);
         // Zero in value (bit for bit), -W_enc in gradient: b_dec's part, as one [n] x [n, d]
         // product of the batch-summed gradient.
         let bias_n = self.b_enc.narrow(0, 0, n) + (&bd - &self.b_dec).matmul(&w_dn.detach());
@@ -383,6 +375,18 @@ fn top_entries(flat: &Tensor, keep: i64) -> (Tensor, Tensor) {
     (v, at.index_select(0, &j))
 }
 
+/// a x b, in bf16 when `bf16` (autograd then runs the backward products in bf16 too, as under
+/// autocast), out in a's kind.
+fn product(a: &Tensor, b: &Tensor, bf16: bool) -> Tensor {
+    match bf16 {
+        true => {
+            let h = Kind::BFloat16;
+            a.to_kind(h).matmul(&b.to_kind(h)).to_kind(a.kind())
+        }
+        false => a.matmul(b),
+    }
+}
+
 fn unit_rows(w: &Tensor) -> Tensor {
     w / w
         .square()
@@ -526,19 +530,12 @@ impl Trainer {
         }
         let dead_bf = pre_bf.relu() * dead_f.to_kind(pre_bf.kind()).unsqueeze(0);
         let (acts_bk, idx_bk) = dead_bf.topk((self.k_aux as i64).min(n_dead), -1, true, false);
-        let (b, k) = (idx_bk.size()[0], idx_bk.size()[1]);
         let e_hat_bd = if self.auxk_dense() {
             let a_bf = dead_bf.zeros_like().scatter(1, &idx_bk, &acts_bk);
-            if self.bf16 {
-                let h = Kind::BFloat16;
-                a_bf.to_kind(h)
-                    .matmul(&self.sae.w_dec.to_kind(h))
-                    .to_kind(e_bd.kind())
-            } else {
-                a_bf.matmul(&self.sae.w_dec)
-            }
+            product(&a_bf, &self.sae.w_dec, self.bf16)
         } else {
             // Each token's k_aux rows, as one bag each.
+            let (b, k) = (idx_bk.size()[0], idx_bk.size()[1]);
             Tensor::embedding_bag(
                 &self.sae.w_dec,
                 &idx_bk.reshape([-1]),
