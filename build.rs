@@ -1,12 +1,48 @@
 // tch links libtorch but gives binaries no rpath; without one, `dmsae` and the test binaries
 // only run with LD_LIBRARY_PATH set. torch-sys (a direct dependency of each crate for this
 // reason) exports the library directory it linked against as DEP_TCH_LIBTORCH_LIB. The
-// extractor and trainer crates use this same script.
+// extractor and trainer crates use this same script; a crate with a csrc/ folder also gets
+// its C++ compiled against that libtorch (ops tch does not bind).
+use std::path::{Path, PathBuf};
+
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        // Read back at run time to dlopen libtorch_cuda.so by absolute path first.
-        println!("cargo:rustc-env=DMSAE_LIBTORCH_LIB={lib}");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // Read back at run time to dlopen libtorch_cuda.so by absolute path first.
+    println!("cargo:rustc-env=DMSAE_LIBTORCH_LIB={lib}");
+    let csrc = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("csrc");
+    if csrc.is_dir() {
+        compile_csrc(&csrc, Path::new(&lib));
     }
+}
+
+fn compile_csrc(csrc: &Path, lib: &Path) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(csrc)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .collect();
+    files.sort();
+    println!("cargo:rerun-if-changed={}", csrc.display());
+    // The same headers and ABI as torch-sys's own C++ (its build.rs reads these variables too).
+    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = match std::env::var("LIBTORCH_INCLUDE") {
+        Ok(dir) => PathBuf::from(dir).join("include"),
+        Err(_) => lib.parent().unwrap_or(lib).join("include"),
+    };
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .files(&files)
+        .compile("dmsae_csrc");
 }
