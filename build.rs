@@ -27,19 +27,34 @@ fn compile_csrc(csrc: &Path, lib: &Path) {
         .collect();
     files.sort();
     println!("cargo:rerun-if-changed={}", csrc.display());
-    // The same headers and ABI as torch-sys's own C++ (its build.rs reads these variables too).
-    println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    let include = match std::env::var("LIBTORCH_INCLUDE") {
-        Ok(dir) => PathBuf::from(dir).join("include"),
-        Err(_) => lib.parent().unwrap_or(lib).join("include"),
+    // The same headers and ABI as torch-sys's own C++: in its Python mode torch/include beside
+    // the library; otherwise LIBTORCH_INCLUDE, else LIBTORCH, with the ABI it is told.
+    for var in [
+        "LIBTORCH_USE_PYTORCH",
+        "LIBTORCH_INCLUDE",
+        "LIBTORCH",
+        "LIBTORCH_CXX11_ABI",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let beside_lib = || lib.parent().unwrap_or(lib).to_path_buf();
+    let env = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let python = std::env::var("LIBTORCH_USE_PYTORCH").is_ok();
+    let root = match python {
+        true => beside_lib(),
+        false => env("LIBTORCH_INCLUDE")
+            .or_else(|| env("LIBTORCH"))
+            .map_or_else(beside_lib, PathBuf::from),
     };
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let abi = match python {
+        true => "1".to_string(), // torch >= 2.7 wheels, as torch-sys's pinned 2.11
+        false => env("LIBTORCH_CXX11_ABI").unwrap_or_else(|| "1".into()),
+    };
     cc::Build::new()
         .cpp(true)
         .pic(true)
         .warnings(false)
-        .include(&include)
+        .include(root.join("include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

@@ -407,6 +407,11 @@ fn product(a: &Tensor, b: &Tensor, bf16: bool) -> Tensor {
     }
 }
 
+/// What Adam divides the gradients by to clip their joint norm to `clip`; None under it.
+fn clip_divisor(norm: f64, clip: f64) -> Option<f64> {
+    (norm > clip).then(|| norm / clip)
+}
+
 fn unit_rows(w: &Tensor) -> Tensor {
     w / w
         .square()
@@ -612,10 +617,8 @@ impl Trainer {
                 .map(|t| t.norm().double_value(&[]).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            // The clip: the fused kernel divides the gradients by this as it reads them.
-            let clip = (norm > self.cfg.grad_clip).then(|| norm / self.cfg.grad_clip);
             laps.lap(5);
-            self.adam(&mut g, lr, clip);
+            self.adam(&mut g, lr, clip_divisor(norm, self.cfg.grad_clip));
             laps.lap(6);
             let norms_f1 = self
                 .sae
@@ -674,8 +677,9 @@ impl Trainer {
         let m = ptrs(&mut self.m.iter_mut().collect::<Vec<_>>());
         let v = ptrs(&mut self.v.iter_mut().collect::<Vec<_>>());
         let mut err = [0u8; 512];
-        // SAFETY: every pointer is a live tch tensor handle borrowed for this call; the kernel
-        // checks devices, dtypes and sizes itself and reports through `err`.
+        // SAFETY: every pointer is a live tch tensor handle borrowed for this call; the shim
+        // checks that moments and gradients are laid out as their parameters (the CPU kernel
+        // does not) and reports through `err`.
         let rc = unsafe {
             dmsae_fused_adam(
                 p.as_ptr(),
@@ -1077,6 +1081,33 @@ mod tests {
             }
             assert!(!t.sae.w_enc.allclose(&t.sae.w_dec.tr(), 1e-3, 1e-3, false));
         }
+    }
+
+    #[test]
+    fn the_clip_scales_the_norm_down_to_the_limit() {
+        assert_eq!(clip_divisor(0.5, 1.0), None);
+        assert_eq!(clip_divisor(80.0, 1.0), Some(80.0));
+        assert_eq!(clip_divisor(3.0, 2.0), Some(1.5));
+    }
+
+    /// The CPU kernel would walk a mislaid moment's memory as if it were the parameter's.
+    #[test]
+    #[should_panic(expected = "first moment is not laid out as its parameter")]
+    fn fused_adam_refuses_a_moment_laid_out_otherwise() {
+        let cfg = TrainConfig {
+            width: 64,
+            ..small_cfg(1)
+        };
+        let sae = Sae::new(4, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+        let mut t = Trainer::new(sae, cfg, false);
+        t.m[0] = t.m[0].tr().contiguous().tr();
+        let mut g: Vec<Tensor> = t
+            .sae
+            .params()
+            .iter()
+            .map(|p| p.detach().ones_like())
+            .collect();
+        tch::no_grad(|| t.adam(&mut g, 1e-3, None));
     }
 
     fn train(cfg: &TrainConfig, x: &[f32], d: usize, steps: usize) -> Trainer {
