@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The device checks the issues leave open, in one call on a lent GPU machine (device tool):
-# build here, copy target/release/dmsae to gpu/dmsae (git-ignored), carry it, then
+# build here, copy target/release/dmsae to gpu/dmsae (git-ignored) and the trainer's unit-test
+# binary to gpu/trainer-tests (`cargo test --release -p dmsae-trainer --lib --no-run` prints its
+# path), carry gpu/, then
 #   run: bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
 # Every step appends to that log as it goes, so a call cut off by its time limit still returns
 # the steps it finished.
@@ -37,6 +39,13 @@ run() { "$@" 2>&1 | tee -a "$LOG"; }
 step "environment: is CUDA visible to the binary?"
 run "$BIN" env
 command -v nvidia-smi >/dev/null && run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+
+TESTS=${DMSAE_TRAINER_TESTS:-gpu/trainer-tests}
+if [ -x "$TESTS" ]; then
+  step "torch's fused Adam on CUDA against the textbook update (the CPU kernel is tested in CI)"
+  run "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture \
+    || echo "fused Adam check FAILED (the checks below go on)" | tee -a "$LOG"
+fi
 
 step "random $MODEL checkpoint and text"
 run "$PY" scripts/make_random_gemma.py --preset "$MODEL" --out "$W/model" --text "$W/text.txt" --words "$WORDS"

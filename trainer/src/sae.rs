@@ -1036,15 +1036,30 @@ mod tests {
     }
 
     /// The fused Adam against the textbook update, written out, over three steps with bias
-    /// correction and the clip's divisor in one step: in f64, and in f32 (training's dtype).
+    /// correction and the clip's divisor in one step: in f64, and in f32 (training's dtype);
+    /// on CUDA as well where this binary can load it (`scripts/gpu_checks.sh` runs it there:
+    /// the CUDA kernel is another implementation).
     #[test]
     fn fused_adam_is_adam() {
-        for (kind, tol) in [(Kind::Double, 1e-12), (Kind::Float, 1e-6)] {
+        let cuda = dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
+            && tch::Cuda::is_available();
+        let mut cases = vec![
+            (Kind::Double, 1e-12, Device::Cpu),
+            (Kind::Float, 1e-6, Device::Cpu),
+        ];
+        if cuda {
+            cases.extend([
+                (Kind::Double, 1e-12, Device::Cuda(0)),
+                (Kind::Float, 1e-6, Device::Cuda(0)),
+            ]);
+        }
+        for (kind, tol, device) in cases {
+            eprintln!("fused Adam against the textbook: {kind:?} on {device:?}");
             let cfg = TrainConfig {
                 width: 64,
                 ..small_cfg(1)
             };
-            let sae = Sae::new(4, None, &cfg, kind, Device::Cpu).unwrap();
+            let sae = Sae::new(4, None, &cfg, kind, device).unwrap();
             let mut t = Trainer::new(sae, cfg.clone(), false);
             let copy = |ts: &[&Tensor]| ts.iter().map(|p| p.detach().copy()).collect::<Vec<_>>();
             let mut p = copy(&t.sae.params());
