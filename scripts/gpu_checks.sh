@@ -43,7 +43,7 @@ command -v nvidia-smi >/dev/null && run nvidia-smi --query-gpu=name,memory.total
 TESTS=${DMSAE_TRAINER_TESTS:-gpu/trainer-tests}
 if [ -x "$TESTS" ]; then
   step "torch's fused Adam on CUDA against the textbook update (the CPU kernel is tested in CI)"
-  run "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture \
+  DMSAE_TEST_CUDA=1 run "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture \
     || echo "fused Adam check FAILED (the checks below go on)" | tee -a "$LOG"
 fi
 

@@ -1037,11 +1037,12 @@ mod tests {
 
     /// The fused Adam against the textbook update, written out, over three steps with bias
     /// correction and the clip's divisor in one step: in f64, and in f32 (training's dtype);
-    /// on CUDA as well where this binary can load it (`scripts/gpu_checks.sh` runs it there:
-    /// the CUDA kernel is another implementation).
+    /// on CUDA as well with DMSAE_TEST_CUDA=1 (`scripts/gpu_checks.sh`: the CUDA kernel is
+    /// another implementation; libtorch_cuda is loaded only then, not beside other tests).
     #[test]
     fn fused_adam_is_adam() {
-        let cuda = dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
+        let cuda = std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
+            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
             && tch::Cuda::is_available();
         let mut cases = vec![
             (Kind::Double, 1e-12, Device::Cpu),
