@@ -44,11 +44,11 @@ pub struct TrainConfig {
     /// "a per-SAE threshold learned as an EMA (anchor)"; 0.999 is dictionary_learning's value.
     /// Ours: capped at 1 - 10/steps, so the EMA spans at most the last tenth of a short run.
     pub threshold_beta: f64,
-    /// The training encoder (x − b_dec) W_enc + b_enc in bf16, the bias in the product and the
-    /// pre-activations left in bf16 (codes go back to float32); None: on CUDA only. Exports,
-    /// evals and attribution stay float32. Ours, from the issue's "bf16 matrix products on the
-    /// GPU where they do not hurt": on the real Gemma-3-270M sample (width 1,024, k 32, 3 seeds,
-    /// on CPU) it moved the held-out FVU by +0.0002 to +0.0003, against 0.012 between seeds.
+    /// The training encoder's product and bias in bf16, the pre-activations left in bf16 (the
+    /// codes go back to the model's float32); None: on CUDA only. Exports, evals and
+    /// attribution stay float32. Ours, from the issue's "bf16 matrix products on the GPU where
+    /// they do not hurt": on the real Gemma-3-270M sample (width 1,024, k 32, 3 seeds, on CPU)
+    /// it moved the held-out FVU by +0.0002 to +0.0003, against 0.012 between seeds.
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub encoder_bf16: Option<bool>,
     /// AuxK's reconstruction as one dense [B, width] x [width, d] product (bf16 when the
