@@ -405,18 +405,6 @@ fn top_entries(flat: &Tensor, keep: i64) -> (Tensor, Tensor) {
     (v, at.index_select(0, &j))
 }
 
-/// a x b, in bf16 when `bf16` (autograd then runs the backward products in bf16 too, as under
-/// autocast), out in a's kind.
-fn product(a: &Tensor, b: &Tensor, bf16: bool) -> Tensor {
-    match bf16 {
-        true => {
-            let h = Kind::BFloat16;
-            a.to_kind(h).matmul(&b.to_kind(h)).to_kind(a.kind())
-        }
-        false => a.matmul(b),
-    }
-}
-
 /// What Adam divides the gradients by to clip their joint norm to `clip`; None under it.
 fn clip_divisor(norm: f64, clip: f64) -> Option<f64> {
     (norm > clip).then(|| norm / clip)
@@ -567,8 +555,10 @@ impl Trainer {
         let (acts_bk, idx_bk) = dead_bf.topk((self.k_aux as i64).min(n_dead), -1, true, false);
         let kind = self.sae.w_dec.kind();
         let e_hat_bd = if self.auxk_dense() {
+            // In the pre-activations' kind: bf16 with a bf16 encoder.
             let a_bf = dead_bf.zeros_like().scatter(1, &idx_bk, &acts_bk);
-            product(&a_bf, &self.sae.w_dec, self.bf16).to_kind(kind)
+            a_bf.matmul(&self.sae.w_dec.to_kind(a_bf.kind()))
+                .to_kind(kind)
         } else {
             let acts_bk = acts_bk.to_kind(kind);
             // Each token's k_aux rows, as one bag each.
