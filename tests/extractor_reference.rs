@@ -245,3 +245,51 @@ fn real_gemma3_270m_matches_transformers() {
         &exp["logits_last8"],
     );
 }
+
+/// bfloat16, the dtype extraction runs in on GPUs, against transformers' own bfloat16 run
+/// (expected-bf16.safetensors). Two correct bf16 implementations differ by rounding wherever
+/// their kernels sum in another order (here the test binary lands on transformers' numbers
+/// exactly, but another CPU, allocator or the GPU need not), so the bound is relative to the
+/// rounding: against the float32 reference ours is no worse than 1.5x transformers' bf16 plus
+/// 1e-3, and ours is within 3x that rounding of transformers' bf16. It catches a bf16 path that
+/// breaks (a dtype mismatch, an overflow, a cast that loses the residual), not a cast placed
+/// one rounding away from transformers'.
+fn compare_bf16_with_reference(name: &str) {
+    let dir = fixture(name);
+    let exp = expected(&dir);
+    let exp16: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("expected-bf16.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let model = Model::load(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+    let ids = &exp["ids"];
+    let t = ids.size()[1];
+    let check16 = |what: &str, ours: &Tensor, key: &str| {
+        let (theirs, truth) = (&exp16[key], &exp[key]);
+        let (ours_truth, theirs_truth) = (rel_err(ours, truth), rel_err(theirs, truth));
+        let apart = rel_err(ours, theirs);
+        println!("{name} {what} bf16: vs float32 ours {ours_truth:.3e}, transformers {theirs_truth:.3e}; apart {apart:.3e}");
+        assert!(
+            ours_truth <= 1.5 * theirs_truth + 1e-3 && apart <= 3.0 * theirs_truth + 1e-3,
+            "{name} {what}: bf16 error {ours_truth:.3e} (transformers' {theirs_truth:.3e}), {apart:.3e} apart"
+        );
+    };
+    check16("logits", &model.logits(ids).unwrap(), "logits");
+    for key in exp.keys().filter(|k| k.starts_with("resid_L")) {
+        let l: usize = key["resid_L".len()..].parse().unwrap();
+        let out = model.forward_layer(ids, l, true).unwrap();
+        assert_eq!(out.resid.kind(), Kind::BFloat16);
+        check16(&format!("L{l} resid"), &out.resid, key);
+        let grad = out.grad.as_ref().unwrap();
+        check16(&format!("L{l} grad"), grad, &format!("grad_L{l}"));
+        check16(&format!("L{l} loss"), &out.loss.narrow(1, 0, t - 1), "loss");
+    }
+}
+
+#[test]
+fn bf16_matches_transformers_bf16() {
+    for name in ["gemma2-t5", "gemma2-published", "gemma3"] {
+        compare_bf16_with_reference(name);
+    }
+}
