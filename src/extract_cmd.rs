@@ -307,7 +307,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     provenance.insert(
         "packing".into(),
         "documents tokenized without special tokens, joined into one stream with BOS between documents; \
-         each context is BOS + the next context-1 stream tokens; a tail shorter than a context is unused; \
+         each context is BOS + the next context-1 stream tokens (a document that opens a context has only that BOS); a tail shorter than a context is unused; \
          context id = index in data order, worker i of n takes ids with id % n == i"
             .into(),
     );

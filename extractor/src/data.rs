@@ -473,7 +473,8 @@ impl Packer {
             if ids.is_empty() {
                 continue;
             }
-            if self.started && !more {
+            // A document that opens a context already follows that context's BOS.
+            if self.started && !more && !self.stream.is_empty() {
                 self.stream.push_back(self.bos);
             }
             self.started = true;
@@ -634,6 +635,27 @@ mod tests {
             contexts += 1;
         }
         assert!(contexts > 100);
+    }
+
+    /// Documents that fill a context exactly (the layout of datasets pre-chunked to the
+    /// model's length) pack one per context: its own BOS, no second one, nothing shifted.
+    #[test]
+    fn a_document_that_ends_a_context_does_not_double_the_next_bos() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gemma3");
+        let tok = Tokenizer::load(&dir).unwrap();
+        let text = "Call me Ishmael. Some years ago, never mind how long precisely.";
+        let ids = tok.encode(text).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.jsonl");
+        std::fs::write(&p, format!("{{\"text\": \"{text}\"}}\n").repeat(3)).unwrap();
+        let bos = 2;
+        let mut packer = Packer::new(Documents::new(vec![p]), tok, bos, ids.len() + 1, 1 << 20);
+        for i in 0..3 {
+            let c = packer.next_context().unwrap().expect("three contexts");
+            assert_eq!(c[0], bos);
+            assert_eq!(&c[1..], &ids[..], "context {i}");
+        }
+        assert!(packer.next_context().unwrap().is_none());
     }
 
     /// With Gemma's real tokenizer (no prefix marker per input), tokenizing the pieces gives the
