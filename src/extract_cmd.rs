@@ -257,7 +257,6 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         "workers": a.workers,
     });
     let writer_name = format!("w{:04}", a.worker);
-    let mut skip_rows = 0;
     if Manifest::path(&a.out).exists() {
         let m = Manifest::load(&a.out)?;
         match m.provenance.get("extract") {
@@ -280,12 +279,6 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
             }
             None => bail!("{}: not a store written by dmsae extract", a.out.display()),
         }
-        skip_rows = m
-            .shards
-            .iter()
-            .filter(|s| s.file.starts_with(&format!("{writer_name}-")))
-            .map(|s| s.tokens)
-            .sum();
     }
     let mut provenance = serde_json::Map::new();
     provenance.insert(
@@ -328,6 +321,15 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     };
     let dtype = extract::store_dtype(kind)?;
     let mut writer = StoreWriter::create(&a.out, extract::arrays(model.d_model(), dtype), opts)?;
+    // The files on disk, not the manifest, say where this worker stopped (see StoreWriter).
+    let skip_rows = writer.resumed_rows();
+    if !writer.adopted().is_empty() {
+        eprintln!(
+            "{}: added {} to the manifest (committed before a kill, not yet listed)",
+            a.out.display(),
+            writer.adopted().join(", ")
+        );
+    }
 
     let o = Options {
         layer: a.layer,

@@ -112,6 +112,24 @@ thread_local! {
 }
 
 fn unzstd(frame: &[u8], out: &mut [u8], what: &str) -> Result<(), String> {
+    // SPEC.md: one standard frame with its content size; zstd itself would also take
+    // concatenated or skippable frames, which other readers of the format refuse.
+    use zstd::zstd_safe::{find_frame_compressed_size, get_frame_content_size};
+    match get_frame_content_size(frame) {
+        Ok(Some(n)) if n == out.len() as u64 => {}
+        Ok(Some(n)) => {
+            return Err(format!(
+                "{what}: zstd frame content size {n}, expected {}",
+                out.len()
+            ))
+        }
+        _ => return Err(format!("{what}: not one zstd frame with its content size")),
+    }
+    if find_frame_compressed_size(frame).ok() != Some(frame.len()) {
+        return Err(format!(
+            "{what}: bytes after the zstd frame (one frame per stream)"
+        ));
+    }
     let got = DCTX.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
@@ -424,5 +442,37 @@ mod tests {
         }
         let raw = ArraySpec::new("a", DType::Bf16, 4, Codec::Raw);
         assert!(decode(&raw, &data[1..], 8).is_err());
+    }
+
+    /// SPEC.md allows one frame per stream; zstd alone would take a plane split into two
+    /// concatenated frames, or one followed by a skippable frame, as the same bytes.
+    #[test]
+    fn a_stream_of_two_frames_is_refused() {
+        let spec = ArraySpec::new("a", DType::Bf16, 4, Codec::Bytesplit);
+        let (n, data) = (8, sample(DType::Bf16, 8, 4, 2));
+        let planes: Vec<Vec<u8>> = (0..2)
+            .map(|k| data.iter().skip(k).step_by(2).copied().collect())
+            .collect();
+        let block = |streams: &[Vec<u8>]| {
+            let mut b: Vec<u8> = streams
+                .iter()
+                .flat_map(|s| (s.len() as u32).to_le_bytes())
+                .collect();
+            streams.iter().for_each(|s| b.extend_from_slice(s));
+            b
+        };
+        let one = |p: &[u8]| zstd::bulk::compress(p, 3).unwrap();
+        let good = block(&[one(&planes[0]), one(&planes[1])]);
+        assert_eq!(decode(&spec, &good, n).unwrap(), data);
+        let half = planes[0].len() / 2;
+        let split = [one(&planes[0][..half]), one(&planes[0][half..])].concat();
+        let skippable = [one(&planes[0]), vec![0x50, 0x2a, 0x4d, 0x18, 0, 0, 0, 0]].concat();
+        for bad in [split, skippable] {
+            let e = decode(&spec, &block(&[bad, one(&planes[1])]), n).unwrap_err();
+            assert!(
+                e.contains("zstd frame") || e.contains("one zstd frame"),
+                "{e}"
+            );
+        }
     }
 }

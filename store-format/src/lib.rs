@@ -37,6 +37,31 @@ pub use writer::{StoreWriter, WriterOptions};
 /// Store format version written by this build.
 pub const FORMAT_VERSION: u32 = shard::FORMAT_VERSION;
 
+/// A new temp file `<stem>.<pid>.<random>.tmp` in `dir`, created exclusively: SLURM tasks on
+/// other nodes share the directory and reuse pids, and truncating another task's temp file
+/// would let its rename publish a half-written file.
+pub(crate) fn create_temp(
+    dir: &std::path::Path,
+    stem: &str,
+) -> Result<(std::path::PathBuf, std::fs::File)> {
+    loop {
+        let tmp = dir.join(format!(
+            "{stem}.{}.{:016x}.tmp",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(StoreError::io(&tmp, e)),
+        }
+    }
+}
+
 /// fsync a directory so a rename in it survives a crash.
 pub(crate) fn sync_dir(dir: &std::path::Path) -> Result<()> {
     std::fs::File::open(dir)

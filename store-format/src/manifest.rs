@@ -90,6 +90,20 @@ impl Manifest {
                     format!("shard entry {:?} is not a shard file name", s.file),
                 ));
             }
+            if s.blake3.len() != 64
+                || !s
+                    .blake3
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(StoreError::manifest(
+                    &path,
+                    format!(
+                        "shard {:?}: blake3 {:?} is not 64 lowercase hex digits",
+                        s.file, s.blake3
+                    ),
+                ));
+            }
             if i > 0 && m.shards[i - 1].file >= s.file {
                 return Err(StoreError::manifest(
                     &path,
@@ -110,8 +124,7 @@ impl Manifest {
     /// Temp name, fsync, rename, fsync the directory: readers see the old or the new file.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = Self::path(dir);
-        let tmp = dir.join(format!("{MANIFEST}.{}.tmp", std::process::id()));
-        let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let (tmp, mut f) = crate::create_temp(dir, MANIFEST)?;
         let mut text = serde_json::to_vec_pretty(self).expect("manifest serialises");
         text.push(b'\n');
         f.write_all(&text)
@@ -141,7 +154,7 @@ impl Manifest {
     /// Recompute `total_tokens`, `level`, `provenance` and `stats` from the listed shards
     /// (per writer in file order, then across writers: `partial`), so the manifest depends on
     /// the set of shards and not on commit order. Reads only the footers no cache covers.
-    fn refresh(&mut self, dir: &Path) -> Result<()> {
+    pub(crate) fn refresh(&mut self, dir: &Path) -> Result<()> {
         self.shards.sort_by(|a, b| a.file.cmp(&b.file));
         self.total_tokens = self.shards.iter().map(|s| s.tokens).sum();
         let floats: Vec<&ArraySpec> = self.arrays.iter().filter(|a| a.dtype.is_float()).collect();
@@ -164,14 +177,36 @@ impl Manifest {
 }
 
 /// Run `f` holding the store's manifest lock (an exclusive flock), so concurrent writers
-/// (SLURM array tasks) never lose each other's entries.
+/// (SLURM array tasks) never lose each other's entries. Where the file system has no flock
+/// (Lustre mounted `noflock`, some NFS), `f` runs unlocked after a warning: concurrent
+/// writers may then drop each other's manifest entries, which `dmsae store finalize`
+/// restores from the shard files (README), and a resumed writer adopts its own.
 fn with_lock<T>(dir: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let path = dir.join(LOCK);
     let lock = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
-    lock.lock().map_err(|e| StoreError::io(&path, e))?;
-    let out = f();
-    let _ = lock.unlock();
-    out
+    match lock.lock() {
+        Ok(()) => {
+            let out = f();
+            let _ = lock.unlock();
+            out
+        }
+        Err(e) if lock_unsupported(&e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "dmsae: warning: {}: no file locking here ({e}); with several writers, run `dmsae store finalize` when all are done",
+                    path.display()
+                )
+            });
+            f()
+        }
+        Err(e) => Err(StoreError::io(&path, e)),
+    }
+}
+
+fn lock_unsupported(e: &std::io::Error) -> bool {
+    // ENOLCK, ENOSYS, EOPNOTSUPP on Linux.
+    e.kind() == std::io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(37 | 38 | 95))
 }
 
 /// Add a freshly committed shard to the manifest (creating it if needed).
@@ -221,6 +256,20 @@ pub fn list_shards(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// A shard's manifest entry, hashing the whole file.
+pub(crate) fn entry_of(sh: &Shard) -> ShardInfo {
+    ShardInfo {
+        file: sh.file_name(),
+        tokens: sh.meta.n_tokens,
+        bytes: sh.len_bytes() as u64,
+        blake3: blake3::Hasher::new()
+            .update_rayon(sh.bytes())
+            .finalize()
+            .to_hex()
+            .to_string(),
+    }
+}
+
 /// Rebuild the manifest from the shard files alone (after several writers, or a lost manifest).
 /// Every shard is parsed and hashed whole.
 pub fn finalize(dir: &Path) -> Result<Manifest> {
@@ -232,27 +281,18 @@ pub fn finalize(dir: &Path) -> Result<Manifest> {
                 dir.display()
             )));
         }
-        let opened: Vec<(Shard, String)> = names
+        let opened: Vec<(Shard, ShardInfo)> = names
             .par_iter()
             .map(|n| {
                 let sh = Shard::open(&dir.join(n))?;
-                let h = blake3::Hasher::new()
-                    .update_rayon(sh.bytes())
-                    .finalize()
-                    .to_hex()
-                    .to_string();
-                Ok((sh, h))
+                let info = entry_of(&sh);
+                Ok((sh, info))
             })
             .collect::<Result<_>>()?;
         let mut m = Manifest::new(&opened[0].0.meta.header)?;
-        for (sh, hash) in &opened {
-            m.check_compatible(dir, &sh.file_name(), &sh.meta.header)?;
-            m.shards.push(ShardInfo {
-                file: sh.file_name(),
-                tokens: sh.meta.n_tokens,
-                bytes: sh.len_bytes() as u64,
-                blake3: hash.clone(),
-            });
+        for (sh, info) in &opened {
+            m.check_compatible(dir, &info.file, &sh.meta.header)?;
+            m.shards.push(info.clone());
         }
         drop(opened);
         partial::clear(dir)?;

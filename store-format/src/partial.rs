@@ -14,7 +14,6 @@ use crate::shard::{Shard, ShardInfo, ShardMeta};
 use crate::stats::Stats;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -130,8 +129,7 @@ impl Partial {
         let hash = blake3::hash(&b);
         b.extend_from_slice(hash.as_bytes());
         let path = Self::path(dir, writer);
-        let tmp = dir.join(format!("{PREFIX}{writer}.{}.tmp", std::process::id()));
-        let mut f = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let (tmp, mut f) = crate::create_temp(dir, &format!("{PREFIX}{writer}"))?;
         f.write_all(&b)
             .and_then(|_| f.sync_all())
             .map_err(|e| StoreError::io(&tmp, e))?;

@@ -4,7 +4,7 @@
 use crate::dtype::ArraySpec;
 use crate::error::{Result, StoreError};
 use crate::manifest::{self, Manifest};
-use crate::shard::{EncodedChunk, ShardHeader, ShardInfo, ShardWriter, SHARD_EXT};
+use crate::shard::{EncodedChunk, Shard, ShardHeader, ShardInfo, ShardWriter, SHARD_EXT};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -46,11 +46,17 @@ pub struct StoreWriter {
     current: Option<ShardWriter>,
     next_seq: u64,
     committed: Vec<ShardInfo>,
+    /// Rows in this writer's shards already in the store when it was opened.
+    resumed_rows: u64,
+    adopted: Vec<String>,
 }
 
 impl StoreWriter {
     /// Open `dir` for appending (created if missing). Shard numbering continues after this
-    /// writer's committed shards; its leftover `.tmp` files (a killed run) are removed.
+    /// writer's committed shards; its leftover `.tmp` files (a killed run) are removed, and its
+    /// complete shards that the manifest lacks (a kill between a shard's rename and the
+    /// manifest update, or an update lost without file locking) are added to it, so a resumed
+    /// run skips their rows instead of writing them twice.
     pub fn create(dir: &Path, arrays: Vec<ArraySpec>, opts: WriterOptions) -> Result<StoreWriter> {
         if !manifest::valid_writer_name(&opts.writer) {
             return Err(StoreError::Usage(format!(
@@ -58,7 +64,12 @@ impl StoreWriter {
                 opts.writer
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                crate::sync_dir(parent)?;
+            }
+        }
         let header = ShardHeader {
             chunk_tokens: opts.chunk_tokens,
             level: opts.level,
@@ -84,6 +95,7 @@ impl StoreWriter {
         }
         let prefix = format!("{}-", opts.writer);
         let mut next_seq = 0;
+        let mut own = Vec::new();
         for name in manifest::list_shards(dir)? {
             if let Some(seq) = name
                 .strip_prefix(&prefix)
@@ -91,9 +103,21 @@ impl StoreWriter {
             {
                 if let Ok(s) = seq.parse::<u64>() {
                     next_seq = next_seq.max(s + 1);
+                    own.push(name);
                 }
             }
         }
+        let adopted = adopt(dir, &own, &header)?;
+        let resumed_rows = if own.is_empty() {
+            0
+        } else {
+            Manifest::load(dir)?
+                .shards
+                .iter()
+                .filter(|s| s.file.starts_with(&prefix))
+                .map(|s| s.tokens)
+                .sum()
+        };
         for e in std::fs::read_dir(dir)
             .map_err(|e| StoreError::io(dir, e))?
             .flatten()
@@ -114,7 +138,20 @@ impl StoreWriter {
             current: None,
             next_seq,
             committed: Vec::new(),
+            resumed_rows,
+            adopted,
         })
+    }
+
+    /// Rows this writer had written before (its shards in the store when it was opened):
+    /// where a resumed producer starts.
+    pub fn resumed_rows(&self) -> u64 {
+        self.resumed_rows
+    }
+
+    /// This writer's shards that were on disk but not in the manifest, added when it opened.
+    pub fn adopted(&self) -> &[String] {
+        &self.adopted
     }
 
     pub fn arrays(&self) -> &[ArraySpec] {
@@ -227,5 +264,125 @@ impl StoreWriter {
         }
         self.commit()?;
         Ok(self.committed)
+    }
+}
+
+/// Add `own` shards missing from the manifest to it. A shard is renamed into place only
+/// complete and fsynced, so it is whole; it must come from the same producer (provenance).
+fn adopt(dir: &Path, own: &[String], header: &ShardHeader) -> Result<Vec<String>> {
+    let listed: std::collections::HashSet<String> = if Manifest::path(dir).exists() {
+        Manifest::load(dir)?
+            .shards
+            .into_iter()
+            .map(|s| s.file)
+            .collect()
+    } else {
+        Default::default()
+    };
+    let mut adopted = Vec::new();
+    for name in own.iter().filter(|n| !listed.contains(*n)) {
+        let path = dir.join(name);
+        let shard = Shard::open(&path)?;
+        if shard.meta.header.provenance != header.provenance {
+            return Err(StoreError::manifest(
+                &path,
+                "a shard of this writer missing from the manifest, written by another run (its provenance differs); move it away or use a new directory",
+            ));
+        }
+        manifest::commit_shard(dir, &shard.meta.header, manifest::entry_of(&shard))?;
+        adopted.push(name.clone());
+    }
+    Ok(adopted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Codec, DType};
+
+    fn opts(provenance: &str) -> WriterOptions {
+        let mut p = serde_json::Map::new();
+        p.insert("run".into(), provenance.into());
+        WriterOptions {
+            chunk_tokens: 4,
+            shard_tokens: 8,
+            provenance: p,
+            ..Default::default()
+        }
+    }
+
+    fn arrays() -> Vec<ArraySpec> {
+        vec![ArraySpec::new("acts", DType::F32, 3, Codec::Bytesplit)]
+    }
+
+    /// 20 rows in shards of 8, 8, 4.
+    fn write(dir: &Path) {
+        let rows: Vec<u8> = (0..20 * 3).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mut w = StoreWriter::create(dir, arrays(), opts("a")).unwrap();
+        w.append(&[&rows]).unwrap();
+        assert_eq!(w.finish().unwrap().len(), 3);
+    }
+
+    /// A kill between a shard's rename and its manifest entry (or before the first manifest):
+    /// reopening the writer lists the shard and resumes after its rows, not before them.
+    #[test]
+    fn a_shard_missing_from_the_manifest_is_adopted() {
+        for lose_manifest in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            write(tmp.path());
+            let whole = Manifest::load(tmp.path()).unwrap();
+            if lose_manifest {
+                std::fs::remove_file(Manifest::path(tmp.path())).unwrap();
+            } else {
+                let mut m = whole.clone();
+                m.shards.pop();
+                m.refresh(tmp.path()).unwrap();
+                m.save(tmp.path()).unwrap();
+            }
+            let w = StoreWriter::create(tmp.path(), arrays(), opts("a")).unwrap();
+            assert_eq!(w.resumed_rows(), 20, "lose_manifest {lose_manifest}");
+            let expect: Vec<String> = if lose_manifest {
+                whole.shards.iter().map(|s| s.file.clone()).collect()
+            } else {
+                vec![whole.shards[2].file.clone()]
+            };
+            assert_eq!(w.adopted(), &expect[..]);
+            assert_eq!(Manifest::load(tmp.path()).unwrap(), whole);
+            assert_eq!(crate::verify(tmp.path()), Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn a_missing_shard_of_another_run_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path());
+        std::fs::remove_file(Manifest::path(tmp.path())).unwrap();
+        let e = StoreWriter::create(tmp.path(), arrays(), opts("b"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("w0000-000000.dmss") && e.contains("another run"),
+            "{e}"
+        );
+    }
+
+    /// `store inspect` prints the first 16 hex digits: a short or non-ASCII hash is refused
+    /// at load, naming the manifest, instead of panicking there.
+    #[test]
+    fn a_manifest_hash_that_is_not_hex_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path());
+        let good = Manifest::load(tmp.path()).unwrap();
+        for bad in ["\u{e9}", "ABCDEF", &"0".repeat(63)] {
+            let mut m = good.clone();
+            m.shards[0].blake3 = bad.into();
+            m.save(tmp.path()).unwrap();
+            let e = Manifest::load(tmp.path()).unwrap_err().to_string();
+            assert!(
+                e.contains("manifest.json") && e.contains("64 lowercase hex"),
+                "{e}"
+            );
+        }
     }
 }
