@@ -27,7 +27,7 @@ pub struct ExtractArgs {
     model: Option<PathBuf>,
     /// Text: a .jsonl file (one object with `text` per line), a parquet file (`text` or
     /// pre-tokenized `input_ids` column), a plain-text file (one document, read in ~1 MiB
-    /// pieces cut after blank lines), a directory of such files, or a
+    /// pieces cut after blank lines), a directory (its .jsonl, .txt and .parquet files), or a
     /// glob such as 'data/part-*.parquet' (sorted path order).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -35,7 +35,7 @@ pub struct ExtractArgs {
     /// rounded up to whole contexts.
     #[arg(long, value_parser = crate::cli::parse_count)]
     tokens: Option<u64>,
-    /// Decoder layer whose output is stored, 0-indexed (HF hidden_states[L+1]).
+    /// Decoder layer whose output is stored, 0-indexed, before the final norm (HF hidden_states[L+1] for L < N-1).
     #[arg(long)]
     layer: Option<usize>,
     /// Output store directory (created; an earlier run of the same command is resumed).
@@ -290,7 +290,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     provenance.insert(
         "hook".into(),
         format!(
-            "blocks.{}.hook_resid_post (output of decoder layer {0}; HF hidden_states[{}])",
+            "blocks.{}.hook_resid_post (output of decoder layer {0} before the final norm; equal to HF hidden_states[{}] for L < N-1)",
             a.layer,
             a.layer + 1
         )

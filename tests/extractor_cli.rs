@@ -19,19 +19,30 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// Contexts as documented: docs joined with BOS between them, each context BOS + 15 tokens.
-fn expected_contexts(n: usize) -> Vec<Vec<u32>> {
-    let docs: Vec<Vec<u32>> = serde_json::from_str(
+/// The sample's documents as the Python tokenizer encodes them.
+fn sample_docs() -> Vec<Vec<u32>> {
+    serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("extract-sample.tokens.json")).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Documents joined as documented: BOS between them, except where a document opens a
+/// context (the context's own BOS is there).
+fn packed_stream<'a>(docs: impl IntoIterator<Item = &'a Vec<u32>>) -> Vec<u32> {
     let mut stream = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        if i > 0 {
+    for d in docs {
+        if stream.len() % (T - 1) != 0 {
             stream.push(BOS);
         }
         stream.extend(d);
     }
+    stream
+}
+
+/// Contexts as documented: each BOS + the stream's next 15 tokens.
+fn expected_contexts(n: usize) -> Vec<Vec<u32>> {
+    let stream = packed_stream(&sample_docs());
     (0..n)
         .map(|c| {
             std::iter::once(BOS)
@@ -443,19 +454,8 @@ fn sigterm_stops_cleanly_and_rerun_completes() {
     );
     // Every context exactly once, in order, with the documented tokens.
     let s = read_store(&out);
-    let docs: Vec<Vec<u32>> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("extract-sample.tokens.json")).unwrap(),
-    )
-    .unwrap();
-    let stream: Vec<u32> = (0..200)
-        .flat_map(|_| docs.iter())
-        .enumerate()
-        .flat_map(|(i, d)| {
-            (if i > 0 { vec![BOS] } else { vec![] })
-                .into_iter()
-                .chain(d.iter().copied())
-        })
-        .collect();
+    let docs = sample_docs();
+    let stream = packed_stream((0..200).flat_map(|_| docs.iter()));
     let (mut toks, mut ctx) = (Vec::new(), Vec::new());
     for c in 0..n_ctx {
         for &t in &stream[c * (T - 1)..(c + 1) * (T - 1)] {

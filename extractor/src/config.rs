@@ -2,8 +2,9 @@
 //! (`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`, no
 //! `layer_types`) and the transformers-5 one (`rope_parameters`, `layer_types`). Gemma-3
 //! multimodal configs (`model_type: gemma3`) keep the text model under `text_config`.
-//! Missing keys take transformers' defaults for that architecture; a key present as `null`
-//! (a soft-cap) means "off", so those are `Option<Option<_>>`.
+//! Missing keys take transformers' defaults for that architecture (`hidden_act` is not read);
+//! a key present as `null` (a soft-cap) means "off", so those are `Option<Option<_>>`, except
+//! for the keys transformers refuses as `null`.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Deserializer};
@@ -17,19 +18,35 @@ fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// Keys whose type in transformers' strict config classes does not admit `null`.
+const NOT_NULL: [&str; 12] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_activation",
+    "rms_norm_eps",
+    "query_pre_attn_scalar",
+    "tie_word_embeddings",
+    "attention_bias",
+];
+
 /// The keys of `Gemma2Config` / `Gemma3TextConfig` that change the forward pass.
 #[derive(Debug, Clone, Deserialize)]
 pub struct GemmaConfigJson {
     pub model_type: Option<String>,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
+    /// transformers reads only this key; `hidden_act` is ignored.
     pub hidden_activation: Option<String>,
-    pub hidden_act: Option<String>,
     pub rms_norm_eps: Option<f64>,
     pub query_pre_attn_scalar: Option<f64>,
     #[serde(default, deserialize_with = "present")]
@@ -38,7 +55,7 @@ pub struct GemmaConfigJson {
     pub sliding_window_pattern: Option<usize>,
     pub rope_theta: Option<f64>,
     pub rope_local_base_freq: Option<f64>,
-    pub rope_scaling: Option<RopeJson>,
+    pub rope_scaling: Option<Value>,
     pub rope_parameters: Option<Value>,
     #[serde(default, deserialize_with = "present")]
     pub final_logit_softcapping: Option<Option<f64>>,
@@ -119,10 +136,11 @@ impl Config {
             "gemma2" => (Arch::Gemma2, v.clone()),
             "gemma3_text" => (Arch::Gemma3, v.clone()),
             "gemma3" => {
-                let t = v
-                    .get("text_config")
-                    .cloned()
-                    .ok_or("model_type gemma3 without text_config")?;
+                // No text_config: Gemma3Config builds a default Gemma3TextConfig.
+                let t = match v.get("text_config") {
+                    None | Some(Value::Null) => Value::Object(Default::default()),
+                    Some(t) => t.clone(),
+                };
                 (Arch::Gemma3, t)
             }
             "" => return Err("no model_type".into()),
@@ -132,6 +150,12 @@ impl Config {
                 ))
             }
         };
+        if let Some(k) = NOT_NULL
+            .iter()
+            .find(|k| body.get(**k).is_some_and(Value::is_null))
+        {
+            return Err(format!("{k} is null"));
+        }
         let j: GemmaConfigJson = serde_json::from_value(body).map_err(|e| format!("{e}"))?;
         resolve(arch, j)
     }
@@ -164,15 +188,119 @@ fn rope_of(r: &RopeJson, default_theta: f64, what: &str) -> std::result::Result<
     })
 }
 
+type Map = serde_json::Map<String, Value>;
+
+fn object(v: &Value, what: &str) -> std::result::Result<Map, String> {
+    match v {
+        Value::Object(m) => Ok(m.clone()),
+        _ => Err(format!("{what} is not an object")),
+    }
+}
+
+fn rope_from(m: Map, default_theta: f64, what: &str) -> std::result::Result<Rope, String> {
+    let r: RopeJson =
+        serde_json::from_value(Value::Object(m)).map_err(|e| format!("{what}: {e}"))?;
+    rope_of(&r, default_theta, what)
+}
+
+/// RoPE per layer type as transformers 5 resolves it (`convert_rope_params_to_dict`:
+/// Gemma2Config inherits the base class's, Gemma3TextConfig overrides it).
+fn resolve_rope(
+    arch: Arch,
+    j: &GemmaConfigJson,
+    layer_types: &[LayerType],
+) -> std::result::Result<[Rope; 2], String> {
+    let scaling = j.rope_scaling.as_ref().filter(|v| !v.is_null());
+    match arch {
+        Arch::Gemma2 => {
+            // `rope_scaling or rope_parameters`: a non-empty rope_scaling replaces the other.
+            let (p, what) = match (scaling, &j.rope_parameters) {
+                (Some(s), _) if s.as_object().is_none_or(|m| !m.is_empty()) => {
+                    (object(s, "rope_scaling")?, "rope_scaling")
+                }
+                (_, Some(p)) if !p.is_null() => (object(p, "rope_parameters")?, "rope_parameters"),
+                _ => (Map::new(), "rope_parameters"),
+            };
+            // transformers' Gemma2 model reads `rope_parameters["rope_type"]`: one set only.
+            let nested = [LayerType::Full, LayerType::Sliding]
+                .into_iter()
+                .filter(|t| layer_types.contains(t))
+                .any(|t| p.contains_key(type_name(t)));
+            if nested {
+                return Err(format!(
+                    "{what}: one RoPE set per layer type is not supported for gemma2 (transformers' Gemma2 model takes one set for all layers)"
+                ));
+            }
+            let r = rope_from(p, j.rope_theta.unwrap_or(10_000.0), what)?;
+            Ok([r, r])
+        }
+        Arch::Gemma3 => {
+            // A flat set (no per-type keys) is not read: each type gets its own entry.
+            let mut p = match &j.rope_parameters {
+                Some(v) if !v.is_null() => object(v, "rope_parameters")?,
+                _ => Map::from_iter(
+                    ["full_attention", "sliding_attention"]
+                        .map(|k| (k.to_string(), serde_json::json!({"rope_type": "default"}))),
+                ),
+            };
+            let mut entry = |k: &str| -> std::result::Result<Option<Map>, String> {
+                match p.remove(k) {
+                    Some(Value::Null) | None => Ok(None),
+                    Some(v) => object(&v, &format!("rope_parameters.{k}")).map(Some),
+                }
+            };
+            let default = || Map::from_iter([("rope_type".to_string(), "default".into())]);
+            let full = entry("full_attention")?;
+            let sliding = entry("sliding_attention")?.unwrap_or_else(default);
+            // Published dialect: rope_scaling updates the global layers' set only (4B+).
+            let full = match (full, scaling) {
+                (Some(mut f), Some(s)) => {
+                    f.extend(object(s, "rope_scaling")?);
+                    f
+                }
+                (None, Some(_)) => {
+                    return Err(
+                        "rope_scaling with a rope_parameters that has no full_attention entry (transformers cannot load this)"
+                            .into(),
+                    )
+                }
+                (f, None) => f.unwrap_or_else(default),
+            };
+            Ok([
+                rope_from(
+                    full,
+                    j.rope_theta.unwrap_or(1_000_000.0),
+                    "rope_parameters.full_attention",
+                )?,
+                rope_from(
+                    sliding,
+                    j.rope_local_base_freq.unwrap_or(10_000.0),
+                    "rope_parameters.sliding_attention",
+                )?,
+            ])
+        }
+    }
+}
+
+fn type_name(t: LayerType) -> &'static str {
+    match t {
+        LayerType::Full => "full_attention",
+        LayerType::Sliding => "sliding_attention",
+    }
+}
+
 fn resolve(arch: Arch, j: GemmaConfigJson) -> std::result::Result<Config, String> {
-    let n = j.num_hidden_layers;
-    if j.num_attention_heads == 0
-        || j.num_key_value_heads == 0
-        || !j.num_attention_heads.is_multiple_of(j.num_key_value_heads)
-    {
+    // transformers' class defaults: Gemma2Config, Gemma3TextConfig (5.x).
+    let (vocab, pattern, soft_attn, soft_final) = match arch {
+        Arch::Gemma2 => (256_000, 2, Some(50.0), Some(30.0)),
+        Arch::Gemma3 => (262_208, j.sliding_window_pattern.unwrap_or(6), None, None),
+    };
+    let n = j.num_hidden_layers.unwrap_or(26);
+    let heads = j.num_attention_heads.unwrap_or(8);
+    let kv_heads = j.num_key_value_heads.unwrap_or(4);
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(format!(
-            "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
-            j.num_attention_heads, j.num_key_value_heads
+            "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
         ));
     }
     if j.use_bidirectional_attention == Some(true) {
@@ -183,25 +311,14 @@ fn resolve(arch: Arch, j: GemmaConfigJson) -> std::result::Result<Config, String
     if j.attention_bias == Some(true) {
         return Err("attention_bias is not supported".into());
     }
-    let act = j
+    let gelu_tanh = match j
         .hidden_activation
         .as_deref()
-        .or(j.hidden_act.as_deref())
-        .unwrap_or("gelu_pytorch_tanh");
-    let gelu_tanh = match act {
+        .unwrap_or("gelu_pytorch_tanh")
+    {
         "gelu_pytorch_tanh" | "gelu_tanh" => true,
         "gelu" => false,
         other => return Err(format!("unsupported hidden_activation {other:?}")),
-    };
-    // transformers' defaults per architecture (Gemma2Config, Gemma3TextConfig).
-    let (pattern, soft_attn, soft_final, thetas) = match arch {
-        Arch::Gemma2 => (2, Some(50.0), Some(30.0), [10_000.0, 10_000.0]),
-        Arch::Gemma3 => (
-            j.sliding_window_pattern.unwrap_or(6),
-            None,
-            None,
-            [1_000_000.0, 10_000.0],
-        ),
     };
     let layer_types = match &j.layer_types {
         Some(t) => {
@@ -230,55 +347,7 @@ fn resolve(arch: Arch, j: GemmaConfigJson) -> std::result::Result<Config, String
             })
             .collect(),
     };
-    let rope = match &j.rope_parameters {
-        // transformers 5: one set for all layers, or one per layer type.
-        Some(p) if p.get("full_attention").is_some() || p.get("sliding_attention").is_some() => {
-            let get = |k: &str, d: f64| -> std::result::Result<Rope, String> {
-                let r: RopeJson = match p.get(k) {
-                    Some(x) if !x.is_null() => serde_json::from_value(x.clone())
-                        .map_err(|e| format!("rope_parameters.{k}: {e}"))?,
-                    _ => RopeJson::default(),
-                };
-                rope_of(&r, d, &format!("rope_parameters.{k}"))
-            };
-            [
-                get("full_attention", thetas[0])?,
-                get("sliding_attention", thetas[1])?,
-            ]
-        }
-        Some(p) => {
-            let r: RopeJson =
-                serde_json::from_value(p.clone()).map_err(|e| format!("rope_parameters: {e}"))?;
-            let r = rope_of(&r, j.rope_theta.unwrap_or(thetas[0]), "rope_parameters")?;
-            [r, r]
-        }
-        // Published dialect: rope_scaling applies to global layers only (Gemma-3 4B+).
-        None => {
-            let global_theta = j.rope_theta.unwrap_or(thetas[0]);
-            let full = match &j.rope_scaling {
-                Some(s) => rope_of(
-                    &RopeJson {
-                        rope_theta: Some(global_theta),
-                        ..s.clone()
-                    },
-                    global_theta,
-                    "rope_scaling",
-                )?,
-                None => Rope {
-                    theta: global_theta,
-                    factor: 1.0,
-                },
-            };
-            let local = match arch {
-                Arch::Gemma2 => full,
-                Arch::Gemma3 => Rope {
-                    theta: j.rope_local_base_freq.unwrap_or(thetas[1]),
-                    factor: 1.0,
-                },
-            };
-            [full, local]
-        }
-    };
+    let rope = resolve_rope(arch, &j, &layer_types)?;
     let sliding_window = j.sliding_window.unwrap_or(Some(4096));
     if sliding_window == Some(0) {
         return Err("sliding_window must be positive".into());
@@ -289,13 +358,13 @@ fn resolve(arch: Arch, j: GemmaConfigJson) -> std::result::Result<Config, String
     };
     Ok(Config {
         arch,
-        vocab_size: j.vocab_size,
-        hidden_size: j.hidden_size,
-        intermediate_size: j.intermediate_size,
+        vocab_size: j.vocab_size.unwrap_or(vocab),
+        hidden_size: j.hidden_size.unwrap_or(2304),
+        intermediate_size: j.intermediate_size.unwrap_or(9216),
         num_hidden_layers: n,
-        num_attention_heads: j.num_attention_heads,
-        num_key_value_heads: j.num_key_value_heads,
-        head_dim: j.head_dim.unwrap_or(j.hidden_size / j.num_attention_heads),
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: j.head_dim.unwrap_or(256),
         gelu_tanh,
         rms_norm_eps: j.rms_norm_eps.unwrap_or(1e-6),
         query_pre_attn_scalar: j.query_pre_attn_scalar.unwrap_or(256.0),
@@ -400,5 +469,160 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("layer_types has 1 entries"), "{e}");
+    }
+
+    // The expected values below are what transformers 5.24 resolves for the same text
+    // (`Gemma2Config` / `Gemma3TextConfig` / `Gemma3Config.from_dict`), checked when written.
+
+    #[test]
+    fn missing_keys_take_the_transformers_class_defaults() {
+        for (text, vocab) in [
+            (r#"{"model_type": "gemma2"}"#, 256_000),
+            (r#"{"model_type": "gemma3_text"}"#, 262_208),
+            (r#"{"model_type": "gemma3"}"#, 262_208),
+        ] {
+            let c = Config::parse(text).unwrap();
+            assert_eq!(c.vocab_size, vocab, "{text}");
+            assert_eq!(
+                (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+                (2304, 9216, 26),
+                "{text}"
+            );
+            assert_eq!(
+                (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+                (8, 4, 256),
+                "{text}"
+            );
+            assert!(c.gelu_tanh, "{text}");
+        }
+        // head_dim is 256, not hidden_size / num_attention_heads.
+        let c = Config::parse(
+            r#"{"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4}"#,
+        )
+        .unwrap();
+        assert_eq!(c.head_dim, 256);
+    }
+
+    #[test]
+    fn hidden_act_is_ignored_and_null_is_refused() {
+        for ty in ["gemma2", "gemma3_text"] {
+            let c = Config::parse(&format!(
+                r#"{{"model_type": "{ty}", {BASE}, "hidden_act": "gelu"}}"#
+            ))
+            .unwrap();
+            assert!(c.gelu_tanh, "{ty}");
+        }
+        let c = Config::parse(&format!(
+            r#"{{"model_type": "gemma2", {BASE}, "hidden_activation": "gelu", "hidden_act": "gelu_pytorch_tanh"}}"#
+        ))
+        .unwrap();
+        assert!(!c.gelu_tanh);
+        // transformers refuses null for these keys rather than taking the default.
+        let base = BASE.replace(r#""head_dim": 4"#, r#""head_dim": null"#);
+        let e = Config::parse(&format!(r#"{{"model_type": "gemma3_text", {base}}}"#)).unwrap_err();
+        assert_eq!(e, "head_dim is null");
+        let base = BASE.replace(r#""vocab_size": 10"#, r#""vocab_size": null"#);
+        let e = Config::parse(&format!(r#"{{"model_type": "gemma2", {base}}}"#)).unwrap_err();
+        assert_eq!(e, "vocab_size is null");
+    }
+
+    fn ropes(text: &str) -> [(f64, f64); 2] {
+        let c = Config::parse(text).unwrap();
+        c.rope.map(|r| (r.theta, r.factor))
+    }
+
+    #[test]
+    fn gemma3_rope_sets_without_theta_take_the_top_level_keys() {
+        let g3 = |rest: &str| format!(r#"{{"model_type": "gemma3_text", {BASE}, {rest}}}"#);
+        let top = r#""rope_theta": 2e6, "rope_local_base_freq": 2e4"#;
+        assert_eq!(
+            ropes(&g3(&format!(
+                r#"{top}, "rope_parameters": {{"full_attention": {{"rope_type": "default"}},
+                "sliding_attention": {{"rope_type": "default"}}}}"#
+            ))),
+            [(2e6, 1.0), (2e4, 1.0)]
+        );
+        // A missing or null set is a default one.
+        assert_eq!(
+            ropes(&g3(&format!(
+                r#"{top}, "rope_parameters": {{"full_attention": {{"rope_type": "linear", "factor": 8.0}}}}"#
+            ))),
+            [(2e6, 8.0), (2e4, 1.0)]
+        );
+        assert_eq!(
+            ropes(&g3(r#""rope_parameters": {"full_attention": null,
+                "sliding_attention": {"rope_type": "default", "rope_theta": 3e4}}"#)),
+            [(1e6, 1.0), (3e4, 1.0)]
+        );
+    }
+
+    #[test]
+    fn gemma3_flat_rope_parameters_are_not_read() {
+        let g3 = |rest: &str| format!(r#"{{"model_type": "gemma3_text", {BASE}, {rest}}}"#);
+        let flat =
+            r#""rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}"#;
+        assert_eq!(ropes(&g3(flat)), [(1e6, 1.0), (1e4, 1.0)]);
+        assert_eq!(
+            ropes(&g3(&format!(
+                r#"{flat}, "rope_theta": 2e6, "rope_local_base_freq": 2e4"#
+            ))),
+            [(2e6, 1.0), (2e4, 1.0)]
+        );
+        // rope_scaling updates the full_attention set, which a flat one lacks.
+        let e = Config::parse(&g3(
+            r#""rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 3e6}"#,
+        ))
+        .unwrap_err();
+        assert!(e.contains("full_attention"), "{e}");
+        assert_eq!(
+            ropes(&g3(
+                r#""rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 3e6}}"#
+            )),
+            [(3e6, 8.0), (1e4, 1.0)]
+        );
+        // The default set's rope_type wins over rope_scaling's old `type` key; its own
+        // rope_theta over the top-level one.
+        assert_eq!(
+            ropes(&g3(r#""rope_scaling": {"type": "linear", "factor": 8.0}"#)),
+            [(1e6, 1.0), (1e4, 1.0)]
+        );
+        assert_eq!(
+            ropes(&g3(
+                r#""rope_theta": 2e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0, "rope_theta": 7.0}"#
+            )),
+            [(7.0, 8.0), (1e4, 1.0)]
+        );
+    }
+
+    #[test]
+    fn gemma2_rope_is_one_set() {
+        let g2 = |rest: &str| format!(r#"{{"model_type": "gemma2", {BASE}, {rest}}}"#);
+        assert_eq!(
+            ropes(&g2(
+                r#""rope_theta": 5000.0, "rope_parameters": {"rope_type": "default"}"#
+            )),
+            [(5000.0, 1.0); 2]
+        );
+        // A non-empty rope_scaling replaces rope_parameters.
+        assert_eq!(
+            ropes(&g2(
+                r#""rope_theta": 5000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                "rope_parameters": {"rope_type": "default", "rope_theta": 9.0}"#
+            )),
+            [(5000.0, 2.0); 2]
+        );
+        assert_eq!(
+            ropes(&g2(r#""rope_scaling": {"type": "linear", "factor": 2.0}"#)),
+            [(1e4, 2.0); 2]
+        );
+        // transformers loads this config, then its Gemma2 model fails on it (KeyError).
+        let e = Config::parse(&g2(
+            r#""rope_parameters": {"full_attention": {"rope_type": "default"},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 3.0}}"#,
+        ))
+        .unwrap_err();
+        assert!(e.contains("per layer type"), "{e}");
     }
 }

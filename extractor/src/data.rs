@@ -1,11 +1,13 @@
 //! Input text: files, documents, tokenization and packing into contexts.
 //!
-//! Inputs: a file, a directory (every `.jsonl`, `.json`, `.txt` and `.parquet` file below it),
-//! or a glob whose last component has `*`/`?` (`data/part-*.jsonl`); files are read in sorted
-//! path order. A `.jsonl`/`.json` file holds one JSON object per line with a string `text`; a
-//! `.parquet` file (HF datasets layout) a `text` column, else a pre-tokenized `input_ids` list
-//! column (a leading BOS is dropped), read one row group at a time; any other file is one
-//! plain-text document. Text must be UTF-8.
+//! Inputs: a file, a directory (every `.jsonl`, `.txt` and `.parquet` file below it; not
+//! `.json`, which in a dataset directory is metadata such as `dataset_info.json`), or a glob
+//! whose last component has `*`/`?` (`data/part-*.jsonl`); files are read in sorted path order.
+//! A `.jsonl` file, or a `.json` file named itself or by a glob, holds one JSON object per line
+//! with a string `text`; a `.parquet` file (HF datasets layout) a `text` column (string, or
+//! binary holding UTF-8), else a pre-tokenized `input_ids` list column (a leading BOS is
+//! dropped), read one row group at a time; any other file is one plain-text document. Text
+//! must be UTF-8.
 //!
 //! Packing: each document is tokenized without special tokens; the documents form one stream,
 //! each document after the first preceded by BOS, so a model sees every document start after a
@@ -58,7 +60,7 @@ pub fn input_files(path: &Path) -> Result<Vec<PathBuf>> {
                 dirs.push(p);
             } else if matches!(
                 p.extension().and_then(|x| x.to_str()),
-                Some("jsonl" | "json" | "txt" | "parquet")
+                Some("jsonl" | "txt" | "parquet")
             ) {
                 out.push(p);
             }
@@ -68,7 +70,7 @@ pub fn input_files(path: &Path) -> Result<Vec<PathBuf>> {
     if out.is_empty() {
         return Err(Error::Data {
             path: path.to_path_buf(),
-            msg: "no .jsonl, .json, .txt or .parquet files".into(),
+            msg: "no .jsonl, .txt or .parquet files".into(),
         });
     }
     Ok(out)
@@ -118,6 +120,47 @@ enum Reader {
     Text(std::fs::File, Vec<u8>, u64),
     /// Rows of the one projected column; `true` when it is `input_ids`.
     Parquet(parquet::record::reader::RowIter<'static>, bool),
+    /// A string or binary `text` column.
+    ParquetText(Box<TextColumn>),
+}
+
+/// A parquet `text` column read as bytes, one value at a time. Not the row API: its UTF-8
+/// error lists every byte of the value twice.
+struct TextColumn {
+    file: parquet::file::serialized_reader::SerializedFileReader<std::fs::File>,
+    col: usize,
+    nullable: bool,
+    /// The next row group to open.
+    group: usize,
+    column: Option<parquet::column::reader::ColumnReaderImpl<parquet::data_type::ByteArrayType>>,
+}
+
+impl TextColumn {
+    /// The next row's value (`Some(None)`: null), or `None` at the end of the file.
+    fn next(&mut self) -> parquet::errors::Result<Option<Option<Vec<u8>>>> {
+        use parquet::file::reader::FileReader;
+        loop {
+            let Some(column) = &mut self.column else {
+                if self.group == self.file.num_row_groups() {
+                    return Ok(None);
+                }
+                let g = self.file.get_row_group(self.group)?;
+                self.group += 1;
+                self.column = Some(parquet::column::reader::get_typed_column_reader(
+                    g.get_column_reader(self.col)?,
+                ));
+                continue;
+            };
+            let (mut defs, mut values) = (Vec::new(), Vec::new());
+            let (rows, ..) =
+                column.read_records(1, self.nullable.then_some(&mut defs), None, &mut values)?;
+            if rows == 0 {
+                self.column = None;
+                continue;
+            }
+            return Ok(Some(values.pop().map(|v| v.data().to_vec())));
+        }
+    }
 }
 
 /// Documents of the input files, read lazily: one file open at a time, parquet one row group
@@ -134,6 +177,7 @@ fn ext(p: &Path) -> &str {
 
 /// A parquet file's row iterator over its `text` column, else its `input_ids` column.
 fn open_parquet(p: &Path) -> Result<Reader> {
+    use parquet::basic::Type as PhysicalType;
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let bad = |msg: String| Error::Data {
         path: p.to_path_buf(),
@@ -156,6 +200,19 @@ fn open_parquet(p: &Path) -> Result<Reader> {
         Some(f) => (f.clone(), f.name() == "input_ids"),
         None => return Err(bad("no `text` or `input_ids` column".into())),
     };
+    if !ids && field.is_primitive() && field.get_physical_type() == PhysicalType::BYTE_ARRAY {
+        let schema = r.metadata().file_metadata().schema_descr_ptr();
+        let col = (schema.columns().iter())
+            .position(|c| c.path().parts() == ["text"])
+            .ok_or_else(|| bad("no `text` column".into()))?;
+        return Ok(Reader::ParquetText(Box::new(TextColumn {
+            nullable: schema.column(col).max_def_level() > 0,
+            file: r,
+            col,
+            group: 0,
+            column: None,
+        })));
+    }
     let proj = parquet::schema::types::Type::group_type_builder(root.name())
         .with_fields(vec![field])
         .build()
@@ -296,6 +353,22 @@ impl Documents {
                         Some(row) => {
                             let row = row.map_err(|e| bad(e.to_string()))?;
                             return parquet_doc(row, *ids).map(Some).map_err(bad);
+                        }
+                    }
+                }
+                Reader::ParquetText(column) => {
+                    let bad = |msg: String| Error::Data {
+                        path: p.clone(),
+                        msg: format!("row {n}: {msg}"),
+                    };
+                    match column.next().map_err(|e| bad(e.to_string()))? {
+                        None => self.current = None,
+                        Some(None) => return Err(bad("`text` is null".into())),
+                        Some(Some(bytes)) => {
+                            let text = String::from_utf8(bytes).map_err(|e| {
+                                bad(format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to()))
+                            })?;
+                            return Ok(Some(Doc::Text(text)));
                         }
                     }
                 }
@@ -538,6 +611,63 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no file matches"));
+    }
+
+    /// A stray `.json` in a dataset directory (HF's `dataset_info.json`) is not input; a
+    /// `.json` file named on its own is read as jsonl.
+    #[test]
+    fn directories_take_jsonl_txt_and_parquet_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a.jsonl"), "{\"text\": \"one\"}\n").unwrap();
+        std::fs::write(tmp.path().join("b.txt"), "plain").unwrap();
+        let info = tmp.path().join("dataset_info.json");
+        std::fs::write(&info, "{\"text\": \"two\"}\n").unwrap();
+        assert_eq!(
+            input_files(tmp.path()).unwrap(),
+            vec![tmp.path().join("a.jsonl"), tmp.path().join("b.txt")]
+        );
+        assert_eq!(input_files(&info).unwrap(), vec![info.clone()]);
+        let mut d = Documents::new(vec![info]);
+        assert_eq!(d.next_doc().unwrap(), Some(Doc::Text("two".into())));
+        let only_json = tempfile::tempdir().unwrap();
+        std::fs::write(only_json.path().join("state.json"), "{}").unwrap();
+        let e = input_files(only_json.path()).unwrap_err().to_string();
+        assert!(e.ends_with("no .jsonl, .txt or .parquet files"), "{e}");
+    }
+
+    /// A parquet file with one `text` column (UTF8-annotated byte arrays) holding `rows`.
+    fn write_text_parquet(path: &Path, rows: &[&[u8]]) {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::writer::SerializedFileWriter;
+        let schema = parquet::schema::parser::parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY text (UTF8); }",
+        )
+        .unwrap();
+        let f = std::fs::File::create(path).unwrap();
+        let mut w = SerializedFileWriter::new(f, schema.into(), Default::default()).unwrap();
+        let mut g = w.next_row_group().unwrap();
+        let mut c = g.next_column().unwrap().unwrap();
+        let values: Vec<ByteArray> = rows.iter().map(|r| r.to_vec().into()).collect();
+        (c.typed::<ByteArrayType>())
+            .write_batch(&values, None, None)
+            .unwrap();
+        c.close().unwrap();
+        g.close().unwrap();
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn parquet_text_that_is_not_utf8_is_a_one_line_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.parquet");
+        let long_bad = [&b"x".repeat(5000)[..], b"\xff", &b"y".repeat(5000)].concat();
+        write_text_parquet(&p, &["fine, naïve".as_bytes(), b"ab\xffcd", &long_bad]);
+        let mut d = Documents::new(vec![p.clone()]);
+        assert_eq!(d.next_doc().unwrap(), Some(Doc::Text("fine, naïve".into())));
+        let e = d.next_doc().unwrap_err().to_string();
+        assert_eq!(e, format!("{}: row 2: not UTF-8 (byte 2)", p.display()));
+        let e = d.next_doc().unwrap_err().to_string();
+        assert_eq!(e, format!("{}: row 3: not UTF-8 (byte 5000)", p.display()));
     }
 
     /// A long paragraph-ish text with multi-byte characters, about `bytes` long.

@@ -17,7 +17,7 @@ use tch::{Kind, Tensor};
 /// What the store's `provenance.gradient` says.
 pub const GRADIENT_DEFINITION: &str = "loss = sum over the context of next-token cross-entropy at every position \
      that has a target (all but the last); grads[t] = d(loss)/d(acts[t]), acts = output of decoder layer L \
-     (HF hidden_states[L+1]); backward from the loss to layer L only, no parameter gradients; \
+     before the final norm (equal to HF hidden_states[L+1] for L < N-1 of N layers); backward from the loss to layer L only, no parameter gradients; \
      computed in the model dtype";
 
 pub const FLAG_GRAD: u8 = 1;

@@ -52,8 +52,10 @@ impl Model {
         self.decoder.logits(ids)
     }
 
-    /// The output of decoder layer `layer` (0-indexed; HF `hidden_states[layer + 1]`), the
-    /// per-token next-token loss and, with `grad`, d(sum of the loss over each context)/d(resid).
+    /// The output of decoder layer `layer` (0-indexed) before the final norm (HF
+    /// `hidden_states[layer + 1]` for all but the last layer, where transformers stores the
+    /// normed output), the per-token next-token loss and, with `grad`, d(sum of the loss over
+    /// each context)/d(resid).
     pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
         self.decoder.forward_layer(ids, layer, grad)
     }
