@@ -31,7 +31,7 @@ else
   MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K EXTRACT_F32=64K WORDS=600000 WIDTH=65536 K=64
   STEPS=200 TBATCH=4096 ATTR=64K TRAIN_PRESET="--preset h100"
 fi
-# A quarter of the store held out, so attribution has $ATTR tokens with gradients.
+# A quarter of the store held out for the eval; attribution takes $ATTR training tokens.
 printf 'eval_fraction = 0.25\nbatch_tokens = %s\nwarmup_steps = %s\ncheckpoint_every = 0\n' "$TBATCH" "$((STEPS / 10))" > "$W/train.toml"
 step() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
 run() { "$@" 2>&1 | tee -a "$LOG"; }

@@ -20,7 +20,7 @@ pub struct CycleFlags {
     /// Fraction of the candidates' total score the selection keeps (distill.tau).
     #[arg(long)]
     tau: Option<f64>,
-    /// Held-out tokens with gradients used for attribution, with K/M/B suffixes.
+    /// Training-split tokens with gradients used for attribution, with K/M/B suffixes.
     #[arg(long, value_parser = crate::cli::parse_count)]
     attribution_tokens: Option<u64>,
 }

@@ -294,16 +294,17 @@ fn distillation_selects_the_planted_directions() {
     ] {
         assert_eq!(a[key], b[key], "{key}");
     }
-    // Nothing to attribute (no held-out split): refused before any training is written.
+    // Nothing to attribute (every chunk held out, no training split): refused before any
+    // training is written.
     let none = tmp.path().join("none.toml");
     std::fs::write(
         &none,
-        CONFIG.replace("eval_fraction = 0.25", "eval_fraction = 0.0"),
+        CONFIG.replace("eval_fraction = 0.25", "eval_fraction = 1.0"),
     )
     .unwrap();
     let fresh = tmp.path().join("fresh");
     let r = dmsae(&distill_args(&store, &none, 1, &fresh));
-    assert_one_line_error(&r, &["no held-out tokens with gradients"]);
+    assert_one_line_error(&r, &["no training tokens with gradients"]);
     assert!(!fresh.join("cycle-0").join("cfg.json").exists());
     let other = tmp.path().join("other.toml");
     assert!(CONFIG.contains("steps = 1500"));
@@ -394,4 +395,118 @@ fn a_killed_distill_resumes_to_the_same_cycles() {
         );
     }
     assert!(!cut.join("cycle-1/checkpoint.safetensors").exists());
+}
+
+/// A config for the tests below, where only the cycles' bookkeeping matters: short cycles.
+fn short_config() -> String {
+    assert!(CONFIG.contains("steps = 1500"));
+    CONFIG.replace("steps = 1500", "steps = 200")
+}
+
+/// Add `by` to the first value of the F32 tensor `name` in a safetensors file, in place.
+fn nudge_f32(path: &Path, name: &str, by: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header[name]["dtype"], "F32");
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    let v = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) + by;
+    bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
+}
+
+/// Finished cycles (cycle.json, or an export whose attribution had not run) are matched to the
+/// store and the previous core by content: the same store under another spelling of its path
+/// is reused; other data re-imported at the same path, or a changed previous core, is refused
+/// on one line naming the cycle, before anything is written.
+#[test]
+fn finished_cycles_are_matched_to_the_store_by_content() {
+    let (tmp, _, store, cfg) = planted_run(&short_config());
+    let run = tmp.path().join("run");
+    ok(&distill_args(&store, &cfg, 1, &run));
+    let c0 = run.join("cycle-0/cycle.json");
+    let t0 = modified(&c0);
+
+    // Another spelling of the same store: a symlink continues the run (cycle 0 reused), and
+    // `/./` reuses both cycles.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&store, &link).unwrap();
+    ok(&distill_args(&link, &cfg, 2, &run));
+    assert_eq!(
+        modified(&c0),
+        t0,
+        "cycle 0 was redone for a symlink to its store"
+    );
+    let c1 = run.join("cycle-1/cycle.json");
+    let t1 = modified(&c1);
+    let dotted = tmp.path().join(".").join("store");
+    ok(&distill_args(&dotted, &cfg, 2, &run));
+    assert_eq!((modified(&c0), modified(&c1)), (t0, t1));
+
+    // Cycle 0's core changed (same lineages): cycle 1 is refused, by cycle.json and by its export.
+    let core0 = run.join("cycle-0/core.safetensors");
+    let saved = std::fs::read(&core0).unwrap();
+    nudge_f32(&core0, "W_enc", 0.5);
+    let r = dmsae(&distill_args(&store, &cfg, 2, &run));
+    assert_one_line_error(&r, &["cycle-1", "cycle.json", "another config or core"]);
+    let cycle1 = std::fs::read(&c1).unwrap();
+    std::fs::remove_file(&c1).unwrap();
+    let r = dmsae(&distill_args(&store, &cfg, 2, &run));
+    assert_one_line_error(&r, &["cycle-1", "cfg.json", "another core"]);
+    assert!(!c1.exists());
+    std::fs::write(&core0, saved).unwrap();
+    std::fs::write(&c1, cycle1).unwrap();
+    ok(&distill_args(&store, &cfg, 2, &run));
+    assert_eq!(modified(&c0), t0);
+
+    // Other data re-imported at the same path: refused, by cycle.json and by the export.
+    std::fs::remove_dir_all(&store).unwrap();
+    let (_, acts, grads) = common::planted(6, D, ATOMS, &S, N, UNITS);
+    assert_eq!(
+        common::import_acts_grads(tmp.path(), &acts, &grads, D),
+        store
+    );
+    let r = dmsae(&distill_args(&store, &cfg, 3, &run));
+    assert_one_line_error(&r, &["cycle-0", "cycle.json", "another store"]);
+    std::fs::remove_file(&c0).unwrap();
+    let r = dmsae(&distill_args(&store, &cfg, 3, &run));
+    assert_one_line_error(&r, &["cycle-0", "cfg.json", "another store"]);
+    assert!(!c0.exists() && !run.join("cycle-2").exists());
+}
+
+/// A cycle that selects nothing (zero gradients: every candidate scores 0) leaves the next
+/// cycle without a core, and the distilled core empty.
+#[test]
+fn an_empty_selection_leaves_the_next_cycle_without_a_core() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, acts, _) = common::planted(5, D, ATOMS, &S, N, UNITS);
+    let store = common::import_acts_grads(tmp.path(), &acts, &vec![0.0; acts.len()], D);
+    let cfg = tmp.path().join("distill.toml");
+    std::fs::write(&cfg, short_config()).unwrap();
+    let run = tmp.path().join("run");
+    let mut args = distill_args(&store, &cfg, 2, &run);
+    args.extend(["--min-selected".into(), "1".into()]);
+    let r = ok(&args);
+    let c0 = json(&run.join("cycle-0/cycle.json"));
+    assert_eq!(c0["core_size"], 0, "{c0}");
+    let c1 = json(&run.join("cycle-1/cycle.json"));
+    assert_eq!(
+        (c1["cycle"].as_u64(), c1["core_in"].clone()),
+        (Some(1), serde_json::json!([]))
+    );
+    assert_eq!(json(&run.join("cycle-1/cfg.json"))["dmsae"]["core_size"], 0);
+    assert!(
+        r.stdout.contains("distilled core: 0 lineages"),
+        "{}",
+        r.stdout
+    );
+    assert!(!run.join("distilled/core.safetensors").exists());
+    // A rerun reuses both cycles.
+    let t = modified(&run.join("cycle-1/cycle.json"));
+    ok(&args);
+    assert_eq!(modified(&run.join("cycle-1/cycle.json")), t);
 }

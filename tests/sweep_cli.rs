@@ -48,8 +48,10 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
         s(&cfg),
         "--cycles",
         "2",
+        // Selected in both cycles: a core within cycle 0's 24 candidates, from which the random
+        // core is drawn (the union of the two selections need not fit).
         "--min-selected",
-        "1",
+        "2",
         "--quiet",
         "--out",
         s(&run),
@@ -406,4 +408,60 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
         "killed and resumed sweep differs from train alone"
     );
     assert!(!cut.join("baseline-k2/checkpoint.safetensors").exists());
+}
+
+/// Finished models are matched to the store by content: the same store under another spelling
+/// of its path skips them; other data re-imported at the same path is refused on one line
+/// naming the model, both for a model of this invocation and for one only the summary covers
+/// (before anything trains).
+#[test]
+fn finished_sweep_models_are_matched_to_the_store_by_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = make_store(tmp.path(), D, 16 * 128);
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = tmp.path().join("sweep");
+    let args = |store: &Path, ks: &str| {
+        let a = [
+            "sweep",
+            "--shards",
+            s(store),
+            "--series",
+            "baseline",
+            "--k",
+            ks,
+        ];
+        let b = ["--config", s(&cfg), "--quiet", "--out", s(&out)];
+        a.iter()
+            .chain(&b)
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+    };
+    ok(&args(&store, "2"));
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&store, &link).unwrap();
+    for spelling in [link, tmp.path().join(".").join("store")] {
+        let r = ok(&args(&spelling, "2"));
+        assert!(
+            r.stdout.contains("already finished, skipped: baseline-k2"),
+            "{}",
+            r.stdout
+        );
+    }
+
+    std::fs::remove_dir_all(&store).unwrap();
+    let (_, acts, grads) = common::planted(12, D, ATOMS, &S, 16 * 128, 2.0);
+    assert_eq!(
+        common::import_acts_grads(tmp.path(), &acts, &grads, D),
+        store
+    );
+    assert_one_line_error(
+        &dmsae(&args(&store, "2")),
+        &["baseline-k2", "another store"],
+    );
+    assert_one_line_error(
+        &dmsae(&args(&store, "4")),
+        &["baseline-k2", "another store"],
+    );
+    assert!(!out.join("baseline-k4").exists(), "trained before refusing");
 }

@@ -347,3 +347,88 @@ fn train_refuses_bad_input_on_one_line() {
     assert_one_line_error(&r, &["run", "training diverged at step", "lower lr"]);
     assert!(!out.join("cfg.json").exists());
 }
+
+/// `dmsae train` killed with SIGKILL after a periodic checkpoint, then resumed: metrics.jsonl
+/// holds every logged step exactly once (the lines before the checkpoint were on disk when it
+/// was written).
+#[test]
+fn a_hard_kill_after_a_checkpoint_keeps_every_metrics_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, rows) = sparse_dictionary(D, 48, 4, 16 * 256, 0.02, 3);
+    let store = import(tmp.path(), &rows);
+    let cfg = tmp.path().join("c.toml");
+    // A line every 10 steps, a checkpoint every 10: the log's buffer (8 KiB, ~18 lines) would
+    // hold the first checkpoint's lines until step ~180, far past the kill.
+    assert!(CONFIG.contains("log_every = 100\n"));
+    let c = CONFIG.replace(
+        "log_every = 100\n",
+        "log_every = 10\ncheckpoint_every = 10\n",
+    );
+    std::fs::write(&cfg, c).unwrap();
+    let out = tmp.path().join("run");
+    let steps = 1000u64;
+    let args: Vec<String> = [
+        "train",
+        "--shards",
+        store.to_str().unwrap(),
+        "--width",
+        "128",
+        "--k",
+        "4",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        &steps.to_string(),
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !out.join("checkpoint.json").exists() {
+        assert!(t.elapsed().as_secs() < 60, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // SAFETY: signalling our own child by its id.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    child.wait().unwrap();
+    assert!(
+        !out.join("cfg.json").exists(),
+        "the run finished before the kill"
+    );
+    let ckpt = common::read_safetensors(&out.join("checkpoint.safetensors"));
+    eprintln!(
+        "killed after the checkpoint at step {}",
+        ckpt["position"].1[0]
+    );
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    ok(&resume);
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logged: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["kind"] == "train")
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = (10..=steps).step_by(10).collect();
+    assert_eq!(
+        logged, want,
+        "train steps in metrics.jsonl after kill -9 + resume"
+    );
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 1);
+}

@@ -123,8 +123,10 @@ fn quantile_columns(t_tn: &Tensor, q: f64) -> Vec<f64> {
     Vec::try_from(v).expect("f64 vector")
 }
 
-/// The attribution tokens' stream: held-out (eval split) batches of acts and grads, in store
-/// order, only tokens with gradients when the store says which have them.
+/// The attribution tokens' stream: training-split batches of acts and grads, only tokens with
+/// gradients when the store says which have them, shuffled by the seed so a budget smaller
+/// than the store samples all of it rather than its first shards. Never the eval split, so
+/// the held-out metrics a cycle reports are on tokens that did not choose its core.
 fn attribution_stream(
     store: &Arc<Store>,
     cfg: &TrainConfig,
@@ -140,10 +142,10 @@ fn attribution_stream(
         arrays: vec!["acts".into(), "grads".into()],
         batch_tokens: cfg.batch_tokens,
         seed: cfg.seed,
-        split: Split::Eval,
+        split: Split::Train,
         eval_fraction: cfg.eval_fraction,
         require_grads: store.array("flags").is_ok(),
-        shuffle: false,
+        shuffle: true,
         ..Default::default()
     };
     Ok(store.stream(so)?)
@@ -153,7 +155,7 @@ fn no_attribution_tokens(store: &Arc<Store>, cfg: &TrainConfig) -> TrainError {
     TrainError::Unusable {
         path: store.dir.clone(),
         msg: format!(
-            "no held-out tokens with gradients (eval_fraction {})",
+            "no training tokens with gradients (eval_fraction {})",
             cfg.eval_fraction
         ),
     }
@@ -168,7 +170,7 @@ pub fn check_attribution_data(store: &Arc<Store>, cfg: &TrainConfig) -> Result<(
 }
 
 /// Scores of the candidates (core + first non-core group) over up to
-/// `cfg.distill.attribution_tokens` held-out tokens (the eval split) with valid gradients.
+/// `cfg.distill.attribution_tokens` training-split tokens with valid gradients.
 pub fn attribute(
     store: &Arc<Store>,
     sae: &Sae,
@@ -302,12 +304,42 @@ mod tests {
         assert!(select(&[], 0.9).is_empty());
     }
 
-    /// `attribute` on a store: only held-out rows with flags bit 0 count, the budget caps the
+    /// A raw f32 store of `acts` and `grads` rows of width `d` (and `flags` when given), in
+    /// chunks of 50 tokens.
+    fn store(
+        dir: &std::path::Path,
+        d: usize,
+        x: &[f32],
+        g: &[f32],
+        flags: Option<&[u8]>,
+    ) -> Arc<Store> {
+        use dmsae_store::{ArraySpec, Codec, DType, StoreWriter, WriterOptions};
+        let mut arrays = vec![
+            ArraySpec::new("acts", DType::F32, d, Codec::Raw),
+            ArraySpec::new("grads", DType::F32, d, Codec::Raw),
+        ];
+        if flags.is_some() {
+            arrays.push(ArraySpec::new("flags", DType::U8, 1, Codec::Raw));
+        }
+        let opts = WriterOptions {
+            chunk_tokens: 50,
+            ..Default::default()
+        };
+        let mut w = StoreWriter::create(dir, arrays, opts).unwrap();
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|f| f.to_le_bytes()).collect() };
+        let (xb, gb) = (bytes(x), bytes(g));
+        let mut cols: Vec<&[u8]> = vec![&xb, &gb];
+        cols.extend(flags);
+        w.append(&cols).unwrap();
+        w.finish().unwrap();
+        Arc::new(Store::open(dir).unwrap())
+    }
+
+    /// `attribute` on a store: only training rows with flags bit 0 count, the budget caps the
     /// tokens, and the mean |a| equals a direct f64 computation from the weights and rows.
     #[test]
-    fn attribute_uses_held_out_rows_with_valid_gradients_up_to_the_budget() {
+    fn attribute_uses_training_rows_with_valid_gradients_up_to_the_budget() {
         use crate::synthetic::sparse_dictionary;
-        use dmsae_store::{ArraySpec, Codec, DType, StoreWriter, WriterOptions};
         tch::set_num_threads(1);
         let (d, n) = (6usize, 400usize);
         let (_, x) = sparse_dictionary(d, 8, 2, n, 0.05, 1);
@@ -315,26 +347,13 @@ mod tests {
         // Every third row has no valid gradient (bit 0 clear); none is BOS.
         let flags: Vec<u8> = (0..n).map(|i| if i % 3 == 0 { 2 } else { 3 }).collect();
         let tmp = tempfile::tempdir().unwrap();
-        let arrays = vec![
-            ArraySpec::new("acts", DType::F32, d, Codec::Raw),
-            ArraySpec::new("grads", DType::F32, d, Codec::Raw),
-            ArraySpec::new("flags", DType::U8, 1, Codec::Raw),
-        ];
-        let opts = WriterOptions {
-            chunk_tokens: 50,
-            ..Default::default()
-        };
-        let mut w = StoreWriter::create(tmp.path(), arrays, opts).unwrap();
-        let b = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-        w.append(&[&b(&x), &b(&g), &flags]).unwrap();
-        w.finish().unwrap();
-        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let store = store(tmp.path(), d, &x, &g, Some(&flags));
         let (_, scale) = crate::train::scale_of(&store).unwrap();
         let mut cfg = TrainConfig {
             width: 16,
             k: 2,
             group_fractions: vec![0.25],
-            eval_fraction: 1.0,
+            eval_fraction: 0.0,
             batch_tokens: 64,
             seed: 4,
             ..Default::default()
@@ -382,10 +401,89 @@ mod tests {
 
         cfg.distill.attribution_tokens = 100;
         assert_eq!(attribute(&store, &sae, scale, &cfg).unwrap().tokens, 100);
-        cfg.eval_fraction = 0.0;
+        cfg.eval_fraction = 1.0;
         let e = attribute(&store, &sae, scale, &cfg)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no held-out tokens"), "{e}");
+        assert!(e.contains("no training tokens"), "{e}");
+    }
+
+    /// Attribution reads only the train split: changing the gradients of the held-out rows
+    /// (which the eval's first-order dloss does see) leaves every score as it was, while
+    /// changing the training rows' gradients moves them.
+    #[test]
+    fn attribution_never_reads_the_rows_the_eval_reports_on() {
+        use crate::sae::Trainer;
+        use crate::synthetic::sparse_dictionary;
+        tch::set_num_threads(1);
+        let (d, n, frac) = (6usize, 800usize, 0.3);
+        let (_, x) = sparse_dictionary(d, 8, 2, n, 0.05, 1);
+        let (_, g) = sparse_dictionary(d, 8, 3, n, 0.5, 2);
+        let tmp = tempfile::tempdir().unwrap();
+        let a = store(&tmp.path().join("a"), d, &x, &g, None);
+        // Rows of the held-out chunks.
+        let mut held = vec![false; n];
+        for c in a.chunks() {
+            if dmsae_store::is_eval_chunk(&a.shards[c.shard].file_name(), c.chunk, frac) {
+                let s = a.chunk_start(c) as usize;
+                held[s..s + a.chunk_tokens(c)].fill(true);
+            }
+        }
+        let held_n = held.iter().filter(|h| **h).count();
+        assert!(held_n > 0 && held_n < n, "{held_n} of {n} rows held out");
+        // The same store with other gradients on the held-out rows (b) or on the others (c).
+        let (_, other) = sparse_dictionary(d, 8, 3, n, 0.5, 9);
+        let mix = |on_held: bool| -> Vec<f32> {
+            (0..n * d)
+                .map(|i| {
+                    if held[i / d] == on_held {
+                        other[i] * 3.0
+                    } else {
+                        g[i]
+                    }
+                })
+                .collect()
+        };
+        let b = store(&tmp.path().join("b"), d, &x, &mix(true), None);
+        let c = store(&tmp.path().join("c"), d, &x, &mix(false), None);
+        let (_, scale) = crate::train::scale_of(&a).unwrap();
+        let cfg = TrainConfig {
+            width: 16,
+            k: 2,
+            group_fractions: vec![0.25],
+            eval_fraction: frac,
+            batch_tokens: 64,
+            seed: 4,
+            ..Default::default()
+        };
+        let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            let _ = sae.b_enc.fill_(0.1);
+        });
+        sae.threshold = 0.3;
+        let t = Trainer::new(sae, cfg.clone(), false);
+        let scores = |s: &Arc<Store>| {
+            let r = attribute(s, &t.sae, scale, &cfg).unwrap();
+            (r.tokens, r.score)
+        };
+        let dloss = |s: &Arc<Store>| {
+            let m = crate::train::evaluate(s, &t, scale, &cfg).unwrap().unwrap();
+            m.first_order_dloss.unwrap()
+        };
+        let sa = scores(&a);
+        assert_eq!(
+            sa.0,
+            (n - held_n) as u64,
+            "every training row, no held-out one"
+        );
+        assert!(sa.1.iter().any(|v| *v > 0.0));
+        assert_eq!(sa, scores(&b), "held-out gradients moved the attribution");
+        assert_ne!(
+            sa,
+            scores(&c),
+            "training gradients left the attribution unchanged"
+        );
+        assert_ne!(dloss(&a), dloss(&b));
+        assert_eq!(dloss(&a), dloss(&c));
     }
 }

@@ -104,7 +104,8 @@ pub enum Aggregate {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DistillConfig {
-    /// Held-out tokens with valid gradients used for attribution (the eval split). Ours.
+    /// Tokens with valid gradients used for attribution, drawn from the train split in a
+    /// seeded shuffle; never the eval split, which the cycle's held-out metrics use. Ours.
     pub attribution_tokens: u64,
     pub aggregate: Aggregate,
     /// q for `aggregate = "quantile"`. Ours (the paper's q is unknown).

@@ -13,7 +13,10 @@ use crate::attribution::{attribute, check_attribution_data, select, Scores};
 use crate::config::{DistillConfig, TrainConfig};
 use crate::export::{self, write_atomic};
 use crate::sae::Sae;
-use crate::train::{self, scale_of, CoreFile, Progress, RunOptions, TrainError};
+use crate::train::{
+    self, export_store_identity, file_blake3, scale_of, store_differs, store_identity, CoreFile,
+    Progress, RunOptions, TrainError,
+};
 use dmsae_store::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -57,7 +60,8 @@ pub struct CycleSummary {
     pub norm_scale: f64,
     /// First lineage id the next cycle may hand out.
     pub next_lineage: u64,
-    /// What the cycle was run with; a rerun must match it to reuse the cycle.
+    /// What the cycle was run with (config, previous core by lineage and BLAKE3, store by its
+    /// shards' BLAKE3s); a rerun must match it to reuse the cycle.
     pub identity: Value,
 }
 
@@ -212,15 +216,18 @@ pub fn train_cycle(
                         path: p.join(CYCLE_FILE),
                         msg: e.to_string(),
                     })?;
-                let file = p.join(CORE_FILE);
-                let (_, _, _, ids) = read_core(&file)?;
-                if ids != s.lineages {
-                    return Err(TrainError::Core {
-                        path: file,
-                        msg: format!("lineages disagree with {CYCLE_FILE}"),
-                    });
+                // An empty selection's core file holds no latents, which CoreFile refuses:
+                // the next cycle runs without a core.
+                let file = (!s.lineages.is_empty()).then(|| p.join(CORE_FILE));
+                if let Some(file) = &file {
+                    let (_, _, _, ids) = read_core(file)?;
+                    if ids != s.lineages {
+                        return Err(TrainError::Core {
+                            path: file.clone(),
+                            msg: format!("lineages disagree with {CYCLE_FILE}"),
+                        });
+                    }
                 }
-                let file = (!ids.is_empty()).then_some(file);
                 (s.cycle + 1, s.lineages, s.next_lineage, file)
             }
         };
@@ -235,23 +242,35 @@ pub fn train_cycle(
         min_selected: DistillConfig::default().min_selected,
         ..cfg.distill.clone()
     };
-    let identity = json!({ "cycle": cycle, "core_in": core_in, "train_config": tcfg,
-        "distill": attribution, "store": store_dir.display().to_string() });
+    // The store and the core by content, so another spelling of the same path still matches.
+    let store = Arc::new(Store::open(store_dir)?);
+    let core_blake3 = core_file.as_deref().map(file_blake3).transpose()?;
+    let identity = json!({ "cycle": cycle, "core_in": core_in, "core_blake3": core_blake3,
+        "train_config": tcfg, "distill": attribution, "store_shards": store_identity(&store) });
     if let Ok(v) = read_json(&out.join(CYCLE_FILE)) {
         let s: Option<CycleSummary> = serde_json::from_value(v).ok();
         match s {
             Some(s) if s.identity == identity && out.join(CORE_FILE).exists() => {
                 return Ok(Some(s))
             }
-            _ => return Err(TrainError::Unusable {
-                path: out.join(CYCLE_FILE),
-                msg: "written by a cycle with another config, core or store; remove the directory"
-                    .into(),
-            }),
+            Some(s)
+                if s.identity
+                    .get("store_shards")
+                    .is_some_and(|v| *v != identity["store_shards"]) =>
+            {
+                return Err(store_differs(&out.join(CYCLE_FILE), store_dir))
+            }
+            _ => {
+                return Err(TrainError::Unusable {
+                    path: out.join(CYCLE_FILE),
+                    msg: "written by a cycle with another config or core (or by an older dmsae); \
+                    remove the directory"
+                        .into(),
+                })
+            }
         }
     }
     if !out.join(export::CFG_FILE).exists() {
-        let store = Arc::new(Store::open(store_dir)?);
         check_attribution_data(&store, cfg)?;
         let summary = train::train(
             store_dir,
@@ -270,14 +289,25 @@ pub fn train_cycle(
         }
     }
     let (sae, cfg_json) = load_export(out)?;
+    let cfg_path = out.join(export::CFG_FILE);
     if cfg_json["dmsae"]["train_config"] != json!(tcfg) {
         return Err(TrainError::Unusable {
-            path: out.join(export::CFG_FILE),
+            path: cfg_path,
             msg: "an export trained with another config; remove the directory".into(),
         });
     }
+    if export_store_identity(&cfg_json) != identity["store_shards"] {
+        return Err(store_differs(&cfg_path, store_dir));
+    }
+    if cfg_json["dmsae"]["core_blake3"] != json!(core_blake3) {
+        return Err(TrainError::Unusable {
+            path: cfg_path,
+            msg: "an export trained on another core than the previous cycle's; remove the \
+                directory"
+                .into(),
+        });
+    }
     let sae = sae.to_device(device);
-    let store = Arc::new(Store::open(store_dir)?);
     let (_, scale) = scale_of(&store)?;
     let t0 = std::time::Instant::now();
     let scores = attribute(&store, &sae, scale, cfg)?;

@@ -15,9 +15,10 @@
 //! Every model shares the config except k, so they share the stream, the seed and the
 //! schedule, and each ends with the weights `dmsae train` gives it alone. Layout:
 //! `DIR/<series>-k<k>/` (a `train` export; cfg.json's "dmsae" object adds `sweep_series`),
-//! `sweep.json`, `sweep.md`, `plots/`. A finished model is skipped on a rerun; the summary
-//! covers every finished model in DIR, so a k list may be split across invocations (several
-//! 65k-wide models with Adam state may not fit one GPU together).
+//! `sweep.json`, `sweep.md`, `plots/`. A finished model is skipped on a rerun (same config, and
+//! core and store by content); the summary covers every finished model in DIR, so a k list may
+//! be split across invocations (several 65k-wide models with Adam state may not fit one GPU
+//! together).
 
 use crate::compare;
 use crate::config::{ConfigError, TrainConfig};
@@ -25,8 +26,8 @@ use crate::distill::{load_export, write_core};
 use crate::export::{self, write_atomic};
 use crate::plot::{line_chart, Series as PlotSeries};
 use crate::train::{
-    file_blake3, load_core, scale_of, set_threads, train_members, Member, MemberSpec, Position,
-    Progress, TrainError,
+    export_store_identity, file_blake3, load_core, scale_of, set_threads, store_differs,
+    store_identity, train_members, Member, MemberSpec, Position, Progress, TrainError,
 };
 use dmsae_store::Store;
 use rand::SeedableRng;
@@ -190,6 +191,7 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
     set_threads(&cfg);
     let store = Arc::new(Store::open(store_dir)?);
     let (d, scale) = scale_of(&store)?;
+    let shards = store_identity(&store);
     let with_core = series.iter().any(|s| *s != Series::Baseline);
     let core_size = match &core {
         Some(p) if with_core => core_size(p, d, scale)?,
@@ -236,6 +238,9 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
             let cfg_path = dir.join(export::CFG_FILE);
             if cfg_path.exists() {
                 let v = read_json(&cfg_path)?;
+                if export_store_identity(&v) != shards {
+                    return Err(store_differs(&dir, store_dir));
+                }
                 let x = &v["dmsae"];
                 let hash = core_file.as_deref().map(file_blake3).transpose()?;
                 let same_core = x["core_blake3"] == json!(hash);
@@ -262,6 +267,9 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
         }
     }
 
+    // The table covers every finished model in `out`: refuse now, not after training, any that
+    // cannot join it.
+    finished_models(out, &cfg, store_dir, &shards)?;
     let (mut interrupted, mut run_tokens, mut seconds) = (false, 0, 0.0);
     if !specs.is_empty() {
         let mut members = Vec::new();
@@ -304,7 +312,14 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
             summary: None,
         });
     }
-    let summary = summarise(out, &cfg, core.as_deref(), random_from.as_deref())?;
+    let summary = summarise(
+        out,
+        &cfg,
+        store_dir,
+        &shards,
+        core.as_deref(),
+        random_from.as_deref(),
+    )?;
     Ok(SweepOutcome {
         interrupted,
         trained,
@@ -320,15 +335,16 @@ fn read_json(path: &Path) -> Result<Value, TrainError> {
     serde_json::from_slice(&bytes).map_err(|e| bad(path, e.to_string()))
 }
 
-/// `sweep.json`, `sweep.md` and the plots from every finished `<series>-k<k>` directory in
-/// `out`. Models from another config (other than k) are refused: one table, one config.
-fn summarise(
+/// Every finished `<series>-k<k>` directory in `out`: (name, series, k, cfg.json). Models from
+/// another config (other than k) or another store (by content) are refused: one table, one
+/// config, one store.
+fn finished_models(
     out: &Path,
     cfg: &TrainConfig,
-    core: Option<&Path>,
-    random_from: Option<&Path>,
-) -> Result<Value, TrainError> {
-    let mut rows = Vec::new();
+    store_dir: &Path,
+    shards: &Value,
+) -> Result<Vec<(String, Series, usize, Value)>, TrainError> {
+    let mut models = Vec::new();
     let mut entries: Vec<PathBuf> = std::fs::read_dir(out)
         .map_err(io(out))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -358,6 +374,27 @@ fn summarise(
                 "trained with another config (beyond k) than this sweep; use another --out",
             ));
         }
+        if export_store_identity(&v) != *shards {
+            return Err(store_differs(&dir, store_dir));
+        }
+        models.push((name, series, k, v));
+    }
+    Ok(models)
+}
+
+/// `sweep.json`, `sweep.md` and the plots from every finished model in `out`
+/// (`finished_models`).
+fn summarise(
+    out: &Path,
+    cfg: &TrainConfig,
+    store_dir: &Path,
+    shards: &Value,
+    core: Option<&Path>,
+    random_from: Option<&Path>,
+) -> Result<Value, TrainError> {
+    let mut rows = Vec::new();
+    for (name, series, k, v) in finished_models(out, cfg, store_dir, shards)? {
+        let x = &v["dmsae"];
         let e = &x["eval"];
         rows.push(json!({
             "series": series.name(), "k": k, "model": name,

@@ -199,6 +199,37 @@ pub fn file_blake3(path: &Path) -> Result<String, TrainError> {
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
+/// A store's identity by content: its shards' BLAKE3s, in manifest order. Checkpoints,
+/// cycles and sweep models are matched to their store by this, never by its path.
+pub fn store_identity(store: &Store) -> Value {
+    json!(store
+        .manifest
+        .shards
+        .iter()
+        .map(|s| s.blake3.as_str())
+        .collect::<Vec<_>>())
+}
+
+/// The `store_identity` an export's cfg.json records (null when it records none).
+pub fn export_store_identity(cfg_json: &Value) -> Value {
+    match cfg_json["dmsae"]["store"]["shards"].as_array() {
+        Some(a) => json!(a.iter().map(|s| s["blake3"].clone()).collect::<Vec<_>>()),
+        None => Value::Null,
+    }
+}
+
+/// The error for `path`, made from a store whose contents are not `store_dir`'s.
+pub fn store_differs(path: &Path, store_dir: &Path) -> TrainError {
+    TrainError::Unusable {
+        path: path.into(),
+        msg: format!(
+            "made from another store: its shards' BLAKE3s differ from those of {}; remove the \
+             directory or use another --out",
+            store_dir.display()
+        ),
+    }
+}
+
 /// The normalisation scalar of a store's `acts`.
 pub fn scale_of(store: &Store) -> Result<(usize, f64), TrainError> {
     let bad = |msg: String| TrainError::Unusable {
@@ -418,7 +449,7 @@ impl Member {
             "config": cfg,
             "core_file": core_file.map(|p| p.display().to_string()),
             "core_blake3": core_file.map(file_blake3).transpose()?,
-            "store_shards": store.manifest.shards.iter().map(|s| s.blake3.clone()).collect::<Vec<_>>(),
+            "store_shards": store_identity(store),
         });
         let mut pos = Position::default();
         let log_path = out.join("metrics.jsonl");
@@ -458,8 +489,10 @@ impl Member {
         Ok((m, pos))
     }
 
+    /// The log first: a resume keeps only the lines on disk up to the checkpoint's step.
     fn checkpoint(&mut self, pos: Position) -> Result<(), TrainError> {
         self.log.flush().map_err(io(&self.log_path))?;
+        self.log.get_ref().sync_data().map_err(io(&self.log_path))?;
         save_checkpoint(&self.out, &self.t, pos, &self.identity)
     }
 
@@ -600,8 +633,8 @@ pub(crate) fn train_members(
         }
         if cfg.checkpoint_every > 0 && step > last_ckpt && step.is_multiple_of(cfg.checkpoint_every)
         {
-            for m in members.iter() {
-                save_checkpoint(&m.out, &m.t, pos, &m.identity)?;
+            for m in members.iter_mut() {
+                m.checkpoint(pos)?;
             }
             last_ckpt = step;
         }
@@ -731,25 +764,27 @@ pub fn evaluate(
         if m.tokens >= cfg.eval_tokens {
             break;
         }
-        let x_bd = rows(&b, "acts", d, dev);
+        // The last batch is cut so that at most eval_tokens count.
+        let n_b = (cfg.eval_tokens - m.tokens).min(b.n as u64) as usize;
+        let rows = |name: &str| rows(&b, name, d, dev).narrow(0, 0, n_b as i64);
+        let x_bd = rows("acts");
         tch::no_grad(|| {
             let xn_bd = &x_bd * scale;
             let f_bf = sae.encode(&xn_bd);
             let diff_bd = (sae.decode(&f_bf) - &xn_bd) / scale;
             err += diff_bd.square().sum(Kind::Double).double_value(&[]);
-            err_topk += err_stats(&xn_bd, &t.batchtopk_x_hat(&xn_bd)).0 * (b.n * d) as f64
+            err_topk += err_stats(&xn_bd, &t.batchtopk_x_hat(&xn_bd)).0 * (n_b * d) as f64
                 / (scale * scale);
             sum_x += x_bd.sum_dim_intlist(0, false, Kind::Double);
             sum_sq += x_bd.square().sum(Kind::Double).double_value(&[]);
             let (c, n) = l0s(&f_bf, sae.core);
-            m.l0_core += c * b.n as f64;
-            m.l0_noncore += n * b.n as f64;
+            m.l0_core += c * n_b as f64;
+            m.l0_noncore += n * n_b as f64;
             fires_f += f_bf.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
             let fl = b.get("flags");
             let bit = |t: usize, k: u8| fl.is_none_or(|f| f[t] & k != 0);
             if grads {
-                let dot =
-                    (rows(&b, "grads", d, dev) * &diff_bd).sum_dim_intlist(-1, false, Kind::Double);
+                let dot = (rows("grads") * &diff_bd).sum_dim_intlist(-1, false, Kind::Double);
                 let dot: Vec<f64> = Vec::try_from(dot.to_device(Device::Cpu)).expect("f64 vector");
                 for (i, v) in dot.iter().enumerate() {
                     if bit(i, 1) {
@@ -760,7 +795,7 @@ pub fn evaluate(
             }
             if loss {
                 let l = b.f32("loss").expect("requested");
-                for (i, v) in l.iter().enumerate() {
+                for (i, v) in l.iter().enumerate().take(n_b) {
                     if bit(i, 2) {
                         loss_sum += *v as f64;
                         loss_n += 1;
@@ -768,7 +803,7 @@ pub fn evaluate(
                 }
             }
         });
-        m.tokens += b.n as u64;
+        m.tokens += n_b as u64;
     }
     if m.tokens == 0 {
         return Ok(None);
@@ -808,6 +843,19 @@ mod tests {
     /// change mean g . (x_hat - x), and the mean stored loss.
     #[test]
     fn eval_matches_a_direct_computation_from_the_export() {
+        eval_against_direct(None);
+    }
+
+    /// An eval_tokens that ends inside a batch (200 of 600, batches of 128) counts exactly
+    /// the first 200 held-out tokens, in every figure.
+    #[test]
+    fn eval_stops_at_eval_tokens_inside_a_batch() {
+        eval_against_direct(Some(200));
+    }
+
+    /// `evaluate` with `eval_tokens` (all 600 when None) against the direct computation on
+    /// the same leading rows (the unshuffled eval stream is store order).
+    fn eval_against_direct(eval_tokens: Option<u64>) {
         tch::set_num_threads(1);
         let (d, n) = (8usize, 600usize);
         let (_, x) = sparse_dictionary(d, 12, 2, n, 0.05, 3);
@@ -838,8 +886,10 @@ mod tests {
             eval_fraction: 1.0,
             batch_tokens: 128,
             seed: 2,
+            eval_tokens: eval_tokens.unwrap_or(TrainConfig::default().eval_tokens),
             ..Default::default()
         };
+        let n = eval_tokens.map_or(n, |e| e as usize);
         let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
         tch::no_grad(|| {
             let _ = sae.b_enc.shallow_clone().fill_(0.05);
@@ -862,7 +912,7 @@ mod tests {
         );
         let f = 40;
         let (mut err, mut dl, mut l0, mut sx, mut sxx) = (0.0, 0.0, 0.0, vec![0.0; d], 0.0);
-        for (xr, gr) in x.chunks_exact(d).zip(g.chunks_exact(d)) {
+        for (xr, gr) in x.chunks_exact(d).zip(g.chunks_exact(d)).take(n) {
             let mut xh: Vec<f64> = bd.iter().map(|v| *v as f64).collect();
             for j in 0..f {
                 let pre = be[j] as f64
@@ -896,7 +946,7 @@ mod tests {
         close(m.first_order_dloss.unwrap(), dl / nf, "first-order dloss");
         close(
             m.mean_loss.unwrap(),
-            loss.iter().map(|v| *v as f64).sum::<f64>() / nf,
+            loss[..n].iter().map(|v| *v as f64).sum::<f64>() / nf,
             "mean loss",
         );
         assert!(
