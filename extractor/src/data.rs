@@ -15,6 +15,7 @@
 //! on across contexts. The tail of the stream that does not fill a context is not used.
 
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -447,7 +448,15 @@ pub struct Packer {
     vocab: u32,
     stream: VecDeque<u32>,
     started: bool,
+    /// Documents read ahead and tokenized, in data order: (continues the previous document,
+    /// ids), or the error reading or tokenizing it, raised only when packing reaches it.
+    ready: VecDeque<Result<(bool, Vec<u32>)>>,
+    ended: bool,
 }
+
+/// Read-ahead bounds: enough text to keep every core tokenizing, bounded memory.
+const READ_AHEAD_DOCS: usize = 1024;
+const READ_AHEAD_BYTES: usize = 8 << 20;
 
 impl Packer {
     pub fn new(docs: Documents, tok: Tokenizer, bos: u32, context: usize, vocab: u32) -> Packer {
@@ -460,6 +469,8 @@ impl Packer {
             vocab,
             stream: VecDeque::new(),
             started: false,
+            ready: VecDeque::new(),
+            ended: false,
         }
     }
 
@@ -507,42 +518,10 @@ impl Packer {
     /// Whether the data can fill another context (reads ahead as far as needed).
     pub fn has_context(&mut self) -> Result<bool> {
         while self.stream.len() < self.context - 1 {
-            let Some(doc) = self.docs.next_doc()? else {
+            if self.ready.is_empty() && !self.read_ahead() {
                 return Ok(false);
-            };
-            let more = matches!(doc, Doc::More(_));
-            let ids = match doc {
-                Doc::Text(t) | Doc::More(t) => {
-                    let ids = self.tok.encode(&t)?;
-                    // A tokenizer from another checkpoint would index past the embedding.
-                    if let Some(&bad) = ids.iter().find(|&&x| x >= self.vocab) {
-                        return Err(Error::Data {
-                            path: self.tok.path.clone(),
-                            msg: format!(
-                                "gives token id {bad}, outside the model's vocab_size {} (config.json): a tokenizer of another model?",
-                                self.vocab
-                            ),
-                        });
-                    }
-                    ids
-                }
-                // Pre-tokenized documents often start with BOS; packing puts its own.
-                Doc::Ids(mut ids) => {
-                    if ids.first() == Some(&self.bos) {
-                        ids.remove(0);
-                    }
-                    if let Some(&bad) = ids.iter().find(|&&x| x >= self.vocab) {
-                        return Err(Error::Data {
-                            path: self.docs.current_path(),
-                            msg: format!(
-                                "token id {bad} is outside the vocabulary of {}",
-                                self.vocab
-                            ),
-                        });
-                    }
-                    ids
-                }
-            };
+            }
+            let (more, ids) = self.ready.pop_front().expect("read ahead")?;
             if ids.is_empty() {
                 continue;
             }
@@ -556,6 +535,41 @@ impl Packer {
         Ok(true)
     }
 
+    /// Read the next documents and tokenize them in parallel (rayon): one core tokenizing
+    /// (~0.5M tokens/s) would hold up a GPU, and worker I of N packs all N workers' contexts.
+    /// False at the end of the data. Errors wait in `ready` until packing reaches them, so
+    /// reading ahead never fails a run that would not have needed the bad document.
+    fn read_ahead(&mut self) -> bool {
+        let mut docs = Vec::new();
+        let mut bytes = 0;
+        while !self.ended && docs.len() < READ_AHEAD_DOCS && bytes < READ_AHEAD_BYTES {
+            match self.docs.next_doc() {
+                Ok(Some(doc)) => {
+                    bytes += match &doc {
+                        Doc::Text(t) | Doc::More(t) => t.len(),
+                        Doc::Ids(ids) => 4 * ids.len(),
+                    };
+                    docs.push(Ok((doc, self.docs.current_path())));
+                }
+                Ok(None) => self.ended = true,
+                Err(e) => {
+                    docs.push(Err(e));
+                    self.ended = true;
+                }
+            }
+        }
+        if docs.is_empty() {
+            return false;
+        }
+        let (tok, vocab, bos) = (&self.tok, self.vocab, self.bos);
+        let ids: Vec<_> = docs
+            .into_par_iter()
+            .map(|d| d.and_then(|(doc, path)| ids_of(tok, vocab, bos, doc, path)))
+            .collect();
+        self.ready.extend(ids);
+        true
+    }
+
     /// The next context, or `None` when the data cannot fill another.
     pub fn next_context(&mut self) -> Result<Option<Vec<u32>>> {
         if !self.has_context()? {
@@ -566,6 +580,48 @@ impl Packer {
         c.extend(self.stream.drain(..self.context - 1));
         Ok(Some(c))
     }
+}
+
+/// A document's ids, checked against the vocabulary, and whether it continues the
+/// previous one.
+fn ids_of(
+    tok: &Tokenizer,
+    vocab: u32,
+    bos: u32,
+    doc: Doc,
+    path: PathBuf,
+) -> Result<(bool, Vec<u32>)> {
+    let more = matches!(doc, Doc::More(_));
+    let ids = match doc {
+        Doc::Text(t) | Doc::More(t) => {
+            let ids = tok.encode(&t)?;
+            // A tokenizer from another checkpoint would index past the embedding.
+            if let Some(&bad) = ids.iter().find(|&&x| x >= vocab) {
+                return Err(Error::Data {
+                    path: tok.path.clone(),
+                    msg: format!(
+                        "gives token id {bad}, outside the model's vocab_size {} (config.json): a tokenizer of another model?",
+                        vocab
+                    ),
+                });
+            }
+            ids
+        }
+        // Pre-tokenized documents often start with BOS; packing puts its own.
+        Doc::Ids(mut ids) => {
+            if ids.first() == Some(&bos) {
+                ids.remove(0);
+            }
+            if let Some(&bad) = ids.iter().find(|&&x| x >= vocab) {
+                return Err(Error::Data {
+                    path,
+                    msg: format!("token id {bad} is outside the vocabulary of {}", vocab),
+                });
+            }
+            ids
+        }
+    };
+    Ok((more, ids))
 }
 
 #[cfg(test)]
@@ -786,6 +842,25 @@ mod tests {
             assert_eq!(&c[1..], &ids[..], "context {i}");
         }
         assert!(packer.next_context().unwrap().is_none());
+    }
+
+    /// Reading ahead tokenizes documents the run may never need; an error in one of them
+    /// surfaces only when packing reaches it, as when documents were read one at a time.
+    #[test]
+    fn a_bad_document_past_what_is_needed_does_not_fail_the_run() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gemma3");
+        let tok = Tokenizer::load(&dir).unwrap();
+        let text = "Call me Ishmael. Some years ago, never mind how long precisely.";
+        let n = tok.encode(text).unwrap().len();
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("a.jsonl");
+        let good = format!("{{\"text\": \"{text}\"}}\n");
+        std::fs::write(&p, format!("{good}{good}{{\"text\": 3}}\n")).unwrap();
+        let mut packer = Packer::new(Documents::new(vec![p]), tok, 2, n + 1, 1 << 20);
+        assert!(packer.next_context().unwrap().is_some());
+        assert!(packer.next_context().unwrap().is_some());
+        let e = packer.next_context().unwrap_err().to_string();
+        assert!(e.contains("a.jsonl") && e.contains("line 3"), "{e}");
     }
 
     /// With Gemma's real tokenizer (no prefix marker per input), tokenizing the pieces gives the

@@ -110,7 +110,9 @@ fn all_finite(t: &Tensor) -> Result<bool> {
 type Cols = [Vec<u8>; 7];
 
 /// Run the extraction. A writer thread appends batch n (compression included) while batch n+1
-/// computes; at most one finished batch waits between them, which bounds host memory.
+/// computes; at most one finished batch waits between them, which bounds host memory. A
+/// packer thread reads and tokenizes ahead, a few batches' contexts at most, so the model
+/// does not wait for text either.
 pub fn run(
     model: &Model,
     packer: &mut Packer,
@@ -128,7 +130,17 @@ pub fn run(
             }
             Ok(())
         });
-        let r = batches(model, packer, &tx, o, bos, stop, progress);
+        let (ctx_tx, contexts) = std::sync::mpsc::sync_channel(4 * o.batch.max(1));
+        s.spawn(move || loop {
+            let c = packer.next_context();
+            let last = !matches!(c, Ok(Some(_)));
+            // The receiver hangs up when the run ends or stops; so does this thread.
+            if ctx_tx.send(c).is_err() || last {
+                break;
+            }
+        });
+        let r = batches(model, &contexts, &tx, o, bos, stop, progress);
+        drop(contexts);
         drop(tx);
         // A write error explains a failed send, so it comes first.
         w.join().expect("store writer thread panicked")?;
@@ -138,7 +150,7 @@ pub fn run(
 
 fn batches(
     model: &Model,
-    packer: &mut Packer,
+    contexts: &std::sync::mpsc::Receiver<Result<Option<Vec<u32>>>>,
     tx: &std::sync::mpsc::SyncSender<Cols>,
     o: &Options,
     bos: u32,
@@ -172,7 +184,10 @@ fn batches(
         let mut toks: Vec<Vec<u32>> = Vec::new();
         let mut exhausted = false;
         while toks.len() < o.batch && next_id < o.contexts {
-            let Some(c) = packer.next_context()? else {
+            let Some(c) = contexts
+                .recv()
+                .expect("the packer thread ends after its last")?
+            else {
                 exhausted = true;
                 break;
             };
