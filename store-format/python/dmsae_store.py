@@ -68,8 +68,9 @@ def _need_blake3(require: bool) -> None:
 
 def _unzstd(frame: Any, expected: int, fail: Fail) -> bytes:
     """One zstd frame that must decode to exactly `expected` bytes, with nothing after it."""
-    if len(frame) == 0 and expected == 0:
-        return b""  # a zero-length "frame" for an empty stream (escapes) hides no bytes either
+    # A standard frame (not skippable, not empty), as the Rust reader requires: SPEC check 5.
+    if bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
+        raise fail("not a standard zstd frame")
     try:
         size = zstandard.frame_content_size(frame)
         if size != expected:  # checked before decoding, so a hostile size cannot balloon memory
@@ -78,8 +79,12 @@ def _unzstd(frame: Any, expected: int, fail: Fail) -> bytes:
         out = dobj.decompress(frame)
     except zstandard.ZstdError as e:
         raise fail(f"zstd: {e}") from None
-    if not dobj.eof or dobj.unused_data or len(out) != expected:
-        raise fail(f"zstd frame truncated, followed by extra bytes, or {len(out)} != {expected} bytes")
+    if not dobj.eof:
+        raise fail("zstd frame truncated")
+    if dobj.unused_data:
+        raise fail(f"{len(dobj.unused_data)} bytes after the zstd frame (one frame per stream)")
+    if len(out) != expected:
+        raise fail(f"zstd frame decoded to {len(out)} bytes, expected {expected}")
     return out
 
 
@@ -101,6 +106,8 @@ def decode_expsplit(block: Any, dtype: str, n: int, width: int, fail: Fail = Sto
     side_f, nib_f, esc_f, rest_f = _split_frames(block, 4, fail)
     side = np.frombuffer(_unzstd(side_f, width + n, fail), np.uint8)
     packed = np.frombuffer(_unzstd(nib_f, (count + 1) // 2, fail), np.uint8)
+    if count % 2 and packed[-1] >> 4:
+        raise fail("padding nibble is not 0")
     nibs = np.empty(2 * len(packed), np.uint8)
     nibs[0::2], nibs[1::2] = packed & 15, packed >> 4  # the even element takes the low nibble
     nib = nibs[:count].reshape(n, width)

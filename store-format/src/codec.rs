@@ -115,6 +115,10 @@ fn unzstd(frame: &[u8], out: &mut [u8], what: &str) -> Result<(), String> {
     // SPEC.md: one standard frame with its content size; zstd itself would also take
     // concatenated or skippable frames, which other readers of the format refuse.
     use zstd::zstd_safe::{find_frame_compressed_size, get_frame_content_size};
+    // libzstd reports a skippable frame's content size as 0; only a standard frame will do.
+    if !frame.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err(format!("{what}: not a standard zstd frame"));
+    }
     match get_frame_content_size(frame) {
         Ok(Some(n)) if n == out.len() as u64 => {}
         Ok(Some(n)) => {

@@ -107,23 +107,14 @@ impl StoreWriter {
                 }
             }
         }
-        let adopted = adopt(dir, &own, &header)?;
-        let resumed_rows = if own.is_empty() {
-            0
-        } else {
-            Manifest::load(dir)?
-                .shards
-                .iter()
-                .filter(|s| s.file.starts_with(&prefix))
-                .map(|s| s.tokens)
-                .sum()
-        };
+        let (adopted, resumed_rows) = adopt(dir, &own, &header)?;
         for e in std::fs::read_dir(dir)
             .map_err(|e| StoreError::io(dir, e))?
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            let partial = format!(".partial-{}.", opts.writer);
+            if (name.starts_with(&prefix) || name.starts_with(&partial)) && name.ends_with(".tmp") {
                 std::fs::remove_file(e.path()).map_err(|err| StoreError::io(e.path(), err))?;
             }
         }
@@ -269,18 +260,25 @@ impl StoreWriter {
 
 /// Add `own` shards missing from the manifest to it. A shard is renamed into place only
 /// complete and fsynced, so it is whole; it must come from the same producer (provenance).
-fn adopt(dir: &Path, own: &[String], header: &ShardHeader) -> Result<Vec<String>> {
-    let listed: std::collections::HashSet<String> = if Manifest::path(dir).exists() {
+/// Returns the names added and the rows in all of `own`, counted from the files' entries, not
+/// from the manifest after the additions (without file locking another writer's update can
+/// drop an entry again).
+fn adopt(dir: &Path, own: &[String], header: &ShardHeader) -> Result<(Vec<String>, u64)> {
+    let listed: std::collections::HashMap<String, u64> = if Manifest::path(dir).exists() {
         Manifest::load(dir)?
             .shards
             .into_iter()
-            .map(|s| s.file)
+            .map(|s| (s.file, s.tokens))
             .collect()
     } else {
         Default::default()
     };
-    let mut adopted = Vec::new();
-    for name in own.iter().filter(|n| !listed.contains(*n)) {
+    let (mut adopted, mut rows) = (Vec::new(), 0);
+    for name in own {
+        if let Some(tokens) = listed.get(name) {
+            rows += tokens;
+            continue;
+        }
         let path = dir.join(name);
         let shard = Shard::open(&path)?;
         if shard.meta.header.provenance != header.provenance {
@@ -290,9 +288,10 @@ fn adopt(dir: &Path, own: &[String], header: &ShardHeader) -> Result<Vec<String>
             ));
         }
         manifest::commit_shard(dir, &shard.meta.header, manifest::entry_of(&shard))?;
+        rows += shard.meta.n_tokens;
         adopted.push(name.clone());
     }
-    Ok(adopted)
+    Ok((adopted, rows))
 }
 
 #[cfg(test)]

@@ -199,6 +199,24 @@ def test_expsplit_hand_built_block() -> None:
     bad = frames([bytes([15, 16, 0]), bytes([0x77, 0xF7]), bytes([0]), bytes(8)])
     with pytest.raises(ds.StoreFormatError, match="content size"):
         ds.decode_expsplit(bad, "f16", 2, 2)
+    # One standard frame per stream, as the Rust reader requires (SPEC check 5): not an empty
+    # stream, not a skippable frame, not two frames; and the odd count's padding nibble is 0.
+    c = zstandard.ZstdCompressor(write_content_size=True)
+    row = frames([bytes([15, 15, 15, 0]), bytes([0x77, 0x07]), b"", bytes(6)])  # 1 x 3 of 1.0
+    assert_bits_equal(ds.decode_expsplit(row, "f16", 1, 3).view(np.float16), np.ones((1, 3), np.float16))
+    row = frames([bytes([15, 15, 15, 0]), bytes([0x77, 0x17]), b"", bytes(6)])
+    with pytest.raises(ds.StoreFormatError, match="padding nibble"):
+        ds.decode_expsplit(row, "f16", 1, 3)
+    parts = [bytes([15, 16, 0, 15]), bytes([0x77, 0xF7]), bytes([0]), bytes([0, 0, 0xFF, 0, 0, 4, 3, 0])]
+    streams = [c.compress(p) for p in parts]
+    skippable = b"\x50\x2a\x4d\x18" + bytes(4)
+    for k, bad_stream, msg in [(2, b"", "standard zstd frame"), (2, skippable, "standard zstd frame"),
+                               (1, streams[1] + c.compress(b""), "after the zstd frame")]:
+        s = list(streams)
+        s[k] = bad_stream
+        blk = struct.pack("<4I", *map(len, s)) + b"".join(s)
+        with pytest.raises(ds.StoreFormatError, match=msg):
+            ds.decode_expsplit(blk, "f16", 2, 2)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
