@@ -59,9 +59,10 @@ pub struct ExtractArgs {
     /// This worker's index, 0-based; it takes contexts with id % workers == worker [default: 0].
     #[arg(long)]
     worker: Option<u64>,
-    /// Store BOS positions too (left out by default).
-    #[arg(long)]
-    keep_bos: bool,
+    /// Store BOS positions too (left out by default); `--keep-bos=false` overrides a config
+    /// file's `keep_bos = true`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    keep_bos: Option<bool>,
     /// Compute gradients only for contexts with id % K == 0 (flags bit 0 says which rows
     /// have them; other rows hold zeros); 0: no gradients at all [default: 1].
     #[arg(long)]
@@ -146,7 +147,7 @@ fn resolve(a: ExtractArgs) -> Result<Resolved> {
         dtype: a.dtype.or(f.dtype),
         workers: a.workers.or(f.workers).unwrap_or(1),
         worker: a.worker.or(f.worker).unwrap_or(0),
-        keep_bos: a.keep_bos || f.keep_bos.unwrap_or(false),
+        keep_bos: a.keep_bos.or(f.keep_bos).unwrap_or(false),
         grad_every: a.grad_every.or(f.grad_every).unwrap_or(1),
         shard_tokens: a.shard_tokens.or(f.shard_tokens).unwrap_or(1 << 18),
         chunk_tokens: a.chunk_tokens.or(f.chunk_tokens).unwrap_or(1024),
@@ -247,6 +248,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         "weights_blake3": hash_weights(&a.model)?,
         "tokenizer_blake3": tokenizer_blake3,
         "data": std::fs::canonicalize(&a.data).unwrap_or(a.data.clone()).display().to_string(),
+        "packing": extract::PACKING_VERSION,
         "layer": a.layer,
         "context": a.context,
         "batch": a.batch,

@@ -516,6 +516,19 @@ fn config_file_with_flag_overrides() {
     assert_eq!(m.provenance["extract"]["context"], 12);
     assert_eq!(m.provenance["extract"]["keep_bos"], true);
     assert_eq!(m.total_tokens, 48);
+    // A flag turns the file's keep_bos off too.
+    let out2 = tmp.path().join("s2");
+    ok(&[
+        "extract",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--keep-bos=false",
+    ]);
+    let m = Store::open(&out2).unwrap().manifest;
+    assert_eq!(m.provenance["extract"]["keep_bos"], false);
+    assert!(m.total_tokens < 48);
     std::fs::write(&cfg, "layr = 3\n").unwrap();
     assert_one_line_error(
         &dmsae(&["extract", "--config", cfg.to_str().unwrap()]),

