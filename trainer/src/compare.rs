@@ -6,18 +6,21 @@
 /// log L0 between the two nearest points around it; None outside their range (never
 /// extrapolated) or where a value is missing.
 pub fn interpolate(points: &[(f64, f64)], l0: f64) -> Option<f64> {
+    // The neighbours are chosen among all models, so a missing value is never bridged over.
     let mut p: Vec<(f64, f64)> = points
         .iter()
         .copied()
-        .filter(|(x, y)| *x > 0.0 && x.is_finite() && y.is_finite())
+        .filter(|(x, _)| *x > 0.0 && x.is_finite())
         .collect();
     p.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let finite = |y: f64| Some(y).filter(|y| y.is_finite());
     if let Some(&(_, y)) = p.iter().find(|(x, _)| *x == l0) {
-        return Some(y);
+        return finite(y);
     }
     let w = p.windows(2).find(|w| w[0].0 < l0 && l0 < w[1].0)?;
+    let (y0, y1) = (finite(w[0].1)?, finite(w[1].1)?);
     let t = (l0.ln() - w[0].0.ln()) / (w[1].0.ln() - w[0].0.ln());
-    Some(w[0].1 + t * (w[1].1 - w[0].1))
+    Some(y0 + t * (y1 - y0))
 }
 
 /// The distinct finite L0 values, ascending.
@@ -77,6 +80,10 @@ mod tests {
         assert_eq!(interpolate(&p, 64.1), None);
         assert_eq!(interpolate(&[(8.0, 0.3)], 8.0), Some(0.3));
         assert_eq!(interpolate(&[(8.0, f64::NAN), (4.0, 0.3)], 6.0), None);
+        // A model with a missing value is not bridged over by its neighbours.
+        let gap = [(16.0, 0.2), (32.0, f64::NAN), (64.0, 0.1)];
+        assert_eq!(interpolate(&gap, 32.0), None);
+        assert_eq!(interpolate(&gap, 24.0), None);
     }
 
     #[test]

@@ -231,7 +231,7 @@ pub fn store_differs(path: &Path, store_dir: &Path) -> TrainError {
 }
 
 /// The normalisation scalar of a store's `acts`.
-pub fn scale_of(store: &Store) -> Result<(usize, f64), TrainError> {
+pub fn scale_of(store: &Arc<Store>) -> Result<(usize, f64), TrainError> {
     let bad = |msg: String| TrainError::Unusable {
         path: store.dir.clone(),
         msg,
@@ -243,18 +243,52 @@ pub fn scale_of(store: &Store) -> Result<(usize, f64), TrainError> {
             spec.dtype.name()
         )));
     }
-    let msn = store
+    // `extract --keep-bos` stores BOS rows, which the training stream drops and whose norms
+    // (Gemma's are orders above the rest) would dominate the manifest's statistic.
+    let keeps_bos = store
         .manifest
-        .stats
-        .get("acts")
-        .map(|s| s.mean_sq_norm)
-        .unwrap_or(0.0);
+        .provenance
+        .get("extract")
+        .and_then(|e| e.get("keep_bos"))
+        == Some(&Value::Bool(true));
+    let msn = if keeps_bos {
+        mean_sq_norm_without_bos(store)?
+    } else {
+        store
+            .manifest
+            .stats
+            .get("acts")
+            .map(|s| s.mean_sq_norm)
+            .unwrap_or(0.0)
+    };
     if !(msn.is_finite() && msn > 0.0) {
         return Err(bad(format!(
             "no usable `acts` statistics (mean squared norm {msn})"
         )));
     }
     Ok((spec.width, (spec.width as f64 / msn).sqrt()))
+}
+
+/// Mean squared norm of up to `SCALE_SAMPLE` non-BOS rows, in a fixed shuffle (seed 0, so
+/// every run on the store gets the same scale).
+fn mean_sq_norm_without_bos(store: &Arc<Store>) -> Result<f64, TrainError> {
+    const SCALE_SAMPLE: usize = 1 << 20;
+    let so = StreamOptions {
+        batch_tokens: 8192,
+        drop_bos: true,
+        ..Default::default()
+    };
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for b in store.stream(so)? {
+        let b = b?;
+        let x = b.f32("acts").expect("requested");
+        sum += x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>();
+        n += b.n;
+        if n >= SCALE_SAMPLE {
+            break;
+        }
+    }
+    Ok(if n == 0 { 0.0 } else { sum / n as f64 })
 }
 
 fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tensor {
@@ -445,9 +479,9 @@ impl Member {
         let sae = Sae::new(d, core, cfg, Kind::Float, device).map_err(ConfigError::Invalid)?;
         let mut t = Trainer::new(sae, cfg.clone(), core_file.is_some());
         std::fs::create_dir_all(out).map_err(io(out))?;
+        // By content only: a run resumed under another spelling of its paths is the same run.
         let identity = json!({
             "config": cfg,
-            "core_file": core_file.map(|p| p.display().to_string()),
             "core_blake3": core_file.map(file_blake3).transpose()?,
             "store_shards": store_identity(store),
         });
@@ -837,6 +871,45 @@ mod tests {
     use super::*;
     use crate::synthetic::sparse_dictionary;
     use dmsae_store::{ArraySpec, Codec, DType, StoreWriter, WriterOptions};
+
+    /// Rows of norm² 4 and, every 8th row, a BOS row of norm² 40,000 (Gemma's BOS is that far
+    /// out). Stored without BOS rows, the manifest's statistic is the scale; with them
+    /// (`extract --keep-bos`), the scale comes from the rows training streams.
+    #[test]
+    fn the_scale_leaves_out_bos_rows_the_stream_drops() {
+        let (d, n) = (4usize, 256usize);
+        let scale = |keep_bos: bool| {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut provenance = serde_json::Map::new();
+            provenance.insert("extract".into(), json!({ "keep_bos": keep_bos }));
+            let arrays = vec![
+                ArraySpec::new("acts", DType::F32, d, Codec::Raw),
+                ArraySpec::new("flags", DType::U8, 1, Codec::Raw),
+            ];
+            let opts = WriterOptions {
+                chunk_tokens: 32,
+                provenance,
+                ..Default::default()
+            };
+            let rows: Vec<usize> = (0..n).filter(|i| keep_bos || !i.is_multiple_of(8)).collect();
+            let bos = |i: usize| i.is_multiple_of(8);
+            let x: Vec<u8> = rows
+                .iter()
+                .flat_map(|&i| vec![if bos(i) { 100.0f32 } else { 1.0 }; d])
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            let flags: Vec<u8> = rows.iter().map(|&i| if bos(i) { 4 } else { 0 }).collect();
+            let mut w = StoreWriter::create(tmp.path(), arrays, opts).unwrap();
+            w.append(&[&x, &flags]).unwrap();
+            w.finish().unwrap();
+            scale_of(&Arc::new(Store::open(tmp.path()).unwrap()))
+                .unwrap()
+                .1
+        };
+        // E||x||^2 = 4 over the training rows: scale sqrt(d / 4) = 1.
+        assert!((scale(false) - 1.0).abs() < 1e-12, "{}", scale(false));
+        assert!((scale(true) - 1.0).abs() < 1e-12, "{}", scale(true));
+    }
 
     /// The eval on a store whose every chunk is held out, against the same figures computed
     /// by hand in f64 from the exported (model-unit) weights: FVU, L0, the first-order loss
