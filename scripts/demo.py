@@ -159,7 +159,8 @@ def main():
         _, eval_dir = d.settings("eval", f"# sae {sae} text {text_sha['eval.jsonl']}\n" + toml_dump(ev) + "\n")
         os.makedirs(eval_dir, exist_ok=True)
         done = os.path.join(eval_dir, "eval.md")
-        if not d.fresh and os.path.exists(done):
+        # eval.json is written last: both present means the eval finished.
+        if not d.fresh and os.path.exists(done) and os.path.exists(os.path.join(eval_dir, "eval.json")):
             # Unlike the other commands, eval does not resume: its finished table is reused.
             print(f"\ndemo: {eval_dir}: settings unchanged since the finished eval:\n")
             print(open(done).read())

@@ -224,6 +224,11 @@ fn sweep_matches_transformers_on_the_tiny_model() {
 /// Write a width-2d export with W_enc = [I, -I], W_dec = [I; -I] and zero biases and
 /// thresholds: x_hat = ReLU(x) - ReLU(-x) = x.
 fn identity_export(dir: &Path, d: usize, hook: Option<&str>) {
+    identity_export_with(dir, d, hook, 0.0, serde_json::json!({}));
+}
+
+/// The same with every b_dec entry `b_dec` and `extra` merged into cfg.json.
+fn identity_export_with(dir: &Path, d: usize, hook: Option<&str>, b_dec: f32, extra: Value) {
     std::fs::create_dir_all(dir).unwrap();
     let eye = |sign: f32, rows: usize, cols: usize, transpose: bool| -> Vec<f32> {
         let mut v = vec![0f32; rows * cols];
@@ -244,15 +249,18 @@ fn identity_export(dir: &Path, d: usize, hook: Option<&str>) {
         ("W_enc", vec![d, 2 * d], w_enc),
         ("W_dec", vec![2 * d, d], w_dec),
         ("b_enc", vec![2 * d], vec![0.0; 2 * d]),
-        ("b_dec", vec![d], vec![0.0; d]),
+        ("b_dec", vec![d], vec![b_dec; d]),
         ("threshold", vec![2 * d], vec![0.0; 2 * d]),
     ];
     write_safetensors(&dir.join("sae_weights.safetensors"), &tensors);
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "architecture": "jumprelu", "d_in": d, "d_sae": 2 * d,
         "metadata": { "hook_name": hook },
         "dmsae": { "core_size": 8, "k": 4 },
     });
+    for (k, v) in extra.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
     std::fs::write(dir.join("cfg.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
 }
 
@@ -309,6 +317,31 @@ fn identity_sae_recovers_everything_and_writes_next_to_the_export() {
     // A single SAE gets no plot and no correlation.
     assert!(!sae.join("plots/ce_recovered_vs_l0.svg").exists());
     assert!(got["first_order_pearson"].is_null());
+
+    // SAELens' apply_b_dec_to_input: with it (the default) the encoder reads x - b_dec and the
+    // shifted identity is still exact; without it, x, and the reconstruction is off by b_dec.
+    for (apply, exact) in [(true, true), (false, false)] {
+        let dir = tmp.path().join(format!("shifted-{apply}"));
+        let extra = serde_json::json!({ "apply_b_dec_to_input": apply });
+        identity_export_with(&dir, 64, Some("blocks.2.hook_resid_post"), 0.5, extra);
+        let out = tmp.path().join(format!("out-{apply}"));
+        ok(&eval_args(
+            &fixtures().join("gemma3"),
+            &dir,
+            &data,
+            64,
+            16,
+            &out,
+        ));
+        let fvu = read_json(&out.join("eval.json"))["saes"][0]["fvu"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(
+            fvu < 1e-12,
+            exact,
+            "apply_b_dec_to_input {apply}: FVU {fvu}"
+        );
+    }
 }
 
 #[test]
@@ -355,6 +388,18 @@ fn bad_input_is_a_one_line_error_and_writes_nothing() {
     assert_one_line_error(
         &run(&l1, &["--layer", "2"]),
         &["l1/cfg.json", "layer 1", "layer 2"],
+    );
+
+    let scaled = tmp.path().join("scaled");
+    let extra = serde_json::json!({ "normalize_activations": "expected_average_only_in" });
+    identity_export_with(&scaled, 64, Some("blocks.1.hook_resid_post"), 0.0, extra);
+    assert_one_line_error(
+        &run(&scaled, &[]),
+        &[
+            "scaled/cfg.json",
+            "normalize_activations",
+            "expected_average_only_in",
+        ],
     );
 
     let empty = tmp.path().join("empty");
