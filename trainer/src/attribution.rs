@@ -304,6 +304,25 @@ mod tests {
         assert!(select(&[], 0.9).is_empty());
     }
 
+    /// A width-16 SAE (k 2, one group of 4) with b_enc 0.1 and threshold 0.3, and its config.
+    fn tiny_sae(d: usize, eval_fraction: f64) -> (TrainConfig, Sae) {
+        let cfg = TrainConfig {
+            width: 16,
+            k: 2,
+            group_fractions: vec![0.25],
+            eval_fraction,
+            batch_tokens: 64,
+            seed: 4,
+            ..Default::default()
+        };
+        let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            let _ = sae.b_enc.fill_(0.1);
+        });
+        sae.threshold = 0.3;
+        (cfg, sae)
+    }
+
     /// A raw f32 store of `acts` and `grads` rows of width `d` (and `flags` when given), in
     /// chunks of 50 tokens.
     fn store(
@@ -349,20 +368,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = store(tmp.path(), d, &x, &g, Some(&flags));
         let (_, scale) = crate::train::scale_of(&store).unwrap();
-        let mut cfg = TrainConfig {
-            width: 16,
-            k: 2,
-            group_fractions: vec![0.25],
-            eval_fraction: 0.0,
-            batch_tokens: 64,
-            seed: 4,
-            ..Default::default()
-        };
-        let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
-        tch::no_grad(|| {
-            let _ = sae.b_enc.fill_(0.1);
-        });
-        sae.threshold = 0.3;
+        let (mut cfg, sae) = tiny_sae(d, 0.0);
         let x_bd = Tensor::from_slice(&x).view([n as i64, d as i64]) * scale;
         let (f, _) = token_attributions(&sae, &x_bd, &x_bd, 4);
         assert!(f.allclose(&sae.encode(&x_bd).narrow(1, 0, 4), 1e-5, 1e-6, false));
@@ -447,20 +453,7 @@ mod tests {
         let b = store(&tmp.path().join("b"), d, &x, &mix(true), None);
         let c = store(&tmp.path().join("c"), d, &x, &mix(false), None);
         let (_, scale) = crate::train::scale_of(&a).unwrap();
-        let cfg = TrainConfig {
-            width: 16,
-            k: 2,
-            group_fractions: vec![0.25],
-            eval_fraction: frac,
-            batch_tokens: 64,
-            seed: 4,
-            ..Default::default()
-        };
-        let mut sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
-        tch::no_grad(|| {
-            let _ = sae.b_enc.fill_(0.1);
-        });
-        sae.threshold = 0.3;
+        let (cfg, sae) = tiny_sae(d, frac);
         let t = Trainer::new(sae, cfg.clone(), false);
         let scores = |s: &Arc<Store>| {
             let r = attribute(s, &t.sae, scale, &cfg).unwrap();
