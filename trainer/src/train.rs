@@ -891,7 +891,9 @@ mod tests {
                 provenance,
                 ..Default::default()
             };
-            let rows: Vec<usize> = (0..n).filter(|i| keep_bos || !i.is_multiple_of(8)).collect();
+            let rows: Vec<usize> = (0..n)
+                .filter(|i| keep_bos || !i.is_multiple_of(8))
+                .collect();
             let bos = |i: usize| i.is_multiple_of(8);
             let x: Vec<u8> = rows
                 .iter()
