@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const PREFIX: &str = ".partial-";
+pub(crate) const PREFIX: &str = ".partial-";
 const MAGIC: &[u8; 8] = b"DMSAEPRT";
 /// A cache holds a few KiB of JSON and 16 bytes per column of each float array.
 const MAX_BYTES: u64 = 1 << 30;

@@ -84,8 +84,12 @@ impl StoreWriter {
         if !header.arrays.iter().any(|a| a.name == "acts") {
             return Err(StoreError::Usage("a store needs an `acts` array".into()));
         }
-        if Manifest::path(dir).exists() {
-            let m = Manifest::load(dir)?;
+        let existing = if Manifest::path(dir).exists() {
+            Some(Manifest::load(dir)?)
+        } else {
+            None
+        };
+        if let Some(m) = &existing {
             if m.arrays != header.arrays || m.chunk_tokens != header.chunk_tokens {
                 return Err(StoreError::manifest(
                     Manifest::path(dir),
@@ -107,13 +111,13 @@ impl StoreWriter {
                 }
             }
         }
-        let (adopted, resumed_rows) = adopt(dir, &own, &header)?;
+        let (adopted, resumed_rows) = adopt(dir, existing.as_ref(), &own, &header)?;
+        let partial = format!("{}{}.", crate::partial::PREFIX, opts.writer);
         for e in std::fs::read_dir(dir)
             .map_err(|e| StoreError::io(dir, e))?
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            let partial = format!(".partial-{}.", opts.writer);
             if (name.starts_with(&prefix) || name.starts_with(&partial)) && name.ends_with(".tmp") {
                 std::fs::remove_file(e.path()).map_err(|err| StoreError::io(e.path(), err))?;
             }
@@ -263,19 +267,23 @@ impl StoreWriter {
 /// Returns the names added and the rows in all of `own`, counted from the files' entries, not
 /// from the manifest after the additions (without file locking another writer's update can
 /// drop an entry again).
-fn adopt(dir: &Path, own: &[String], header: &ShardHeader) -> Result<(Vec<String>, u64)> {
-    let listed: std::collections::HashMap<String, u64> = if Manifest::path(dir).exists() {
-        Manifest::load(dir)?
-            .shards
-            .into_iter()
-            .map(|s| (s.file, s.tokens))
-            .collect()
-    } else {
-        Default::default()
-    };
+fn adopt(
+    dir: &Path,
+    manifest: Option<&Manifest>,
+    own: &[String],
+    header: &ShardHeader,
+) -> Result<(Vec<String>, u64)> {
+    let listed: std::collections::HashMap<&str, u64> = manifest
+        .map(|m| {
+            m.shards
+                .iter()
+                .map(|s| (s.file.as_str(), s.tokens))
+                .collect()
+        })
+        .unwrap_or_default();
     let (mut adopted, mut rows) = (Vec::new(), 0);
     for name in own {
-        if let Some(tokens) = listed.get(name) {
+        if let Some(tokens) = listed.get(name.as_str()) {
             rows += tokens;
             continue;
         }
