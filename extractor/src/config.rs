@@ -89,6 +89,18 @@ pub enum LayerType {
     Sliding = 1,
 }
 
+impl LayerType {
+    pub const ALL: [LayerType; 2] = [LayerType::Full, LayerType::Sliding];
+
+    /// The name in `layer_types` and the key of its `rope_parameters` entry.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerType::Full => "full_attention",
+            LayerType::Sliding => "sliding_attention",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rope {
     pub theta: f64,
@@ -222,10 +234,10 @@ fn resolve_rope(
                 _ => (Map::new(), "rope_parameters"),
             };
             // transformers' Gemma2 model reads `rope_parameters["rope_type"]`: one set only.
-            let nested = [LayerType::Full, LayerType::Sliding]
+            let nested = LayerType::ALL
                 .into_iter()
                 .filter(|t| layer_types.contains(t))
-                .any(|t| p.contains_key(type_name(t)));
+                .any(|t| p.contains_key(t.name()));
             if nested {
                 return Err(format!(
                     "{what}: one RoPE set per layer type is not supported for gemma2 (transformers' Gemma2 model takes one set for all layers)"
@@ -238,10 +250,12 @@ fn resolve_rope(
             // A flat set (no per-type keys) is not read: each type gets its own entry.
             let mut p = match &j.rope_parameters {
                 Some(v) if !v.is_null() => object(v, "rope_parameters")?,
-                _ => Map::from_iter(
-                    ["full_attention", "sliding_attention"]
-                        .map(|k| (k.to_string(), serde_json::json!({"rope_type": "default"}))),
-                ),
+                _ => Map::from_iter(LayerType::ALL.map(|t| {
+                    (
+                        t.name().to_string(),
+                        serde_json::json!({"rope_type": "default"}),
+                    )
+                })),
             };
             let mut entry = |k: &str| -> std::result::Result<Option<Map>, String> {
                 match p.remove(k) {
@@ -250,8 +264,8 @@ fn resolve_rope(
                 }
             };
             let default = || Map::from_iter([("rope_type".to_string(), "default".into())]);
-            let full = entry("full_attention")?;
-            let sliding = entry("sliding_attention")?.unwrap_or_else(default);
+            let full = entry(LayerType::Full.name())?;
+            let sliding = entry(LayerType::Sliding.name())?.unwrap_or_else(default);
             // Published dialect: rope_scaling updates the global layers' set only (4B+).
             let full = match (full, scaling) {
                 (Some(mut f), Some(s)) => {
@@ -279,13 +293,6 @@ fn resolve_rope(
                 )?,
             ])
         }
-    }
-}
-
-fn type_name(t: LayerType) -> &'static str {
-    match t {
-        LayerType::Full => "full_attention",
-        LayerType::Sliding => "sliding_attention",
     }
 }
 
@@ -329,10 +336,11 @@ fn resolve(arch: Arch, j: GemmaConfigJson) -> std::result::Result<Config, String
                 ));
             }
             t.iter()
-                .map(|s| match s.as_str() {
-                    "full_attention" => Ok(LayerType::Full),
-                    "sliding_attention" => Ok(LayerType::Sliding),
-                    o => Err(format!("unsupported layer type {o:?}")),
+                .map(|s| {
+                    LayerType::ALL
+                        .into_iter()
+                        .find(|t| t.name() == s)
+                        .ok_or_else(|| format!("unsupported layer type {s:?}"))
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?
         }

@@ -12,7 +12,7 @@
 //! Packing: each document is tokenized without special tokens; the documents form one stream,
 //! each document after the first preceded by BOS, so a model sees every document start after a
 //! BOS. A context is BOS followed by the next `context - 1` tokens of the stream; documents run
-//! on across contexts. The tail of the stream that does not fill a context is not used.
+//! on across contexts, and a document that opens a context gets that context's BOS only. The tail of the stream that does not fill a context is not used.
 
 use crate::error::{Error, Result};
 use rayon::prelude::*;
