@@ -125,15 +125,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens):
-    """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up)."""
+def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens, extra=""):
+    """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up);
+    `extra`: more config lines."""
     cfg = os.path.join(work, "bench.toml")
     with open(cfg, "w") as f:
         f.write(
             f"width = {width}\nk = {k}\nbatch_tokens = {batch}\nsteps = {warm + steps}\n"
             f"log_every = {warm}\nwarmup_steps = {warm}\neval_fraction = 0.01\n"
             f"eval_tokens = {batch}\ncheckpoint_every = 0\ncpu_threads = {threads}\n"
-            f"dead_tokens = {dead_tokens}\n"
+            f"dead_tokens = {dead_tokens}\n{extra}"
         )
     out = os.path.join(work, "run")
     shutil.rmtree(out, ignore_errors=True)
@@ -184,6 +185,10 @@ def main():
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
         rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
+        if a.device != "cpu":  # what the bf16 encoder product buys
+            rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
+                         dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                                    a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
         torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
         rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
                      anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens)))
