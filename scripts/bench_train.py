@@ -158,6 +158,8 @@ def main():
     ap.add_argument("--work", help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--auxk", action="store_true",
                     help="every latent counts as dead: full AuxK every step, both sides")
+    ap.add_argument("--encoder-f32", action="store_true",
+                    help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -185,7 +187,7 @@ def main():
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
         rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
-        if a.device != "cpu":  # what the bf16 encoder product buys
+        if a.encoder_f32:  # what the bf16 encoder product buys
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
                          dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))

@@ -70,8 +70,8 @@ run 300 "$PY" scripts/bench_extract.py --dmsae "$BIN" --model "$W/model" --data 
 [ -d "$W/store-bf16" ] && run 30 "$BIN" store inspect "$W/store-bf16"
 
 step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
-run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET
-run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk
+run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32
+run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk --encoder-f32
 
 step "bf16 encoder product against float32: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
 for seed in 1 2; do

@@ -9,6 +9,7 @@
 use crate::data::Packer;
 use crate::error::{Error, Result};
 use crate::models::Model;
+use crate::profile::{self, Laps};
 use dmsae_store::{ArraySpec, Codec, DType, StoreWriter};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -111,6 +112,14 @@ fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(bool::try_from(t.f_isfinite()?.f_all()?)?)
 }
 
+/// The phases of a batch under `DMSAE_PROFILE`: layers 0..=L without a graph, the layers
+/// above and the final norm with one, the chunked head and cross-entropy (forward and
+/// backward), the backward to layer L, the NaN/inf checks, the copies to the host, and the
+/// rows laid out for the store.
+pub const BATCH_PHASES: [&str; 7] = [
+    "prefix", "suffix", "head+ce", "backward", "checks", "to host", "rows",
+];
+
 /// Columns of one batch's rows, in `arrays` order.
 type Cols = [Vec<u8>; 7];
 
@@ -175,6 +184,7 @@ fn batches(
     let dtype = store_dtype(model.kind())?;
     let t = o.context;
     let start = Instant::now();
+    profile::init(&BATCH_PHASES, "batch");
     let mut p = Progress {
         contexts_total: worker_contexts(o),
         ..Default::default()
@@ -276,7 +286,8 @@ fn compute_batch(
             .flat_map(|&i| toks[i].iter().map(|&x| x as i64))
             .collect();
         let x = Tensor::f_from_slice(&flat)?.f_view([which.len() as i64, t as i64])?;
-        let out = model.forward_layer(&x, o.layer, sel)?;
+        let mut laps = Laps::start(model.device());
+        let out = model.forward_layer_timed(&x, o.layer, sel, &mut laps)?;
         if !all_finite(&out.resid)? {
             return Err(Error::NonFinite("acts".into()));
         }
@@ -288,9 +299,11 @@ fn compute_batch(
         if !all_finite(&out.loss.f_narrow(1, 0, t as i64 - 1)?)? {
             return Err(Error::NonFinite("loss".into()));
         }
+        laps.lap(4);
         Ok(Some((which, out)))
     };
     let parts = [run(true)?, run(false)?];
+    let mut laps = Laps::start(model.device());
     // Per context: (part, row within part).
     let mut loc = vec![(0usize, 0usize); ids.len()];
     let mut host: Vec<(Vec<u8>, Vec<u8>, Vec<f32>)> = Vec::new();
@@ -313,6 +326,7 @@ fn compute_batch(
         loss_t.f_copy_data(&mut loss, n)?;
         host.push((acts, grads, loss));
     }
+    laps.lap(5);
     let rb = d * dtype.size();
     let zeros = vec![0u8; rb];
     let mut cols: Cols = Default::default();
@@ -345,5 +359,7 @@ fn compute_batch(
             cols[6].push(flags);
         }
     }
+    laps.lap(6);
+    laps.end();
     Ok(cols)
 }

@@ -6,6 +6,7 @@ pub mod data;
 pub mod error;
 pub mod extract;
 pub mod models;
+pub mod profile;
 pub mod runtime;
 pub mod weights;
 

@@ -8,12 +8,12 @@ pub mod distill;
 pub mod eval;
 pub mod export;
 pub mod plot;
-pub mod profile;
 pub mod sae;
 pub mod sweep;
 pub mod train;
 
 pub use config::{ConfigError, TrainConfig};
+pub use dmsae_extractor::profile;
 pub use sae::{Core, Sae, StepStats, Trainer};
 pub use tch;
 pub mod synthetic;

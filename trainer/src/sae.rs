@@ -13,6 +13,11 @@
 
 use crate::config::TrainConfig;
 use crate::profile::Laps;
+
+/// The phases of a training step, as `Laps` closes them.
+pub const STEP_PHASES: [&str; 9] = [
+    "encode", "codes", "decode", "auxk", "backward", "grad", "adam", "renorm", "stats",
+];
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -89,12 +94,17 @@ impl Codes {
     }
 
     /// Entries on latents lo..hi.
+    #[cfg(test)]
     fn count_in(&self, lo: i64, hi: i64) -> i64 {
+        self.count_in_t(lo, hi).int64_value(&[])
+    }
+
+    /// `count_in` as a device scalar.
+    fn count_in_t(&self, lo: i64, hi: i64) -> Tensor {
         self.cols
             .ge(lo)
             .logical_and(&self.cols.lt(hi))
             .sum(Kind::Int64)
-            .int64_value(&[])
     }
 }
 
@@ -364,6 +374,43 @@ impl Sae {
         x_bd
     }
 
+    /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
+    /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
+    /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
+    /// each and autograd summed them.
+    pub fn decode_parts(&self, codes: &Codes) -> Tensor {
+        let dev = self.w_dec.device();
+        let parts = 1 + self.groups.len() as i64;
+        // A part starts at each group's first latent; latents below the first group are the core.
+        let starts: Vec<i64> = self
+            .groups
+            .iter()
+            .scan(self.core as i64, |lo, &m| {
+                let at = *lo;
+                *lo += m as i64;
+                Some(at)
+            })
+            .collect();
+        let part = codes
+            .cols
+            .bucketize(&Tensor::from_slice(&starts).to_device(dev), false, true);
+        // Entries are in row-major order and parts are column ranges: each bag is contiguous.
+        let bag = &codes.rows * parts + part;
+        let counts = bag.bincount::<Tensor>(None, codes.batch * parts);
+        let offsets = counts.cumsum(0, Kind::Int64) - &counts;
+        let (x_nd, _, _, _) = Tensor::embedding_bag(
+            &self.w_dec,
+            &codes.cols,
+            &offsets,
+            false,
+            0, // sum
+            false,
+            Some(&codes.vals),
+            false,
+        );
+        x_nd.view([codes.batch, parts, self.d_in as i64])
+    }
+
     /// Per-latent threshold for a JumpReLU export (on the CPU): the carried thresholds for the
     /// core, the learned threshold for the non-core latents.
     pub fn threshold_f(&self) -> Tensor {
@@ -511,22 +558,23 @@ impl Trainer {
         let codes = s.train_codes(&pre_bf);
         laps.lap(1);
 
-        let sq_err = |x_hat_bd: &Tensor| {
-            (x_bd - x_hat_bd)
+        // Mean over the batch and the prefixes of sum_d (x - x_hat_p)^2.
+        let sq_err = |x_hat_bgd: &Tensor| {
+            (x_bd.unsqueeze(1) - x_hat_bgd)
                 .square()
                 .sum_dim_intlist(-1, false, None)
                 .mean(None)
         };
-        let mut lo = s.core;
-        let mut x_hat_bd = s.decode_latents(&codes, 0, lo) + &s.b_dec;
-        let mut l2 = x_bd.zeros_like().sum(None);
-        #[allow(clippy::assign_op_pattern)] // tch's `+=` is in place, which autograd must not see
-        for &m in &s.groups {
-            x_hat_bd = x_hat_bd + s.decode_latents(&codes, lo, lo + m);
-            l2 = l2 + sq_err(&x_hat_bd);
-            lo += m;
-        }
-        let l2 = l2 / s.groups.len() as f64;
+        // Prefix p's reconstruction is b_dec + core + groups 1..=p: a running sum over the parts,
+        // in the order the prefixes nest.
+        let parts_bgd = s.decode_parts(&codes);
+        let g = s.groups.len() as i64;
+        let first_bd = parts_bgd.select(1, 0) + &s.b_dec;
+        let prefixes_bgd =
+            Tensor::cat(&[first_bd.unsqueeze(1), parts_bgd.narrow(1, 1, g)], 1).cumsum(1, None);
+        let prefixes_bgd = prefixes_bgd.narrow(1, 1, g);
+        let x_hat_bd = prefixes_bgd.select(1, g - 1);
+        let l2 = sq_err(&prefixes_bgd);
 
         laps.lap(2);
         let auxk = match auxk {
@@ -614,11 +662,11 @@ impl Trainer {
                 .squeeze_dim(2)
                 .neg();
             let _ = g[2].addcmul_(&minus_par_f1, w_fd);
-            let norm = g
-                .iter()
-                .map(|t| t.norm().double_value(&[]).powi(2))
-                .sum::<f64>()
-                .sqrt();
+            // One read back to the host, not one per parameter: each waits for the device.
+            let norm = Tensor::stack(&g.iter().map(|t| t.norm()).collect::<Vec<_>>(), 0)
+                .to_kind(Kind::Double)
+                .norm()
+                .double_value(&[]);
             laps.lap(5);
             self.adam(&mut g, lr, clip_divisor(norm, self.cfg.grad_clip));
             laps.lap(6);
@@ -633,23 +681,27 @@ impl Trainer {
         });
         tch::no_grad(|| self.bookkeep(&out.codes));
         self.step += 1;
-        let (mse, fvu) = tch::no_grad(|| err_stats(x_bd, &out.x_hat_bd));
+        // The step's figures in one read back to the host.
         let (c, w) = (self.sae.core as i64, self.sae.width() as i64);
-        let per_token = |n: i64| n as f64 / (out.codes.batch.max(1)) as f64;
-        let (l0c, l0n) = (
-            per_token(out.codes.count_in(0, c)),
-            per_token(out.codes.count_in(c, w)),
-        );
+        let f = tch::no_grad(|| {
+            let (err, var) = err_sums(x_bd, &out.x_hat_bd);
+            let terms = [&out.loss, &out.l2, &out.auxk].map(|t| t.detach().to_kind(Kind::Double));
+            let counts = [out.codes.count_in_t(0, c), out.codes.count_in_t(c, w)]
+                .map(|t| t.to_kind(Kind::Double));
+            let all: Vec<&Tensor> = terms.iter().chain([&err, &var]).chain(&counts).collect();
+            Vec::<f64>::try_from(Tensor::stack(&all, 0).to_device(Device::Cpu)).expect("f64")
+        });
         laps.lap(8);
         laps.end();
+        let per_token = |n: f64| n / (out.codes.batch.max(1)) as f64;
         StepStats {
-            loss: out.loss.double_value(&[]),
-            l2: out.l2.double_value(&[]),
-            auxk: out.auxk.double_value(&[]),
-            mse,
-            fvu,
-            l0_core: l0c,
-            l0_noncore: l0n,
+            loss: f[0],
+            l2: f[1],
+            auxk: f[2],
+            mse: f[3] / x_bd.numel() as f64,
+            fvu: f[3] / f[4].max(f64::MIN_POSITIVE),
+            l0_core: per_token(f[5]),
+            l0_noncore: per_token(f[6]),
             grad_norm,
             lr,
         }
@@ -816,15 +868,18 @@ impl Trainer {
 
 /// (mean squared error per element, FVU) of a batch.
 pub fn err_stats(x_bd: &Tensor, x_hat_bd: &Tensor) -> (f64, f64) {
-    let err = (x_bd - x_hat_bd)
-        .square()
-        .sum(Kind::Double)
-        .double_value(&[]);
+    let (err, var) = err_sums(x_bd, x_hat_bd);
+    let (err, var) = (err.double_value(&[]), var.double_value(&[]));
+    (err / x_bd.numel() as f64, err / var.max(f64::MIN_POSITIVE))
+}
+
+/// sum ||x - x_hat||^2 and sum ||x - mean_b x||^2, in float64 on the device.
+fn err_sums(x_bd: &Tensor, x_hat_bd: &Tensor) -> (Tensor, Tensor) {
+    let err = (x_bd - x_hat_bd).square().sum(Kind::Double);
     let var = (x_bd - x_bd.mean_dim(0, true, None))
         .square()
-        .sum(Kind::Double)
-        .double_value(&[]);
-    (err / x_bd.numel() as f64, err / var.max(f64::MIN_POSITIVE))
+        .sum(Kind::Double);
+    (err, var)
 }
 
 /// Mean active latents per token: (core, non-core).

@@ -5,6 +5,7 @@
 
 use crate::config::{Config, LayerType, Rope};
 use crate::error::{Error, Result};
+use crate::profile::Laps;
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
@@ -384,7 +385,13 @@ impl Decoder {
     /// Residual after layer `layer`, per-token loss and (when `grad`) the loss gradient with
     /// respect to that residual. Layers `0..=layer` run without autograd; the graph starts at a
     /// detached copy of the residual and is differentiated only with respect to it.
-    pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
+    pub fn forward_layer(
+        &self,
+        ids: &Tensor,
+        layer: usize,
+        grad: bool,
+        laps: &mut Laps,
+    ) -> Result<LayerOutput> {
         let Prefix {
             ids,
             ctx,
@@ -392,6 +399,7 @@ impl Decoder {
             b,
             t,
         } = self.prefix(ids, layer)?;
+        laps.lap(0);
         let n = self.layers.len();
         let leaf = resid.f_detach()?.f_set_requires_grad(grad)?;
         let hn = {
@@ -403,7 +411,9 @@ impl Decoder {
             self.norm
                 .forward(&self.run_layers(leaf.shallow_clone(), layer + 1..n, &ctx)?)?
         };
+        laps.lap(1);
         let (loss, g_hn) = self.chunked_ce(&hn, &ids, grad)?;
+        laps.lap(2);
         let grad = match g_hn {
             Some(g) => {
                 // d/d(leaf) of <hn, g_hn> is the chain rule through layers L+1..N.
@@ -413,6 +423,7 @@ impl Decoder {
             }
             None => None,
         };
+        laps.lap(3);
         Ok(LayerOutput { resid, loss, grad })
     }
 

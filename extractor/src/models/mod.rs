@@ -57,7 +57,19 @@ impl Model {
     /// normed output), the per-token next-token loss and, with `grad`, d(sum of the loss over
     /// each context)/d(resid).
     pub fn forward_layer(&self, ids: &Tensor, layer: usize, grad: bool) -> Result<LayerOutput> {
-        self.decoder.forward_layer(ids, layer, grad)
+        self.decoder
+            .forward_layer(ids, layer, grad, &mut crate::profile::Laps::off())
+    }
+
+    /// `forward_layer`, its phases closed on `laps` (see `extract::BATCH_PHASES`).
+    pub fn forward_layer_timed(
+        &self,
+        ids: &Tensor,
+        layer: usize,
+        grad: bool,
+        laps: &mut crate::profile::Laps,
+    ) -> Result<LayerOutput> {
+        self.decoder.forward_layer(ids, layer, grad, laps)
     }
 
     /// Positions per cross-entropy chunk hold about `elems` logits (default 2^26).
