@@ -124,7 +124,8 @@ model: $(MODEL_STAMP)
 # (tests/fixtures/gen_eval_fixtures.py --real, ~3.5 min on 2 cores); `make test-real` then runs
 # the real-model eval test against them (CI does).
 EVAL_REF := $(MODEL_DIR)/eval-reference/expected.json
-$(EVAL_REF): $(MODEL_STAMP)
+# Regenerated when the generator changes too (its conventions are the reference's).
+$(EVAL_REF): $(MODEL_STAMP) tests/fixtures/gen_eval_fixtures.py
 	$(MAKE) --no-print-directory model
 	$(MODEL_VENV)/bin/python tests/fixtures/gen_eval_fixtures.py --real $(MODEL_DIR)
 
