@@ -126,7 +126,12 @@ def ensure(out=None, verbose=True):
         if os.path.exists(out):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.old-")
             os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(os.path.join(old, "x"), out)  # the old copy back where it was
+                os.rmdir(old)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)
