@@ -16,10 +16,10 @@
 # sizes on a CPU, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# The carried binary on the GPU machine, this checkout's build elsewhere; a Python with torch:
-# the GPU machine's, else the model venv (make model-venv).
+# This checkout's build where there is one (target/ does not travel), else the carried binary;
+# a Python with torch: the GPU machine's, else the model venv (make model-venv).
 first() { for f in "$@"; do if [ -x "$f" ]; then echo "$f"; return; fi; done; echo "${@: -1}"; }
-BIN=${DMSAE_BIN:-$(first gpu/dmsae target/release/dmsae)}
+BIN=${DMSAE_BIN:-$(first target/release/dmsae gpu/dmsae)}
 PY=${PYTHON:-$(first /opt/torch/.venv/bin/python .venv-model/bin/python python3)}
 REAL=${REAL_STORE:-$( [ -d gpu/demo-extract ] && echo gpu/demo-extract || echo target/demo/extract)}
 DEVICE=${DEVICE:-cuda}
@@ -68,6 +68,10 @@ run 300 "$PY" scripts/bench_extract.py --dmsae "$BIN" --model "$W/model" --data 
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --check 2 \
   --keep-store "$W/store-bf16"
 [ -d "$W/store-bf16" ] && run 30 "$BIN" store inspect "$W/store-bf16"
+
+step "where an extraction batch's time goes (DMSAE_PROFILE)"
+DMSAE_PROFILE=1 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
+  --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-profile"
 
 step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32
