@@ -184,12 +184,7 @@ pub fn attribute(
     for b in attribution_stream(store, cfg)? {
         let b = b?;
         let take = (dc.attribution_tokens - acc.tokens).min(b.n as u64) as i64;
-        let rows = |name: &str| {
-            Tensor::from_slice(&b.f32(name).expect("requested array"))
-                .view([b.n as i64, d])
-                .narrow(0, 0, take)
-                .to_device(dev)
-        };
+        let rows = |name: &str| crate::train::rows(&b, name, d as usize, dev).narrow(0, 0, take);
         tch::no_grad(|| {
             let (f, a) = token_attributions(sae, &(rows("acts") * scale), &rows("grads"), n);
             acc.add(&f, &a);
