@@ -51,7 +51,11 @@ help:
 	@echo "make bench-train - dmsae's training step against an eager PyTorch step, same sizes (BENCH_TRAIN='--width 16384')"
 	@echo "make bench-extract - dmsae extract against transformers eager on the same contexts (Gemma-3-270M, CPU)"
 
+# torch 2.11's wheels need Python 3.10 or newer; say so before pip's "no matching distribution".
+PY_CHECK = @$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "make: torch 2.11 needs Python 3.10 or newer; $(PYTHON) is " + sys.version.split()[0] + " (set PYTHON=python3.11 or similar)")'
+
 $(STAMP):
+	$(PY_CHECK)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check $(PY_TEST_DEPS)
 ifdef USE_VENV_TORCH
@@ -101,6 +105,7 @@ bench-sweep: build
 	  --config $(DEMO_DIR)/sweep.toml --k 16,64 --out $(DEMO_DIR)/bench-sweep --compare-separate --quiet
 
 $(MODEL_STAMP):
+	$(PY_CHECK)
 	@test -x $(MODEL_VENV)/bin/python || $(PYTHON) -m venv $(MODEL_VENV)
 	$(MODEL_VENV)/bin/python -m pip install -q --disable-pip-version-check $(MODEL_PINS)
 	@touch $@
