@@ -270,6 +270,9 @@ pub fn train_cycle(
             }
         }
     }
+    // The normalisation scale: the training's, when it ran here (on a --keep-bos store it is a
+    // pass over a sample of the data).
+    let mut trained_scale = None;
     if !out.join(export::CFG_FILE).exists() {
         check_attribution_data(&store, cfg)?;
         let summary = train::train(
@@ -287,6 +290,7 @@ pub fn train_cycle(
         if summary.interrupted {
             return Ok(None);
         }
+        trained_scale = Some(summary.scale);
     }
     let (sae, cfg_json) = load_export(out)?;
     let cfg_path = out.join(export::CFG_FILE);
@@ -308,7 +312,10 @@ pub fn train_cycle(
         });
     }
     let sae = sae.to_device(device);
-    let (_, scale) = scale_of(&store)?;
+    let scale = match trained_scale {
+        Some(s) => s,
+        None => scale_of(&store)?.1,
+    };
     let t0 = std::time::Instant::now();
     let scores = attribute(&store, &sae, scale, cfg)?;
     let attribution_tokens_per_s = scores.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
