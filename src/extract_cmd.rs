@@ -377,7 +377,6 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         let _ = std::io::stderr().flush();
     };
     let outcome = extract::run(&model, &mut packer, &mut writer, &o, bos, stop, &mut show);
-    dmsae_extractor::profile::report();
     if tty {
         eprintln!();
     }

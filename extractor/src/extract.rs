@@ -161,6 +161,7 @@ pub fn run(
             }
         });
         let r = batches(model, &contexts, &tx, o, bos, stop, progress);
+        profile::report();
         drop(contexts);
         drop(tx);
         // A write error explains a failed send, so it comes first.

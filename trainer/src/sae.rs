@@ -13,14 +13,14 @@
 
 use crate::config::TrainConfig;
 use crate::profile::Laps;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
 
 /// The phases of a training step, as `Laps` closes them.
 pub const STEP_PHASES: [&str; 9] = [
     "encode", "codes", "decode", "auxk", "backward", "grad", "adam", "renorm", "stats",
 ];
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 extern "C" {
@@ -347,31 +347,27 @@ impl Sae {
 
     pub fn decode(&self, f_bf: &Tensor) -> Tensor {
         let codes = Codes::of(f_bf);
-        self.decode_latents(&codes, 0, self.width()) + &self.b_dec
+        self.decode_bags(&codes, &codes.rows, codes.batch) + &self.b_dec
     }
 
-    /// sum over latents j in lo..hi of f_j W_dec[j], [B, d], touching only the active
+    /// sum of f_j W_dec[j] over each bag's entries, [n_bags, d], touching only the active
     /// latents' rows: k*B of them, not B*width as a dense matmul would (64x fewer at k 1024
-    /// of 65k). `embedding_bag` differentiates both the codes and the rows it reads.
-    pub fn decode_latents(&self, codes: &Codes, lo: usize, hi: usize) -> Tensor {
-        let (lo, hi) = (lo as i64, hi as i64);
-        let sel = codes.cols.ge(lo).logical_and(&codes.cols.lt(hi));
-        let at = sel.nonzero().squeeze_dim(1);
-        let rows = codes.rows.index_select(0, &at);
-        // Entries are in row-major order, so each token's bag is contiguous.
-        let counts = rows.bincount::<Tensor>(None, codes.batch);
+    /// of 65k). `bag` gives each entry's bag, non-decreasing (entries are in row-major order).
+    /// `embedding_bag` differentiates both the codes and the rows it reads.
+    fn decode_bags(&self, codes: &Codes, bag: &Tensor, n_bags: i64) -> Tensor {
+        let counts = bag.bincount::<Tensor>(None, n_bags);
         let offsets = counts.cumsum(0, Kind::Int64) - &counts;
-        let (x_bd, _, _, _) = Tensor::embedding_bag(
+        let (x_nd, _, _, _) = Tensor::embedding_bag(
             &self.w_dec,
-            &codes.cols.index_select(0, &at),
+            &codes.cols,
             &offsets,
             false,
             0, // sum
             false,
-            Some(codes.vals.index_select(0, &at)),
+            Some(&codes.vals),
             false,
         );
-        x_bd
+        x_nd
     }
 
     /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
@@ -394,21 +390,13 @@ impl Sae {
         let part = codes
             .cols
             .bucketize(&Tensor::from_slice(&starts).to_device(dev), false, true);
-        // Entries are in row-major order and parts are column ranges: each bag is contiguous.
+        // Parts are column ranges, so within a token the bags stay in order.
         let bag = &codes.rows * parts + part;
-        let counts = bag.bincount::<Tensor>(None, codes.batch * parts);
-        let offsets = counts.cumsum(0, Kind::Int64) - &counts;
-        let (x_nd, _, _, _) = Tensor::embedding_bag(
-            &self.w_dec,
-            &codes.cols,
-            &offsets,
-            false,
-            0, // sum
-            false,
-            Some(&codes.vals),
-            false,
-        );
-        x_nd.view([codes.batch, parts, self.d_in as i64])
+        self.decode_bags(codes, &bag, codes.batch * parts).view([
+            codes.batch,
+            parts,
+            self.d_in as i64,
+        ])
     }
 
     /// Per-latent threshold for a JumpReLU export (on the CPU): the carried thresholds for the

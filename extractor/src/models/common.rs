@@ -321,12 +321,25 @@ impl Decoder {
 
     /// Logits for rows `[N, d]` of final-normed hidden states, soft-capped, model dtype.
     pub(crate) fn logits_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let mut l = x.f_linear::<Tensor>(w, None)?;
-        if let Some(c) = self.final_softcap {
-            l = l.f_div_scalar(c)?.f_tanh()?.f_mul_scalar(c)?;
-        }
-        Ok(l)
+        Ok(self.head(x)?.0)
+    }
+
+    /// The output embedding: lm_head, or the tied input embedding.
+    pub(crate) fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// `logits_rows`, and with a soft-cap c the tanh(z / c) it was made from (its backward
+    /// needs it). The soft-cap runs in the model's dtype, as transformers applies it.
+    fn head(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let mut z = x.f_linear::<Tensor>(self.head_weight(), None)?;
+        Ok(match self.final_softcap {
+            Some(c) => {
+                let th = z.f_div_scalar_(c)?.f_tanh_()?;
+                (th.f_mul_scalar(c)?, Some(th))
+            }
+            None => (z, None),
+        })
     }
 
     pub(crate) fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
@@ -459,7 +472,7 @@ impl Decoder {
         let has = Tensor::f_ones([b, t], (Kind::Float, dev))?;
         let _ = has.f_narrow(1, t - 1, 1)?.f_fill_(0.0)?;
         let has = has.f_reshape([rows])?;
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let w = self.head_weight();
         let vocab = w.size()[0];
         // Whole 128-row tiles for the head's products where the chunk allows (Gemma-2's 256,000
         // vocabulary gave 262 rows, a third of a tile wasted).
@@ -475,16 +488,7 @@ impl Decoder {
         while s < rows {
             let c = chunk.min(rows - s);
             let x = flat.f_narrow(0, s, c)?;
-            // The soft-cap in the model's dtype, as transformers applies it; tanh kept for the
-            // backward.
-            let mut z = x.f_linear::<Tensor>(w, None)?;
-            let (logits, tanh) = match self.final_softcap {
-                Some(cap) => {
-                    let th = z.f_div_scalar_(cap)?.f_tanh_()?;
-                    (th.f_mul_scalar(cap)?, Some(th))
-                }
-                None => (z, None),
-            };
+            let (logits, tanh) = self.head(&x)?;
             let logp = logits.f_log_softmax(-1, Kind::Float)?;
             drop(logits);
             let tg = tgt.f_narrow(0, s, c)?.f_unsqueeze(1)?;

@@ -105,7 +105,7 @@ impl Decoder {
             1,
         )?
         .f_reshape([rows])?;
-        let vocab = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).size()[0];
+        let vocab = self.head_weight().size()[0];
         // About five chunk-sized float32 tensors live at once (clean log-probs, probs, the
         // variant's log-probs and two temporaries): a quarter of the CE chunk each.
         let chunk = (self.ce_chunk_elems as i64 / vocab / 4).max(1);
