@@ -51,8 +51,9 @@ help:
 	@echo "make bench-train - dmsae's training step against an eager PyTorch step, same sizes (BENCH_TRAIN='--width 16384')"
 	@echo "make bench-extract - dmsae extract against transformers eager on the same contexts (Gemma-3-270M, CPU)"
 
-# torch 2.11's wheels need Python 3.10 or newer; say so before pip's "no matching distribution".
-PY_CHECK = @$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "make: torch 2.11 needs Python 3.10 or newer; $(PYTHON) is " + sys.version.split()[0] + " (set PYTHON=python3.11 or similar)")'
+# The set-up needs Python 3.11 or newer (transformers 5.24's floor; scripts/demo.py's tomllib);
+# say so before pip's "no matching distribution".
+PY_CHECK = @$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make: the set-up needs Python 3.11 or newer (transformers 5.24, tomllib); $(PYTHON) is " + sys.version.split()[0] + " (set PYTHON=python3.11 or similar)")'
 
 $(STAMP):
 	$(PY_CHECK)
