@@ -18,7 +18,7 @@ use std::process::ExitCode;
 pub struct ExtractArgs {
     /// TOML file with any of the keys below (snake_case: model, data, tokens, layer, out,
     /// context, batch, device, dtype, workers, keep_bos, grad_every, shard_tokens,
-    /// chunk_tokens); flags given here override it.
+    /// chunk_tokens, ce_chunk); flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// HF checkpoint directory: config.json, model.safetensors (or sharded with
@@ -73,6 +73,11 @@ pub struct ExtractArgs {
     /// Rows per store chunk, the unit of random access and checksums [default: 1024].
     #[arg(long)]
     chunk_tokens: Option<usize>,
+    /// Positions per cross-entropy chunk, whose float32 logits exist at once (rounded down to a
+    /// multiple of 128 above 128) [default: as many as hold 2^26 logits on cpu, 2^28 (1 GiB)
+    /// on cuda].
+    #[arg(long)]
+    ce_chunk: Option<usize>,
 }
 
 /// The `--config` file: the flags' names in snake_case, all optional.
@@ -94,6 +99,7 @@ struct FileConfig {
     grad_every: Option<u64>,
     shard_tokens: Option<u64>,
     chunk_tokens: Option<usize>,
+    ce_chunk: Option<usize>,
 }
 
 /// Flags over the config file over defaults.
@@ -113,6 +119,7 @@ struct Resolved {
     grad_every: u64,
     shard_tokens: u64,
     chunk_tokens: usize,
+    ce_chunk: Option<usize>,
 }
 
 fn resolve(a: ExtractArgs) -> Result<Resolved> {
@@ -151,6 +158,7 @@ fn resolve(a: ExtractArgs) -> Result<Resolved> {
         grad_every: a.grad_every.or(f.grad_every).unwrap_or(1),
         shard_tokens: a.shard_tokens.or(f.shard_tokens).unwrap_or(1 << 18),
         chunk_tokens: a.chunk_tokens.or(f.chunk_tokens).unwrap_or(1024),
+        ce_chunk: a.ce_chunk.or(f.ce_chunk),
     })
 }
 
@@ -236,7 +244,13 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     )?;
     let bos = packer.bos();
     let tokenizer_blake3 = hash_file(&packer.tokenizer().path)?;
-    let model = Model::load(&a.model, device, kind)?;
+    let mut model = Model::load(&a.model, device, kind)?;
+    if let Some(rows) = a.ce_chunk {
+        if rows == 0 {
+            bail!("--ce-chunk 0: a cross-entropy chunk holds at least one position");
+        }
+        model.set_ce_chunk_elems(rows * config.vocab_size);
+    }
     let contexts = a.tokens.div_ceil(a.context as u64);
 
     let model_dir = std::fs::canonicalize(&a.model).unwrap_or(a.model.clone());

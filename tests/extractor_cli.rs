@@ -162,7 +162,8 @@ fn extract_writes_what_the_model_and_tokenizer_give() {
         &fixtures().join("extract-sample.jsonl"),
         &out,
         6 * T,
-        &["--keep-bos"],
+        // 5-position CE chunks straddle contexts; the direct forward below takes one chunk.
+        &["--keep-bos", "--ce-chunk", "5"],
     ));
     assert!(
         r.stdout.contains("6 contexts, 96 rows written"),
@@ -410,6 +411,10 @@ fn extract_refusals_are_one_line() {
     assert_one_line_error(&dmsae(&a), &["tokenizer.json", "vocab_size 512"]);
     assert!(!tmp.path().join("s2").exists(), "a store was created");
 
+    assert_one_line_error(
+        &dmsae(&extract_args(&sample, &out, 64, &["--ce-chunk", "0"])),
+        &["--ce-chunk 0"],
+    );
     let mut a = extract_args(&sample, &out, 64, &[]);
     let ti = a.iter().position(|x| x == "--tokens").unwrap() + 1;
     a[ti] = "5X".into();

@@ -72,7 +72,8 @@ impl Model {
         self.decoder.forward_layer(ids, layer, grad, laps)
     }
 
-    /// Positions per cross-entropy chunk hold about `elems` logits (default 2^26).
+    /// Positions per cross-entropy chunk hold about `elems` logits (default 2^26 on the CPU,
+    /// 2^28 on CUDA).
     pub fn set_ce_chunk_elems(&mut self, elems: usize) {
         self.decoder.ce_chunk_elems = elems.max(1);
     }
