@@ -25,13 +25,12 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.f_to_kind(Kind::Float)?;
-        let ms = xf
-            .f_pow_tensor_scalar(2)?
-            .f_mean_dim(-1, true, Kind::Float)?;
-        let y = xf
-            .f_mul(&ms.f_add_scalar(self.eps)?.f_rsqrt()?)?
-            .f_mul(&self.scale)?;
+        // torch's rms_norm, fused on CUDA (one pass where pow, mean, rsqrt and two products
+        // were five over float32 copies of the residual, four norms a Gemma layer).
+        let d = x.size()[x.dim() - 1];
+        let y = x
+            .f_to_kind(Kind::Float)?
+            .f_rms_norm([d], Some(&self.scale), self.eps)?;
         Ok(y.f_to_kind(x.kind())?)
     }
 }
@@ -195,20 +194,28 @@ impl Attention {
             k = kn.forward(&k)?;
         }
         let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
-        let q = apply_rope(&q, cos, sin)?;
+        // The scores' scaling (and the soft-cap's 1/c) on q, [B, H, T, Dh], rather than on the
+        // [B, H, T, T] scores: a quarter of the traffic at T = 4 Dh. Gemma's 1/sqrt(256) is a
+        // power of two, so without a soft-cap this is exact in any dtype.
+        let pre = self.scaling / self.softcap.unwrap_or(1.0);
+        let q = apply_rope(&q, cos, sin)?.f_mul_scalar(pre)?;
         let k = apply_rope(&k, cos, sin)?;
         // GQA by broadcasting each KV head over its group of query heads (no repeat_kv copy).
         let q = q.f_view([b, kv, h / kv, t, hd])?;
         let k = k.f_unsqueeze(2)?;
         let v = v.f_unsqueeze(2)?;
-        let mut s = q
-            .f_matmul(&k.f_transpose(-1, -2)?)?
-            .f_mul_scalar(self.scaling)?;
+        let mut s = q.f_matmul(&k.f_transpose(-1, -2)?)?;
         if let Some(c) = self.softcap {
-            s = s.f_div_scalar(c)?.f_tanh()?.f_mul_scalar(c)?;
+            s = s.f_tanh()?.f_mul_scalar(c)?;
         }
         let s = s.f_masked_fill(&ctx.mask[lt as usize], f64::NEG_INFINITY)?;
-        let p = s.f_softmax(-1, Kind::Float)?.f_to_kind(x.kind())?;
+        // Softmax in float32 as HF does. Without a graph, the kernel's float32 result is rounded
+        // straight to the model dtype (the same values, one [B, H, T, T] float32 write and read
+        // fewer); with one, the backward keeps HF's float32 probabilities.
+        let p = match s.requires_grad() {
+            true => s.f_softmax(-1, Kind::Float)?.f_to_kind(x.kind())?,
+            false => s.f_softmax(-1, None::<Kind>)?,
+        };
         let o = p
             .f_matmul(&v)?
             .f_view([b, h, t, hd])?
