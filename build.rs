@@ -59,5 +59,9 @@ fn compile_csrc(csrc: &Path, lib: &Path) {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .files(&files)
-        .compile("dmsae_csrc");
+        // One archive name per crate: with a shared name the linker takes one crate's only.
+        .compile(&format!(
+            "{}_csrc",
+            std::env::var("CARGO_PKG_NAME").unwrap().replace('-', "_")
+        ));
 }

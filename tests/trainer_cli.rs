@@ -432,3 +432,53 @@ fn a_hard_kill_after_a_checkpoint_keeps_every_metrics_line() {
     );
     assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 1);
 }
+
+/// `DMSAE_KINETO`: libtorch's profiler over steps 2..5 writes its table of ops (on the CPU;
+/// kernels on CUDA): per-step times of the encoder's product and Adam must be there.
+#[test]
+fn kineto_profiles_a_window_of_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, rows) = sparse_dictionary(D, 48, 4, 4 * 256, 0.02, 3);
+    let store = import(tmp.path(), &rows);
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let table = tmp.path().join("kineto.tsv");
+    let args = common::args_of(&[
+        "train",
+        "--shards",
+        store.to_str().unwrap(),
+        "--width",
+        "128",
+        "--k",
+        "4",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "8",
+        "--out",
+        tmp.path().join("run").to_str().unwrap(),
+    ]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
+        .args(&args)
+        .env("DMSAE_KINETO", &table)
+        .env("DMSAE_KINETO_FROM", "2")
+        .env("DMSAE_KINETO_UNITS", "3")
+        .output()
+        .unwrap();
+    let r = common::finished(out, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("units 2..5 profiled"), "{}", r.stderr);
+    let text = std::fs::read_to_string(&table).unwrap();
+    assert!(text.starts_with("# 3 units over "), "{text}");
+    let calls = |op: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 4 && f[3] == op).then(|| f[1].parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {op} in\n{text}"))
+    };
+    // One fused Adam call a step; the encoder's product at least once a step.
+    assert_eq!(calls("aten::_fused_adam_"), 1.0, "{text}");
+    assert!(calls("aten::matmul") >= 1.0, "{text}");
+}

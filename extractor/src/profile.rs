@@ -57,6 +57,13 @@ impl Laps {
     }
 
     pub fn start(device: Device) -> Laps {
+        kineto::tick(device);
+        Laps::resume(device)
+    }
+
+    /// `start` for the rest of a unit on another thread (the extraction writer's phases): not
+    /// a new unit for `DMSAE_KINETO`'s window.
+    pub fn resume(device: Device) -> Laps {
         let on = ON.load(Ordering::Relaxed);
         let mut l = Laps { device, last: None };
         if on {
@@ -121,4 +128,111 @@ pub fn report() {
         1e3 * total / n as f64,
         parts.join(", ")
     );
+}
+
+/// `DMSAE_KINETO=PATH`: libtorch's Kineto profiler over a window of units (training steps or
+/// extraction batches; `DMSAE_KINETO_FROM`, default 10, then `DMSAE_KINETO_UNITS`, default 10),
+/// its per-kernel totals written to PATH (`csrc/kineto.cpp`). Independent of `DMSAE_PROFILE`:
+/// without its synchronisations, the table shows the device as a run keeps it busy.
+mod kineto {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+    use tch::Device;
+
+    extern "C" {
+        fn dmsae_kineto_start(cuda: i32, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+        fn dmsae_kineto_stop(
+            path: *const std::ffi::c_char,
+            units: f64,
+            wall_s: f64,
+            err: *mut std::ffi::c_char,
+            err_len: usize,
+        ) -> i32;
+    }
+
+    struct Window {
+        path: std::ffi::CString,
+        from: u64,
+        units: u64,
+    }
+
+    static WINDOW: OnceLock<Option<Window>> = OnceLock::new();
+    static UNITS: AtomicU64 = AtomicU64::new(0);
+    static STARTED: Mutex<Option<Instant>> = Mutex::new(None);
+
+    fn window() -> Option<&'static Window> {
+        WINDOW
+            .get_or_init(|| {
+                let path = std::env::var("DMSAE_KINETO")
+                    .ok()
+                    .filter(|p| !p.is_empty())?;
+                let num = |var: &str, default: u64| {
+                    std::env::var(var)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(default)
+                };
+                Some(Window {
+                    path: std::ffi::CString::new(path).ok()?,
+                    from: num("DMSAE_KINETO_FROM", 10),
+                    units: num("DMSAE_KINETO_UNITS", 10).max(1),
+                })
+            })
+            .as_ref()
+    }
+
+    fn message(err: &[u8]) -> String {
+        let msg = std::ffi::CStr::from_bytes_until_nul(err).unwrap_or_default();
+        msg.to_string_lossy().into_owned()
+    }
+
+    /// At the start of each unit: opens the window at unit `from`, closes it `units` later.
+    pub fn tick(device: Device) {
+        let Some(w) = window() else { return };
+        let u = UNITS.fetch_add(1, Ordering::Relaxed);
+        if u != w.from && u != w.from + w.units {
+            return;
+        }
+        // The window holds exactly its units' kernels.
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let mut err = [0u8; 512];
+        let mut started = STARTED.lock().expect("kineto lock");
+        if u == w.from {
+            // SAFETY: `err` outlives the call, which writes at most err.len() bytes into it.
+            let rc = unsafe {
+                dmsae_kineto_start(device.is_cuda() as i32, err.as_mut_ptr().cast(), err.len())
+            };
+            match rc {
+                0 => *started = Some(Instant::now()),
+                _ => eprintln!(
+                    "DMSAE_KINETO: the profiler did not start: {}",
+                    message(&err)
+                ),
+            }
+        } else if let Some(t) = started.take() {
+            let wall = t.elapsed().as_secs_f64();
+            // SAFETY: as above; `path` is a live NUL-terminated string.
+            let rc = unsafe {
+                dmsae_kineto_stop(
+                    w.path.as_ptr(),
+                    w.units as f64,
+                    wall,
+                    err.as_mut_ptr().cast(),
+                    err.len(),
+                )
+            };
+            match rc {
+                0 => eprintln!(
+                    "DMSAE_KINETO: units {}..{} profiled into {}",
+                    w.from,
+                    w.from + w.units,
+                    w.path.to_string_lossy()
+                ),
+                _ => eprintln!("DMSAE_KINETO: {}", message(&err)),
+            }
+        }
+    }
 }
