@@ -176,8 +176,14 @@ def main():
         m = re.search(r"([\d.]+)([KMB]?) tokens/s over \S+ \(model ([\d.]+)s, waiting for the store writer ([\d.]+)s\)", out)
         if not m:
             sys.exit(f"bench_extract: no rate in dmsae's output:\n{out}")
-        ours = float(m[1]) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m[2]]
+        unit = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}
+        whole = float(m[1]) * unit[m[2]]
         model_s, wait_s = float(m[3]), float(m[4])
+        # The anchor leaves its first batch untimed (start-up): the same for dmsae.
+        m = re.search(r"([\d.]+)([KMB]?) tokens/s after the first batch", out)
+        if not m:
+            sys.exit(f"bench_extract: no rate after the first batch in dmsae's output (batches >= 2?):\n{out}")
+        ours = float(m[1]) * unit[m[2]]
         tokens = exported(a, store, ["tokens"], work)["tokens"].astype(np.int64)
         if tokens.size != n_ctx * (a.context - 1):
             sys.exit(f"bench_extract: {store} holds {tokens.size} rows, expected {n_ctx} contexts of {a.context - 1}")
@@ -216,7 +222,8 @@ def main():
           f"{fpt / 1e9:.2f} GFLOP per stored token" + (f", peak {peak / 1e12:.0f} TFLOP/s dense" if peak else ""))
     print("| implementation | tokens/s | dmsae / this | FLOP utilisation |\n|---|---|---|---|")
     mfu = lambda r: f"{r * fpt / peak:.1%}" if peak else "-"  # noqa: E731
-    print(f"| dmsae extract (whole command: model, gradients, store) | {ours:,.0f} | 1.00 | {mfu(ours)} |")
+    print(f"| dmsae extract (model, gradients, store; first batch untimed) | {ours:,.0f} | 1.00 | {mfu(ours)} |")
+    print(f"| dmsae extract, every batch timed | {whole:,.0f} | {ours / whole:.2f} | {mfu(whole)} |")
     for name, r in rates:
         print(f"| {name} | {r:,.0f} | {ours / r:.2f} | {mfu(r)} |")
     print(f"dmsae: {model_s:.1f} s in the model, {wait_s:.2f} s waiting for its store writer")

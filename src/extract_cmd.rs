@@ -400,7 +400,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     let rows: u64 = shards.iter().map(|s| s.tokens).sum();
     let secs = last.seconds.max(1e-9);
     println!(
-        "{}: worker {} of {}: {} contexts, {rows} rows written this run (layer {}, {}), {} tokens/s over {secs:.2}s (model {:.2}s, waiting for the store writer {:.2}s)",
+        "{}: worker {} of {}: {} contexts, {rows} rows written this run (layer {}, {}), {} tokens/s over {secs:.2}s (model {:.2}s, waiting for the store writer {:.2}s){}",
         a.out.display(),
         a.worker,
         a.workers,
@@ -409,7 +409,9 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         if skip_rows > 0 { format!("resumed after {skip_rows} rows") } else { "fresh".into() },
         human(last.tokens_computed as f64 / secs),
         last.model_seconds,
-        last.writer_wait_seconds
+        last.writer_wait_seconds,
+        last.rate_after_first()
+            .map_or(String::new(), |r| format!("; {} tokens/s after the first batch", human(r)))
     );
     match outcome {
         Outcome::Done => Ok(ExitCode::SUCCESS),

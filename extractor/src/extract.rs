@@ -60,6 +60,19 @@ pub struct Progress {
     /// batch to the store writer (the accelerator idles then; it should stay near 0).
     pub model_seconds: f64,
     pub writer_wait_seconds: f64,
+    /// `tokens_computed` and `seconds` when the first computed batch was handed on: the rate
+    /// after it leaves out start-up (the packer's first contexts, CUDA's lazy initialisation
+    /// and the allocator's first growth), as a long job's rate does.
+    pub first_batch: Option<(u64, f64)>,
+}
+
+impl Progress {
+    /// Tokens per second after the first computed batch; None before a second one.
+    pub fn rate_after_first(&self) -> Option<f64> {
+        let (tokens, secs) = self.first_batch?;
+        let (dt, ds) = (self.tokens_computed - tokens, self.seconds - secs);
+        (dt > 0 && ds > 0.0).then(|| dt as f64 / ds)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -247,6 +260,9 @@ fn batches(
                 p.rows_written += rows - skip;
                 p.tokens_computed += (toks.len() * t) as u64;
                 skip = 0;
+                if p.first_batch.is_none() {
+                    p.first_batch = Some((p.tokens_computed, start.elapsed().as_secs_f64()));
+                }
             }
             p.contexts += toks.len() as u64;
             p.seconds = start.elapsed().as_secs_f64();
@@ -341,7 +357,7 @@ impl Computed {
             skip,
         } = self;
         let t = o.context;
-        let mut laps = Laps::start(device);
+        let mut laps = Laps::resume(device);
         // Per context: (part, row within part).
         let mut loc = vec![(0usize, 0usize); ids.len()];
         let mut host: Vec<(Vec<u8>, Vec<u8>, Vec<f32>)> = Vec::new();
