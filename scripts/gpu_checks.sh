@@ -69,9 +69,19 @@ run 300 "$PY" scripts/bench_extract.py --dmsae "$BIN" --model "$W/model" --data 
   --keep-store "$W/store-bf16"
 [ -d "$W/store-bf16" ] && run 30 "$BIN" store inspect "$W/store-bf16"
 
-step "where an extraction batch's time goes (DMSAE_PROFILE)"
-DMSAE_PROFILE=1 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
+step "where an extraction batch's time goes (DMSAE_PROFILE), and its kernels (DMSAE_KINETO, $OUT/kineto-extract.tsv)"
+DMSAE_PROFILE=1 DMSAE_KINETO="$OUT/kineto-extract.tsv" DMSAE_KINETO_FROM=1 DMSAE_KINETO_UNITS=2 \
+  run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-profile"
+
+step "does a CUDA extraction repeat bit for bit? (the same command again; shard BLAKE3s compared)"
+run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
+  --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-repeat"
+"$PY" - "$W/store-profile" "$W/store-repeat" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+a, b = ([s["blake3"] for s in json.load(open(d + "/manifest.json"))["shards"]] for d in sys.argv[1:3])
+print("extraction repeat: identical shards" if a == b else f"extraction repeat: shards DIFFER: {a} {b}")
+PY
 
 step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32
@@ -105,12 +115,23 @@ step "eval: the sweep's SAEs spliced into the model on the device"
 run 120 "$BIN" eval --model "$W/model" --sae "$W/sweep" --data "$W/text.txt" --tokens "$((CTX * 8))" \
   --context "$CTX" --batch "$BATCH" --device "$DEVICE" --out "$W/eval"
 
-step "where a training step's time goes (DMSAE_PROFILE), AuxK idle and then on every latent"
+step "where a training step's time goes (DMSAE_PROFILE; kernels from DMSAE_KINETO in $OUT), AuxK idle and then on every latent"
 for dead in 10000000 0; do
   printf 'dead_tokens = %s\n' "$dead" | cat "$W/train.toml" - > "$W/profile.toml"
   DMSAE_PROFILE=1 run 90 "$BIN" train --shards "$W/store-bf16" --width "$WIDTH" --k "$K" --steps 50 \
     --config "$W/profile.toml" --device "$DEVICE" --quiet --out "$W/profile-$dead"
+  DMSAE_KINETO="$OUT/kineto-train-dead$dead.tsv" run 90 "$BIN" train --shards "$W/store-bf16" --width "$WIDTH" \
+    --k "$K" --steps 30 --config "$W/profile.toml" --device "$DEVICE" --quiet --out "$W/kineto-$dead"
 done
+
+step "does a seeded CUDA training run repeat bit for bit?"
+for r in 1 2; do
+  printf 'seed = 3\n' | cat "$W/train.toml" - > "$W/seeded.toml"
+  run 90 "$BIN" train --shards "$W/store-bf16" --width "$WIDTH" --k "$K" --steps 20 --config "$W/seeded.toml" \
+    --device "$DEVICE" --quiet --out "$W/seeded-$r"
+done
+"$PY" -c 'import hashlib, sys; h = [hashlib.sha256(open(p + "/sae_weights.safetensors", "rb").read()).hexdigest() for p in sys.argv[1:]]; print("training repeat:", "identical weights" if h[0] == h[1] else "weights DIFFER")' \
+  "$W/seeded-1" "$W/seeded-2" 2>&1 | tee -a "$LOG"
 
 step "extract, bf16, batch $((2 * BATCH)): a rate only"
 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT" --layer "$LAYER" \
@@ -118,6 +139,6 @@ run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRAC
 
 step "extract, float32: a rate only"
 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" --layer "$LAYER" \
-  --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype f32 --out "$W/store-f32"
+  --context "$CTX" --batch "$((BATCH / 2))" --device "$DEVICE" --dtype f32 --out "$W/store-f32"
 
 step "done"
