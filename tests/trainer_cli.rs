@@ -351,6 +351,27 @@ fn train_refuses_bad_input_on_one_line() {
 /// `dmsae train` killed with SIGKILL after a periodic checkpoint, then resumed: metrics.jsonl
 /// holds every logged step exactly once (the lines before the checkpoint were on disk when it
 /// was written).
+/// `dmsae train` of a width-128, k-4 SAE, quietly.
+fn small_train_args(store: &Path, cfg: &Path, steps: u64, out: &Path) -> Vec<String> {
+    let steps = steps.to_string();
+    common::args_of(&[
+        "train",
+        "--shards",
+        store.to_str().unwrap(),
+        "--width",
+        "128",
+        "--k",
+        "4",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_hard_kill_after_a_checkpoint_keeps_every_metrics_line() {
     let tmp = tempfile::tempdir().unwrap();
@@ -367,25 +388,7 @@ fn a_hard_kill_after_a_checkpoint_keeps_every_metrics_line() {
     std::fs::write(&cfg, c).unwrap();
     let out = tmp.path().join("run");
     let steps = 1000u64;
-    let args: Vec<String> = [
-        "train",
-        "--shards",
-        store.to_str().unwrap(),
-        "--width",
-        "128",
-        "--k",
-        "4",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--steps",
-        &steps.to_string(),
-        "--quiet",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = small_train_args(&store, &cfg, steps, &out);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
         .args(&args)
         .stdout(std::process::Stdio::null())
@@ -443,21 +446,7 @@ fn kineto_profiles_a_window_of_steps() {
     let cfg = tmp.path().join("c.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let table = tmp.path().join("kineto.tsv");
-    let args = common::args_of(&[
-        "train",
-        "--shards",
-        store.to_str().unwrap(),
-        "--width",
-        "128",
-        "--k",
-        "4",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--steps",
-        "8",
-        "--out",
-        tmp.path().join("run").to_str().unwrap(),
-    ]);
+    let args = small_train_args(&store, &cfg, 8, &tmp.path().join("run"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmsae"))
         .args(&args)
         .env("DMSAE_KINETO", &table)

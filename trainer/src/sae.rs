@@ -554,6 +554,8 @@ impl Trainer {
         let g = s.groups.len() as i64;
         let mut r_bd = x_bd - parts_bgd.select(1, 0) - &s.b_dec;
         let mut l2 = x_bd.zeros_like().sum(None);
+        // Not `-=`/`+=`: tch's are in place, and autograd keeps each residual for its square.
+        #[allow(clippy::assign_op_pattern)]
         for p in 1..=g {
             r_bd = r_bd - parts_bgd.select(1, p);
             l2 = l2 + r_bd.square().sum_dim_intlist(-1, false, None).mean(None);
