@@ -320,7 +320,8 @@ fn sweep_trains_in_one_pass_what_train_trains_alone() {
     assert_one_line_error(&dmsae(&a), &["core.safetensors", "W_enc [8, c]"]);
     let mut a = sweep_args("2", &sweep);
     a.extend(["--width".into(), "40".into()]);
-    assert_one_line_error(&dmsae(&a), &["distilled-core-k2", "another config"]);
+    // Every finished model in --out is checked first, in name order.
+    assert_one_line_error(&dmsae(&a), &["baseline-k2/cfg.json", "another config"]);
     // A core regenerated at the same path is another core: known by content, not path.
     let core_path = run.join("distilled/core.safetensors");
     let saved = std::fs::read(&core_path).unwrap();

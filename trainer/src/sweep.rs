@@ -223,6 +223,13 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
         random_core(c0, core_size, d, cfg.seed, &random_file)?;
     }
 
+    // The table covers every finished model in `out`: refuse now, not after training, any that
+    // cannot join it. Those this sweep names are skipped if they match it exactly.
+    let finished: std::collections::HashMap<String, Value> =
+        finished_models(out, &cfg, store_dir, &shards)?
+            .into_iter()
+            .map(|(name, _, _, v)| (name, v))
+            .collect();
     let mut specs = Vec::new();
     let (mut trained, mut skipped) = (Vec::new(), Vec::new());
     for &s in &series {
@@ -235,18 +242,13 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
                 Series::RandomCore => Some(random_file.clone()),
             };
             let dir = out.join(&name);
-            let cfg_path = dir.join(export::CFG_FILE);
-            if cfg_path.exists() {
-                let v = read_json(&cfg_path)?;
-                if export_store_identity(&v) != shards {
-                    return Err(store_differs(&dir, store_dir));
-                }
+            if let Some(v) = finished.get(&name) {
                 let x = &v["dmsae"];
                 let hash = core_file.as_deref().map(file_blake3).transpose()?;
                 let same_core = x["core_blake3"] == json!(hash);
                 if x["train_config"] != json!(cfg_k) || !same_core {
                     return Err(bad(
-                        &cfg_path,
+                        &dir.join(export::CFG_FILE),
                         "a finished model with another config or core; remove the directory",
                     ));
                 }
@@ -267,9 +269,6 @@ pub fn sweep(spec: SweepSpec, progress: impl FnMut(&Progress)) -> Result<SweepOu
         }
     }
 
-    // The table covers every finished model in `out`: refuse now, not after training, any that
-    // cannot join it.
-    finished_models(out, &cfg, store_dir, &shards)?;
     let (mut interrupted, mut run_tokens, mut seconds) = (false, 0, 0.0);
     if !specs.is_empty() {
         let mut members = Vec::new();
