@@ -27,6 +27,11 @@ fn compile_csrc(csrc: &Path, lib: &Path) {
         .collect();
     files.sort();
     println!("cargo:rerun-if-changed={}", csrc.display());
+    // CUDA sources a csrc/ file may include (the CPU emulator of kernels/).
+    let kernels = csrc.with_file_name("kernels");
+    if kernels.is_dir() {
+        println!("cargo:rerun-if-changed={}", kernels.display());
+    }
     // The same headers and ABI as torch-sys's own C++: in its Python mode torch/include beside
     // the library; otherwise LIBTORCH_INCLUDE, else LIBTORCH, with the ABI it is told.
     for var in [

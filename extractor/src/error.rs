@@ -30,6 +30,9 @@ pub enum Error {
     /// Writing the store failed.
     #[error(transparent)]
     Store(#[from] dmsae_store::StoreError),
+    /// One of dmsae's own CUDA kernels (kernels.rs) failed to launch.
+    #[error("cuda: {0}")]
+    Kernel(String),
     /// libtorch failed (out of memory, device errors).
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

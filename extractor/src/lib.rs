@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod extract;
+pub mod kernels;
 pub mod models;
 pub mod profile;
 pub mod runtime;

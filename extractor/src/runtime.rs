@@ -61,7 +61,7 @@ pub fn load_cuda(build_dir: Option<&str>) -> Result<(), String> {
 }
 
 /// The directory of the libtorch actually mapped into this process.
-fn loaded_libtorch_dir() -> Option<PathBuf> {
+pub(crate) fn loaded_libtorch_dir() -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|l| l.split_whitespace().nth(5))

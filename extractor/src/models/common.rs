@@ -5,6 +5,7 @@
 
 use crate::config::{Config, LayerType, Rope};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::profile::Laps;
 use crate::weights::Weights;
 use tch::{Device, Kind, Tensor};
@@ -205,10 +206,16 @@ impl Attention {
         let k = k.f_unsqueeze(2)?;
         let v = v.f_unsqueeze(2)?;
         let mut s = q.f_matmul(&k.f_transpose(-1, -2)?)?;
+        let mask = &ctx.mask[lt as usize];
+        if fused_attention(x) {
+            let p = kernels::softcap_softmax(&s.f_contiguous()?, mask, self.softcap)
+                .map_err(Error::Kernel)?;
+            return self.attend(&p, &v, b, t);
+        }
         if let Some(c) = self.softcap {
             s = s.f_tanh()?.f_mul_scalar(c)?;
         }
-        let s = s.f_masked_fill(&ctx.mask[lt as usize], f64::NEG_INFINITY)?;
+        let s = s.f_masked_fill(mask, f64::NEG_INFINITY)?;
         // Softmax in float32 as HF does. Without a graph, the kernel's float32 result is rounded
         // straight to the model dtype (the same values, one [B, H, T, T] float32 write and read
         // fewer); with one, the backward keeps HF's float32 probabilities.
@@ -216,12 +223,56 @@ impl Attention {
             true => s.f_softmax(-1, Kind::Float)?.f_to_kind(x.kind())?,
             false => s.f_softmax(-1, None::<Kind>)?,
         };
+        self.attend(&p, &v, b, t)
+    }
+
+    /// The output projection of the probabilities `p` applied to `v`.
+    fn attend(&self, p: &Tensor, v: &Tensor, b: i64, t: i64) -> Result<Tensor> {
+        let (h, hd) = (self.heads, self.head_dim);
         let o = p
-            .f_matmul(&v)?
+            .f_matmul(v)?
             .f_view([b, h, t, hd])?
             .f_transpose(1, 2)?
             .f_reshape([b, t, h * hd])?;
         self.o_proj.forward(&o)
+    }
+}
+
+/// Whether attention runs the fused softmax (kernels/softcap_softmax.cu) for hidden states `x`:
+/// on CUDA in bf16 or float32, unless DMSAE_FUSED_ATTENTION=0 (the ATen sequence, for
+/// comparison). If the kernel cannot be compiled or loaded, the ATen sequence runs instead and
+/// stderr says why, once.
+fn fused_attention(x: &Tensor) -> bool {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    fused_wanted(
+        x,
+        "DMSAE_FUSED_ATTENTION",
+        kernels::softcap_softmax_ready,
+        &WARNED,
+        "attention softmax",
+    )
+}
+
+/// The common test of `fused_attention` and `Decoder::fused_ce`.
+fn fused_wanted(
+    x: &Tensor,
+    var: &str,
+    ready: fn(Device) -> std::result::Result<(), String>,
+    warned: &std::sync::Once,
+    what: &str,
+) -> bool {
+    if !x.device().is_cuda()
+        || !matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+        || std::env::var(var).is_ok_and(|v| v == "0")
+    {
+        return false;
+    }
+    match ready(x.device()) {
+        Ok(()) => true,
+        Err(e) => {
+            warned.call_once(|| eprintln!("dmsae: fused {what} unavailable, using ATen's ({e})"));
+            false
+        }
     }
 }
 
@@ -339,14 +390,10 @@ impl Decoder {
     /// `logits_rows`, and with a soft-cap c the tanh(z / c) it was made from (its backward
     /// needs it). The soft-cap runs in the model's dtype, as transformers applies it.
     fn head(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let mut z = x.f_linear::<Tensor>(self.head_weight(), None)?;
-        Ok(match self.final_softcap {
-            Some(c) => {
-                let th = z.f_div_scalar_(c)?.f_tanh_()?;
-                (th.f_mul_scalar(c)?, Some(th))
-            }
-            None => (z, None),
-        })
+        soft_cap(
+            x.f_linear::<Tensor>(self.head_weight(), None)?,
+            self.final_softcap,
+        )
     }
 
     pub(crate) fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
@@ -449,14 +496,7 @@ impl Decoder {
 
     /// Per-position next-token CE over chunks of positions; with `grad`, the gradient of each
     /// chunk's summed CE with respect to its rows of `hn` (so no chunk's logits outlive it),
-    /// `[B*T, d]`.
-    ///
-    /// The gradient is written out rather than left to autograd: d CE / d logits is
-    /// softmax - onehot, and through the soft-cap c * tanh(z / c) it gains 1 - tanh^2. Autograd's
-    /// chain (logsumexp's and gather's backwards, their sum, the casts, the three soft-cap
-    /// steps) moved about 104 bytes per logit across forward and backward, this about 52: on an
-    /// H100 (Gemma-2-2B, batch 8 of 1,024) the head and CE took 125 of a batch's 506 ms, 19 of
-    /// its 71 TFLOP.
+    /// `[B*T, d]`. Each chunk's CE is `ce_rows`, or on CUDA the fused kernel doing the same.
     pub(crate) fn chunked_ce(
         &self,
         hn: &Tensor,
@@ -489,34 +529,23 @@ impl Decoder {
         } else {
             chunk
         };
+        let fused = self.fused_ce(&flat);
         let (mut losses, mut grads) = (Vec::new(), Vec::new());
         let _g = tch::no_grad_guard();
         let mut s = 0;
         while s < rows {
             let c = chunk.min(rows - s);
-            let x = flat.f_narrow(0, s, c)?;
-            let (logits, tanh) = self.head(&x)?;
-            let logp = logits.f_log_softmax(-1, Kind::Float)?;
-            drop(logits);
-            let tg = tgt.f_narrow(0, s, c)?.f_unsqueeze(1)?;
-            let has_c = has.f_narrow(0, s, c)?;
-            let ce = logp
-                .f_gather(1, &tg, false)?
-                .f_squeeze_dim(1)?
-                .f_neg()?
-                .f_mul(&has_c)?;
-            if grad {
-                // (softmax - onehot) on rows with a target; zero on the rest.
-                let mut logp = logp;
-                let mut p = logp.f_exp_()?.f_mul_(&has_c.f_unsqueeze(1)?)?;
-                let _ = p.f_scatter_add_(1, &tg, &has_c.f_neg()?.f_unsqueeze(1)?)?;
-                let mut g = p.f_to_kind(self.kind)?;
-                drop(p);
-                if let Some(th) = &tanh {
-                    // g * (1 - tanh^2), as g - (g * tanh) * tanh.
-                    let mut u = g.f_mul(th)?;
-                    let _ = g.f_sub_(&u.f_mul_(th)?)?;
+            let z = flat.f_narrow(0, s, c)?.f_linear::<Tensor>(w, None)?;
+            let (tg, has_c) = (tgt.f_narrow(0, s, c)?, has.f_narrow(0, s, c)?);
+            let (ce, g) = match fused {
+                true => {
+                    let ce = kernels::softcap_ce(&z, &tg, &has_c, self.final_softcap, grad)
+                        .map_err(Error::Kernel)?;
+                    (ce, grad.then_some(z))
                 }
+                false => ce_rows(z, &tg, &has_c, self.final_softcap, grad)?,
+            };
+            if let Some(g) = g {
                 grads.push(g.f_matmul(w)?);
             }
             losses.push(ce);
@@ -532,6 +561,78 @@ impl Decoder {
         };
         Ok((loss, g))
     }
+}
+
+impl Decoder {
+    /// Whether `chunked_ce` runs the fused kernel (kernels/softcap_ce.cu) on logits like `z`: on
+    /// CUDA in bf16 or float32, unless DMSAE_FUSED_CE=0 (the ATen sequence, for comparison). If
+    /// the kernel cannot be compiled or loaded, the ATen sequence runs and stderr says why, once.
+    fn fused_ce(&self, z: &Tensor) -> bool {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        fused_wanted(
+            z,
+            "DMSAE_FUSED_CE",
+            kernels::softcap_ce_ready,
+            &WARNED,
+            "cross-entropy",
+        )
+    }
+}
+
+/// `c * tanh(z / c)` in z's dtype, as transformers applies the final soft-cap, and the tanh
+/// (its backward needs it); z as is without a cap.
+fn soft_cap(mut z: Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(match cap {
+        Some(c) => {
+            let th = z.f_div_scalar_(c)?.f_tanh_()?;
+            (th.f_mul_scalar(c)?, Some(th))
+        }
+        None => (z, None),
+    })
+}
+
+/// The next-token CE of each row of pre-cap logits `z` [rows, vocab] against `targets` [rows],
+/// times `has` [rows] (1 where the position has a target), in ATen operations; with `grad`,
+/// d(sum of it)/dz in z's dtype. kernels/softcap_ce.cu computes the same in one kernel.
+///
+/// The gradient is written out rather than left to autograd: d CE / d logits is
+/// softmax - onehot, and through the soft-cap c * tanh(z / c) it gains 1 - tanh^2. Autograd's
+/// chain (logsumexp's and gather's backwards, their sum, the casts, the three soft-cap
+/// steps) moved about 104 bytes per logit across forward and backward, this about 52: on an
+/// H100 (Gemma-2-2B, batch 8 of 1,024) the head and CE took 125 of a batch's 506 ms, 19 of
+/// its 71 TFLOP.
+pub(crate) fn ce_rows(
+    z: Tensor,
+    targets: &Tensor,
+    has: &Tensor,
+    cap: Option<f64>,
+    grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let kind = z.kind();
+    let (logits, tanh) = soft_cap(z, cap)?;
+    let logp = logits.f_log_softmax(-1, Kind::Float)?;
+    drop(logits);
+    let tg = targets.f_unsqueeze(1)?;
+    let ce = logp
+        .f_gather(1, &tg, false)?
+        .f_squeeze_dim(1)?
+        .f_neg()?
+        .f_mul(has)?;
+    if !grad {
+        return Ok((ce, None));
+    }
+    // (softmax - onehot) on rows with a target; zero on the rest.
+    let mut logp = logp;
+    let mut p = logp.f_exp_()?.f_mul_(&has.f_unsqueeze(1)?)?;
+    let _ = p.f_scatter_add_(1, &tg, &has.f_neg()?.f_unsqueeze(1)?)?;
+    let mut g = p.f_to_kind(kind)?;
+    drop(p);
+    if let Some(th) = &tanh {
+        // g * (1 - tanh^2), as g - (g * tanh) * tanh.
+        let mut u = g.f_mul(th)?;
+        let _ = g.f_sub_(&u.f_mul_(th)?)?;
+    }
+    Ok((ce, Some(g)))
 }
 
 impl Ctx {

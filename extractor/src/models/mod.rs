@@ -1,6 +1,6 @@
 //! The supported architectures and the forward pass the extraction needs.
 
-mod common;
+pub(crate) mod common;
 pub mod gemma2;
 pub mod gemma3;
 mod splice;

@@ -1,0 +1,154 @@
+// Runs the CUDA kernels of extractor/kernels/ on the CPU, so their logic is tested where there
+// is no GPU (CI): each CUDA thread of a block is an OS thread, __syncthreads a barrier over
+// the block, a warp shuffle an exchange through memory between two barriers over the warp.
+// Blocks run one after another, so a __shared__ variable becomes a static one. The kernels'
+// own text is compiled, not a copy of it; only the CUDA built-ins below are stand-ins.
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace emu {
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+class Barrier {
+ public:
+  explicit Barrier(unsigned n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const unsigned gen = gen_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  unsigned n_, arrived_ = 0, gen_ = 0;
+};
+
+thread_local Dim3 thread_idx;
+Dim3 block_idx, block_dim;
+std::unique_ptr<Barrier> block_barrier;
+std::vector<std::unique_ptr<Barrier>> warp_barriers;
+std::vector<float> lanes;  // one slot per thread, for shuffles
+}  // namespace emu
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+
+static inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline float __int_as_float(int i) { return __uint_as_float((unsigned)i); }
+static inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+static inline void __syncthreads() { emu::block_barrier->wait(); }
+static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  const unsigned t = threadIdx.x, warp = t / 32;
+  emu::lanes[t] = v;
+  emu::warp_barriers[warp]->wait();
+  const float r = emu::lanes[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)];
+  emu::warp_barriers[warp]->wait();
+  return r;
+}
+#include "../kernels/softcap_ce.cu"
+#include "../kernels/softcap_softmax.cu"
+
+namespace {
+// Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
+template <typename F>
+void launch(unsigned blocks, unsigned threads, F kernel) {
+  emu::block_dim.x = threads;
+  emu::lanes.assign(threads, 0.f);
+  emu::warp_barriers.clear();
+  for (unsigned w = 0; w < threads / 32; w++) emu::warp_barriers.emplace_back(new emu::Barrier(32));
+  for (unsigned b = 0; b < blocks; b++) {
+    emu::block_idx.x = b;
+    emu::block_barrier.reset(new emu::Barrier(threads));
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; t++)
+      pool.emplace_back([t, &kernel] {
+        emu::thread_idx.x = t;
+        kernel();
+      });
+    for (auto &th : pool) th.join();
+  }
+}
+}  // namespace
+
+// Argument i of a launch, as the kernel declares it.
+template <typename A>
+A arg(void **args, int i) {
+  return *static_cast<A *>(args[i]);
+}
+
+// Run kernel `name` of extractor/kernels/ with cuLaunchKernel's argument array. For tests;
+// one launch at a time.
+extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, void **a) {
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
+  using u8 = unsigned char;
+  using ll = long long;
+  const std::string k = name;
+  if (k == "softcap_ce_bf16") {
+    launch(grid, block, [=] {
+      softcap_ce_bf16(arg<bf16 *>(a, 0), arg<const ll *>(a, 1), arg<const float *>(a, 2),
+                      arg<float *>(a, 3), arg<ll>(a, 4), arg<float>(a, 5), arg<int>(a, 6));
+    });
+  } else if (k == "softcap_ce_f32") {
+    launch(grid, block, [=] {
+      softcap_ce_f32(arg<float *>(a, 0), arg<const ll *>(a, 1), arg<const float *>(a, 2),
+                     arg<float *>(a, 3), arg<ll>(a, 4), arg<float>(a, 5), arg<int>(a, 6));
+    });
+  } else if (k == "softcap_softmax_fwd_bf16") {
+    launch(grid, block, [=] {
+      softcap_softmax_fwd_bf16(arg<const bf16 *>(a, 0), arg<const u8 *>(a, 1), arg<bf16 *>(a, 2),
+                               arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<float>(a, 6));
+    });
+  } else if (k == "softcap_softmax_fwd_f32") {
+    launch(grid, block, [=] {
+      softcap_softmax_fwd_f32(arg<const float *>(a, 0), arg<const u8 *>(a, 1), arg<float *>(a, 2),
+                              arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<float>(a, 6));
+    });
+  } else if (k == "softcap_softmax_bwd_bf16") {
+    launch(grid, block, [=] {
+      softcap_softmax_bwd_bf16(arg<const bf16 *>(a, 0), arg<const u8 *>(a, 1),
+                               arg<const float *>(a, 2), arg<const bf16 *>(a, 3),
+                               arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+    });
+  } else if (k == "softcap_softmax_bwd_f32") {
+    launch(grid, block, [=] {
+      softcap_softmax_bwd_f32(arg<const float *>(a, 0), arg<const u8 *>(a, 1),
+                              arg<const float *>(a, 2), arg<const float *>(a, 3),
+                              arg<float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+    });
+  } else {
+    std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);
+    std::abort();
+  }
+}

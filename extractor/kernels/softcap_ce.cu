@@ -1,0 +1,81 @@
+// Next-token cross-entropy fused with the final logit soft-cap, one block per row of the
+// [rows, vocab] pre-cap logits the head product just wrote. With `grad`, d(CE)/d(pre-cap
+// logits) overwrites the row in place, ready for the head's backward product.
+//
+// It follows the ATen sequence in `ce_rows` (models/common.rs) step for step, rounding to the model
+// dtype where that sequence does: z = c * tanh(s / c) in the model dtype (as transformers;
+// ATen on CUDA divides by a scalar as a multiply by its float reciprocal), log-softmax in
+// float32, g = softmax - onehot rounded to the model dtype, then g - (g * t) * t. The row is
+// read twice and written once (6 bytes a bf16 logit), where that sequence moves about 52.
+
+#include "common.cuh"
+
+// The capped logit z and its tanh t (cap <= 0: no soft-cap, z = s).
+template <typename T>
+__device__ __forceinline__ float capped(float s, float cap, float inv_cap, float *t) {
+  if (cap <= 0.f) {
+    *t = 0.f;
+    return s;
+  }
+  *t = rnd<T>(tanhf(rnd<T>(s * inv_cap)));
+  return rnd<T>(*t * cap);
+}
+
+// loss[row] = -log_softmax(z)[target] * has[row]; with grad, the row becomes
+// ((softmax(z) - onehot(target)) * has[row]) * (1 - t^2), each step rounded as ATen rounds it.
+template <typename T>
+__device__ void softcap_ce(T *logits, const long long *targets, const float *has, float *loss,
+                           long long vocab, float cap, int grad) {
+  __shared__ float z_target;
+  T *row = logits + (long long)blockIdx.x * vocab;
+  const long long target = targets[blockIdx.x];
+  const float w = has[blockIdx.x];
+  const float inv_cap = cap > 0.f ? 1.0f / cap : 0.f;
+  // A target outside the row (none of dmsae's) leaves the loss NaN, never a stale value.
+  if (threadIdx.x == 0) z_target = __int_as_float(0x7fc00000);
+  __syncthreads();
+
+  MaxSum acc = {NEG_INF, 0.f};
+  float t;
+  for (long long i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float z = capped<T>(to_f(row[i]), cap, inv_cap, &t);
+    if (i == target) z_target = z;
+    if (z > acc.m) {
+      acc.s = acc.s * expf(acc.m - z) + 1.f;
+      acc.m = z;
+    } else {
+      acc.s += expf(z - acc.m);
+    }
+  }
+  acc = block_merge(acc);
+  // log_softmax(z) = (z - m) - log(sum), as ATen forms it.
+  const float log_sum = logf(acc.s);
+  if (threadIdx.x == 0) loss[blockIdx.x] = -((z_target - acc.m) - log_sum) * w;
+  if (!grad) return;
+  // block_merge synchronised the block: the whole row has been read before any of it is
+  // overwritten.
+  for (long long i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float z = capped<T>(to_f(row[i]), cap, inv_cap, &t);
+    float p = expf((z - acc.m) - log_sum) * w;
+    if (i == target) p += -w;
+    float g = rnd<T>(p);
+    if (cap > 0.f) {
+      float u = rnd<T>(g * t);
+      u = rnd<T>(u * t);
+      g = rnd<T>(g - u);
+    }
+    put(&row[i], g);
+  }
+}
+
+extern "C" __global__ void softcap_ce_bf16(bf16 *logits, const long long *targets,
+                                           const float *has, float *loss, long long vocab,
+                                           float cap, int grad) {
+  softcap_ce<bf16>(logits, targets, has, loss, vocab, cap, grad);
+}
+
+extern "C" __global__ void softcap_ce_f32(float *logits, const long long *targets,
+                                          const float *has, float *loss, long long vocab,
+                                          float cap, int grad) {
+  softcap_ce<float>(logits, targets, has, loss, vocab, cap, grad);
+}

@@ -1,0 +1,917 @@
+//! CUDA kernels dmsae compiles for itself at run time. The sources are embedded in the binary;
+//! NVRTC, which every CUDA build of torch ships beside it, compiles them for the device in use;
+//! the driver API loads them and launches them on torch's default stream. Both libraries are
+//! opened with dlopen, so the build needs no CUDA toolkit and one binary still runs where there
+//! is no CUDA. The sources include no CUDA header, so any NVRTC that knows the device will do.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use tch::{Device, Kind, Tensor};
+
+/// What every kernel source includes, handed to NVRTC as the header `common.cuh`.
+const COMMON: &str = include_str!("../kernels/common.cuh");
+/// The fused soft-cap cross-entropy (`softcap_ce_bf16`, `softcap_ce_f32`).
+pub const SOFTCAP_CE: &str = include_str!("../kernels/softcap_ce.cu");
+/// The fused attention softmax (`softcap_softmax_{fwd,bwd}_{bf16,f32}`), used through
+/// csrc/attention.cpp's autograd function.
+pub const SOFTCAP_SOFTMAX: &str = include_str!("../kernels/softcap_softmax.cu");
+const SOFTCAP_SOFTMAX_KERNELS: [&str; 4] = [
+    "softcap_softmax_fwd_bf16",
+    "softcap_softmax_fwd_f32",
+    "softcap_softmax_bwd_bf16",
+    "softcap_softmax_bwd_f32",
+];
+
+/// Threads per block of the row kernels (a multiple of 32).
+const ROW_THREADS: c_uint = 1024;
+
+type Handle = *mut c_void;
+
+fn last_dl_error() -> String {
+    // SAFETY: dlerror returns a thread-local C string or null.
+    let e = unsafe { libc::dlerror() };
+    match e.is_null() {
+        true => "unknown error".into(),
+        false => unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned(),
+    }
+}
+
+/// The first of `candidates` that dlopen loads; the errors of all of them otherwise.
+fn open_first(candidates: &[String]) -> Result<Handle, String> {
+    let mut errs = Vec::new();
+    for c in candidates {
+        let s = CString::new(c.as_str()).map_err(|e| e.to_string())?;
+        // SAFETY: a valid C string; the handle is kept for the process lifetime.
+        let h = unsafe { libc::dlopen(s.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if !h.is_null() {
+            return Ok(h);
+        }
+        errs.push(last_dl_error());
+    }
+    Err(errs.join("; "))
+}
+
+/// # Safety
+/// `F` must be the `extern "C"` function pointer type of the symbol `name`.
+unsafe fn sym<F: Copy>(h: Handle, name: &str) -> Result<F, String> {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<Handle>());
+    let s = CString::new(name).map_err(|e| e.to_string())?;
+    let p = libc::dlsym(h, s.as_ptr());
+    match p.is_null() {
+        true => Err(format!("no symbol {name}")),
+        false => Ok(std::mem::transmute_copy(&p)),
+    }
+}
+
+/// The NVRTC entry points used here (nvrtc.h; every one returns an nvrtcResult, 0 = success).
+struct Nvrtc {
+    create: unsafe extern "C" fn(
+        *mut Handle,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    compile: unsafe extern "C" fn(Handle, c_int, *const *const c_char) -> c_int,
+    log_size: unsafe extern "C" fn(Handle, *mut usize) -> c_int,
+    log: unsafe extern "C" fn(Handle, *mut c_char) -> c_int,
+    cubin_size: unsafe extern "C" fn(Handle, *mut usize) -> c_int,
+    cubin: unsafe extern "C" fn(Handle, *mut c_char) -> c_int,
+    destroy: unsafe extern "C" fn(*mut Handle) -> c_int,
+    error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+}
+
+// SAFETY: plain function pointers into a library that stays loaded.
+unsafe impl Send for Nvrtc {}
+unsafe impl Sync for Nvrtc {}
+
+/// Where NVRTC may be: already loaded or on the library path, else in the pip wheels beside
+/// the loaded torch (`site-packages/nvidia/*/lib`, where torch's CUDA wheels put it) or beside
+/// the torch this binary was built against.
+fn nvrtc_candidates() -> Vec<String> {
+    let mut c: Vec<String> = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+        .map(String::from)
+        .into();
+    let torch_libs = [
+        crate::runtime::loaded_libtorch_dir(),
+        option_env!("DMSAE_LIBTORCH_LIB").map(PathBuf::from),
+    ];
+    for lib in torch_libs.into_iter().flatten() {
+        // torch/lib -> site-packages/nvidia
+        let Some(nvidia) = lib
+            .parent()
+            .and_then(Path::parent)
+            .map(|p| p.join("nvidia"))
+        else {
+            continue;
+        };
+        let Ok(dirs) = std::fs::read_dir(&nvidia) else {
+            continue;
+        };
+        let mut found: Vec<PathBuf> = dirs
+            .flatten()
+            .flat_map(|d| {
+                std::fs::read_dir(d.path().join("lib"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .map(|f| f.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libnvrtc.so.") && !n.contains("alt"))
+            })
+            .collect();
+        found.sort();
+        c.extend(
+            found
+                .into_iter()
+                .rev()
+                .map(|p| p.to_string_lossy().into_owned()),
+        );
+    }
+    c
+}
+
+/// NVRTC loads its builtins library by name at compile time. Loaded first from NVRTC's own
+/// folder, it is found there by its soname whatever the library path says.
+fn preload_builtins(nvrtc: &Path) {
+    let Some(dir) = nvrtc.parent().and_then(|d| std::fs::read_dir(d).ok()) else {
+        return;
+    };
+    for f in dir.flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libnvrtc-builtins.so.") && !name.contains("alt") {
+            let _ = open_first(&[f.path().to_string_lossy().into_owned()]);
+        }
+    }
+}
+
+fn nvrtc() -> Result<&'static Nvrtc, String> {
+    static NVRTC: OnceLock<Result<Nvrtc, String>> = OnceLock::new();
+    NVRTC
+        .get_or_init(|| {
+            let candidates = nvrtc_candidates();
+            for c in candidates.iter().filter(|c| c.contains('/')) {
+                preload_builtins(Path::new(c));
+            }
+            let h = open_first(&candidates).map_err(|e| format!("NVRTC not found: {e}"))?;
+            // SAFETY: the types are nvrtc.h's signatures.
+            unsafe {
+                Ok(Nvrtc {
+                    create: sym(h, "nvrtcCreateProgram")?,
+                    compile: sym(h, "nvrtcCompileProgram")?,
+                    log_size: sym(h, "nvrtcGetProgramLogSize")?,
+                    log: sym(h, "nvrtcGetProgramLog")?,
+                    cubin_size: sym(h, "nvrtcGetCUBINSize")?,
+                    cubin: sym(h, "nvrtcGetCUBIN")?,
+                    destroy: sym(h, "nvrtcDestroyProgram")?,
+                    error_string: sym(h, "nvrtcGetErrorString")?,
+                })
+            }
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Compile CUDA `src` (named `name` in messages, `common.cuh` includable) to a CUBIN for `arch`,
+/// e.g. `sm_90`; NVRTC's log on failure. Needs no GPU.
+pub fn compile(src: &str, name: &str, arch: &str) -> Result<Vec<u8>, String> {
+    let n = nvrtc()?;
+    let (src_c, name_c) = (
+        CString::new(src).map_err(|e| e.to_string())?,
+        CString::new(name).map_err(|e| e.to_string())?,
+    );
+    let (header, header_name) = (CString::new(COMMON).unwrap(), c"common.cuh");
+    let opts: Vec<CString> = [format!("--gpu-architecture={arch}"), "-std=c++17".into()]
+        .into_iter()
+        .map(|o| CString::new(o).unwrap())
+        .collect();
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let check = |rc: c_int, what: &str| match rc {
+        0 => Ok(()),
+        // SAFETY: NVRTC returns a static string for any result code.
+        _ => Err(format!("{name}: {what}: {}", unsafe {
+            CStr::from_ptr((n.error_string)(rc)).to_string_lossy()
+        })),
+    };
+    let mut prog: Handle = std::ptr::null_mut();
+    // SAFETY: valid C strings and out-pointers; the program is destroyed below.
+    unsafe {
+        check(
+            (n.create)(
+                &mut prog,
+                src_c.as_ptr(),
+                name_c.as_ptr(),
+                1,
+                &header.as_ptr(),
+                &header_name.as_ptr(),
+            ),
+            "nvrtcCreateProgram",
+        )?;
+        let rc = (n.compile)(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr());
+        let out = match rc {
+            0 => {
+                let mut len = 0usize;
+                check((n.cubin_size)(prog, &mut len), "nvrtcGetCUBINSize").and_then(|()| {
+                    let mut buf = vec![0u8; len];
+                    check((n.cubin)(prog, buf.as_mut_ptr().cast()), "nvrtcGetCUBIN").map(|()| buf)
+                })
+            }
+            _ => {
+                let mut len = 0usize;
+                let mut log = String::new();
+                if (n.log_size)(prog, &mut len) == 0 && len > 1 {
+                    let mut buf = vec![0u8; len];
+                    if (n.log)(prog, buf.as_mut_ptr().cast()) == 0 {
+                        log = String::from_utf8_lossy(&buf[..len - 1]).trim().to_string();
+                    }
+                }
+                let e = check(rc, "compile").err().unwrap_or_default();
+                Err(format!("{e} for {arch}\n{log}"))
+            }
+        };
+        (n.destroy)(&mut prog);
+        out
+    }
+}
+
+/// The driver API entry points used here (cuda.h; each returns a CUresult, 0 = success).
+struct Driver {
+    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> c_int,
+    attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int,
+    retain_primary: unsafe extern "C" fn(*mut Handle, c_int) -> c_int,
+    push: unsafe extern "C" fn(Handle) -> c_int,
+    pop: unsafe extern "C" fn(*mut Handle) -> c_int,
+    load: unsafe extern "C" fn(*mut Handle, *const c_void) -> c_int,
+    function: unsafe extern "C" fn(*mut Handle, Handle, *const c_char) -> c_int,
+    #[allow(clippy::type_complexity)]
+    launch: unsafe extern "C" fn(
+        Handle,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        Handle,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> c_int,
+    error_string: unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int,
+}
+
+// SAFETY: plain function pointers into a library that stays loaded.
+unsafe impl Send for Driver {}
+unsafe impl Sync for Driver {}
+
+const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
+const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: c_int = 76;
+
+impl Driver {
+    fn check(&self, rc: c_int, what: &str) -> Result<(), String> {
+        if rc == 0 {
+            return Ok(());
+        }
+        let mut s: *const c_char = std::ptr::null();
+        // SAFETY: the driver sets a static string or leaves null.
+        let msg = match unsafe { (self.error_string)(rc, &mut s) } == 0 && !s.is_null() {
+            true => unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned(),
+            false => format!("CUresult {rc}"),
+        };
+        Err(format!("{what}: {msg}"))
+    }
+
+    /// `f` with `ctx` current on this thread, the thread's own context restored after.
+    fn in_ctx<T>(&self, ctx: Handle, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+        // SAFETY: ctx is a retained primary context.
+        self.check(unsafe { (self.push)(ctx) }, "cuCtxPushCurrent")?;
+        let r = f();
+        let mut old: Handle = std::ptr::null_mut();
+        // SAFETY: pops the context pushed above.
+        unsafe { (self.pop)(&mut old) };
+        r
+    }
+}
+
+fn driver() -> Result<&'static Driver, String> {
+    static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| {
+            let h = open_first(&["libcuda.so.1".into(), "libcuda.so".into()])
+                .map_err(|e| format!("CUDA driver not found: {e}"))?;
+            // SAFETY: the types are cuda.h's signatures (the _v2 names are what cuda.h maps
+            // the push and pop calls to).
+            unsafe {
+                let init: unsafe extern "C" fn(c_uint) -> c_int = sym(h, "cuInit")?;
+                let d = Driver {
+                    device_get: sym(h, "cuDeviceGet")?,
+                    attribute: sym(h, "cuDeviceGetAttribute")?,
+                    retain_primary: sym(h, "cuDevicePrimaryCtxRetain")?,
+                    push: sym(h, "cuCtxPushCurrent_v2")?,
+                    pop: sym(h, "cuCtxPopCurrent_v2")?,
+                    load: sym(h, "cuModuleLoadData")?,
+                    function: sym(h, "cuModuleGetFunction")?,
+                    launch: sym(h, "cuLaunchKernel")?,
+                    error_string: sym(h, "cuGetErrorString")?,
+                };
+                d.check(init(0), "cuInit")?;
+                Ok(d)
+            }
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A compiled source loaded into one device's primary context (torch's), with its kernels.
+struct Loaded {
+    ctx: Handle,
+    kernels: HashMap<&'static str, Handle>,
+}
+
+// SAFETY: driver handles, valid in any thread once their context is made current.
+unsafe impl Send for Loaded {}
+unsafe impl Sync for Loaded {}
+
+/// `src` compiled for CUDA device `ordinal` and loaded there, once per process; `kernels` are
+/// its `extern "C"` entry points.
+fn loaded(
+    src: &'static str,
+    name: &'static str,
+    kernels: &[&'static str],
+    ordinal: usize,
+) -> Result<&'static Loaded, String> {
+    type Cache = Mutex<HashMap<(&'static str, usize), &'static Result<Loaded, String>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    let entry = cache.entry((name, ordinal)).or_insert_with(|| {
+        Box::leak(Box::new((|| {
+            let d = driver()?;
+            let (mut dev, mut ctx) = (0, std::ptr::null_mut());
+            // SAFETY: out-pointers into locals.
+            unsafe {
+                d.check((d.device_get)(&mut dev, ordinal as c_int), "cuDeviceGet")?;
+                d.check(
+                    (d.retain_primary)(&mut ctx, dev),
+                    "cuDevicePrimaryCtxRetain",
+                )?;
+            }
+            let (mut major, mut minor) = (0, 0);
+            // SAFETY: as above.
+            unsafe {
+                let a = d.attribute;
+                d.check(
+                    a(
+                        &mut major,
+                        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                        dev,
+                    ),
+                    "cuDeviceGetAttribute",
+                )?;
+                d.check(
+                    a(
+                        &mut minor,
+                        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                        dev,
+                    ),
+                    "cuDeviceGetAttribute",
+                )?;
+            }
+            let cubin = compile(src, name, &format!("sm_{major}{minor}"))?;
+            d.in_ctx(ctx, || {
+                let mut module: Handle = std::ptr::null_mut();
+                // SAFETY: a CUBIN NVRTC just produced for this device; the module stays loaded.
+                d.check(
+                    unsafe { (d.load)(&mut module, cubin.as_ptr().cast()) },
+                    "cuModuleLoadData",
+                )?;
+                let mut out = HashMap::new();
+                for &k in kernels {
+                    let (kc, mut f) = (CString::new(k).unwrap(), std::ptr::null_mut());
+                    // SAFETY: a loaded module and a valid C string.
+                    d.check(unsafe { (d.function)(&mut f, module, kc.as_ptr()) }, k)?;
+                    out.insert(k, f);
+                }
+                Ok(Loaded { ctx, kernels: out })
+            })
+        })()))
+    });
+    (*entry).as_ref().map_err(Clone::clone)
+}
+
+fn softcap_ce_module(ordinal: usize) -> Result<&'static Loaded, String> {
+    loaded(
+        SOFTCAP_CE,
+        "softcap_ce.cu",
+        &["softcap_ce_bf16", "softcap_ce_f32"],
+        ordinal,
+    )
+}
+
+/// Compiles and loads the fused cross-entropy for `device` (once); why not, if it cannot be.
+pub fn softcap_ce_ready(device: Device) -> Result<(), String> {
+    match device {
+        Device::Cuda(i) => softcap_ce_module(i).map(|_| ()),
+        d => Err(format!("{d:?} is not a CUDA device")),
+    }
+}
+
+/// Next-token cross-entropy of each row of the pre-cap `logits` [rows, vocab] (CUDA, bf16 or
+/// float32, contiguous) against `targets` [rows] (int64) times `has` [rows] (float32), after the
+/// final soft-cap `cap`: float32 [rows]. With `grad`, `logits` is overwritten with
+/// d(sum of the weighted CE)/d(logits) in its own dtype (kernels/softcap_ce.cu). Runs on
+/// torch's default stream, ordered with everything torch queues around it.
+pub fn softcap_ce(
+    logits: &Tensor,
+    targets: &Tensor,
+    has: &Tensor,
+    cap: Option<f64>,
+    grad: bool,
+) -> Result<Tensor, String> {
+    let Device::Cuda(ordinal) = logits.device() else {
+        return Err("softcap_ce: the logits are not on a CUDA device".into());
+    };
+    let (rows, vocab) = match logits.size()[..] {
+        [r, v] if logits.is_contiguous() => (r, v),
+        _ => {
+            return Err(format!(
+                "softcap_ce: logits must be contiguous [rows, vocab], got {:?}",
+                logits.size()
+            ))
+        }
+    };
+    let kernel = match logits.kind() {
+        Kind::BFloat16 => "softcap_ce_bf16",
+        Kind::Float => "softcap_ce_f32",
+        k => return Err(format!("softcap_ce: no kernel for {k:?} logits")),
+    };
+    for (t, what, kind) in [(targets, "targets", Kind::Int64), (has, "has", Kind::Float)] {
+        if t.size() != [rows]
+            || t.kind() != kind
+            || !t.is_contiguous()
+            || t.device() != logits.device()
+        {
+            return Err(format!(
+                "softcap_ce: {what} must be contiguous {kind:?} [{rows}] on {:?}, got {:?} {:?} on {:?}",
+                logits.device(),
+                t.kind(),
+                t.size(),
+                t.device()
+            ));
+        }
+    }
+    let loss = Tensor::empty([rows], (Kind::Float, logits.device()));
+    if rows == 0 {
+        return Ok(loss);
+    }
+    let (mut p_logits, mut p_targets, mut p_has, mut p_loss) = (
+        logits.data_ptr(),
+        targets.data_ptr(),
+        has.data_ptr(),
+        loss.data_ptr(),
+    );
+    let (mut vocab, mut cap, mut grad) = (vocab, cap.unwrap_or(0.0) as f32, grad as c_int);
+    let mut params: [*mut c_void; 7] = [
+        (&mut p_logits as *mut Handle).cast(),
+        (&mut p_targets as *mut Handle).cast(),
+        (&mut p_has as *mut Handle).cast(),
+        (&mut p_loss as *mut Handle).cast(),
+        (&mut vocab as *mut i64).cast(),
+        (&mut cap as *mut f32).cast(),
+        (&mut grad as *mut c_int).cast(),
+    ];
+    // SAFETY: the argument list matches the kernel's signature and every pointer is a live
+    // tensor of the checked shape and dtype on this device.
+    unsafe {
+        launch(
+            softcap_ce_module(ordinal)?,
+            kernel,
+            rows as c_uint,
+            ROW_THREADS,
+            &mut params,
+        )?
+    };
+    Ok(loss)
+}
+
+/// Launch `kernel` of `m` on the legacy default stream (torch's default stream), so it is
+/// ordered with everything torch queues around it and the tensors' memory is not reused
+/// before it runs.
+///
+/// # Safety
+/// `params` must match the kernel's signature, each pointing at one argument, and every
+/// device pointer among them must stay allocated until the stream reaches the kernel.
+unsafe fn launch(
+    m: &Loaded,
+    kernel: &str,
+    grid: c_uint,
+    block: c_uint,
+    params: &mut [*mut c_void],
+) -> Result<(), String> {
+    let d = driver()?;
+    let f = *m.kernels.get(kernel).ok_or(format!("no kernel {kernel}"))?;
+    d.in_ctx(m.ctx, || {
+        let rc = (d.launch)(
+            f,
+            grid,
+            1,
+            1,
+            block,
+            1,
+            1,
+            0,
+            std::ptr::null_mut(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        d.check(rc, kernel)
+    })
+}
+
+fn softcap_softmax_module(ordinal: usize) -> Result<&'static Loaded, String> {
+    loaded(
+        SOFTCAP_SOFTMAX,
+        "softcap_softmax.cu",
+        &SOFTCAP_SOFTMAX_KERNELS,
+        ordinal,
+    )
+}
+
+/// Compiles and loads the fused attention softmax for `device` (once); why not, if it cannot be.
+pub fn softcap_softmax_ready(device: Device) -> Result<(), String> {
+    match device {
+        Device::Cuda(i) => softcap_softmax_module(i).map(|_| ()),
+        d => Err(format!("{d:?} is not a CUDA device")),
+    }
+}
+
+/// Launches one of softcap_softmax.cu's kernels for csrc/attention.cpp; 0, or 1 with the reason
+/// in `err`.
+///
+/// # Safety
+/// `kernel` is a C string, `args` matches that kernel's signature, `err` holds `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dmsae_launch_softcap_softmax(
+    kernel: *const c_char,
+    grid: c_uint,
+    block: c_uint,
+    args: *mut *mut c_void,
+    device: c_int,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    let name = CStr::from_ptr(kernel).to_string_lossy();
+    let n_args = if name.contains("_fwd_") { 7 } else { 8 };
+    let params = std::slice::from_raw_parts_mut(args, n_args);
+    let r =
+        softcap_softmax_module(device as usize).and_then(|m| launch(m, &name, grid, block, params));
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            let b = e.as_bytes();
+            let n = b.len().min(err_len.saturating_sub(1));
+            std::ptr::copy_nonoverlapping(b.as_ptr(), err.cast::<u8>(), n);
+            *err.add(n) = 0;
+            1
+        }
+    }
+}
+
+extern "C" {
+    // csrc/attention.cpp
+    fn dmsae_softcap_softmax(
+        s: *mut torch_sys::C_tensor,
+        mask: *mut torch_sys::C_tensor,
+        cap: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// softmax over the last dimension of `s` [..., T, T] (contiguous, bf16 or float32) after the
+/// soft-cap c * tanh(s) (`cap`; none for Gemma-3) and `mask` [T, T] (bool, true = masked),
+/// differentiable in `s` (kernels/softcap_softmax.cu through csrc/attention.cpp). On CUDA
+/// tensors the kernels run on the GPU; on CPU tensors, emulated (for tests: slow).
+pub fn softcap_softmax(s: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Tensor, String> {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    let mut err = [0u8; 1024];
+    // SAFETY: live tch handles; on success `out` is a new tensor handle that the returned
+    // Tensor owns.
+    unsafe {
+        let rc = dmsae_softcap_softmax(
+            s.as_ptr() as *mut _,
+            mask.as_ptr() as *mut _,
+            cap.unwrap_or(0.0),
+            &mut out,
+            err.as_mut_ptr().cast(),
+            err.len(),
+        );
+        match rc {
+            0 => Ok(Tensor::from_ptr(out)),
+            _ => Err(CStr::from_bytes_until_nul(&err)
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::common::ce_rows;
+
+    extern "C" {
+        // csrc/cuda_emulator.cpp: a kernel's own text run on the CPU, a thread per CUDA thread.
+        fn dmsae_emulate(
+            kernel: *const c_char,
+            grid: c_uint,
+            block: c_uint,
+            args: *mut *mut c_void,
+        );
+    }
+
+    /// The kernel's (loss, gradient) for pre-cap logits `z`: on `z`'s CUDA device, or emulated
+    /// on the CPU with `threads` threads a block.
+    fn kernel_ce(
+        z: &Tensor,
+        targets: &Tensor,
+        has: &Tensor,
+        cap: Option<f64>,
+        grad: bool,
+        threads: u32,
+    ) -> (Tensor, Tensor) {
+        let z = z.copy();
+        if z.device().is_cuda() {
+            let loss = softcap_ce(&z, targets, has, cap, grad).unwrap();
+            return (loss, z);
+        }
+        let loss = Tensor::full([z.size()[0]], f64::NAN, (Kind::Float, Device::Cpu));
+        let kernel = match z.kind() {
+            Kind::BFloat16 => c"softcap_ce_bf16",
+            _ => c"softcap_ce_f32",
+        };
+        let (mut pz, mut pt, mut ph, mut pl) = (
+            z.data_ptr(),
+            targets.data_ptr(),
+            has.data_ptr(),
+            loss.data_ptr(),
+        );
+        let (mut vocab, mut cap, mut grad) =
+            (z.size()[1], cap.unwrap_or(0.0) as f32, grad as c_int);
+        let mut args: [*mut c_void; 7] = [
+            (&mut pz as *mut Handle).cast(),
+            (&mut pt as *mut Handle).cast(),
+            (&mut ph as *mut Handle).cast(),
+            (&mut pl as *mut Handle).cast(),
+            (&mut vocab as *mut i64).cast(),
+            (&mut cap as *mut f32).cast(),
+            (&mut grad as *mut c_int).cast(),
+        ];
+        // SAFETY: contiguous CPU tensors of the kernel's shapes and dtypes, alive for the call.
+        unsafe {
+            dmsae_emulate(
+                kernel.as_ptr(),
+                z.size()[0] as c_uint,
+                threads,
+                args.as_mut_ptr(),
+            )
+        };
+        (loss, z)
+    }
+
+    /// max |a - b| / (max |b| + tiny), in float64.
+    fn rel_max(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+        let d = (&a - &b).abs().max().double_value(&[]);
+        d / (b.abs().max().double_value(&[]) + 1e-30)
+    }
+
+    /// The kernel against the ATen sequence it replaces (`ce_rows`) on the same pre-cap logits:
+    /// a vocabulary that is no multiple of the block, a row without a target, targets at both
+    /// ends of the row, logits large enough to saturate the cap. Returns, per case, the
+    /// largest relative differences of the loss and of the gradient.
+    fn kernel_against_aten(device: Device, threads: u32) {
+        let (rows, vocab) = (7i64, 1000i64);
+        tch::manual_seed(3);
+        let z32 = Tensor::randn([rows, vocab], (Kind::Float, device)) * 20.0;
+        let targets = Tensor::from_slice(&[0i64, 999, 5, 517, 998, 1, 42]).to_device(device);
+        let has = Tensor::from_slice(&[1f32, 1., 1., 0., 1., 1., 1.]).to_device(device);
+        // (dtype, cap, loss bound, gradient bound). A cap of 32 has an exact float reciprocal,
+        // so the CPU ATen sequence (a true division) rounds as the kernel (a multiply by the
+        // reciprocal, as ATen on CUDA) does; 30 does not, and float32 absorbs the difference.
+        // bf16 gradients: one bf16 rounding step (2^-8 relative) on the largest entry.
+        let cases = [
+            (Kind::BFloat16, Some(32.0), 1e-5, 4e-3),
+            (Kind::BFloat16, None, 1e-5, 4e-3),
+            (Kind::Float, Some(30.0), 1e-5, 1e-5),
+            (Kind::Float, None, 1e-5, 1e-5),
+        ];
+        for (kind, cap, loss_tol, grad_tol) in cases {
+            let z = z32.to_kind(kind);
+            let (want_loss, want_g) =
+                tch::no_grad(|| ce_rows(z.copy(), &targets, &has, cap, true)).unwrap();
+            let want_g = want_g.unwrap();
+            let (loss, g) = kernel_ce(&z, &targets, &has, cap, true, threads);
+            let (loss_only, untouched) = kernel_ce(&z, &targets, &has, cap, false, threads);
+            let (dl, dg) = (rel_max(&loss, &want_loss), rel_max(&g, &want_g));
+            eprintln!("{kind:?} cap {cap:?} on {device:?}: loss {dl:.2e}, gradient {dg:.2e}");
+            assert!(
+                dl <= loss_tol,
+                "{kind:?} cap {cap:?}: loss differs by {dl:e}"
+            );
+            assert!(
+                dg <= grad_tol,
+                "{kind:?} cap {cap:?}: gradient differs by {dg:e}"
+            );
+            assert_eq!(g.kind(), kind);
+            // The row without a target: zero loss, zero gradient.
+            assert_eq!(loss.double_value(&[3]), 0.0);
+            assert_eq!(g.get(3).abs().max().double_value(&[]), 0.0);
+            // Without grad the logits stay as they were and the loss is the same.
+            assert!(untouched.equal(&z), "{kind:?}: logits changed without grad");
+            assert!(loss_only.equal(&loss), "{kind:?}: loss depends on grad");
+        }
+    }
+
+    /// The kernel's logic, emulated on the CPU at 64 threads a block (two warps, so the
+    /// cross-warp reduction runs) and at 1,024 (what launches use).
+    #[test]
+    fn the_fused_cross_entropy_matches_aten_emulated() {
+        kernel_against_aten(Device::Cpu, 64);
+        kernel_against_aten(Device::Cpu, ROW_THREADS);
+    }
+
+    /// The same on a GPU, launched through NVRTC and the driver (DMSAE_TEST_CUDA=1; loads
+    /// libtorch_cuda, so it is kept out of ordinary runs).
+    #[test]
+    fn the_fused_cross_entropy_matches_aten_on_cuda() {
+        if std::env::var_os("DMSAE_TEST_CUDA").is_none() {
+            eprintln!("skipped: set DMSAE_TEST_CUDA=1 on a GPU machine");
+            return;
+        }
+        crate::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).unwrap();
+        assert!(
+            tch::Cuda::is_available(),
+            "DMSAE_TEST_CUDA is set but CUDA is unavailable"
+        );
+        kernel_against_aten(Device::Cuda(0), ROW_THREADS);
+    }
+
+    /// The fused attention softmax against the ATen chain it replaces (models/common.rs), forward
+    /// and backward through autograd: GQA-shaped scores [B, KV, G, T, T] with T = 19 (no
+    /// multiple of a warp or of a block's rows), a causal and a sliding-window mask, soft-cap or
+    /// none, bf16 and float32.
+    fn attention_against_aten(device: Device) {
+        let t = 19i64;
+        tch::manual_seed(5);
+        let s32 = Tensor::randn([2, 2, 2, t, t], (Kind::Float, device)) * 2.0;
+        let r32 = Tensor::randn([2, 2, 2, t, t], (Kind::Float, device));
+        let q = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
+        let k = q.view([1, t]);
+        let causal = k.gt_tensor(&q);
+        let sliding = causal.logical_or(&(&q - &k).ge(5));
+        // bf16: one rounding step (2^-8) on the largest entry; float32: summation order.
+        for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
+            for cap in [Some(50.0), None] {
+                for (mask, which) in [(&causal, "causal"), (&sliding, "sliding")] {
+                    let case = format!("{kind:?} cap {cap:?} {which} on {device:?}");
+                    let r = r32.to_kind(kind);
+                    let run = |fused: bool| {
+                        let s = s32.to_kind(kind).set_requires_grad(true);
+                        let p = match fused {
+                            true => softcap_softmax(&s, mask, cap).unwrap(),
+                            false => {
+                                let z = match cap {
+                                    Some(c) => s.tanh() * c,
+                                    None => s.shallow_clone(),
+                                };
+                                z.masked_fill(mask, f64::NEG_INFINITY)
+                                    .softmax(-1, Kind::Float)
+                                    .to_kind(kind)
+                            }
+                        };
+                        let g = Tensor::run_backward(
+                            &[(&p * &r).sum(Kind::Float)],
+                            &[&s],
+                            false,
+                            false,
+                        );
+                        (p.detach(), g[0].shallow_clone())
+                    };
+                    let ((p, ds), (want_p, want_ds)) = (run(true), run(false));
+                    let (dp, dds) = (rel_max(&p, &want_p), rel_max(&ds, &want_ds));
+                    eprintln!("{case}: probabilities {dp:.2e}, score gradient {dds:.2e}");
+                    assert_eq!((p.kind(), ds.kind()), (kind, kind), "{case}");
+                    assert!(dp <= tol, "{case}: probabilities differ by {dp:e}");
+                    assert!(dds <= tol, "{case}: score gradients differ by {dds:e}");
+                    // Masked entries are exactly zero both ways.
+                    let m = mask.expand_as(&p);
+                    assert_eq!(
+                        p.masked_select(&m).abs().sum(Kind::Float).double_value(&[]),
+                        0.0
+                    );
+                    assert_eq!(
+                        ds.masked_select(&m)
+                            .abs()
+                            .sum(Kind::Float)
+                            .double_value(&[]),
+                        0.0
+                    );
+                    // Without a graph the forward is the same.
+                    let p_ng =
+                        tch::no_grad(|| softcap_softmax(&s32.to_kind(kind), mask, cap).unwrap());
+                    assert!(p_ng.equal(&p), "{case}: the forward depends on the graph");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_attention_softmax_matches_aten_emulated() {
+        attention_against_aten(Device::Cpu);
+    }
+
+    #[test]
+    fn the_fused_attention_softmax_matches_aten_on_cuda() {
+        if std::env::var_os("DMSAE_TEST_CUDA").is_none() {
+            eprintln!("skipped: set DMSAE_TEST_CUDA=1 on a GPU machine");
+            return;
+        }
+        crate::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).unwrap();
+        assert!(
+            tch::Cuda::is_available(),
+            "DMSAE_TEST_CUDA is set but CUDA is unavailable"
+        );
+        attention_against_aten(Device::Cuda(0));
+    }
+
+    /// NVRTC is part of `make setup`; elsewhere (a CPU-only libtorch) these tests say so and
+    /// pass, unless DMSAE_REQUIRE_NVRTC is set.
+    fn have_nvrtc() -> bool {
+        match nvrtc() {
+            Ok(_) => true,
+            Err(e) if std::env::var_os("DMSAE_REQUIRE_NVRTC").is_none() => {
+                eprintln!("skipped: {e}");
+                false
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// What only NVRTC can check without a GPU: the sources compile for Ampere and Hopper, and
+    /// each CUBIN exports its entry points by name (cuModuleGetFunction looks them up so).
+    #[test]
+    fn the_kernels_compile() {
+        if !have_nvrtc() {
+            return;
+        }
+        let sources = [
+            (
+                SOFTCAP_CE,
+                "softcap_ce.cu",
+                &["softcap_ce_bf16", "softcap_ce_f32"][..],
+            ),
+            (
+                SOFTCAP_SOFTMAX,
+                "softcap_softmax.cu",
+                &SOFTCAP_SOFTMAX_KERNELS[..],
+            ),
+        ];
+        for ((src, name, kernels), arch) in sources
+            .iter()
+            .flat_map(|s| ["sm_80", "sm_90"].map(|a| (s, a)))
+        {
+            let cubin = compile(src, name, arch).unwrap();
+            assert_eq!(&cubin[..4], b"\x7fELF", "{name} {arch}: not an ELF CUBIN");
+            for k in kernels.iter() {
+                assert!(
+                    cubin
+                        .windows(k.len() + 1)
+                        .any(|w| &w[..k.len()] == k.as_bytes() && w[k.len()] == 0),
+                    "{name} {arch}: no entry point {k}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_compile_error_carries_nvrtcs_log() {
+        if !have_nvrtc() {
+            return;
+        }
+        let e = compile(
+            "extern \"C\" __global__ void k(int *p) { *p = q; }\n",
+            "bad.cu",
+            "sm_90",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("bad.cu: compile:"), "{e}");
+        assert!(e.contains("\"q\" is undefined"), "{e}");
+    }
+}
