@@ -4,9 +4,13 @@
 #   gpu/dmsae          target/release/dmsae, stripped (the unstripped binary is over the carry limit)
 #   gpu/trainer-tests  the trainer's unit tests, stripped (`cargo test --release -p dmsae-trainer
 #                      --lib --no-run` prints the path)
+#   gpu/extractor-tests the extractor's unit tests, stripped (the same with -p dmsae-extractor):
+#                      dmsae's CUDA kernels against the ATen sequences they replace
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
+#   STEPS="env kernels model extract ab profile" runs only the steps named (default: all; the
+#   names are those of the `want` tests below).
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
 # logged and the next goes on, and every step appends to the log as it goes, so a call cut off
 # by its time limit still returns the steps it finished.
@@ -31,15 +35,16 @@ LOG=$OUT/gpu-checks.log
 export LD_LIBRARY_PATH="$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1
 if [ "${SMALL:-0}" = 1 ]; then
-  MODEL=tiny LAYER=2 CTX=128 BATCH=4 EXTRACT=8K EXTRACT_F32=2K WORDS=20000 WIDTH=1024 K=16 STEPS=40
+  MODEL=tiny LAYER=2 CTX=128 BATCH=4 EXTRACT=8K EXTRACT_AB=4K EXTRACT_F32=2K WORDS=20000 WIDTH=1024 K=16 STEPS=40
   TBATCH=512 ATTR=2K TRAIN_PRESET="--preset cpu --width 1024 --steps 8"
 else
-  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K EXTRACT_F32=32K WORDS=600000 WIDTH=65536 K=64
+  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K EXTRACT_AB=128K EXTRACT_F32=32K WORDS=600000 WIDTH=65536 K=64
   STEPS=200 TBATCH=4096 ATTR=64K TRAIN_PRESET="--preset h100"
 fi
 # A quarter of the store held out for the eval; attribution takes $ATTR training tokens.
 printf 'eval_fraction = 0.25\nbatch_tokens = %s\nwarmup_steps = %s\ncheckpoint_every = 0\n' "$TBATCH" "$((STEPS / 10))" > "$W/train.toml"
 step() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 # run SECONDS CMD...: the command under a time limit; a failure is logged, and the script goes on.
 run() {
   local limit=$1; shift
@@ -50,30 +55,58 @@ run() {
 }
 last_fvu() { "$PY" -c 'import json, sys; print([json.loads(l) for l in open(sys.argv[1]) if "\"eval\"" in l][-1]["eval"]["fvu"])' "$1"; }
 
+if want env; then
 step "environment: is CUDA visible to the binary?"
 run 60 "$BIN" env
 command -v nvidia-smi >/dev/null && run 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+fi
 
+if want adam; then
 TESTS=${DMSAE_TRAINER_TESTS:-gpu/trainer-tests}
 if [ -x "$TESTS" ]; then
   step "torch's fused Adam on CUDA against the textbook update (the CPU kernel is tested in CI)"
   DMSAE_TEST_CUDA=1 run 60 "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture
 fi
+fi
 
+if want kernels; then
+XTESTS=${DMSAE_EXTRACTOR_TESTS:-gpu/extractor-tests}
+if [ -x "$XTESTS" ]; then
+  step "dmsae's CUDA kernels (NVRTC, driver launch) against the ATen sequences they replace"
+  DMSAE_TEST_CUDA=1 run 120 "$XTESTS" kernels::tests --nocapture --test-threads 1
+fi
+fi
+
+if want model; then
 step "random $MODEL checkpoint and text"
 run 150 "$PY" scripts/make_random_gemma.py --preset "$MODEL" --out "$W/model" --text "$W/text.txt" --words "$WORDS"
+fi
 
+if want extract; then
 step "extract, bf16, against transformers (eager, sdpa) on the same contexts; FLOP utilisation; float32 check"
 run 300 "$PY" scripts/bench_extract.py --dmsae "$BIN" --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT" \
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --check 2 \
   --keep-store "$W/store-bf16"
 [ -d "$W/store-bf16" ] && run 30 "$BIN" store inspect "$W/store-bf16"
+fi
 
+if want ab; then
+step "extract, bf16, with dmsae's fused kernels turned off one at a time (rates only; same tokens)"
+for off in "" DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 "DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0"; do
+  echo "-- fused kernels off: ${off:-none}" | tee -a "$LOG"
+  run 120 env $off "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" \
+    --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-ab-${off// /-}"
+done
+fi
+
+if want profile; then
 step "where an extraction batch's time goes (DMSAE_PROFILE), and its kernels (DMSAE_KINETO, $OUT/kineto-extract.tsv)"
 DMSAE_PROFILE=1 DMSAE_KINETO="$OUT/kineto-extract.tsv" DMSAE_KINETO_FROM=1 DMSAE_KINETO_UNITS=2 \
   run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-profile"
+fi
 
+if want repeat; then
 step "does a CUDA extraction repeat bit for bit? (the same command again; shard BLAKE3s compared)"
 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-repeat"
@@ -82,11 +115,15 @@ import json, sys
 a, b = ([s["blake3"] for s in json.load(open(d + "/manifest.json"))["shards"]] for d in sys.argv[1:3])
 print("extraction repeat: identical shards" if a == b else f"extraction repeat: shards DIFFER: {a} {b}")
 PY
+fi
 
+if want train; then
 step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk --encoder-f32
+fi
 
+if want fvu; then
 step "bf16 encoder product against float32: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
 for seed in 1 2; do
   for bf16 in true false; do
@@ -96,25 +133,35 @@ for seed in 1 2; do
     [ -f "$W/fvu-$seed-$bf16/metrics.jsonl" ] && echo "seed $seed, encoder_bf16 $bf16: held-out FVU $(last_fvu "$W/fvu-$seed-$bf16/metrics.jsonl")" | tee -a "$LOG"
   done
 done
+fi
 
+if want cycle; then
 step "one distillation cycle on the extracted store: training, then attribution tokens/s"
 run 120 "$BIN" train-cycle --shards "$W/store-bf16" --width "$WIDTH" --k "$K" --steps "$STEPS" \
   --config "$W/train.toml" --attribution-tokens "$ATTR" --device "$DEVICE" --quiet --out "$W/run/cycle-0"
+fi
 
+if want cycle; then
 step "cycle 1 from cycle 0's core: the carried core (and its thresholds) on the device"
 run 120 "$BIN" train-cycle --shards "$W/store-bf16" --core "$W/run/cycle-0" --width "$WIDTH" --k "$K" \
   --steps "$STEPS" --config "$W/train.toml" --attribution-tokens "$ATTR" --device "$DEVICE" --quiet \
   --out "$W/run/cycle-1"
+fi
 
+if want sweep; then
 step "sweep in one pass against one model at a time"
 run 180 "$BIN" sweep --shards "$W/store-bf16" --core "$W/run/cycle-0" --series distilled-core,baseline \
   --k "$K,$((2 * K))" --width "$WIDTH" --steps "$STEPS" --config "$W/train.toml" --device "$DEVICE" --quiet \
   --compare-separate --out "$W/sweep"
+fi
 
+if want eval; then
 step "eval: the sweep's SAEs spliced into the model on the device"
 run 120 "$BIN" eval --model "$W/model" --sae "$W/sweep" --data "$W/text.txt" --tokens "$((CTX * 8))" \
   --context "$CTX" --batch "$BATCH" --device "$DEVICE" --out "$W/eval"
+fi
 
+if want trainprofile; then
 step "where a training step's time goes (DMSAE_PROFILE; kernels from DMSAE_KINETO in $OUT), AuxK idle and then on every latent"
 for dead in 10000000 0; do
   printf 'dead_tokens = %s\n' "$dead" | cat "$W/train.toml" - > "$W/profile.toml"
@@ -123,7 +170,9 @@ for dead in 10000000 0; do
   DMSAE_KINETO="$OUT/kineto-train-dead$dead.tsv" run 90 "$BIN" train --shards "$W/store-bf16" --width "$WIDTH" \
     --k "$K" --steps 30 --config "$W/profile.toml" --device "$DEVICE" --quiet --out "$W/kineto-$dead"
 done
+fi
 
+if want trainrepeat; then
 step "does a seeded CUDA training run repeat bit for bit?"
 for r in 1 2; do
   printf 'seed = 3\n' | cat "$W/train.toml" - > "$W/seeded.toml"
@@ -132,13 +181,18 @@ for r in 1 2; do
 done
 "$PY" -c 'import hashlib, sys; h = [hashlib.sha256(open(p + "/sae_weights.safetensors", "rb").read()).hexdigest() for p in sys.argv[1:]]; print("training repeat:", "identical weights" if h[0] == h[1] else "weights DIFFER")' \
   "$W/seeded-1" "$W/seeded-2" 2>&1 | tee -a "$LOG"
+fi
 
+if want batch16; then
 step "extract, bf16, batch $((2 * BATCH)): a rate only"
 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT" --layer "$LAYER" \
   --context "$CTX" --batch "$((2 * BATCH))" --device "$DEVICE" --dtype bf16 --out "$W/store-bf16-b$((2 * BATCH))"
+fi
 
+if want f32; then
 step "extract, float32: a rate only"
 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" --layer "$LAYER" \
   --context "$CTX" --batch "$((BATCH / 2))" --device "$DEVICE" --dtype f32 --out "$W/store-f32"
+fi
 
 step "done"

@@ -95,6 +95,18 @@ fn env() -> Result<ExitCode> {
             n.lines().next().unwrap_or("")
         );
     }
+    use dmsae_extractor::kernels;
+    match kernels::nvrtc_location() {
+        Ok(at) => println!("nvrtc: {at}"),
+        Err(e) => println!("nvrtc: {e} (the ATen fallbacks run instead of dmsae's kernels)"),
+    }
+    if info.cuda_available {
+        let dev = dmsae_extractor::tch::Device::Cuda(0);
+        match kernels::ready(dev) {
+            Ok(()) => println!("fused kernels on cuda:0: compiled and loaded"),
+            Err(e) => println!("fused kernels on cuda:0: unavailable, ATen runs instead ({e})"),
+        }
+    }
     println!("store format version: {}", dmsae_store::FORMAT_VERSION);
     Ok(ExitCode::SUCCESS)
 }

@@ -38,15 +38,16 @@ fn last_dl_error() -> String {
     }
 }
 
-/// The first of `candidates` that dlopen loads; the errors of all of them otherwise.
-fn open_first(candidates: &[String]) -> Result<Handle, String> {
+/// The first of `candidates` that dlopen loads, and which it was; the errors of all of them
+/// otherwise.
+fn open_first(candidates: &[String]) -> Result<(Handle, String), String> {
     let mut errs = Vec::new();
     for c in candidates {
         let s = CString::new(c.as_str()).map_err(|e| e.to_string())?;
         // SAFETY: a valid C string; the handle is kept for the process lifetime.
         let h = unsafe { libc::dlopen(s.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if !h.is_null() {
-            return Ok(h);
+            return Ok((h, c.clone()));
         }
         errs.push(last_dl_error());
     }
@@ -82,6 +83,8 @@ struct Nvrtc {
     cubin: unsafe extern "C" fn(Handle, *mut c_char) -> c_int,
     destroy: unsafe extern "C" fn(*mut Handle) -> c_int,
     error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+    /// What was opened: a path, or a name the loader resolved.
+    from: String,
 }
 
 // SAFETY: plain function pointers into a library that stays loaded.
@@ -159,7 +162,7 @@ fn nvrtc() -> Result<&'static Nvrtc, String> {
             for c in candidates.iter().filter(|c| c.contains('/')) {
                 preload_builtins(Path::new(c));
             }
-            let h = open_first(&candidates).map_err(|e| format!("NVRTC not found: {e}"))?;
+            let (h, from) = open_first(&candidates).map_err(|e| format!("NVRTC not found: {e}"))?;
             // SAFETY: the types are nvrtc.h's signatures.
             unsafe {
                 Ok(Nvrtc {
@@ -171,11 +174,22 @@ fn nvrtc() -> Result<&'static Nvrtc, String> {
                     cubin: sym(h, "nvrtcGetCUBIN")?,
                     destroy: sym(h, "nvrtcDestroyProgram")?,
                     error_string: sym(h, "nvrtcGetErrorString")?,
+                    from,
                 })
             }
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// The NVRTC library the kernels are compiled with (what `dmsae env` reports).
+pub fn nvrtc_location() -> Result<String, String> {
+    nvrtc().map(|n| n.from.clone())
+}
+
+/// Compiles and loads every kernel for `device` (once); why not, if one cannot be.
+pub fn ready(device: Device) -> Result<(), String> {
+    softcap_ce_ready(device).and_then(|()| softcap_softmax_ready(device))
 }
 
 /// Compile CUDA `src` (named `name` in messages, `common.cuh` includable) to a CUBIN for `arch`,
@@ -303,7 +317,7 @@ fn driver() -> Result<&'static Driver, String> {
     static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
     DRIVER
         .get_or_init(|| {
-            let h = open_first(&["libcuda.so.1".into(), "libcuda.so".into()])
+            let (h, _) = open_first(&["libcuda.so.1".into(), "libcuda.so".into()])
                 .map_err(|e| format!("CUDA driver not found: {e}"))?;
             // SAFETY: the types are cuda.h's signatures (the _v2 names are what cuda.h maps
             // the push and pop calls to).
