@@ -30,6 +30,16 @@ struct MaxSum {
   float m, s;
 };
 
+// acc with one more value z.
+__device__ __forceinline__ void push(MaxSum &acc, float z) {
+  if (z > acc.m) {
+    acc.s = acc.s * expf(acc.m - z) + 1.f;
+    acc.m = z;
+  } else {
+    acc.s += expf(z - acc.m);
+  }
+}
+
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   float m = fmaxf(a.m, b.m);
   if (m == NEG_INF) return a;

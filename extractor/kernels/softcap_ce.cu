@@ -40,12 +40,7 @@ __device__ void softcap_ce(T *logits, const long long *targets, const float *has
   for (long long i = threadIdx.x; i < vocab; i += blockDim.x) {
     const float z = capped<T>(to_f(row[i]), cap, inv_cap, &t);
     if (i == target) z_target = z;
-    if (z > acc.m) {
-      acc.s = acc.s * expf(acc.m - z) + 1.f;
-      acc.m = z;
-    } else {
-      acc.s += expf(z - acc.m);
-    }
+    push(acc, z);
   }
   acc = block_merge(acc);
   // log_softmax(z) = (z - m) - log(sum), as ATen forms it.

@@ -38,12 +38,7 @@ __device__ void softcap_softmax_fwd(const T *s, const unsigned char *mask, T *p,
   for (long long j = lane; j < t_len; j += 32) {
     if (mr[j]) continue;
     const float z = attn_score<T>(to_f(sr[j]), cap, &t);
-    if (z > acc.m) {
-      acc.s = acc.s * expf(acc.m - z) + 1.f;
-      acc.m = z;
-    } else {
-      acc.s += expf(z - acc.m);
-    }
+    push(acc, z);
   }
   acc = warp_merge(acc);
   for (long long j = lane; j < t_len; j += 32) {

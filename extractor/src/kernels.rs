@@ -450,8 +450,8 @@ pub fn softcap_ce(
     let Device::Cuda(ordinal) = logits.device() else {
         return Err("softcap_ce: the logits are not on a CUDA device".into());
     };
-    let (rows, vocab) = match logits.size()[..] {
-        [r, v] if logits.is_contiguous() => (r, v),
+    let rows = match logits.size()[..] {
+        [r, _] if logits.is_contiguous() => r,
         _ => {
             return Err(format!(
                 "softcap_ce: logits must be contiguous [rows, vocab], got {:?}",
@@ -483,22 +483,7 @@ pub fn softcap_ce(
     if rows == 0 {
         return Ok(loss);
     }
-    let (mut p_logits, mut p_targets, mut p_has, mut p_loss) = (
-        logits.data_ptr(),
-        targets.data_ptr(),
-        has.data_ptr(),
-        loss.data_ptr(),
-    );
-    let (mut vocab, mut cap, mut grad) = (vocab, cap.unwrap_or(0.0) as f32, grad as c_int);
-    let mut params: [*mut c_void; 7] = [
-        (&mut p_logits as *mut Handle).cast(),
-        (&mut p_targets as *mut Handle).cast(),
-        (&mut p_has as *mut Handle).cast(),
-        (&mut p_loss as *mut Handle).cast(),
-        (&mut vocab as *mut i64).cast(),
-        (&mut cap as *mut f32).cast(),
-        (&mut grad as *mut c_int).cast(),
-    ];
+    let mut args = CeArgs::new(logits, targets, has, &loss, cap, grad);
     // SAFETY: the argument list matches the kernel's signature and every pointer is a live
     // tensor of the checked shape and dtype on this device.
     unsafe {
@@ -507,10 +492,55 @@ pub fn softcap_ce(
             kernel,
             rows as c_uint,
             ROW_THREADS,
-            &mut params,
+            &mut args.params(),
         )?
     };
     Ok(loss)
+}
+
+/// softcap_ce.cu's arguments, each addressable as cuLaunchKernel (and the emulator) wants them.
+struct CeArgs {
+    logits: Handle,
+    targets: Handle,
+    has: Handle,
+    loss: Handle,
+    vocab: i64,
+    cap: f32,
+    grad: c_int,
+}
+
+impl CeArgs {
+    fn new(
+        logits: &Tensor,
+        targets: &Tensor,
+        has: &Tensor,
+        loss: &Tensor,
+        cap: Option<f64>,
+        grad: bool,
+    ) -> CeArgs {
+        CeArgs {
+            logits: logits.data_ptr(),
+            targets: targets.data_ptr(),
+            has: has.data_ptr(),
+            loss: loss.data_ptr(),
+            vocab: logits.size()[1],
+            cap: cap.unwrap_or(0.0) as f32,
+            grad: grad as c_int,
+        }
+    }
+
+    /// Pointers to each argument, in the kernel's order; valid while `self` is not moved.
+    fn params(&mut self) -> [*mut c_void; 7] {
+        [
+            (&mut self.logits as *mut Handle).cast(),
+            (&mut self.targets as *mut Handle).cast(),
+            (&mut self.has as *mut Handle).cast(),
+            (&mut self.loss as *mut Handle).cast(),
+            (&mut self.vocab as *mut i64).cast(),
+            (&mut self.cap as *mut f32).cast(),
+            (&mut self.grad as *mut c_int).cast(),
+        ]
+    }
 }
 
 /// Launch `kernel` of `m` on the legacy default stream (torch's default stream), so it is
@@ -670,30 +700,14 @@ mod tests {
             Kind::BFloat16 => c"softcap_ce_bf16",
             _ => c"softcap_ce_f32",
         };
-        let (mut pz, mut pt, mut ph, mut pl) = (
-            z.data_ptr(),
-            targets.data_ptr(),
-            has.data_ptr(),
-            loss.data_ptr(),
-        );
-        let (mut vocab, mut cap, mut grad) =
-            (z.size()[1], cap.unwrap_or(0.0) as f32, grad as c_int);
-        let mut args: [*mut c_void; 7] = [
-            (&mut pz as *mut Handle).cast(),
-            (&mut pt as *mut Handle).cast(),
-            (&mut ph as *mut Handle).cast(),
-            (&mut pl as *mut Handle).cast(),
-            (&mut vocab as *mut i64).cast(),
-            (&mut cap as *mut f32).cast(),
-            (&mut grad as *mut c_int).cast(),
-        ];
+        let mut args = CeArgs::new(&z, targets, has, &loss, cap, grad);
         // SAFETY: contiguous CPU tensors of the kernel's shapes and dtypes, alive for the call.
         unsafe {
             dmsae_emulate(
                 kernel.as_ptr(),
                 z.size()[0] as c_uint,
                 threads,
-                args.as_mut_ptr(),
+                args.params().as_mut_ptr(),
             )
         };
         (loss, z)
@@ -753,6 +767,21 @@ mod tests {
         }
     }
 
+    /// Whether to run a GPU test: DMSAE_TEST_CUDA=1 set (libtorch_cuda is loaded only then, not
+    /// beside ordinary tests), and then CUDA must be there.
+    fn cuda_under_test() -> bool {
+        if std::env::var_os("DMSAE_TEST_CUDA").is_none() {
+            eprintln!("skipped: set DMSAE_TEST_CUDA=1 on a GPU machine");
+            return false;
+        }
+        crate::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).unwrap();
+        assert!(
+            tch::Cuda::is_available(),
+            "DMSAE_TEST_CUDA is set but CUDA is unavailable"
+        );
+        true
+    }
+
     /// The kernel's logic, emulated on the CPU at 64 threads a block (two warps, so the
     /// cross-warp reduction runs) and at 1,024 (what launches use).
     #[test]
@@ -761,19 +790,12 @@ mod tests {
         kernel_against_aten(Device::Cpu, ROW_THREADS);
     }
 
-    /// The same on a GPU, launched through NVRTC and the driver (DMSAE_TEST_CUDA=1; loads
-    /// libtorch_cuda, so it is kept out of ordinary runs).
+    /// The same on a GPU, launched through NVRTC and the driver.
     #[test]
     fn the_fused_cross_entropy_matches_aten_on_cuda() {
-        if std::env::var_os("DMSAE_TEST_CUDA").is_none() {
-            eprintln!("skipped: set DMSAE_TEST_CUDA=1 on a GPU machine");
+        if !cuda_under_test() {
             return;
         }
-        crate::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).unwrap();
-        assert!(
-            tch::Cuda::is_available(),
-            "DMSAE_TEST_CUDA is set but CUDA is unavailable"
-        );
         kernel_against_aten(Device::Cuda(0), ROW_THREADS);
     }
 
@@ -853,15 +875,9 @@ mod tests {
 
     #[test]
     fn the_fused_attention_softmax_matches_aten_on_cuda() {
-        if std::env::var_os("DMSAE_TEST_CUDA").is_none() {
-            eprintln!("skipped: set DMSAE_TEST_CUDA=1 on a GPU machine");
+        if !cuda_under_test() {
             return;
         }
-        crate::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).unwrap();
-        assert!(
-            tch::Cuda::is_available(),
-            "DMSAE_TEST_CUDA is set but CUDA is unavailable"
-        );
         attention_against_aten(Device::Cuda(0));
     }
 
