@@ -9,7 +9,7 @@
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
-#   STEPS="env kernels model extract ab profile" runs only the steps named (default: all; the
+#   ONLY="env kernels model extract ab profile" runs only the steps named (default: all; the
 #   names are those of the `want` tests below).
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
 # logged and the next goes on, and every step appends to the log as it goes, so a call cut off
@@ -44,7 +44,7 @@ fi
 # A quarter of the store held out for the eval; attribution takes $ATTR training tokens.
 printf 'eval_fraction = 0.25\nbatch_tokens = %s\nwarmup_steps = %s\ncheckpoint_every = 0\n' "$TBATCH" "$((STEPS / 10))" > "$W/train.toml"
 step() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
-want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 # run SECONDS CMD...: the command under a time limit; a failure is logged, and the script goes on.
 run() {
   local limit=$1; shift
@@ -73,7 +73,7 @@ if want kernels; then
 XTESTS=${DMSAE_EXTRACTOR_TESTS:-gpu/extractor-tests}
 if [ -x "$XTESTS" ]; then
   step "dmsae's CUDA kernels (NVRTC, driver launch) against the ATen sequences they replace"
-  DMSAE_TEST_CUDA=1 run 120 "$XTESTS" kernels::tests --nocapture --test-threads 1
+  DMSAE_TEST_CUDA=1 run 120 "$XTESTS" _on_cuda --nocapture --test-threads 1
 fi
 fi
 
