@@ -67,6 +67,7 @@ static inline unsigned __float_as_uint(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 }
+static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 static inline void __syncthreads() { emu::block_barrier->wait(); }
 static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned t = threadIdx.x, warp = t / 32;
@@ -78,6 +79,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 }
 #include "../kernels/softcap_ce.cu"
 #include "../kernels/softcap_softmax.cu"
+#include "../kernels/rms_norm.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -146,6 +148,28 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       softcap_softmax_bwd_f32(arg<const float *>(a, 0), arg<const u8 *>(a, 1),
                               arg<const float *>(a, 2), arg<const float *>(a, 3),
                               arg<float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+    });
+  } else if (k == "rms_norm_fwd_bf16") {
+    launch(grid, block, [=] {
+      rms_norm_fwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
+                        arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<float>(a, 6));
+    });
+  } else if (k == "rms_norm_fwd_f32") {
+    launch(grid, block, [=] {
+      rms_norm_fwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
+                       arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<float>(a, 6));
+    });
+  } else if (k == "rms_norm_bwd_bf16") {
+    launch(grid, block, [=] {
+      rms_norm_bwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1),
+                        arg<const float *>(a, 2), arg<const bf16 *>(a, 3), arg<bf16 *>(a, 4),
+                        arg<ll>(a, 5), arg<ll>(a, 6));
+    });
+  } else if (k == "rms_norm_bwd_f32") {
+    launch(grid, block, [=] {
+      rms_norm_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                       arg<const float *>(a, 2), arg<const float *>(a, 3), arg<float *>(a, 4),
+                       arg<ll>(a, 5), arg<ll>(a, 6));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

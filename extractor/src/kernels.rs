@@ -12,17 +12,47 @@ use tch::{Device, Kind, Tensor};
 
 /// What every kernel source includes, handed to NVRTC as the header `common.cuh`.
 const COMMON: &str = include_str!("../kernels/common.cuh");
-/// The fused soft-cap cross-entropy (`softcap_ce_bf16`, `softcap_ce_f32`).
-pub const SOFTCAP_CE: &str = include_str!("../kernels/softcap_ce.cu");
-/// The fused attention softmax (`softcap_softmax_{fwd,bwd}_{bf16,f32}`), used through
-/// csrc/attention.cpp's autograd function.
-pub const SOFTCAP_SOFTMAX: &str = include_str!("../kernels/softcap_softmax.cu");
-const SOFTCAP_SOFTMAX_KERNELS: [&str; 4] = [
-    "softcap_softmax_fwd_bf16",
-    "softcap_softmax_fwd_f32",
-    "softcap_softmax_bwd_bf16",
-    "softcap_softmax_bwd_f32",
-];
+/// A kernel source and its `extern "C"` entry points.
+pub struct Source {
+    pub name: &'static str,
+    /// The environment variable that turns the kernels off when 0.
+    pub off: &'static str,
+    pub text: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+/// The fused soft-cap cross-entropy, launched by `softcap_ce`.
+pub const SOFTCAP_CE: Source = Source {
+    name: "softcap_ce.cu",
+    off: "DMSAE_FUSED_CE",
+    text: include_str!("../kernels/softcap_ce.cu"),
+    kernels: &["softcap_ce_bf16", "softcap_ce_f32"],
+};
+/// The fused attention softmax, through csrc/autograd.cpp (`softcap_softmax`).
+pub const SOFTCAP_SOFTMAX: Source = Source {
+    name: "softcap_softmax.cu",
+    off: "DMSAE_FUSED_ATTENTION",
+    text: include_str!("../kernels/softcap_softmax.cu"),
+    kernels: &[
+        "softcap_softmax_fwd_bf16",
+        "softcap_softmax_fwd_f32",
+        "softcap_softmax_bwd_bf16",
+        "softcap_softmax_bwd_f32",
+    ],
+};
+/// Gemma's RMSNorm with its casts, through csrc/autograd.cpp (`rms_norm`).
+pub const RMS_NORM: Source = Source {
+    name: "rms_norm.cu",
+    off: "DMSAE_FUSED_NORM",
+    text: include_str!("../kernels/rms_norm.cu"),
+    kernels: &[
+        "rms_norm_fwd_bf16",
+        "rms_norm_fwd_f32",
+        "rms_norm_bwd_bf16",
+        "rms_norm_bwd_f32",
+    ],
+};
+pub const SOURCES: [&Source; 3] = [&SOFTCAP_CE, &SOFTCAP_SOFTMAX, &RMS_NORM];
 
 /// Threads per block of the row kernels (a multiple of 32).
 const ROW_THREADS: c_uint = 1024;
@@ -189,7 +219,39 @@ pub fn nvrtc_location() -> Result<String, String> {
 
 /// Compiles and loads every kernel for `device` (once); why not, if one cannot be.
 pub fn ready(device: Device) -> Result<(), String> {
-    softcap_ce_ready(device).and_then(|()| softcap_softmax_ready(device))
+    SOURCES.iter().try_for_each(|src| source_ready(src, device))
+}
+
+/// Whether to run `src`'s kernels on tensors like `x`: on CUDA in bf16 or float32, unless its
+/// variable (`Source::off`) is 0 (the ATen sequence, for comparison). If the source cannot be
+/// compiled or loaded, the ATen sequence runs instead and stderr says why, once a source.
+pub fn use_fused(x: &Tensor, src: &'static Source) -> bool {
+    if !x.device().is_cuda()
+        || !matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+        || std::env::var(src.off).is_ok_and(|v| v == "0")
+    {
+        return false;
+    }
+    match source_ready(src, x.device()) {
+        Ok(()) => true,
+        Err(e) => {
+            static WARNED: Mutex<Vec<&str>> = Mutex::new(Vec::new());
+            let mut warned = WARNED.lock().unwrap();
+            if !warned.contains(&src.name) {
+                warned.push(src.name);
+                eprintln!("dmsae: {} unavailable, ATen runs instead ({e})", src.name);
+            }
+            false
+        }
+    }
+}
+
+/// Compiles and loads `src` for `device` (once); why not, if it cannot be.
+pub fn source_ready(src: &'static Source, device: Device) -> Result<(), String> {
+    match device {
+        Device::Cuda(i) => loaded(src, i).map(|_| ()),
+        d => Err(format!("{d:?} is not a CUDA device")),
+    }
 }
 
 /// Compile CUDA `src` (named `name` in messages, `common.cuh` includable) to a CUBIN for `arch`,
@@ -352,18 +414,12 @@ struct Loaded {
 unsafe impl Send for Loaded {}
 unsafe impl Sync for Loaded {}
 
-/// `src` compiled for CUDA device `ordinal` and loaded there, once per process; `kernels` are
-/// its `extern "C"` entry points.
-fn loaded(
-    src: &'static str,
-    name: &'static str,
-    kernels: &[&'static str],
-    ordinal: usize,
-) -> Result<&'static Loaded, String> {
+/// `src` compiled for CUDA device `ordinal` and loaded there, once per process.
+fn loaded(src: &'static Source, ordinal: usize) -> Result<&'static Loaded, String> {
     type Cache = Mutex<HashMap<(&'static str, usize), &'static Result<Loaded, String>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
-    let entry = cache.entry((name, ordinal)).or_insert_with(|| {
+    let entry = cache.entry((src.name, ordinal)).or_insert_with(|| {
         Box::leak(Box::new((|| {
             let d = driver()?;
             let (mut dev, mut ctx) = (0, std::ptr::null_mut());
@@ -396,7 +452,7 @@ fn loaded(
                     "cuDeviceGetAttribute",
                 )?;
             }
-            let cubin = compile(src, name, &format!("sm_{major}{minor}"))?;
+            let cubin = compile(src.text, src.name, &format!("sm_{major}{minor}"))?;
             d.in_ctx(ctx, || {
                 let mut module: Handle = std::ptr::null_mut();
                 // SAFETY: a CUBIN NVRTC just produced for this device; the module stays loaded.
@@ -405,7 +461,7 @@ fn loaded(
                     "cuModuleLoadData",
                 )?;
                 let mut out = HashMap::new();
-                for &k in kernels {
+                for &k in src.kernels {
                     let (kc, mut f) = (CString::new(k).unwrap(), std::ptr::null_mut());
                     // SAFETY: a loaded module and a valid C string.
                     d.check(unsafe { (d.function)(&mut f, module, kc.as_ptr()) }, k)?;
@@ -416,23 +472,6 @@ fn loaded(
         })()))
     });
     (*entry).as_ref().map_err(Clone::clone)
-}
-
-fn softcap_ce_module(ordinal: usize) -> Result<&'static Loaded, String> {
-    loaded(
-        SOFTCAP_CE,
-        "softcap_ce.cu",
-        &["softcap_ce_bf16", "softcap_ce_f32"],
-        ordinal,
-    )
-}
-
-/// Compiles and loads the fused cross-entropy for `device` (once); why not, if it cannot be.
-pub fn softcap_ce_ready(device: Device) -> Result<(), String> {
-    match device {
-        Device::Cuda(i) => softcap_ce_module(i).map(|_| ()),
-        d => Err(format!("{d:?} is not a CUDA device")),
-    }
 }
 
 /// Next-token cross-entropy of each row of the pre-cap `logits` [rows, vocab] (CUDA, bf16 or
@@ -488,7 +527,7 @@ pub fn softcap_ce(
     // tensor of the checked shape and dtype on this device.
     unsafe {
         launch(
-            softcap_ce_module(ordinal)?,
+            loaded(&SOFTCAP_CE, ordinal)?,
             kernel,
             rows as c_uint,
             ROW_THREADS,
@@ -577,43 +616,32 @@ unsafe fn launch(
     })
 }
 
-fn softcap_softmax_module(ordinal: usize) -> Result<&'static Loaded, String> {
-    loaded(
-        SOFTCAP_SOFTMAX,
-        "softcap_softmax.cu",
-        &SOFTCAP_SOFTMAX_KERNELS,
-        ordinal,
-    )
-}
-
-/// Compiles and loads the fused attention softmax for `device` (once); why not, if it cannot be.
-pub fn softcap_softmax_ready(device: Device) -> Result<(), String> {
-    match device {
-        Device::Cuda(i) => softcap_softmax_module(i).map(|_| ()),
-        d => Err(format!("{d:?} is not a CUDA device")),
-    }
-}
-
-/// Launches one of softcap_softmax.cu's kernels for csrc/attention.cpp; 0, or 1 with the reason
-/// in `err`.
+/// Launches one of the kernels of `SOURCES` for csrc/autograd.cpp; 0, or 1 with the reason in
+/// `err`.
 ///
 /// # Safety
-/// `kernel` is a C string, `args` matches that kernel's signature, `err` holds `err_len` bytes.
+/// `kernel` is a C string, `args` holds `n_args` pointers matching that kernel's signature,
+/// `err` holds `err_len` bytes.
 #[no_mangle]
-pub unsafe extern "C" fn dmsae_launch_softcap_softmax(
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn dmsae_launch(
     kernel: *const c_char,
     grid: c_uint,
     block: c_uint,
     args: *mut *mut c_void,
+    n_args: usize,
     device: c_int,
     err: *mut c_char,
     err_len: usize,
 ) -> c_int {
     let name = CStr::from_ptr(kernel).to_string_lossy();
-    let n_args = if name.contains("_fwd_") { 7 } else { 8 };
     let params = std::slice::from_raw_parts_mut(args, n_args);
-    let r =
-        softcap_softmax_module(device as usize).and_then(|m| launch(m, &name, grid, block, params));
+    let r = SOURCES
+        .iter()
+        .find(|src| src.kernels.contains(&&*name))
+        .ok_or(format!("no kernel {name}"))
+        .and_then(|src| loaded(src, device as usize))
+        .and_then(|m| launch(m, &name, grid, block, params));
     match r {
         Ok(()) => 0,
         Err(e) => {
@@ -626,8 +654,17 @@ pub unsafe extern "C" fn dmsae_launch_softcap_softmax(
     }
 }
 
+type AutogradOp = unsafe extern "C" fn(
+    *mut torch_sys::C_tensor,
+    *mut torch_sys::C_tensor,
+    f64,
+    *mut *mut torch_sys::C_tensor,
+    *mut c_char,
+    usize,
+) -> c_int;
+
 extern "C" {
-    // csrc/attention.cpp
+    // csrc/autograd.cpp
     fn dmsae_softcap_softmax(
         s: *mut torch_sys::C_tensor,
         mask: *mut torch_sys::C_tensor,
@@ -636,22 +673,27 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_rms_norm(
+        x: *mut torch_sys::C_tensor,
+        scale: *mut torch_sys::C_tensor,
+        eps: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
-/// softmax over the last dimension of `s` [..., T, T] (contiguous, bf16 or float32) after the
-/// soft-cap c * tanh(s) (`cap`; none for Gemma-3) and `mask` [T, T] (bool, true = masked),
-/// differentiable in `s` (kernels/softcap_softmax.cu through csrc/attention.cpp). On CUDA
-/// tensors the kernels run on the GPU; on CPU tensors, emulated (for tests: slow).
-pub fn softcap_softmax(s: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Tensor, String> {
+/// One of csrc/autograd.cpp's functions of two tensors and a number: a new tensor, or its error.
+fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor, String> {
     let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
     let mut err = [0u8; 1024];
     // SAFETY: live tch handles; on success `out` is a new tensor handle that the returned
     // Tensor owns.
     unsafe {
-        let rc = dmsae_softcap_softmax(
-            s.as_ptr() as *mut _,
-            mask.as_ptr() as *mut _,
-            cap.unwrap_or(0.0),
+        let rc = op(
+            a.as_ptr() as *mut _,
+            b.as_ptr() as *mut _,
+            x,
             &mut out,
             err.as_mut_ptr().cast(),
             err.len(),
@@ -663,6 +705,21 @@ pub fn softcap_softmax(s: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Te
                 .unwrap_or_default()),
         }
     }
+}
+
+/// Gemma's RMSNorm of the last dimension of `x` (contiguous, bf16 or float32): in float32 with
+/// the float32 `scale` (1 + weight), rounded once to x's dtype; differentiable in `x`
+/// (kernels/rms_norm.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
+pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor, String> {
+    autograd_op(dmsae_rms_norm, x, scale, eps)
+}
+
+/// softmax over the last dimension of `s` [..., T, T] (contiguous, bf16 or float32) after the
+/// soft-cap c * tanh(s) (`cap`; none for Gemma-3) and `mask` [T, T] (bool, true = masked),
+/// differentiable in `s` (kernels/softcap_softmax.cu through csrc/autograd.cpp). On CUDA
+/// tensors the kernels run on the GPU; on CPU tensors, emulated (for tests: slow).
+pub fn softcap_softmax(s: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Tensor, String> {
+    autograd_op(dmsae_softcap_softmax, s, mask, cap.unwrap_or(0.0))
 }
 
 #[cfg(test)]
@@ -782,23 +839,6 @@ mod tests {
         true
     }
 
-    /// The kernel's logic, emulated on the CPU at 64 threads a block (two warps, so the
-    /// cross-warp reduction runs) and at 1,024 (what launches use).
-    #[test]
-    fn the_fused_cross_entropy_matches_aten_emulated() {
-        kernel_against_aten(Device::Cpu, 64);
-        kernel_against_aten(Device::Cpu, ROW_THREADS);
-    }
-
-    /// The same on a GPU, launched through NVRTC and the driver.
-    #[test]
-    fn the_fused_cross_entropy_matches_aten_on_cuda() {
-        if !cuda_under_test() {
-            return;
-        }
-        kernel_against_aten(Device::Cuda(0), ROW_THREADS);
-    }
-
     /// The fused attention softmax against the ATen chain it replaces (models/common.rs), forward
     /// and backward through autograd: GQA-shaped scores [B, KV, G, T, T] with T = 19 (no
     /// multiple of a warp or of a block's rows), a causal and a sliding-window mask, soft-cap or
@@ -868,17 +908,73 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_fused_attention_softmax_matches_aten_emulated() {
-        attention_against_aten(Device::Cpu);
+    /// The fused RMSNorm against the ATen chain it replaces (models/common.rs: cast to float32,
+    /// rms_norm, cast back), forward and backward through autograd, on [3, 7, 77]: rows no
+    /// multiple of a block's 8, a width no multiple of a warp.
+    fn rms_norm_against_aten(device: Device) {
+        tch::manual_seed(7);
+        let x32 = Tensor::randn([3, 7, 77], (Kind::Float, device)) * 3.0;
+        let r32 = Tensor::randn([3, 7, 77], (Kind::Float, device));
+        let scale = Tensor::randn([77], (Kind::Float, device)) * 0.5 + 1.0;
+        let eps = 1e-6;
+        for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
+            let case = format!("{kind:?} on {device:?}");
+            let r = r32.to_kind(kind);
+            let run = |fused: bool| {
+                let x = x32.to_kind(kind).set_requires_grad(true);
+                let y = match fused {
+                    true => rms_norm(&x, &scale, eps).unwrap(),
+                    false => x
+                        .to_kind(Kind::Float)
+                        .rms_norm([77], Some(&scale), eps)
+                        .to_kind(kind),
+                };
+                let g = Tensor::run_backward(&[(&y * &r).sum(Kind::Float)], &[&x], false, false);
+                (y.detach(), g[0].shallow_clone())
+            };
+            let ((y, dx), (want_y, want_dx)) = (run(true), run(false));
+            let (dy, ddx) = (rel_max(&y, &want_y), rel_max(&dx, &want_dx));
+            eprintln!("rms_norm {case}: output {dy:.2e}, input gradient {ddx:.2e}");
+            assert_eq!((y.kind(), dx.kind()), (kind, kind), "{case}");
+            assert!(dy <= tol, "{case}: outputs differ by {dy:e}");
+            assert!(ddx <= tol, "{case}: input gradients differ by {ddx:e}");
+        }
     }
 
-    #[test]
-    fn the_fused_attention_softmax_matches_aten_on_cuda() {
-        if !cuda_under_test() {
-            return;
+    /// Each comparison as two tests: the kernels emulated on the CPU, and on a GPU through NVRTC
+    /// and the driver (DMSAE_TEST_CUDA=1).
+    macro_rules! on_cpu_and_cuda {
+        ($($cpu:ident, $cuda:ident => $check:expr;)*) => {$(
+            #[test]
+            fn $cpu() {
+                $check(Device::Cpu)
+            }
+
+            #[test]
+            fn $cuda() {
+                if cuda_under_test() {
+                    $check(Device::Cuda(0))
+                }
+            }
+        )*};
+    }
+
+    on_cpu_and_cuda! {
+        the_fused_cross_entropy_matches_aten_emulated,
+        the_fused_cross_entropy_matches_aten_on_cuda => ce_against_aten;
+        the_fused_attention_softmax_matches_aten_emulated,
+        the_fused_attention_softmax_matches_aten_on_cuda => attention_against_aten;
+        the_fused_rms_norm_matches_aten_emulated,
+        the_fused_rms_norm_matches_aten_on_cuda => rms_norm_against_aten;
+    }
+
+    /// The CE kernel emulated at 64 threads a block (two warps, so the cross-warp reduction
+    /// runs) and at 1,024 (what launches use); on a GPU as launched.
+    fn ce_against_aten(device: Device) {
+        if device == Device::Cpu {
+            kernel_against_aten(device, 64);
         }
-        attention_against_aten(Device::Cuda(0));
+        kernel_against_aten(device, ROW_THREADS);
     }
 
     /// NVRTC is part of `make setup`; elsewhere (a CPU-only libtorch) these tests say so and
@@ -901,25 +997,14 @@ mod tests {
         if !have_nvrtc() {
             return;
         }
-        let sources = [
-            (
-                SOFTCAP_CE,
-                "softcap_ce.cu",
-                &["softcap_ce_bf16", "softcap_ce_f32"][..],
-            ),
-            (
-                SOFTCAP_SOFTMAX,
-                "softcap_softmax.cu",
-                &SOFTCAP_SOFTMAX_KERNELS[..],
-            ),
-        ];
-        for ((src, name, kernels), arch) in sources
+        for (src, arch) in SOURCES
             .iter()
             .flat_map(|s| ["sm_80", "sm_90"].map(|a| (s, a)))
         {
-            let cubin = compile(src, name, arch).unwrap();
+            let name = src.name;
+            let cubin = compile(src.text, name, arch).unwrap();
             assert_eq!(&cubin[..4], b"\x7fELF", "{name} {arch}: not an ELF CUBIN");
-            for k in kernels.iter() {
+            for k in src.kernels {
                 assert!(
                     cubin
                         .windows(k.len() + 1)

@@ -26,6 +26,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.is_contiguous() && kernels::use_fused(x, &kernels::RMS_NORM) {
+            return kernels::rms_norm(x, &self.scale, self.eps).map_err(Error::Kernel);
+        }
         // torch's rms_norm, fused on CUDA (one pass where pow, mean, rsqrt and two products
         // were five over float32 copies of the residual, four norms a Gemma layer).
         let d = x.size()[x.dim() - 1];
@@ -207,7 +210,7 @@ impl Attention {
         let v = v.f_unsqueeze(2)?;
         let mut s = q.f_matmul(&k.f_transpose(-1, -2)?)?;
         let mask = &ctx.mask[lt as usize];
-        if fused_attention(x) {
+        if kernels::use_fused(x, &kernels::SOFTCAP_SOFTMAX) {
             let p = kernels::softcap_softmax(&s.f_contiguous()?, mask, self.softcap)
                 .map_err(Error::Kernel)?;
             return self.attend(&p, &v, b, t);
@@ -235,44 +238,6 @@ impl Attention {
             .f_transpose(1, 2)?
             .f_reshape([b, t, h * hd])?;
         self.o_proj.forward(&o)
-    }
-}
-
-/// Whether attention runs the fused softmax (kernels/softcap_softmax.cu) for hidden states `x`:
-/// on CUDA in bf16 or float32, unless DMSAE_FUSED_ATTENTION=0 (the ATen sequence, for
-/// comparison). If the kernel cannot be compiled or loaded, the ATen sequence runs instead and
-/// stderr says why, once.
-fn fused_attention(x: &Tensor) -> bool {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    fused_wanted(
-        x,
-        "DMSAE_FUSED_ATTENTION",
-        kernels::softcap_softmax_ready,
-        &WARNED,
-        "attention softmax",
-    )
-}
-
-/// The common test of `fused_attention` and `Decoder::fused_ce`.
-fn fused_wanted(
-    x: &Tensor,
-    var: &str,
-    ready: fn(Device) -> std::result::Result<(), String>,
-    warned: &std::sync::Once,
-    what: &str,
-) -> bool {
-    if !x.device().is_cuda()
-        || !matches!(x.kind(), Kind::BFloat16 | Kind::Float)
-        || std::env::var(var).is_ok_and(|v| v == "0")
-    {
-        return false;
-    }
-    match ready(x.device()) {
-        Ok(()) => true,
-        Err(e) => {
-            warned.call_once(|| eprintln!("dmsae: fused {what} unavailable, using ATen's ({e})"));
-            false
-        }
     }
 }
 
@@ -529,7 +494,7 @@ impl Decoder {
         } else {
             chunk
         };
-        let fused = self.fused_ce(&flat);
+        let fused = kernels::use_fused(&flat, &kernels::SOFTCAP_CE);
         let (mut losses, mut grads) = (Vec::new(), Vec::new());
         let _g = tch::no_grad_guard();
         let mut s = 0;
@@ -560,22 +525,6 @@ impl Decoder {
             None
         };
         Ok((loss, g))
-    }
-}
-
-impl Decoder {
-    /// Whether `chunked_ce` runs the fused kernel (kernels/softcap_ce.cu) on logits like `z`: on
-    /// CUDA in bf16 or float32, unless DMSAE_FUSED_CE=0 (the ATen sequence, for comparison). If
-    /// the kernel cannot be compiled or loaded, the ATen sequence runs and stderr says why, once.
-    fn fused_ce(&self, z: &Tensor) -> bool {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        fused_wanted(
-            z,
-            "DMSAE_FUSED_CE",
-            kernels::softcap_ce_ready,
-            &WARNED,
-            "cross-entropy",
-        )
     }
 }
 

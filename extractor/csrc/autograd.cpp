@@ -1,0 +1,143 @@
+// dmsae's row kernels (kernels/softcap_softmax.cu, kernels/rms_norm.cu) as autograd functions,
+// so layers above the stored one keep autograd for everything else. tch cannot define one; the
+// C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
+// and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdio>
+#include <cstring>
+
+// kernels.rs: launch `kernel` (with `n_args` arguments) on CUDA device `device`; 0, or 1 and why.
+extern "C" int dmsae_launch(const char *kernel, unsigned grid, unsigned block, void **args,
+                            size_t n_args, int device, char *err, size_t err_len);
+// cuda_emulator.cpp: the same kernel on the CPU.
+extern "C" void dmsae_emulate(const char *kernel, unsigned grid, unsigned block, void **args);
+
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Warps (rows) per block.
+constexpr unsigned kRowsPerBlock = 8;
+
+// One warp a row, on `like`'s device.
+template <size_t N>
+void launch(const std::string &kernel, const at::Tensor &like, int64_t rows, void *(&args)[N]) {
+  const unsigned grid = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  const unsigned block = 32 * kRowsPerBlock;
+  if (like.is_cuda()) {
+    char err[512] = {0};
+    const int rc = dmsae_launch(kernel.c_str(), grid, block, args, N, like.get_device(), err,
+                                sizeof err);
+    TORCH_CHECK(rc == 0, err);
+  } else {
+    dmsae_emulate(kernel.c_str(), grid, block, args);
+  }
+}
+
+std::string suffix(const at::Tensor &t) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
+              "dmsae kernels take bfloat16 or float32, not ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16 ? "_bf16" : "_f32";
+}
+
+struct SoftcapSoftmax : public torch::autograd::Function<SoftcapSoftmax> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &s, const at::Tensor &mask,
+                            double cap) {
+    const int64_t t_len = s.size(-1), rows = s.numel() / t_len;
+    TORCH_CHECK(s.is_contiguous(), "softcap_softmax: scores must be contiguous");
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 &&
+                    mask.size(0) == t_len && mask.size(1) == t_len && mask.device() == s.device(),
+                "softcap_softmax: the mask must be a contiguous bool [T, T] beside the scores");
+    TORCH_CHECK(rows % t_len == 0, "softcap_softmax: scores must be [..., T, T]");
+    const std::string kernel = "softcap_softmax_fwd" + suffix(s);
+    auto p = at::empty_like(s);
+    auto stats = at::empty({rows, 2}, s.options().dtype(at::kFloat));
+    void *ps = s.data_ptr(), *pm = mask.data_ptr(), *pp = p.data_ptr(), *pst = stats.data_ptr();
+    long long r = rows, t = t_len;
+    float c = (float)cap;
+    void *args[] = {&ps, &pm, &pp, &pst, &r, &t, &c};
+    launch(kernel, s, rows, args);
+    ctx->save_for_backward({s, mask, stats});
+    ctx->saved_data["cap"] = cap;
+    return p;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &s = saved[0], &mask = saved[1], &stats = saved[2];
+    const at::Tensor dp = grads[0].to(s.scalar_type()).contiguous();
+    const int64_t t_len = s.size(-1), rows = s.numel() / t_len;
+    auto ds = at::empty_like(s);
+    void *ps = s.data_ptr(), *pm = mask.data_ptr(), *pst = stats.data_ptr(),
+         *pdp = dp.data_ptr(), *pds = ds.data_ptr();
+    long long r = rows, t = t_len;
+    float c = (float)ctx->saved_data["cap"].toDouble();
+    void *args[] = {&ps, &pm, &pst, &pdp, &pds, &r, &t, &c};
+    launch("softcap_softmax_bwd" + suffix(s), s, rows, args);
+    return {ds, at::Tensor(), at::Tensor()};
+  }
+};
+struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &scale,
+                            double eps) {
+    const int64_t d = x.size(-1), rows = x.numel() / d;
+    TORCH_CHECK(x.is_contiguous(), "rms_norm: the input must be contiguous");
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 1 &&
+                    scale.size(0) == d && scale.device() == x.device(),
+                "rms_norm: the scale must be a contiguous float32 [", d, "] beside the input");
+    const std::string kernel = "rms_norm_fwd" + suffix(x);
+    auto y = at::empty_like(x);
+    auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+    void *px = x.data_ptr(), *pw = scale.data_ptr(), *py = y.data_ptr(), *pr = rstd.data_ptr();
+    long long r = rows, n = d;
+    float e = (float)eps;
+    void *args[] = {&px, &pw, &py, &pr, &r, &n, &e};
+    launch(kernel, x, rows, args);
+    ctx->save_for_backward({x, scale, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &scale = saved[1], &rstd = saved[2];
+    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / d;
+    auto dx = at::empty_like(x);
+    void *px = x.data_ptr(), *pw = scale.data_ptr(), *pr = rstd.data_ptr(), *pdy = dy.data_ptr(),
+         *pdx = dx.data_ptr();
+    long long r = rows, n = d;
+    void *args[] = {&px, &pw, &pr, &pdy, &pdx, &r, &n};
+    launch("rms_norm_bwd" + suffix(x), x, rows, args);
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
+template <typename F>
+int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
+  try {
+    *out = new at::Tensor(f());
+    return 0;
+  } catch (const c10::Error &e) {
+    std::snprintf(err, err_len, "%s", e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    std::snprintf(err, err_len, "%s", e.what());
+  }
+  return 1;
+}
+}  // namespace
+
+// RMSNorm of the last dimension of `x` with the float32 `scale` (1 + weight), differentiable in
+// x; as dmsae_softcap_softmax below.
+extern "C" int dmsae_rms_norm(at::Tensor *x, at::Tensor *scale, double eps, at::Tensor **out,
+                              char *err, size_t err_len) {
+  return guarded([&] { return RmsNorm::apply(*x, *scale, eps); }, out, err, err_len);
+}
+
+// softmax(mask(c * tanh(s))) over the last dimension, differentiable in s; cap <= 0 for none.
+// Tensors are tch's handles; *out gets a new one. Returns 0, or 1 with the message in err.
+extern "C" int dmsae_softcap_softmax(at::Tensor *s, at::Tensor *mask, double cap,
+                                     at::Tensor **out, char *err, size_t err_len) {
+  return guarded([&] { return SoftcapSoftmax::apply(*s, *mask, cap); }, out, err, err_len);
+}
