@@ -92,8 +92,8 @@ fi
 
 if want ab; then
 step "extract, bf16, with dmsae's fused kernels turned off one at a time (rates only; same tokens)"
-for off in "" DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 \
-  "DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0"; do
+for off in "" DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 DMSAE_FUSED_GEGLU=0 \
+  "DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 DMSAE_FUSED_GEGLU=0"; do
   echo "-- fused kernels off: ${off:-none}" | tee -a "$LOG"
   run 120 env $off "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" \
     --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-ab-${off// /-}"

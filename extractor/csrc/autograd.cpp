@@ -1,10 +1,11 @@
-// dmsae's row kernels (kernels/softcap_softmax.cu, kernels/rms_norm.cu) as autograd functions,
+// dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu) as autograd functions,
 // so layers above the stored one keep autograd for everything else. tch cannot define one; the
 // C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
 // and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 
 // kernels.rs: launch `kernel` (with `n_args` arguments) on CUDA device `device`; 0, or 1 and why.
@@ -32,6 +33,22 @@ void launch(const std::string &kernel, const at::Tensor &like, int64_t rows, voi
     TORCH_CHECK(rc == 0, err);
   } else {
     dmsae_emulate(kernel.c_str(), grid, block, args);
+  }
+}
+
+// One thread an element (grid-stride beyond 2^16 blocks).
+template <size_t N>
+void launch_elementwise(const std::string &kernel, const at::Tensor &like, int64_t n,
+                        void *(&args)[N]) {
+  constexpr int64_t kThreads = 256, kMaxBlocks = 1 << 16;
+  const unsigned grid = (unsigned)std::min((n + kThreads - 1) / kThreads, kMaxBlocks);
+  if (like.is_cuda()) {
+    char err[512] = {0};
+    const int rc = dmsae_launch(kernel.c_str(), grid, (unsigned)kThreads, args, N,
+                                like.get_device(), err, sizeof err);
+    TORCH_CHECK(rc == 0, err);
+  } else {
+    dmsae_emulate(kernel.c_str(), grid, (unsigned)kThreads, args);
   }
 }
 
@@ -113,6 +130,39 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   }
 };
 
+struct Geglu : public torch::autograd::Function<Geglu> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gate, const at::Tensor &up,
+                            double tanh_approx) {
+    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+                    gate.scalar_type() == up.scalar_type() && gate.device() == up.device(),
+                "geglu: gate and up must be contiguous, of one shape, dtype and device");
+    const std::string kernel = "geglu_fwd" + suffix(gate);
+    auto h = at::empty_like(gate);
+    void *pg = gate.data_ptr(), *pu = up.data_ptr(), *ph = h.data_ptr();
+    long long n = gate.numel();
+    int approx = tanh_approx != 0.0;
+    void *args[] = {&pg, &pu, &ph, &n, &approx};
+    launch_elementwise(kernel, gate, n, args);
+    ctx->save_for_backward({gate, up});
+    ctx->saved_data["tanh"] = tanh_approx;
+    return h;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &gate = saved[0], &up = saved[1];
+    const at::Tensor dh = grads[0].to(gate.scalar_type()).contiguous();
+    auto d_gate = at::empty_like(gate), d_up = at::empty_like(up);
+    void *pg = gate.data_ptr(), *pu = up.data_ptr(), *pdh = dh.data_ptr(),
+         *pdg = d_gate.data_ptr(), *pdu = d_up.data_ptr();
+    long long n = gate.numel();
+    int approx = ctx->saved_data["tanh"].toDouble() != 0.0;
+    void *args[] = {&pg, &pu, &pdh, &pdg, &pdu, &n, &approx};
+    launch_elementwise("geglu_bwd" + suffix(gate), gate, n, args);
+    return {d_gate, d_up, at::Tensor()};
+  }
+};
+
 // Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
 template <typename F>
 int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
@@ -133,6 +183,13 @@ int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
 extern "C" int dmsae_rms_norm(at::Tensor *x, at::Tensor *scale, double eps, at::Tensor **out,
                               char *err, size_t err_len) {
   return guarded([&] { return RmsNorm::apply(*x, *scale, eps); }, out, err, err_len);
+}
+
+// gelu(gate) * up, gelu's tanh form when tanh_approx != 0, differentiable in both; as
+// dmsae_softcap_softmax below.
+extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
+                           at::Tensor **out, char *err, size_t err_len) {
+  return guarded([&] { return Geglu::apply(*gate, *up, tanh_approx); }, out, err, err_len);
 }
 
 // softmax(mask(c * tanh(s))) over the last dimension, differentiable in s; cap <= 0 for none.

@@ -42,7 +42,7 @@ class Barrier {
 };
 
 thread_local Dim3 thread_idx;
-Dim3 block_idx, block_dim;
+Dim3 block_idx, block_dim, grid_dim;
 std::unique_ptr<Barrier> block_barrier;
 std::vector<std::unique_ptr<Barrier>> warp_barriers;
 std::vector<float> lanes;  // one slot per thread, for shuffles
@@ -55,6 +55,7 @@ std::vector<float> lanes;  // one slot per thread, for shuffles
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)
 #define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
 
 static inline float __uint_as_float(unsigned u) {
   float f;
@@ -80,12 +81,14 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #include "../kernels/softcap_ce.cu"
 #include "../kernels/softcap_softmax.cu"
 #include "../kernels/rms_norm.cu"
+#include "../kernels/geglu.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
 template <typename F>
 void launch(unsigned blocks, unsigned threads, F kernel) {
   emu::block_dim.x = threads;
+  emu::grid_dim.x = blocks;
   emu::lanes.assign(threads, 0.f);
   emu::warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; w++) emu::warp_barriers.emplace_back(new emu::Barrier(32));
@@ -170,6 +173,27 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       rms_norm_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
                        arg<const float *>(a, 2), arg<const float *>(a, 3), arg<float *>(a, 4),
                        arg<ll>(a, 5), arg<ll>(a, 6));
+    });
+  } else if (k == "geglu_fwd_bf16") {
+    launch(grid, block, [=] {
+      geglu_fwd_bf16(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<bf16 *>(a, 2),
+                     arg<ll>(a, 3), arg<int>(a, 4));
+    });
+  } else if (k == "geglu_fwd_f32") {
+    launch(grid, block, [=] {
+      geglu_fwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
+                    arg<ll>(a, 3), arg<int>(a, 4));
+    });
+  } else if (k == "geglu_bwd_bf16") {
+    launch(grid, block, [=] {
+      geglu_bwd_bf16(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<const bf16 *>(a, 2),
+                     arg<bf16 *>(a, 3), arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<int>(a, 6));
+    });
+  } else if (k == "geglu_bwd_f32") {
+    launch(grid, block, [=] {
+      geglu_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                    arg<const float *>(a, 2), arg<float *>(a, 3), arg<float *>(a, 4),
+                    arg<ll>(a, 5), arg<int>(a, 6));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -52,7 +52,19 @@ pub const RMS_NORM: Source = Source {
         "rms_norm_bwd_f32",
     ],
 };
-pub const SOURCES: [&Source; 3] = [&SOFTCAP_CE, &SOFTCAP_SOFTMAX, &RMS_NORM];
+/// Gemma's GeGLU product, through csrc/autograd.cpp (`geglu`).
+pub const GEGLU: Source = Source {
+    name: "geglu.cu",
+    off: "DMSAE_FUSED_GEGLU",
+    text: include_str!("../kernels/geglu.cu"),
+    kernels: &[
+        "geglu_fwd_bf16",
+        "geglu_fwd_f32",
+        "geglu_bwd_bf16",
+        "geglu_bwd_f32",
+    ],
+};
+pub const SOURCES: [&Source; 4] = [&SOFTCAP_CE, &SOFTCAP_SOFTMAX, &RMS_NORM, &GEGLU];
 
 /// Threads per block of the row kernels (a multiple of 32).
 const ROW_THREADS: c_uint = 1024;
@@ -673,6 +685,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_geglu(
+        gate: *mut torch_sys::C_tensor,
+        up: *mut torch_sys::C_tensor,
+        tanh_approx: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_rms_norm(
         x: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
@@ -705,6 +725,13 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
                 .unwrap_or_default()),
         }
     }
+}
+
+/// gelu(gate) * up (contiguous, one shape, bf16 or float32), gelu's tanh form if `tanh`,
+/// differentiable in both (kernels/geglu.cu through csrc/autograd.cpp). CPU tensors are
+/// emulated (tests: slow).
+pub fn geglu(gate: &Tensor, up: &Tensor, tanh: bool) -> Result<Tensor, String> {
+    autograd_op(dmsae_geglu, gate, up, tanh as u8 as f64)
 }
 
 /// Gemma's RMSNorm of the last dimension of `x` (contiguous, bf16 or float32): in float32 with
@@ -941,6 +968,54 @@ mod tests {
         }
     }
 
+    /// The fused GeGLU against ATen's gelu and multiply, forward and backward through autograd,
+    /// both gelu forms, on 1,000 elements (no multiple of a block).
+    fn geglu_against_aten(device: Device) {
+        tch::manual_seed(9);
+        let (g32, u32_, r32) = (
+            Tensor::randn([8, 125], (Kind::Float, device)) * 2.0,
+            Tensor::randn([8, 125], (Kind::Float, device)),
+            Tensor::randn([8, 125], (Kind::Float, device)),
+        );
+        for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
+            for tanh in [true, false] {
+                let case = format!("{kind:?} tanh {tanh} on {device:?}");
+                let r = r32.to_kind(kind);
+                let run = |fused: bool| {
+                    let gate = g32.to_kind(kind).set_requires_grad(true);
+                    let up = u32_.to_kind(kind).set_requires_grad(true);
+                    let h = match fused {
+                        true => geglu(&gate, &up, tanh).unwrap(),
+                        false => gate.gelu(if tanh { "tanh" } else { "none" }) * &up,
+                    };
+                    let g = Tensor::run_backward(
+                        &[(&h * &r).sum(Kind::Float)],
+                        &[&gate, &up],
+                        false,
+                        false,
+                    );
+                    (h.detach(), g[0].shallow_clone(), g[1].shallow_clone())
+                };
+                let ((h, dg, du), (want_h, want_dg, want_du)) = (run(true), run(false));
+                let d = [
+                    rel_max(&h, &want_h),
+                    rel_max(&dg, &want_dg),
+                    rel_max(&du, &want_du),
+                ];
+                eprintln!(
+                    "geglu {case}: output {:.2e}, gate gradient {:.2e}, up gradient {:.2e}",
+                    d[0], d[1], d[2]
+                );
+                assert!(d.iter().all(|&x| x <= tol), "{case}: differs by {d:?}");
+                assert_eq!(
+                    (h.kind(), dg.kind(), du.kind()),
+                    (kind, kind, kind),
+                    "{case}"
+                );
+            }
+        }
+    }
+
     /// Each comparison as two tests: the kernels emulated on the CPU, and on a GPU through NVRTC
     /// and the driver (DMSAE_TEST_CUDA=1).
     macro_rules! on_cpu_and_cuda {
@@ -966,6 +1041,8 @@ mod tests {
         the_fused_attention_softmax_matches_aten_on_cuda => attention_against_aten;
         the_fused_rms_norm_matches_aten_emulated,
         the_fused_rms_norm_matches_aten_on_cuda => rms_norm_against_aten;
+        the_fused_geglu_matches_aten_emulated,
+        the_fused_geglu_matches_aten_on_cuda => geglu_against_aten;
     }
 
     /// The CE kernel emulated at 64 threads a block (two warps, so the cross-warp reduction

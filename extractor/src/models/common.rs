@@ -72,8 +72,17 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.f_gelu(self.approximate)?;
-        self.down_proj.forward(&g.f_mul(&self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let h = match kernels::use_fused(&gate, &kernels::GEGLU) {
+            true => {
+                let up = self.up_proj.forward(x)?;
+                kernels::geglu(&gate, &up, self.approximate == "tanh").map_err(Error::Kernel)?
+            }
+            false => gate
+                .f_gelu(self.approximate)?
+                .f_mul(&self.up_proj.forward(x)?)?,
+        };
+        self.down_proj.forward(&h)
     }
 }
 

@@ -1,0 +1,78 @@
+// Gemma's GeGLU product h = gelu(gate) * up, elementwise, and its backward, where ATen runs
+// gelu and a multiply forward (5 passes over the [tokens, 9216] intermediates) and two
+// multiplies and gelu's backward (9) backward; here 3 and 5. Each step rounds as that sequence
+// does: g = gelu(gate) in the model dtype, then g * up; backward d_g = dh * up and d_up = dh * g,
+// then d_gate = d_g * gelu'(gate). gelu is ATen's formula, tanh (`tanh`) or erf (`erf`).
+
+#include "common.cuh"
+
+#define K_BETA 0.7978845608028654f  // sqrt(2) * (2 / sqrt(pi)) / 2
+#define K_KAPPA 0.044715f
+#define K_SQRT1_2 0.7071067811865476f
+#define K_ALPHA 0.3989422804014327f  // (2 / sqrt(pi)) * sqrt(1/2) / 2
+
+__device__ __forceinline__ float gelu(float x, int tanh_approx) {
+  if (tanh_approx) {
+    const float inner = K_BETA * (x + K_KAPPA * (x * x * x));
+    return 0.5f * x * (1.f + tanhf(inner));
+  }
+  return x * 0.5f * (1.f + erff(x * K_SQRT1_2));
+}
+
+__device__ __forceinline__ float gelu_grad(float dy, float x, int tanh_approx) {
+  if (tanh_approx) {
+    const float x_sq = x * x;
+    const float inner = K_BETA * (x + K_KAPPA * (x_sq * x));
+    const float t = tanhf(inner);
+    const float left = 0.5f * x, right = 1.f + t;
+    const float left_derivative = 0.5f * right;
+    const float right_derivative = left * (1.f - t * t);
+    const float inner_derivative = K_BETA * (1.f + 3.f * K_KAPPA * x_sq);
+    return dy * (left_derivative + right_derivative * inner_derivative);
+  }
+  const float cdf = 0.5f * (1.f + erff(x * K_SQRT1_2));
+  const float pdf = expf(-0.5f * x * x) * K_ALPHA;
+  return dy * (cdf + x * pdf);
+}
+
+template <typename T>
+__device__ void geglu_fwd(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float g = rnd<T>(gelu(to_f(gate[i]), tanh_approx));
+    put(&h[i], g * to_f(up[i]));
+  }
+}
+
+template <typename T>
+__device__ void geglu_bwd(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
+                          long long n, int tanh_approx) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float x = to_f(gate[i]), dy = to_f(dh[i]);
+    const float g = rnd<T>(gelu(x, tanh_approx));
+    put(&d_up[i], dy * g);
+    put(&d_gate[i], gelu_grad(rnd<T>(dy * to_f(up[i])), x, tanh_approx));
+  }
+}
+
+extern "C" __global__ void geglu_fwd_bf16(const bf16 *gate, const bf16 *up, bf16 *h, long long n,
+                                         int tanh_approx) {
+  geglu_fwd<bf16>(gate, up, h, n, tanh_approx);
+}
+
+extern "C" __global__ void geglu_fwd_f32(const float *gate, const float *up, float *h,
+                                        long long n, int tanh_approx) {
+  geglu_fwd<float>(gate, up, h, n, tanh_approx);
+}
+
+extern "C" __global__ void geglu_bwd_bf16(const bf16 *gate, const bf16 *up, const bf16 *dh,
+                                         bf16 *d_gate, bf16 *d_up, long long n, int tanh_approx) {
+  geglu_bwd<bf16>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+}
+
+extern "C" __global__ void geglu_bwd_f32(const float *gate, const float *up, const float *dh,
+                                        float *d_gate, float *d_up, long long n,
+                                        int tanh_approx) {
+  geglu_bwd<float>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+}
