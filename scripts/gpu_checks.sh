@@ -38,7 +38,7 @@ if [ "${SMALL:-0}" = 1 ]; then
   MODEL=tiny LAYER=2 CTX=128 BATCH=4 EXTRACT=8K EXTRACT_AB=4K EXTRACT_F32=2K WORDS=20000 WIDTH=1024 K=16 STEPS=40
   TBATCH=512 ATTR=2K TRAIN_PRESET="--preset cpu --width 1024 --steps 8"
 else
-  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K EXTRACT_AB=128K EXTRACT_F32=32K WORDS=600000 WIDTH=65536 K=64
+  MODEL=gemma-2-2b LAYER=12 CTX=1024 BATCH=8 EXTRACT=256K EXTRACT_AB=64K EXTRACT_F32=32K WORDS=600000 WIDTH=65536 K=64
   STEPS=200 TBATCH=4096 ATTR=64K TRAIN_PRESET="--preset h100"
 fi
 # A quarter of the store held out for the eval; attribution takes $ATTR training tokens.
@@ -92,8 +92,8 @@ fi
 
 if want ab; then
 step "extract, bf16, with dmsae's fused kernels turned off one at a time (rates only; same tokens)"
-for off in "" DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 DMSAE_FUSED_GEGLU=0 \
-  "DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 DMSAE_FUSED_GEGLU=0"; do
+all_off="DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 DMSAE_FUSED_GEGLU=0 DMSAE_FUSED_ROPE=0"
+for off in "" $all_off "$all_off"; do
   echo "-- fused kernels off: ${off:-none}" | tee -a "$LOG"
   run 120 env $off "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" \
     --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-ab-${off// /-}"

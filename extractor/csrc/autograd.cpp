@@ -1,4 +1,5 @@
-// dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu) as autograd functions,
+// dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu, rope.cu) as autograd
+// functions,
 // so layers above the stored one keep autograd for everything else. tch cannot define one; the
 // C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
 // and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
@@ -163,6 +164,40 @@ struct Geglu : public torch::autograd::Function<Geglu> {
   }
 };
 
+struct Rope : public torch::autograd::Function<Rope> {
+  static void run(const std::string &kernel, const at::Tensor &in, const at::Tensor &cs,
+                  at::Tensor &out, double pre) {
+    void *pi = in.data_ptr(), *pc = cs.data_ptr(), *po = out.data_ptr();
+    long long n = in.numel(), dh = in.size(3), heads = in.size(2), t = in.size(1);
+    float p = (float)pre;
+    void *args[] = {&pi, &pc, &po, &n, &dh, &heads, &t, &p};
+    launch_elementwise(kernel + suffix(in), in, n, args);
+  }
+
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &cs,
+                            double pre) {
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && x.size(3) % 2 == 0,
+                "rope: x must be contiguous [B, T, heads, Dh] with Dh even");
+    TORCH_CHECK(cs.is_contiguous() && cs.dim() == 3 && cs.size(0) == 2 &&
+                    cs.size(1) == x.size(1) && cs.size(2) == x.size(3) &&
+                    cs.scalar_type() == x.scalar_type() && cs.device() == x.device(),
+                "rope: cos and sin must be stacked as [2, T, Dh] beside x, in its dtype");
+    auto out = at::empty_like(x);
+    run("rope_fwd", x, cs, out, pre);
+    ctx->save_for_backward({cs});
+    ctx->saved_data["pre"] = pre;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const at::Tensor cs = ctx->get_saved_variables()[0];
+    const at::Tensor dout = grads[0].to(cs.scalar_type()).contiguous();
+    auto dx = at::empty_like(dout);
+    run("rope_bwd", dout, cs, dx, ctx->saved_data["pre"].toDouble());
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
 // Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
 template <typename F>
 int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
@@ -190,6 +225,13 @@ extern "C" int dmsae_rms_norm(at::Tensor *x, at::Tensor *scale, double eps, at::
 extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
                            at::Tensor **out, char *err, size_t err_len) {
   return guarded([&] { return Geglu::apply(*gate, *up, tanh_approx); }, out, err, err_len);
+}
+
+// RoPE of x [B, T, heads, Dh] with cos and sin stacked as cs [2, T, Dh], times pre,
+// differentiable in x; as dmsae_softcap_softmax below.
+extern "C" int dmsae_rope(at::Tensor *x, at::Tensor *cs, double pre, at::Tensor **out, char *err,
+                          size_t err_len) {
+  return guarded([&] { return Rope::apply(*x, *cs, pre); }, out, err, err_len);
 }
 
 // softmax(mask(c * tanh(s))) over the last dimension, differentiable in s; cap <= 0 for none.

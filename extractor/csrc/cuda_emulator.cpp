@@ -82,6 +82,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #include "../kernels/softcap_softmax.cu"
 #include "../kernels/rms_norm.cu"
 #include "../kernels/geglu.cu"
+#include "../kernels/rope.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -194,6 +195,18 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       geglu_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
                     arg<const float *>(a, 2), arg<float *>(a, 3), arg<float *>(a, 4),
                     arg<ll>(a, 5), arg<int>(a, 6));
+    });
+  } else if (k == "rope_fwd_bf16" || k == "rope_bwd_bf16") {
+    auto f = k == "rope_fwd_bf16" ? rope_fwd_bf16 : rope_bwd_bf16;
+    launch(grid, block, [=] {
+      f(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<bf16 *>(a, 2), arg<ll>(a, 3),
+        arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+    });
+  } else if (k == "rope_fwd_f32" || k == "rope_bwd_f32") {
+    auto f = k == "rope_fwd_f32" ? rope_fwd_f32 : rope_bwd_f32;
+    launch(grid, block, [=] {
+      f(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2), arg<ll>(a, 3),
+        arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -64,7 +64,19 @@ pub const GEGLU: Source = Source {
         "geglu_bwd_f32",
     ],
 };
-pub const SOURCES: [&Source; 4] = [&SOFTCAP_CE, &SOFTCAP_SOFTMAX, &RMS_NORM, &GEGLU];
+/// Rotary embeddings with q's scaling, through csrc/autograd.cpp (`rope`).
+pub const ROPE: Source = Source {
+    name: "rope.cu",
+    off: "DMSAE_FUSED_ROPE",
+    text: include_str!("../kernels/rope.cu"),
+    kernels: &[
+        "rope_fwd_bf16",
+        "rope_fwd_f32",
+        "rope_bwd_bf16",
+        "rope_bwd_f32",
+    ],
+};
+pub const SOURCES: [&Source; 5] = [&SOFTCAP_CE, &SOFTCAP_SOFTMAX, &RMS_NORM, &GEGLU, &ROPE];
 
 /// Threads per block of the row kernels (a multiple of 32).
 const ROW_THREADS: c_uint = 1024;
@@ -693,6 +705,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_rope(
+        x: *mut torch_sys::C_tensor,
+        cs: *mut torch_sys::C_tensor,
+        pre: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_rms_norm(
         x: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
@@ -732,6 +752,14 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
 /// emulated (tests: slow).
 pub fn geglu(gate: &Tensor, up: &Tensor, tanh: bool) -> Result<Tensor, String> {
     autograd_op(dmsae_geglu, gate, up, tanh as u8 as f64)
+}
+
+/// Rotary embedding of `x` [B, T, heads, Dh] (contiguous, bf16 or float32) with `cs` = cos and
+/// sin stacked [2, T, Dh] in x's dtype, times `pre` (1: none), each step rounded as
+/// `apply_rope` and the scaling round it; differentiable in x (kernels/rope.cu through
+/// csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
+pub fn rope(x: &Tensor, cs: &Tensor, pre: f64) -> Result<Tensor, String> {
+    autograd_op(dmsae_rope, x, cs, pre)
 }
 
 /// Gemma's RMSNorm of the last dimension of `x` (contiguous, bf16 or float32): in float32 with
@@ -1016,6 +1044,55 @@ mod tests {
         }
     }
 
+    /// The fused RoPE (with q's scaling) against `apply_rope` and the scaling, forward and
+    /// backward through autograd, on [2, 5, 3, 8] (heads 3, T 5, Dh 8) with the model's tables.
+    fn rope_against_aten(device: Device) {
+        use crate::config::Rope;
+        use crate::models::common::{apply_rope, rope_tables};
+        tch::manual_seed(11);
+        let (b, t, n, dh) = (2, 5, 3, 8);
+        let x32 = Tensor::randn([b, t, n, dh], (Kind::Float, device)) * 2.0;
+        let r32 = Tensor::randn([b, n, t, dh], (Kind::Float, device));
+        // pre: Gemma-2's 1/sqrt(256)/50 (not a power of two) and 1 (k, no scaling).
+        for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
+            let rope_10k = Rope {
+                theta: 10_000.0,
+                factor: 1.0,
+            };
+            let (cos, sin) = rope_tables(rope_10k, dh as usize, t as usize, device, kind).unwrap();
+            let cs = Tensor::stack(&[&cos, &sin], 0);
+            for pre in [1.0 / 16.0 / 50.0, 1.0] {
+                let case = format!("{kind:?} pre {pre} on {device:?}");
+                let r = r32.to_kind(kind);
+                let run = |fused: bool| {
+                    let x = x32.to_kind(kind).set_requires_grad(true);
+                    let y = match fused {
+                        true => rope(&x, &cs, pre).unwrap().transpose(1, 2),
+                        false => {
+                            let y = apply_rope(&x.transpose(1, 2), &cos, &sin).unwrap();
+                            if pre == 1.0 {
+                                y
+                            } else {
+                                y * pre
+                            }
+                        }
+                    };
+                    let g =
+                        Tensor::run_backward(&[(&y * &r).sum(Kind::Float)], &[&x], false, false);
+                    (y.detach(), g[0].shallow_clone())
+                };
+                let ((y, dx), (want_y, want_dx)) = (run(true), run(false));
+                let (dy, ddx) = (rel_max(&y, &want_y), rel_max(&dx, &want_dx));
+                eprintln!("rope {case}: output {dy:.2e}, input gradient {ddx:.2e}");
+                assert!(
+                    dy <= tol && ddx <= tol,
+                    "{case}: differs by {dy:e}, {ddx:e}"
+                );
+                assert_eq!((y.kind(), dx.kind()), (kind, kind), "{case}");
+            }
+        }
+    }
+
     /// Each comparison as two tests: the kernels emulated on the CPU, and on a GPU through NVRTC
     /// and the driver (DMSAE_TEST_CUDA=1).
     macro_rules! on_cpu_and_cuda {
@@ -1043,6 +1120,8 @@ mod tests {
         the_fused_rms_norm_matches_aten_on_cuda => rms_norm_against_aten;
         the_fused_geglu_matches_aten_emulated,
         the_fused_geglu_matches_aten_on_cuda => geglu_against_aten;
+        the_fused_rope_matches_aten_emulated,
+        the_fused_rope_matches_aten_on_cuda => rope_against_aten;
     }
 
     /// The CE kernel emulated at 64 threads a block (two warps, so the cross-warp reduction

@@ -92,6 +92,8 @@ pub(crate) struct Ctx {
     sin: [Tensor; 2],
     /// `true` where attention is masked out: `[T, T]`.
     mask: [Tensor; 2],
+    /// cos and sin stacked, `[2, T, Dh]`, for the fused RoPE.
+    cos_sin: [Tensor; 2],
 }
 
 impl Ctx {
@@ -107,6 +109,10 @@ impl Ctx {
             None => causal.shallow_clone(),
         };
         Ok(Ctx {
+            cos_sin: [
+                Tensor::f_stack(&[&c0, &s0], 0)?,
+                Tensor::f_stack(&[&c1, &s1], 0)?,
+            ],
             cos: [c0, c1],
             sin: [s0, s1],
             mask: [causal, sliding],
@@ -116,7 +122,7 @@ impl Ctx {
 
 /// HF's rotary tables: `inv_freq = 1 / theta^(2i/d)` in float32, divided by the linear
 /// factor; `emb = cat(freqs, freqs)`; cos and sin cast to the model dtype.
-fn rope_tables(
+pub(crate) fn rope_tables(
     rope: Rope,
     dim: usize,
     t: usize,
@@ -136,7 +142,7 @@ fn rope_tables(
 }
 
 /// `x * cos + rotate_half(x) * sin` on `[B, H, T, Dh]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.size()[3] / 2;
     let x1 = x.f_narrow(3, 0, half)?;
     let x2 = x.f_narrow(3, half, half)?;
@@ -198,21 +204,38 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &Ctx, lt: LayerType) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: i64| y.f_view([b, t, n, hd])?.f_transpose(1, 2);
-        let mut q = heads(self.q_proj.forward(x)?, h)?;
-        let mut k = heads(self.k_proj.forward(x)?, kv)?;
-        let v = heads(self.v_proj.forward(x)?, kv)?;
+        // Heads split as [B, T, n, Dh], contiguous: the norms and RoPE are per (token, head),
+        // and the fused ones want rows; attention transposes to [B, n, T, Dh] after.
+        let split = |y: Tensor, n: i64| y.f_view([b, t, n, hd]);
+        let mut q = split(self.q_proj.forward(x)?, h)?;
+        let mut k = split(self.k_proj.forward(x)?, kv)?;
+        let v = split(self.v_proj.forward(x)?, kv)?.f_transpose(1, 2)?;
         if let Some((qn, kn)) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
         // The scores' scaling (and the soft-cap's 1/c) on q, [B, H, T, Dh], rather than on the
         // [B, H, T, T] scores: a quarter of the traffic at T = 4 Dh. Gemma's 1/sqrt(256) is a
         // power of two, so without a soft-cap this is exact in any dtype.
         let pre = self.scaling / self.softcap.unwrap_or(1.0);
-        let q = apply_rope(&q, cos, sin)?.f_mul_scalar(pre)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let (q, k) = match kernels::use_fused(x, &kernels::ROPE) {
+            true => {
+                let cs = &ctx.cos_sin[lt as usize];
+                let rope = |y: &Tensor, pre: f64| kernels::rope(y, cs, pre).map_err(Error::Kernel);
+                (
+                    rope(&q, pre)?.f_transpose(1, 2)?,
+                    rope(&k, 1.0)?.f_transpose(1, 2)?,
+                )
+            }
+            false => {
+                let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
+                let (q, k) = (q.f_transpose(1, 2)?, k.f_transpose(1, 2)?);
+                (
+                    apply_rope(&q, cos, sin)?.f_mul_scalar(pre)?,
+                    apply_rope(&k, cos, sin)?,
+                )
+            }
+        };
         // GQA by broadcasting each KV head over its group of query heads (no repeat_kv copy).
         let q = q.f_view([b, kv, h / kv, t, hd])?;
         let k = k.f_unsqueeze(2)?;
