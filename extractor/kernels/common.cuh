@@ -7,6 +7,11 @@ typedef unsigned short bf16;
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// A grid-stride loop over n elements, for the elementwise kernels.
+#define FOR_EACH_ELEMENT(i, n)                                                      \
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+       i += (long long)gridDim.x * blockDim.x)
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
 

@@ -37,8 +37,7 @@ __device__ __forceinline__ float gelu_grad(float dy, float x, int tanh_approx) {
 
 template <typename T>
 __device__ void geglu_fwd(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
+  FOR_EACH_ELEMENT(i, n) {
     const float g = rnd<T>(gelu(to_f(gate[i]), tanh_approx));
     put(&h[i], g * to_f(up[i]));
   }
@@ -47,8 +46,7 @@ __device__ void geglu_fwd(const T *gate, const T *up, T *h, long long n, int tan
 template <typename T>
 __device__ void geglu_bwd(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
                           long long n, int tanh_approx) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
+  FOR_EACH_ELEMENT(i, n) {
     const float x = to_f(gate[i]), dy = to_f(dh[i]);
     const float g = rnd<T>(gelu(x, tanh_approx));
     put(&d_up[i], dy * g);

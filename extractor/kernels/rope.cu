@@ -7,14 +7,24 @@
 
 #include "common.cuh"
 
+// Element i's column in its row, and the cos and sin rows of its position.
+template <typename T>
+__device__ __forceinline__ long long rope_at(long long i, const T *cs, long long dh,
+                                             long long heads, long long t_len, const T **cos,
+                                             const T **sin) {
+  const long long pos = (i / dh / heads) % t_len;
+  *cos = cs + pos * dh;
+  *sin = cs + (t_len + pos) * dh;
+  return i % dh;
+}
+
 template <typename T>
 __device__ void rope_fwd(const T *x, const T *cs, T *out, long long n, long long dh,
                          long long heads, long long t_len, float pre) {
   const long long half = dh / 2;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long j = i % dh, row = i / dh, pos = (row / heads) % t_len;
-    const T *cos = cs + pos * dh, *sin = cs + (t_len + pos) * dh;
+  FOR_EACH_ELEMENT(i, n) {
+    const T *cos, *sin;
+    const long long j = rope_at(i, cs, dh, heads, t_len, &cos, &sin);
     const float rot = j < half ? -to_f(x[i + half]) : to_f(x[i - half]);
     const float a = rnd<T>(to_f(x[i]) * to_f(cos[j])), b = rnd<T>(rot * to_f(sin[j]));
     put(&out[i], rnd<T>(a + b) * pre);
@@ -25,10 +35,9 @@ template <typename T>
 __device__ void rope_bwd(const T *dout, const T *cs, T *dx, long long n, long long dh,
                          long long heads, long long t_len, float pre) {
   const long long half = dh / 2;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long j = i % dh, row = i / dh, pos = (row / heads) % t_len;
-    const T *cos = cs + pos * dh, *sin = cs + (t_len + pos) * dh;
+  FOR_EACH_ELEMENT(i, n) {
+    const T *cos, *sin;
+    const long long j = rope_at(i, cs, dh, heads, t_len, &cos, &sin);
     const float a = rnd<T>(rnd<T>(to_f(dout[i]) * pre) * to_f(cos[j]));
     // x[j] is rot[j + half] (first half) or -rot[j - half] (second half).
     const long long k = j < half ? i + half : i - half, jk = j < half ? j + half : j - half;
