@@ -98,6 +98,21 @@ for off in "" $all_off "$all_off"; do
   run 120 env $off "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" \
     --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-ab-${off// /-}"
 done
+# The stores with every kernel on and every kernel off, side by side: how far the kernels move
+# the stored rows (relative L2 per array; 0 means bit-identical).
+for s in "" "${all_off// /-}"; do
+  "$BIN" store export "$W/store-ab-$s" --out-dir "$W/export-ab-$s" --arrays acts,grads,loss >/dev/null 2>&1
+done
+"$PY" - "$W/export-ab-" "$W/export-ab-${all_off// /-}" <<'PY' 2>&1 | tee -a "$LOG"
+import sys, numpy as np
+def f32(x):
+    return (x.astype(np.uint32) << 16).view(np.float32) if x.dtype == np.uint16 else x.astype(np.float32)
+for n in ("acts", "grads", "loss"):
+    a, b = (f32(np.load(f"{d}/{n}.npy")).astype(np.float64) for d in sys.argv[1:3])
+    ok = np.isfinite(a) & np.isfinite(b)
+    rel = np.linalg.norm(a[ok] - b[ok]) / max(np.linalg.norm(b[ok]), 1e-300)
+    print(f"fused against unfused, {n}: relative L2 {rel:.3e}, identical {np.array_equal(a, b, equal_nan=True)}")
+PY
 fi
 
 if want profile; then
