@@ -250,6 +250,10 @@ pub fn ready(device: Device) -> Result<(), String> {
 /// variable (`Source::off`) is 0 (the ATen sequence, for comparison). If the source cannot be
 /// compiled or loaded, the ATen sequence runs instead and stderr says why, once a source.
 pub fn use_fused(x: &Tensor, src: &'static Source) -> bool {
+    #[cfg(test)]
+    if x.device() == Device::Cpu && tests::EMULATE.with(|e| e.get()) {
+        return matches!(x.kind(), Kind::BFloat16 | Kind::Float);
+    }
     if !x.device().is_cuda()
         || !matches!(x.kind(), Kind::BFloat16 | Kind::Float)
         || std::env::var(src.off).is_ok_and(|v| v == "0")
@@ -510,9 +514,24 @@ pub fn softcap_ce(
     cap: Option<f64>,
     grad: bool,
 ) -> Result<Tensor, String> {
-    let Device::Cuda(ordinal) = logits.device() else {
-        return Err("softcap_ce: the logits are not on a CUDA device".into());
+    // Emulated, two warps a block run the same code paths as 32 at a fraction of the threads.
+    let threads = if logits.device().is_cuda() {
+        ROW_THREADS
+    } else {
+        64
     };
+    softcap_ce_in_blocks_of(logits, targets, has, cap, grad, threads)
+}
+
+/// `softcap_ce` with `threads` threads a block; CPU tensors are emulated (tests: slow).
+fn softcap_ce_in_blocks_of(
+    logits: &Tensor,
+    targets: &Tensor,
+    has: &Tensor,
+    cap: Option<f64>,
+    grad: bool,
+    threads: c_uint,
+) -> Result<Tensor, String> {
     let rows = match logits.size()[..] {
         [r, _] if logits.is_contiguous() => r,
         _ => {
@@ -550,15 +569,31 @@ pub fn softcap_ce(
     // SAFETY: the argument list matches the kernel's signature and every pointer is a live
     // tensor of the checked shape and dtype on this device.
     unsafe {
-        launch(
-            loaded(&SOFTCAP_CE, ordinal)?,
-            kernel,
-            rows as c_uint,
-            ROW_THREADS,
-            &mut args.params(),
-        )?
+        match logits.device() {
+            Device::Cuda(ordinal) => launch(
+                loaded(&SOFTCAP_CE, ordinal)?,
+                kernel,
+                rows as c_uint,
+                threads,
+                &mut args.params(),
+            )?,
+            _ => {
+                let k = CString::new(kernel).unwrap();
+                dmsae_emulate(
+                    k.as_ptr(),
+                    rows as c_uint,
+                    threads,
+                    args.params().as_mut_ptr(),
+                )
+            }
+        }
     };
     Ok(loss)
+}
+
+extern "C" {
+    // csrc/cuda_emulator.cpp: a kernel's own text run on the CPU, a thread per CUDA thread.
+    fn dmsae_emulate(kernel: *const c_char, grid: c_uint, block: c_uint, args: *mut *mut c_void);
 }
 
 /// softcap_ce.cu's arguments, each addressable as cuLaunchKernel (and the emulator) wants them.
@@ -778,19 +813,62 @@ pub fn softcap_softmax(s: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Te
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::models::common::ce_rows;
+    use std::cell::Cell;
 
-    extern "C" {
-        // csrc/cuda_emulator.cpp: a kernel's own text run on the CPU, a thread per CUDA thread.
-        fn dmsae_emulate(
-            kernel: *const c_char,
-            grid: c_uint,
-            block: c_uint,
-            args: *mut *mut c_void,
-        );
+    thread_local! {
+        /// Set: `use_fused` takes every kernel on CPU tensors too, emulated.
+        pub(crate) static EMULATE: Cell<bool> = const { Cell::new(false) };
     }
+
+    /// The whole model, every kernel emulated, against the ATen path: the fused path's wiring
+    /// (heads split as rows and transposed after, the CE gradient written over the logits, five
+    /// autograd functions) on the tiny Gemma-2 (both soft-caps, sliding window 5) and Gemma-3
+    /// fixtures, in bf16 and float32: layer output, per-token loss and gradient.
+    #[test]
+    fn the_model_with_every_kernel_emulated_matches_aten() {
+        use crate::models::Model;
+        for fixture in ["gemma2-t5", "gemma3"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures")
+                .join(fixture);
+            // bf16: a few entries a rounding step apart would show as ~1e-4.
+            for (kind, tol) in [(Kind::BFloat16, 1e-3), (Kind::Float, 1e-5)] {
+                let m = Model::load(&dir, Device::Cpu, kind).unwrap();
+                tch::manual_seed(13);
+                let vocab = m.config.vocab_size as i64;
+                let ids = Tensor::randint(vocab, [2, 12], (Kind::Int64, Device::Cpu));
+                let want = m.forward_layer(&ids, 1, true).unwrap();
+                EMULATE.with(|e| e.set(true));
+                let got = m.forward_layer(&ids, 1, true);
+                EMULATE.with(|e| e.set(false));
+                let got = got.unwrap();
+                let rel = |a: &Tensor, b: &Tensor| {
+                    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+                    let ok = a.isfinite().logical_and(&b.isfinite());
+                    let (a, b) = (a.masked_select(&ok), b.masked_select(&ok));
+                    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+                };
+                let d = [
+                    rel(&got.resid, &want.resid),
+                    rel(&got.loss, &want.loss),
+                    rel(got.grad.as_ref().unwrap(), want.grad.as_ref().unwrap()),
+                ];
+                eprintln!("{fixture} {kind:?}, every kernel emulated: relative L2 layer output {:.2e}, loss {:.2e}, gradient {:.2e}", d[0], d[1], d[2]);
+                assert!(
+                    d.iter().all(|&x| x <= tol),
+                    "{fixture} {kind:?}: differs by {d:?}"
+                );
+                // The loss is NaN exactly where there is no target, both ways.
+                assert!(
+                    got.loss.isnan().equal(&want.loss.isnan()),
+                    "{fixture} {kind:?}"
+                );
+            }
+        }
+    }
+    use crate::models::common::ce_rows;
 
     /// The kernel's (loss, gradient) for pre-cap logits `z`: on `z`'s CUDA device, or emulated
     /// on the CPU with `threads` threads a block.
@@ -803,25 +881,7 @@ mod tests {
         threads: u32,
     ) -> (Tensor, Tensor) {
         let z = z.copy();
-        if z.device().is_cuda() {
-            let loss = softcap_ce(&z, targets, has, cap, grad).unwrap();
-            return (loss, z);
-        }
-        let loss = Tensor::full([z.size()[0]], f64::NAN, (Kind::Float, Device::Cpu));
-        let kernel = match z.kind() {
-            Kind::BFloat16 => c"softcap_ce_bf16",
-            _ => c"softcap_ce_f32",
-        };
-        let mut args = CeArgs::new(&z, targets, has, &loss, cap, grad);
-        // SAFETY: contiguous CPU tensors of the kernel's shapes and dtypes, alive for the call.
-        unsafe {
-            dmsae_emulate(
-                kernel.as_ptr(),
-                z.size()[0] as c_uint,
-                threads,
-                args.params().as_mut_ptr(),
-            )
-        };
+        let loss = softcap_ce_in_blocks_of(&z, targets, has, cap, grad, threads).unwrap();
         (loss, z)
     }
 
