@@ -1,7 +1,6 @@
 // dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu, rope.cu) as autograd
-// functions,
-// so layers above the stored one keep autograd for everything else. tch cannot define one; the
-// C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
+// functions, so layers above the stored one keep autograd for everything else. tch cannot
+// define one; the C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
 // and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -19,14 +18,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Warps (rows) per block.
-constexpr unsigned kRowsPerBlock = 8;
-
-// One warp a row, on `like`'s device.
+// `kernel` over grid x block on `like`'s device: the GPU through kernels.rs, or the emulator.
 template <size_t N>
-void launch(const std::string &kernel, const at::Tensor &like, int64_t rows, void *(&args)[N]) {
-  const unsigned grid = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  const unsigned block = 32 * kRowsPerBlock;
+void dispatch(const std::string &kernel, const at::Tensor &like, unsigned grid, unsigned block,
+              void *(&args)[N]) {
   if (like.is_cuda()) {
     char err[512] = {0};
     const int rc = dmsae_launch(kernel.c_str(), grid, block, args, N, like.get_device(), err,
@@ -37,20 +32,23 @@ void launch(const std::string &kernel, const at::Tensor &like, int64_t rows, voi
   }
 }
 
+// Warps (rows) per block.
+constexpr unsigned kRowsPerBlock = 8;
+
+// One warp a row.
+template <size_t N>
+void launch(const std::string &kernel, const at::Tensor &like, int64_t rows, void *(&args)[N]) {
+  const unsigned grid = (unsigned)((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  dispatch(kernel, like, grid, 32 * kRowsPerBlock, args);
+}
+
 // One thread an element (grid-stride beyond 2^16 blocks).
 template <size_t N>
 void launch_elementwise(const std::string &kernel, const at::Tensor &like, int64_t n,
                         void *(&args)[N]) {
   constexpr int64_t kThreads = 256, kMaxBlocks = 1 << 16;
   const unsigned grid = (unsigned)std::min((n + kThreads - 1) / kThreads, kMaxBlocks);
-  if (like.is_cuda()) {
-    char err[512] = {0};
-    const int rc = dmsae_launch(kernel.c_str(), grid, (unsigned)kThreads, args, N,
-                                like.get_device(), err, sizeof err);
-    TORCH_CHECK(rc == 0, err);
-  } else {
-    dmsae_emulate(kernel.c_str(), grid, (unsigned)kThreads, args);
-  }
+  dispatch(kernel, like, grid, (unsigned)kThreads, args);
 }
 
 std::string suffix(const at::Tensor &t) {

@@ -83,27 +83,15 @@ const ROW_THREADS: c_uint = 1024;
 
 type Handle = *mut c_void;
 
-fn last_dl_error() -> String {
-    // SAFETY: dlerror returns a thread-local C string or null.
-    let e = unsafe { libc::dlerror() };
-    match e.is_null() {
-        true => "unknown error".into(),
-        false => unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned(),
-    }
-}
-
 /// The first of `candidates` that dlopen loads, and which it was; the errors of all of them
 /// otherwise.
 fn open_first(candidates: &[String]) -> Result<(Handle, String), String> {
     let mut errs = Vec::new();
     for c in candidates {
-        let s = CString::new(c.as_str()).map_err(|e| e.to_string())?;
-        // SAFETY: a valid C string; the handle is kept for the process lifetime.
-        let h = unsafe { libc::dlopen(s.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if !h.is_null() {
-            return Ok((h, c.clone()));
+        match crate::runtime::dlopen(c, libc::RTLD_NOW | libc::RTLD_LOCAL) {
+            Ok(h) => return Ok((h, c.clone())),
+            Err(e) => errs.push(e),
         }
-        errs.push(last_dl_error());
     }
     Err(errs.join("; "))
 }

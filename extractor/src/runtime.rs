@@ -19,10 +19,11 @@ pub struct RuntimeInfo {
     pub cuda_note: Option<String>,
 }
 
-fn dlopen(path: &str) -> Result<(), String> {
+/// dlopen `path` with `flags`: the handle, kept for the process lifetime, or dlerror's message.
+pub(crate) fn dlopen(path: &str, flags: libc::c_int) -> Result<*mut libc::c_void, String> {
     let c = CString::new(path).map_err(|e| e.to_string())?;
     // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
     if h.is_null() {
         // SAFETY: dlerror returns a thread-local C string or null.
         let e = unsafe { libc::dlerror() };
@@ -35,8 +36,11 @@ fn dlopen(path: &str) -> Result<(), String> {
         };
         return Err(msg);
     }
-    Ok(())
+    Ok(h)
 }
+
+/// libtorch_cuda joins the process's global symbols, as a library linked at start-up would.
+const GLOBAL: libc::c_int = libc::RTLD_NOW | libc::RTLD_GLOBAL;
 
 /// Load `libtorch_cuda.so`: first from `build_dir` (where the binary was linked), then by
 /// name (LD_LIBRARY_PATH, e.g. a different torch install on a GPU node). Call before any tch use.
@@ -45,14 +49,14 @@ pub fn load_cuda(build_dir: Option<&str>) -> Result<(), String> {
     if let Some(d) = build_dir {
         let p = Path::new(d).join("libtorch_cuda.so");
         if p.exists() {
-            match dlopen(&p.to_string_lossy()) {
-                Ok(()) => return Ok(()),
+            match dlopen(&p.to_string_lossy(), GLOBAL) {
+                Ok(_) => return Ok(()),
                 Err(e) => errs.push(e),
             }
         }
     }
-    match dlopen("libtorch_cuda.so") {
-        Ok(()) => Ok(()),
+    match dlopen("libtorch_cuda.so", GLOBAL) {
+        Ok(_) => Ok(()),
         Err(e) => {
             errs.push(e);
             Err(errs.join("; "))
