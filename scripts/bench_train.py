@@ -125,9 +125,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens, extra=""):
+def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens, extra="",
+               env=None):
     """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up);
-    `extra`: more config lines."""
+    `extra`: more config lines; `env`: more environment variables."""
     cfg = os.path.join(work, "bench.toml")
     with open(cfg, "w") as f:
         f.write(
@@ -139,7 +140,7 @@ def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads
     out = os.path.join(work, "run")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [dmsae, "train", "--shards", store, "--config", cfg, "--device", device, "--quiet", "--out", out]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
@@ -160,6 +161,9 @@ def main():
                     help="every latent counts as dead: full AuxK every step, both sides")
     ap.add_argument("--encoder-f32", action="store_true",
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
+    ap.add_argument("--update-ab", action="store_true",
+                    help="also time dmsae with the ATen update (DMSAE_FUSED_ADAM=0) and with bf16 "
+                         "Adam moments (adam_bf16_moments = true); CUDA")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -191,6 +195,14 @@ def main():
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
                          dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
+        if a.update_ab:  # what dmsae's update kernels (extractor/kernels/adam.cu) buy
+            for name, extra, env in (
+                ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", {"DMSAE_FUSED_ADAM": "0"}),
+                ("dmsae train, bf16 Adam moments (adam_bf16_moments = true)",
+                 "adam_bf16_moments = true\n", None),
+            ):
+                rows.append((name, dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
+                                              a.device, a.threads, dead_tokens, extra, env)[0]))
         torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
         rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
                      anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens)))

@@ -66,6 +66,8 @@ TESTS=${DMSAE_TRAINER_TESTS:-gpu/trainer-tests}
 if [ -x "$TESTS" ]; then
   step "torch's fused Adam on CUDA against the textbook update (the CPU kernel is tested in CI)"
   DMSAE_TEST_CUDA=1 run 60 "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture
+  step "dmsae's update kernels (adam.cu) on CUDA against the ATen update"
+  DMSAE_TEST_CUDA=1 run 60 "$TESTS" _on_cuda --nocapture --test-threads 1
 fi
 fi
 
@@ -135,19 +137,23 @@ fi
 
 if want train; then
 step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
-run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32
+run 240 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32 --update-ab
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk --encoder-f32
 fi
 
 if want fvu; then
-step "bf16 encoder product against float32: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
+# fvu NAME CONFIG-LINE: a short training on the real store ($REAL), seed $seed; logs its held-out FVU.
+fvu() {
+  printf 'width = 1024\nk = 32\nbatch_tokens = 256\ntokens = 32768\nwarmup_steps = 16\neval_fraction = 0.25\nlog_every = 32\ncheckpoint_every = 0\nseed = %s\n%s\n' \
+    "$seed" "$2" > "$W/fvu.toml"
+  run 60 "$BIN" train --shards "$REAL" --config "$W/fvu.toml" --device "$DEVICE" --quiet --out "$W/fvu-$seed-$1"
+  [ -f "$W/fvu-$seed-$1/metrics.jsonl" ] && echo "seed $seed, $2: held-out FVU $(last_fvu "$W/fvu-$seed-$1/metrics.jsonl")" | tee -a "$LOG"
+}
+step "bf16 encoder product against float32, then bf16 Adam moments: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
 for seed in 1 2; do
-  for bf16 in true false; do
-    printf 'width = 1024\nk = 32\nbatch_tokens = 256\ntokens = 32768\nwarmup_steps = 16\neval_fraction = 0.25\nlog_every = 32\ncheckpoint_every = 0\nseed = %s\nencoder_bf16 = %s\n' \
-      "$seed" "$bf16" > "$W/fvu.toml"
-    run 60 "$BIN" train --shards "$REAL" --config "$W/fvu.toml" --device "$DEVICE" --quiet --out "$W/fvu-$seed-$bf16"
-    [ -f "$W/fvu-$seed-$bf16/metrics.jsonl" ] && echo "seed $seed, encoder_bf16 $bf16: held-out FVU $(last_fvu "$W/fvu-$seed-$bf16/metrics.jsonl")" | tee -a "$LOG"
-  done
+  fvu bf16 "encoder_bf16 = true"
+  fvu f32 "encoder_bf16 = false"
+  fvu moments "adam_bf16_moments = true"
 done
 fi
 

@@ -83,6 +83,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #include "../kernels/rms_norm.cu"
 #include "../kernels/geglu.cu"
 #include "../kernels/rope.cu"
+#include "../kernels/adam.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -207,6 +208,33 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     launch(grid, block, [=] {
       f(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2), arg<ll>(a, 3),
         arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+    });
+  } else if (k == "decoder_grad_stats") {
+    launch(grid, block, [=] {
+      decoder_grad_stats(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
+                         arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5));
+    });
+  } else if (k == "decoder_adam_f32") {
+    launch(grid, block, [=] {
+      decoder_adam_f32(arg<float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
+                       arg<float *>(a, 3), arg<const float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6),
+                       arg<AdamArgs>(a, 7));
+    });
+  } else if (k == "decoder_adam_bf16") {
+    launch(grid, block, [=] {
+      decoder_adam_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
+                        arg<bf16 *>(a, 3), arg<const float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6),
+                        arg<AdamArgs>(a, 7));
+    });
+  } else if (k == "adam_flat_f32") {
+    launch(grid, block, [=] {
+      adam_flat_f32(arg<float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
+                    arg<float *>(a, 3), arg<ll>(a, 4), arg<AdamArgs>(a, 5));
+    });
+  } else if (k == "adam_flat_bf16") {
+    launch(grid, block, [=] {
+      adam_flat_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
+                     arg<bf16 *>(a, 3), arg<ll>(a, 4), arg<AdamArgs>(a, 5));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -76,7 +76,27 @@ pub const ROPE: Source = Source {
         "rope_bwd_f32",
     ],
 };
-pub const SOURCES: [&Source; 5] = [&SOFTCAP_CE, &SOFTCAP_SOFTMAX, &RMS_NORM, &GEGLU, &ROPE];
+/// The trainer's update: projected gradient, clip, Adam and unit decoder rows (trainer/src/sae.rs).
+pub const ADAM: Source = Source {
+    name: "adam.cu",
+    off: "DMSAE_FUSED_ADAM",
+    text: include_str!("../kernels/adam.cu"),
+    kernels: &[
+        "decoder_grad_stats",
+        "decoder_adam_f32",
+        "decoder_adam_bf16",
+        "adam_flat_f32",
+        "adam_flat_bf16",
+    ],
+};
+pub const SOURCES: [&Source; 6] = [
+    &SOFTCAP_CE,
+    &SOFTCAP_SOFTMAX,
+    &RMS_NORM,
+    &GEGLU,
+    &ROPE,
+    &ADAM,
+];
 
 /// Threads per block of the row kernels (a multiple of 32).
 const ROW_THREADS: c_uint = 1024;
@@ -238,8 +258,7 @@ pub fn ready(device: Device) -> Result<(), String> {
 /// variable (`Source::off`) is 0 (the ATen sequence, for comparison). If the source cannot be
 /// compiled or loaded, the ATen sequence runs instead and stderr says why, once a source.
 pub fn use_fused(x: &Tensor, src: &'static Source) -> bool {
-    #[cfg(test)]
-    if x.device() == Device::Cpu && tests::EMULATE.with(|e| e.get()) {
+    if x.device() == Device::Cpu && EMULATE.with(|e| e.get()) {
         return matches!(x.kind(), Kind::BFloat16 | Kind::Float);
     }
     if !x.device().is_cuda()
@@ -260,6 +279,18 @@ pub fn use_fused(x: &Tensor, src: &'static Source) -> bool {
             false
         }
     }
+}
+
+thread_local! {
+    /// Set (`emulate_on_cpu`): `use_fused` takes every kernel on CPU tensors too, emulated.
+    static EMULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For tests: while `on`, this thread runs the kernels on CPU tensors through the emulator
+/// (csrc/cuda_emulator.cpp: slow, a thread per CUDA thread), so the fused paths are tested
+/// where there is no GPU.
+pub fn emulate_on_cpu(on: bool) {
+    EMULATE.with(|e| e.set(on));
 }
 
 /// Compiles and loads `src` for `device` (once); why not, if it cannot be.
@@ -557,26 +588,40 @@ fn softcap_ce_in_blocks_of(
     // SAFETY: the argument list matches the kernel's signature and every pointer is a live
     // tensor of the checked shape and dtype on this device.
     unsafe {
-        match logits.device() {
-            Device::Cuda(ordinal) => launch(
-                loaded(&SOFTCAP_CE, ordinal)?,
-                kernel,
-                rows as c_uint,
-                threads,
-                &mut args.params(),
-            )?,
-            _ => {
-                let k = CString::new(kernel).unwrap();
-                dmsae_emulate(
-                    k.as_ptr(),
-                    rows as c_uint,
-                    threads,
-                    args.params().as_mut_ptr(),
-                )
-            }
-        }
+        run(
+            &SOFTCAP_CE,
+            kernel,
+            logits.device(),
+            rows as c_uint,
+            threads,
+            &mut args.params(),
+        )?
     };
     Ok(loss)
+}
+
+/// Runs `kernel` of `src` over `grid` blocks of `block` threads: launched on a CUDA `device`
+/// (see `launch`), emulated on the CPU (tests).
+///
+/// # Safety
+/// As `launch`: `params` must match the kernel's signature, one pointer per argument, and
+/// every tensor pointer among them must be on `device` and stay allocated until it runs.
+pub unsafe fn run(
+    src: &'static Source,
+    kernel: &str,
+    device: Device,
+    grid: c_uint,
+    block: c_uint,
+    params: &mut [*mut c_void],
+) -> Result<(), String> {
+    match device {
+        Device::Cuda(ordinal) => launch(loaded(src, ordinal)?, kernel, grid, block, params),
+        _ => {
+            let k = CString::new(kernel).unwrap();
+            dmsae_emulate(k.as_ptr(), grid, block, params.as_mut_ptr());
+            Ok(())
+        }
+    }
 }
 
 extern "C" {
@@ -803,12 +848,6 @@ pub fn softcap_softmax(s: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Te
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::cell::Cell;
-
-    thread_local! {
-        /// Set: `use_fused` takes every kernel on CPU tensors too, emulated.
-        pub(crate) static EMULATE: Cell<bool> = const { Cell::new(false) };
-    }
 
     /// The whole model, every kernel emulated, against the ATen path: the fused path's wiring
     /// (heads split as rows and transposed after, the CE gradient written over the logits, five
@@ -828,9 +867,9 @@ pub(crate) mod tests {
                 let vocab = m.config.vocab_size as i64;
                 let ids = Tensor::randint(vocab, [2, 12], (Kind::Int64, Device::Cpu));
                 let want = m.forward_layer(&ids, 1, true).unwrap();
-                EMULATE.with(|e| e.set(true));
+                emulate_on_cpu(true);
                 let got = m.forward_layer(&ids, 1, true);
-                EMULATE.with(|e| e.set(false));
+                emulate_on_cpu(false);
                 let got = got.unwrap();
                 let rel = |a: &Tensor, b: &Tensor| {
                     let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));

@@ -62,6 +62,12 @@ pub struct TrainConfig {
     /// ms a step, float32).
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub auxk_dense: Option<bool>,
+    /// Adam's moments stored in bf16, rounded stochastically, where float32 moments make the
+    /// update move 28 bytes a parameter and these 20; None: float32. Needs dmsae's fused CUDA
+    /// update (extractor/kernels/adam.cu), so a CUDA device. Ours, for the issue's step budget;
+    /// its effect on FVU is not yet measured on a GPU, hence off by default.
+    #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
+    pub adam_bf16_moments: Option<bool>,
     /// A given core is held fixed (encoder rows and b_enc). METHOD.md "frozen or trainable ...
     /// make it a key (default frozen)".
     pub core_frozen: bool,
@@ -153,6 +159,7 @@ impl Default for TrainConfig {
             threshold_beta: 0.999,
             encoder_bf16: None,
             auxk_dense: None,
+            adam_bf16_moments: None,
             core_frozen: true,
             steps: 30_000,
             tokens: None,

@@ -13,6 +13,7 @@
 
 use crate::config::TrainConfig;
 use crate::profile::Laps;
+use dmsae_extractor::kernels;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -445,6 +446,32 @@ fn clip_divisor(norm: f64, clip: f64) -> Option<f64> {
     (norm > clip).then(|| norm / clip)
 }
 
+/// adam.cu's `AdamArgs`: one step's constants.
+#[repr(C)]
+struct AdamArgs {
+    step_size: f32,
+    beta1: f32,
+    beta2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    inv_div: f32,
+    seed: u32,
+}
+
+/// A kernel argument as cuLaunchKernel takes it: a pointer to its value.
+fn addr<T>(x: &mut T) -> *mut std::ffi::c_void {
+    (x as *mut T).cast()
+}
+
+/// The bf16 moments' rounding stream of parameter `i` at `step`, fixed by the run's seed.
+fn rounding_seed(seed: u64, step: u64, i: usize) -> u32 {
+    let mut h = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((i as u64) << 56);
+    // splitmix64's finaliser
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (h ^ (h >> 31)) as u32
+}
+
 fn unit_rows(w: &Tensor) -> Tensor {
     w / w
         .square()
@@ -499,7 +526,11 @@ pub struct Trainer {
 impl Trainer {
     /// `core_given`: the core came from a file, so `cfg.core_frozen` applies to it.
     pub fn new(sae: Sae, cfg: TrainConfig, core_given: bool) -> Trainer {
-        let zeros = |p: &Tensor| p.detach().zeros_like();
+        let moments = match cfg.adam_bf16_moments {
+            Some(true) => Kind::BFloat16,
+            _ => sae.w_dec.kind(),
+        };
+        let zeros = |p: &Tensor| Tensor::zeros(p.size(), (moments, p.device()));
         let (m, v) = (
             sae.params().map(zeros).into(),
             sae.params().map(zeros).into(),
@@ -641,31 +672,14 @@ impl Trainer {
                 let _ = g[0].narrow(1, 0, c).zero_();
                 let _ = g[1].narrow(0, 0, c).zero_();
             }
-            // In place throughout: on a GPU these passes over [W, d] are memory-bound, and each
-            // temporary is one more.
-            let w_fd = &self.sae.w_dec;
-            let minus_par_f1 = g[2]
-                .unsqueeze(1)
-                .bmm(&w_fd.unsqueeze(2))
-                .squeeze_dim(2)
-                .neg();
-            let _ = g[2].addcmul_(&minus_par_f1, w_fd);
-            // One read back to the host, not one per parameter: each waits for the device.
-            let norm = Tensor::stack(&g.iter().map(|t| t.norm()).collect::<Vec<_>>(), 0)
-                .to_kind(Kind::Double)
-                .norm()
-                .double_value(&[]);
-            laps.lap(5);
-            self.adam(&mut g, lr, clip_divisor(norm, self.cfg.grad_clip));
-            laps.lap(6);
-            let norms_f1 = self
-                .sae
-                .w_dec
-                .norm_scalaropt_dim(2, [-1], true)
-                .clamp_min(1e-12);
-            let _ = self.sae.w_dec.g_div_(&norms_f1);
-            laps.lap(7);
-            norm
+            // Each kernel wants its gradient laid out as its parameter (row-major here).
+            for t in g.iter_mut().filter(|t| !t.is_contiguous()) {
+                *t = t.contiguous();
+            }
+            match kernels::use_fused(&self.sae.w_dec, &kernels::ADAM) {
+                true => self.fused_update(&g, lr, &mut laps),
+                false => self.aten_update(&mut g, lr, &mut laps),
+            }
         });
         tch::no_grad(|| self.bookkeep(&out.codes));
         self.step += 1;
@@ -695,6 +709,149 @@ impl Trainer {
         }
     }
 
+    /// The update in ATen: the gradient along each decoder row removed, the clip, Adam
+    /// (`adam`), each decoder row renormalised. Returns the clipped gradient's norm.
+    fn aten_update(&mut self, g: &mut [Tensor], lr: f64, laps: &mut Laps) -> f64 {
+        // In place throughout: on a GPU these passes over [W, d] are memory-bound, and each
+        // temporary is one more.
+        let w_fd = &self.sae.w_dec;
+        let minus_par_f1 = g[2]
+            .unsqueeze(1)
+            .bmm(&w_fd.unsqueeze(2))
+            .squeeze_dim(2)
+            .neg();
+        let _ = g[2].addcmul_(&minus_par_f1, w_fd);
+        // One read back to the host, not one per parameter: each waits for the device.
+        let norm = Tensor::stack(&g.iter().map(|t| t.norm()).collect::<Vec<_>>(), 0)
+            .to_kind(Kind::Double)
+            .norm()
+            .double_value(&[]);
+        laps.lap(5);
+        self.adam(g, lr, clip_divisor(norm, self.cfg.grad_clip));
+        laps.lap(6);
+        let norms_f1 = self
+            .sae
+            .w_dec
+            .norm_scalaropt_dim(2, [-1], true)
+            .clamp_min(1e-12);
+        let _ = self.sae.w_dec.g_div_(&norms_f1);
+        laps.lap(7);
+        norm
+    }
+
+    /// `aten_update` in dmsae's kernels (extractor/kernels/adam.cu): two passes over the
+    /// decoder, its gradient and moments, where ATen's sequence takes seven, and one over
+    /// each other parameter. The moments may be bf16 (`TrainConfig::adam_bf16_moments`).
+    fn fused_update(&mut self, g: &[Tensor], lr: f64, laps: &mut Laps) -> f64 {
+        let w = &self.sae.w_dec;
+        let (dev, rows, d) = (w.device(), w.size()[0], w.size()[1]);
+        // 8 warps a block, one decoder row each; emulated (tests), one warp, and one block
+        // for the flat kernel, which strides over its elements: each thread is an OS thread.
+        let threads: u32 = if dev.is_cuda() { 256 } else { 32 };
+        let row_grid = (rows as u32).div_ceil(threads / 32);
+        let flat_grid = |n: i64| match dev.is_cuda() {
+            true => (n as u32).div_ceil(threads).clamp(1, 1 << 16),
+            false => 1,
+        };
+        let dot = Tensor::empty([rows], (Kind::Float, dev));
+        let sq = Tensor::empty([rows], (Kind::Float, dev));
+        let ptr = |t: &Tensor| t.data_ptr();
+        let (mut a0, mut a1, mut a2, mut a3) = (ptr(&g[2]), ptr(w), ptr(&dot), ptr(&sq));
+        let (mut rows_a, mut d_a) = (rows, d);
+        // SAFETY: decoder_grad_stats(g, w, dot, sq, rows, d) over live contiguous float32
+        // tensors of those shapes on `dev`.
+        unsafe {
+            kernels::run(
+                &kernels::ADAM,
+                "decoder_grad_stats",
+                dev,
+                row_grid,
+                threads,
+                &mut [
+                    addr(&mut a0),
+                    addr(&mut a1),
+                    addr(&mut a2),
+                    addr(&mut a3),
+                    addr(&mut rows_a),
+                    addr(&mut d_a),
+                ],
+            )
+        }
+        .unwrap_or_else(|e| panic!("fused update: {e}"));
+        let norms = [
+            g[0].norm(),
+            g[1].norm(),
+            sq.sum(Kind::Float).sqrt(),
+            g[3].norm(),
+        ];
+        let norm = Tensor::stack(&norms, 0)
+            .to_kind(Kind::Double)
+            .norm()
+            .double_value(&[]);
+        laps.lap(5);
+        let t = (self.step + 1) as i32;
+        let (b1, b2) = (self.cfg.adam_beta1, self.cfg.adam_beta2);
+        let bf16 = self.m[0].kind() == Kind::BFloat16;
+        let suffix = if bf16 { "bf16" } else { "f32" };
+        for (i, (p, g)) in self.sae.params().into_iter().zip(g).enumerate() {
+            let mut a = AdamArgs {
+                step_size: (lr / (1.0 - b1.powi(t))) as f32,
+                beta1: b1 as f32,
+                beta2: b2 as f32,
+                bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+                eps: self.cfg.adam_eps as f32,
+                inv_div: clip_divisor(norm, self.cfg.grad_clip).map_or(1.0, |x| 1.0 / x) as f32,
+                seed: rounding_seed(self.cfg.seed, self.step, i),
+            };
+            let (mut pp, mut gp) = (ptr(p), ptr(g));
+            let (mut mp, mut vp, mut dp) = (ptr(&self.m[i]), ptr(&self.v[i]), ptr(&dot));
+            let mut n = p.numel() as i64;
+            // SAFETY: decoder_adam(w, g, m, v, dot, rows, d, args) and adam_flat(p, g, m, v,
+            // n, args) over live contiguous tensors on `dev`: float32 parameters and
+            // gradients, moments of the kind the name says; `AdamArgs` is laid out as in C.
+            let r = unsafe {
+                match i {
+                    2 => kernels::run(
+                        &kernels::ADAM,
+                        &format!("decoder_adam_{suffix}"),
+                        dev,
+                        row_grid,
+                        threads,
+                        &mut [
+                            addr(&mut pp),
+                            addr(&mut gp),
+                            addr(&mut mp),
+                            addr(&mut vp),
+                            addr(&mut dp),
+                            addr(&mut rows_a),
+                            addr(&mut d_a),
+                            addr(&mut a),
+                        ],
+                    ),
+                    _ => kernels::run(
+                        &kernels::ADAM,
+                        &format!("adam_flat_{suffix}"),
+                        dev,
+                        flat_grid(n),
+                        threads,
+                        &mut [
+                            addr(&mut pp),
+                            addr(&mut gp),
+                            addr(&mut mp),
+                            addr(&mut vp),
+                            addr(&mut n),
+                            addr(&mut a),
+                        ],
+                    ),
+                }
+            };
+            r.unwrap_or_else(|e| panic!("fused update: {e}"));
+        }
+        laps.lap(6);
+        laps.lap(7);
+        norm
+    }
+
     /// Adam through torch's fused kernel (`csrc/fused_adam.cpp`): one pass over each
     /// parameter, its gradient and both moments, the gradients divided by `grad_div` if given.
     fn adam(&mut self, g: &mut [Tensor], lr: f64, grad_div: Option<f64>) {
@@ -711,10 +868,6 @@ impl Trainer {
         let ptrs =
             |ts: &mut [&mut Tensor]| ts.iter_mut().map(|t| t.as_mut_ptr()).collect::<Vec<_>>();
         let p = ptrs(&mut params);
-        // The kernel wants each gradient laid out as its parameter (row-major here).
-        for t in g.iter_mut().filter(|t| !t.is_contiguous()) {
-            *t = t.contiguous();
-        }
         let g = ptrs(&mut g.iter_mut().collect::<Vec<_>>());
         let m = ptrs(&mut self.m.iter_mut().collect::<Vec<_>>());
         let v = ptrs(&mut self.v.iter_mut().collect::<Vec<_>>());
@@ -834,6 +987,21 @@ impl Trainer {
         }
         (self.step, self.sae.threshold) = (step, threshold);
         Ok(())
+    }
+
+    /// Why this trainer cannot update on its device, if it cannot: bf16 moments need the fused
+    /// update (`fused_update`), which runs on CUDA only.
+    pub fn check_update(&self) -> Result<(), String> {
+        let fused = kernels::use_fused(&self.sae.w_dec, &kernels::ADAM);
+        match self.m[0].kind() == Kind::BFloat16 && !fused {
+            true => Err(format!(
+                "adam_bf16_moments needs dmsae's update kernels, which run on a CUDA device \
+                 with NVRTC and {} not 0; this run is on {:?}",
+                kernels::ADAM.off,
+                self.sae.device()
+            )),
+            false => Ok(()),
+        }
     }
 
     /// Whether the training encoder product runs in bf16.
@@ -1164,6 +1332,177 @@ mod tests {
             }
             assert!(!t.sae.w_enc.allclose(&t.sae.w_dec.tr(), 1e-3, 1e-3, false));
         }
+    }
+
+    fn copies(ts: &[Tensor]) -> Vec<Tensor> {
+        ts.iter().map(|t| t.copy()).collect()
+    }
+
+    /// The fused update (adam.cu, emulated) against the ATen sequence over three steps with
+    /// random gradients, the clip active on the first and last and not on the second; d = 40
+    /// leaves the last lane group of each decoder row part-filled. Parameters, moments and the
+    /// returned norm agree to float32 rounding: 1e-6 absolute (a ten-thousandth of a step at lr
+    /// 1e-2; ATen and the kernel order their float32 operations differently, and Adam divides
+    /// by sqrt(v), which magnifies that where the moments nearly cancel) plus 2e-6 relative.
+    #[test]
+    fn the_fused_update_matches_aten() {
+        fused_update_against_aten(Device::Cpu);
+    }
+
+    /// The same on a GPU, launched through NVRTC and the driver (DMSAE_TEST_CUDA=1;
+    /// scripts/gpu_checks.sh).
+    #[test]
+    fn the_fused_update_matches_aten_on_cuda() {
+        if std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
+            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
+            && tch::Cuda::is_available()
+        {
+            fused_update_against_aten(Device::Cuda(0));
+        }
+    }
+
+    fn fused_update_against_aten(device: Device) {
+        let cfg = small_cfg(2);
+        let new = || {
+            Trainer::new(
+                Sae::new(40, None, &cfg, Kind::Float, device).unwrap(),
+                cfg.clone(),
+                false,
+            )
+        };
+        let (mut a, mut b) = (new(), new());
+        let w0 = a.sae.w_dec.detach().copy();
+        for step in 0..3 {
+            tch::manual_seed(step);
+            let scale = if step == 1 { 1e-4 } else { 1.0 };
+            let g: Vec<Tensor> = a
+                .sae
+                .params()
+                .iter()
+                .map(|p| p.randn_like() * scale)
+                .collect();
+            let na = tch::no_grad(|| a.aten_update(&mut copies(&g), 1e-2, &mut Laps::off()));
+            kernels::emulate_on_cpu(true);
+            assert!(kernels::use_fused(&b.sae.w_dec, &kernels::ADAM));
+            let nb = tch::no_grad(|| b.fused_update(&copies(&g), 1e-2, &mut Laps::off()));
+            kernels::emulate_on_cpu(false);
+            assert!(
+                (na - nb).abs() <= 1e-5 * na,
+                "step {step}: norm {na} against {nb}"
+            );
+            assert_eq!(na > cfg.grad_clip, step != 1);
+            a.step += 1;
+            b.step += 1;
+        }
+        let pairs = a.sae.params().into_iter().zip(b.sae.params());
+        for (i, (x, y)) in pairs
+            .chain(a.m.iter().zip(&b.m))
+            .chain(a.v.iter().zip(&b.v))
+            .enumerate()
+        {
+            let diff = (x - y).abs().max().double_value(&[]);
+            let size = x.abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-6 + 2e-6 * size,
+                "tensor {i}: max |diff| {diff} of {size}"
+            );
+        }
+        let norms = b.sae.w_dec.norm_scalaropt_dim(2, [-1], false);
+        assert!(norms.allclose(&norms.ones_like(), 1e-6, 1e-6, false));
+        assert!(
+            (&b.sae.w_dec - w0).abs().max().double_value(&[]) > 1e-3,
+            "nothing moved"
+        );
+    }
+
+    /// Whole steps (`update`) with the fused update emulated against the ATen path, with a
+    /// frozen core: the wiring around the kernels (the core's zeroed gradient, contiguity, the
+    /// clip). The weights agree to float32 rounding and the core's encoder columns stay put.
+    #[test]
+    fn steps_with_the_fused_update_match_aten() {
+        let d = 24;
+        let cfg = small_cfg(4);
+        let (core_w, _) = sparse_dictionary(d, 3, 1, 1, 0.0, 5);
+        let new = || {
+            let core = Core {
+                w_enc_dc: tensor(&core_w, 3, Kind::Float).tr(),
+                b_enc_c: Tensor::from_slice(&[0.1f32, -0.2, 0.05]),
+                threshold_c: None,
+            };
+            let sae = Sae::new(d, Some(core), &cfg, Kind::Float, Device::Cpu).unwrap();
+            Trainer::new(sae, cfg.clone(), true)
+        };
+        let (mut a, mut b) = (new(), new());
+        let w0 = a.sae.w_enc.detach().copy();
+        tch::manual_seed(7);
+        for _ in 0..3 {
+            let x = Tensor::randn([64, d as i64], (Kind::Float, Device::Cpu));
+            let sa = a.update(&x);
+            kernels::emulate_on_cpu(true);
+            let sb = b.update(&x);
+            kernels::emulate_on_cpu(false);
+            assert!((sa.grad_norm - sb.grad_norm).abs() <= 1e-5 * sa.grad_norm);
+        }
+        for (x, y) in a.sae.params().into_iter().zip(b.sae.params()) {
+            let diff = (x - y).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "max |diff| {diff}");
+        }
+        assert!(b.sae.w_enc.narrow(1, 0, 3).equal(&w0.narrow(1, 0, 3)));
+        assert!(!b.sae.w_enc.narrow(1, 3, 8).equal(&w0.narrow(1, 3, 8)));
+    }
+
+    /// bf16 moments rounded stochastically follow the float32 ones where rounding to nearest
+    /// stalls: from v = 1 with g^2 = 4, each step adds 0.003, under half a bf16 ulp of 1 (0.0039).
+    /// After 10 steps v = 4 - 3 * 0.999^10 = 1.030 (a stalled v stays 1); the mean over 512
+    /// entries lands within 0.005 of it. A seed repeats its rounding; another seed does not.
+    #[test]
+    fn bf16_moments_follow_the_float32_ones() {
+        let run = |seed: u64, steps: u64| {
+            let cfg = TrainConfig {
+                width: 32,
+                grad_clip: 1e9,
+                adam_bf16_moments: Some(true),
+                ..small_cfg(seed)
+            };
+            let sae = Sae::new(16, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+            let mut t = Trainer::new(sae, cfg, false);
+            assert!(
+                t.check_update().is_err(),
+                "bf16 moments on the CPU without the emulator"
+            );
+            let _ = t.v[0].fill_(1.0);
+            let mut g: Vec<Tensor> = t
+                .sae
+                .params()
+                .iter()
+                .map(|p| p.detach().zeros_like())
+                .collect();
+            g[0] = g[0].fill(2.0);
+            kernels::emulate_on_cpu(true);
+            assert!(t.check_update().is_ok());
+            for _ in 0..steps {
+                tch::no_grad(|| t.fused_update(&g, 1e-3, &mut Laps::off()));
+                t.step += 1;
+            }
+            kernels::emulate_on_cpu(false);
+            t
+        };
+        let t = run(3, 10);
+        assert_eq!(t.m[0].kind(), Kind::BFloat16);
+        let mean = |x: &Tensor| x.to_kind(Kind::Double).mean(None).double_value(&[]);
+        let (v, m) = (mean(&t.v[0]), mean(&t.m[0]));
+        let (want_v, want_m) = (4.0 - 3.0 * 0.999f64.powi(10), 2.0 * (1.0 - 0.9f64.powi(10)));
+        assert!(
+            (v - want_v).abs() < 0.005,
+            "mean v {v}, float32 moments {want_v}"
+        );
+        assert!(
+            (m - want_m).abs() < 0.005,
+            "mean m {m}, float32 moments {want_m}"
+        );
+        let (a, b, c) = (run(5, 3), run(5, 3), run(6, 3));
+        assert!(a.v[0].equal(&b.v[0]) && a.sae.w_enc.equal(&b.sae.w_enc));
+        assert!(!a.v[0].equal(&c.v[0]));
     }
 
     #[test]

@@ -593,6 +593,7 @@ impl Member {
         let core = core_file.map(|p| load_core(p, d, scale)).transpose()?;
         let sae = Sae::new(d, core, cfg, Kind::Float, device).map_err(ConfigError::Invalid)?;
         let mut t = Trainer::new(sae, cfg.clone(), core_file.is_some());
+        t.check_update().map_err(ConfigError::Invalid)?;
         std::fs::create_dir_all(out).map_err(io(out))?;
         // By content only: a run resumed under another spelling of its paths is the same run.
         let identity = json!({

@@ -1,0 +1,130 @@
+// The trainer's update (trainer/src/sae.rs) in two passes over the decoder and one over every
+// other parameter, where the ATen sequence takes seven over the decoder: the gradient's
+// component along each decoder row removed, the clip, Adam, and each row put back on the unit
+// sphere. On a GPU the update is memory-bound (302M float32 parameters at the paper's width).
+//
+// decoder_grad_stats, one warp a row r of W_dec: dot_r = g_r . w_r and ||g_r - dot_r w_r||^2
+// (the clip needs the norm of the projected gradient before any row is updated).
+// decoder_adam, one warp a row: g = (g_r - dot_r w_r) / div, Adam, then w_r / ||w_r||.
+// adam_flat, grid-stride: Adam on the other parameters.
+//
+// Adam is torch's (fused, ORIGINAL mode, no weight decay) in float32: m = b1 m + (1 - b1) g,
+// v = b2 v + (1 - b2) g^2, p -= step_size m / (sqrt(v) / bc2_sqrt + eps). The moments are
+// stored as M: float32, or bf16 rounded stochastically. A moment rounded to nearest would
+// stall: at b2 = 0.999 the step (1 - b2)(g^2 - v) is under half a bf16 ulp of v unless g^2 is
+// about 2.5 v or more. The rounding bits are a hash of (seed, element), so a seeded run
+// repeats itself.
+
+#include "common.cuh"
+
+// Host-computed step constants; laid out as `AdamArgs` in trainer/src/sae.rs.
+struct AdamArgs {
+  float step_size;  // lr / (1 - b1^t)
+  float beta1, beta2;
+  float bc2_sqrt;  // sqrt(1 - b2^t)
+  float eps;
+  float inv_div;   // 1 / the clip's divisor (1 under the clip)
+  unsigned seed;   // this step's and this tensor's rounding stream (bf16 moments)
+};
+
+// A 32-bit mix of (seed, i): the stochastic rounding's random bits.
+__device__ __forceinline__ unsigned mix(unsigned seed, long long i) {
+  unsigned h = seed ^ ((unsigned)i * 0x9E3779B1u) ^ ((unsigned)(i >> 32) * 0x85EBCA77u);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// x to bf16, rounded up with probability equal to the dropped fraction (E[rounded] = x).
+__device__ __forceinline__ bf16 bf16_stochastic(float x, unsigned bits) {
+  const unsigned u = __float_as_uint(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return bf16_of(x);  // inf, NaN
+  return (bf16)((u + (bits & 0xffffu)) >> 16);
+}
+
+__device__ __forceinline__ void store_moment(float *p, float x, unsigned) { *p = x; }
+__device__ __forceinline__ void store_moment(bf16 *p, float x, unsigned bits) {
+  *p = bf16_stochastic(x, bits);
+}
+
+// Adam on element i (g already divided): the new parameter value; updates both moments.
+template <typename M>
+__device__ __forceinline__ float adam_step(float p, float g, M *m, M *v, long long i,
+                                           const AdamArgs &a) {
+  const float mi = a.beta1 * to_f(m[i]) + (1.f - a.beta1) * g;
+  const float vi = a.beta2 * to_f(v[i]) + (1.f - a.beta2) * g * g;
+  store_moment(&m[i], mi, mix(a.seed, 2 * i));
+  store_moment(&v[i], vi, mix(a.seed, 2 * i + 1));
+  return p - a.step_size * mi / (sqrtf(vi) / a.bc2_sqrt + a.eps);
+}
+
+extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, float *dot,
+                                              float *sq, long long rows, long long d) {
+  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // the whole warp
+  const int lane = threadIdx.x & 31;
+  const float *gr = g + row * d, *wr = w + row * d;
+  float s = 0.f;
+  for (long long j = lane; j < d; j += 32) s += gr[j] * wr[j];
+  const float c = warp_sum(s);
+  float q = 0.f;
+  for (long long j = lane; j < d; j += 32) {
+    const float e = gr[j] - c * wr[j];
+    q += e * e;
+  }
+  q = warp_sum(q);
+  if (lane == 0) {
+    dot[row] = c;
+    sq[row] = q;
+  }
+}
+
+template <typename M>
+__device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *dot,
+                             long long rows, long long d, AdamArgs a) {
+  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const long long at = row * d;
+  const float c = dot[row];
+  float ss = 0.f;
+  for (long long j = lane; j < d; j += 32) {
+    const float wj = w[at + j];
+    const float p = adam_step(wj, (g[at + j] - c * wj) * a.inv_div, m, v, at + j, a);
+    w[at + j] = p;
+    ss += p * p;
+  }
+  // Each lane rescales what it wrote itself, so no barrier is needed between the passes.
+  const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+  for (long long j = lane; j < d; j += 32) w[at + j] *= inv;
+}
+
+template <typename M>
+__device__ void adam_flat(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
+  FOR_EACH_ELEMENT(i, n) { p[i] = adam_step(p[i], g[i] * a.inv_div, m, v, i, a); }
+}
+
+extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,
+                                            const float *dot, long long rows, long long d,
+                                            AdamArgs a) {
+  decoder_adam<float>(w, g, m, v, dot, rows, d, a);
+}
+
+extern "C" __global__ void decoder_adam_bf16(float *w, const float *g, bf16 *m, bf16 *v,
+                                             const float *dot, long long rows, long long d,
+                                             AdamArgs a) {
+  decoder_adam<bf16>(w, g, m, v, dot, rows, d, a);
+}
+
+extern "C" __global__ void adam_flat_f32(float *p, const float *g, float *m, float *v,
+                                         long long n, AdamArgs a) {
+  adam_flat<float>(p, g, m, v, n, a);
+}
+
+extern "C" __global__ void adam_flat_bf16(float *p, const float *g, bf16 *m, bf16 *v,
+                                          long long n, AdamArgs a) {
+  adam_flat<bf16>(p, g, m, v, n, a);
+}
