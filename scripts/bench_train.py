@@ -161,12 +161,15 @@ def main():
                     help="every latent counts as dead: full AuxK every step, both sides")
     ap.add_argument("--encoder-f32", action="store_true",
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
-    ap.add_argument("--update-ab", action="store_true",
-                    help="also time dmsae with the ATen update (DMSAE_FUSED_ADAM=0) and with bf16 "
+    ap.add_argument("--kernels-ab", action="store_true",
+                    help="also time dmsae with its update kernel off (DMSAE_FUSED_ADAM=0), its "
+                         "decoder kernels off (DMSAE_FUSED_DECODE=0), both off, and with bf16 "
                          "Adam moments (adam_bf16_moments = true); CUDA")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
+    if a.kernels_ab and not a.device.startswith("cuda"):
+        ap.error("--kernels-ab needs --device cuda (the kernels run on CUDA only)")
     d, width, k, batch, steps, n_tokens = PRESETS[a.preset]
     width, k, batch, steps = (v if o is None else o for v, o in
                               zip((width, k, batch, steps), (a.width, a.k, a.batch, a.steps)))
@@ -195,9 +198,12 @@ def main():
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
                          dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
-        if a.update_ab:  # what dmsae's update kernels (extractor/kernels/adam.cu) buy
+        if a.kernels_ab:  # what dmsae's trainer kernels (extractor/kernels/adam.cu, bag_decode.cu) buy
+            update_off, decode_off = {"DMSAE_FUSED_ADAM": "0"}, {"DMSAE_FUSED_DECODE": "0"}
             for name, extra, env in (
-                ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", {"DMSAE_FUSED_ADAM": "0"}),
+                ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", update_off),
+                ("dmsae train, embedding_bag decoder (DMSAE_FUSED_DECODE=0)", "", decode_off),
+                ("dmsae train, both off", "", {**update_off, **decode_off}),
                 ("dmsae train, bf16 Adam moments (adam_bf16_moments = true)",
                  "adam_bf16_moments = true\n", None),
             ):

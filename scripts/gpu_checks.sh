@@ -66,7 +66,7 @@ TESTS=${DMSAE_TRAINER_TESTS:-gpu/trainer-tests}
 if [ -x "$TESTS" ]; then
   step "torch's fused Adam on CUDA against the textbook update (the CPU kernel is tested in CI)"
   DMSAE_TEST_CUDA=1 run 60 "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture
-  step "dmsae's update kernels (adam.cu) on CUDA against the ATen update"
+  step "dmsae's trainer kernels (adam.cu, bag_decode.cu) on CUDA against the ATen update and embedding_bag"
   DMSAE_TEST_CUDA=1 run 60 "$TESTS" _on_cuda --nocapture --test-threads 1
 fi
 fi
@@ -137,7 +137,8 @@ fi
 
 if want train; then
 step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
-run 240 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32 --update-ab
+AB=$([ "$DEVICE" = cpu ] || echo --kernels-ab)
+run 360 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32 $AB
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk --encoder-f32
 fi
 

@@ -1,5 +1,5 @@
-// dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu, rope.cu) as autograd
-// functions, so layers above the stored one keep autograd for everything else. tch cannot
+// dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu, rope.cu, and the
+// trainer's bag_decode.cu) as autograd functions, so layers above the stored one keep autograd for everything else. tch cannot
 // define one; the C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
 // and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
 #include <torch/csrc/autograd/custom_function.h>
@@ -196,6 +196,62 @@ struct Rope : public torch::autograd::Function<Rope> {
   }
 };
 
+// sum of vals[e] w[cols[e]] over each bag's entries, [n_bags, d], differentiable in w and vals;
+// `bags` gives each entry's bag, non-decreasing. Float32 (the trainer's parameters).
+struct BagDecode : public torch::autograd::Function<BagDecode> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &vals,
+                            const at::Tensor &cols, const at::Tensor &bags, int64_t n_bags) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+                "bag_decode: W must be a contiguous float32 [rows, d]");
+    const int64_t n = vals.numel();
+    for (const at::Tensor *t : {&vals, &cols, &bags})
+      TORCH_CHECK(t->dim() == 1 && t->numel() == n && t->is_contiguous() &&
+                      t->device() == w.device(),
+                  "bag_decode: vals, cols and bags must be contiguous [n] beside W");
+    TORCH_CHECK(vals.scalar_type() == at::kFloat && cols.scalar_type() == at::kLong &&
+                    bags.scalar_type() == at::kLong,
+                "bag_decode: vals float32, cols and bags int64");
+    const int64_t d = w.size(1);
+    auto out = at::empty({n_bags, d}, w.options());
+    if (n_bags > 0) {
+      const auto offsets = at::cat({at::zeros({1}, bags.options()),
+                                    at::bincount(bags, {}, n_bags).cumsum(0)});
+      void *pw = w.data_ptr(), *pv = vals.data_ptr(), *pc = cols.data_ptr(),
+           *po = offsets.data_ptr(), *pout = out.data_ptr();
+      long long nb = n_bags, dd = d;
+      void *args[] = {&pw, &pv, &pc, &po, &pout, &nb, &dd};
+      launch("bag_decode_fwd", w, n_bags, args);
+    }
+    ctx->save_for_backward({w, vals, cols, bags});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &w = saved[0], &vals = saved[1], &cols = saved[2], &bags = saved[3];
+    const at::Tensor dout = grads[0].to(at::kFloat).contiguous();
+    const int64_t rows = w.size(0), d = w.size(1), n = vals.numel();
+    long long r = rows, dd = d, nn = n;
+    void *pdout = dout.data_ptr(), *pv = vals.data_ptr(), *pb = bags.data_ptr(),
+         *pc = cols.data_ptr(), *pw = w.data_ptr();
+    // The entries by latent, in entry order within one (a stable sort), for the W gradient.
+    const auto perm = at::argsort(cols, /*stable=*/true);
+    const auto col_offsets = at::cat({at::zeros({1}, cols.options()),
+                                      at::bincount(cols, {}, rows).cumsum(0)});
+    auto dw = at::empty_like(w);
+    void *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr();
+    void *wargs[] = {&pdout, &pv, &pb, &pp, &pco, &pdw, &r, &dd};
+    launch("bag_decode_bwd_w", w, rows, wargs);
+    auto dvals = at::empty_like(vals);
+    if (n > 0) {
+      void *pdv = dvals.data_ptr();
+      void *vargs[] = {&pw, &pdout, &pc, &pb, &pdv, &nn, &dd};
+      launch("bag_decode_bwd_vals", w, n, vargs);
+    }
+    return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
 template <typename F>
 int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
@@ -230,6 +286,14 @@ extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
 extern "C" int dmsae_rope(at::Tensor *x, at::Tensor *cs, double pre, at::Tensor **out, char *err,
                           size_t err_len) {
   return guarded([&] { return Rope::apply(*x, *cs, pre); }, out, err, err_len);
+}
+
+// BagDecode above; as dmsae_softcap_softmax below.
+extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *cols,
+                                at::Tensor *bags, int64_t n_bags, at::Tensor **out, char *err,
+                                size_t err_len) {
+  return guarded([&] { return BagDecode::apply(*w, *vals, *cols, *bags, n_bags); }, out, err,
+                 err_len);
 }
 
 // softmax(mask(c * tanh(s))) over the last dimension, differentiable in s; cap <= 0 for none.

@@ -84,6 +84,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #include "../kernels/geglu.cu"
 #include "../kernels/rope.cu"
 #include "../kernels/adam.cu"
+#include "../kernels/bag_decode.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -235,6 +236,23 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     launch(grid, block, [=] {
       adam_flat_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
                      arg<bf16 *>(a, 3), arg<ll>(a, 4), arg<AdamArgs>(a, 5));
+    });
+  } else if (k == "bag_decode_fwd") {
+    launch(grid, block, [=] {
+      bag_decode_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
+                     arg<const ll *>(a, 3), arg<float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6));
+    });
+  } else if (k == "bag_decode_bwd_w") {
+    launch(grid, block, [=] {
+      bag_decode_bwd_w(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
+                       arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
+                       arg<ll>(a, 6), arg<ll>(a, 7));
+    });
+  } else if (k == "bag_decode_bwd_vals") {
+    launch(grid, block, [=] {
+      bag_decode_bwd_vals(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                          arg<const ll *>(a, 2), arg<const ll *>(a, 3), arg<float *>(a, 4),
+                          arg<ll>(a, 5), arg<ll>(a, 6));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -63,7 +63,7 @@ __device__ __forceinline__ float adam_step(float p, float g, M *m, M *v, long lo
 
 extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, float *dot,
                                               float *sq, long long rows, long long d) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long row = warp_index();
   if (row >= rows) return;  // the whole warp
   const int lane = threadIdx.x & 31;
   const float *gr = g + row * d, *wr = w + row * d;
@@ -85,7 +85,7 @@ extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, fl
 template <typename M>
 __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *dot,
                              long long rows, long long d, AdamArgs a) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long row = warp_index();
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
   const long long at = row * d;

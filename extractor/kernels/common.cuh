@@ -12,6 +12,11 @@ typedef unsigned short bf16;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
        i += (long long)gridDim.x * blockDim.x)
 
+// This thread's warp across the grid: the row of a one-warp-a-row kernel.
+__device__ __forceinline__ long long warp_index() {
+  return (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
 

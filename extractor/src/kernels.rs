@@ -89,13 +89,21 @@ pub const ADAM: Source = Source {
         "adam_flat_bf16",
     ],
 };
-pub const SOURCES: [&Source; 6] = [
+/// The trainer's sparse decoder and its backward, through csrc/autograd.cpp (`bag_decode`).
+pub const BAG_DECODE: Source = Source {
+    name: "bag_decode.cu",
+    off: "DMSAE_FUSED_DECODE",
+    text: include_str!("../kernels/bag_decode.cu"),
+    kernels: &["bag_decode_fwd", "bag_decode_bwd_w", "bag_decode_bwd_vals"],
+};
+pub const SOURCES: [&Source; 7] = [
     &SOFTCAP_CE,
     &SOFTCAP_SOFTMAX,
     &RMS_NORM,
     &GEGLU,
     &ROPE,
     &ADAM,
+    &BAG_DECODE,
 ];
 
 /// Threads per block of the row kernels (a multiple of 32).
@@ -781,6 +789,16 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_bag_decode(
+        w: *mut torch_sys::C_tensor,
+        vals: *mut torch_sys::C_tensor,
+        cols: *mut torch_sys::C_tensor,
+        bags: *mut torch_sys::C_tensor,
+        n_bags: i64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_rms_norm(
         x: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
@@ -793,26 +811,52 @@ extern "C" {
 
 /// One of csrc/autograd.cpp's functions of two tensors and a number: a new tensor, or its error.
 fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor, String> {
+    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe {
+        op(a.as_ptr() as *mut _, b.as_ptr() as *mut _, x, out, err, len)
+    })
+}
+
+/// The tensor a csrc/autograd.cpp entry point makes through `call(out, err, err_len)`, or its
+/// error message.
+fn new_tensor(
+    call: impl FnOnce(*mut *mut torch_sys::C_tensor, *mut c_char, usize) -> c_int,
+) -> Result<Tensor, String> {
     let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
     let mut err = [0u8; 1024];
-    // SAFETY: live tch handles; on success `out` is a new tensor handle that the returned
-    // Tensor owns.
-    unsafe {
-        let rc = op(
-            a.as_ptr() as *mut _,
-            b.as_ptr() as *mut _,
-            x,
-            &mut out,
-            err.as_mut_ptr().cast(),
-            err.len(),
-        );
-        match rc {
-            0 => Ok(Tensor::from_ptr(out)),
-            _ => Err(CStr::from_bytes_until_nul(&err)
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default()),
-        }
+    match call(&mut out, err.as_mut_ptr().cast(), err.len()) {
+        // SAFETY: on success `out` is a new tensor handle, which the returned Tensor owns.
+        0 => Ok(unsafe { Tensor::from_ptr(out) }),
+        _ => Err(CStr::from_bytes_until_nul(&err)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()),
     }
+}
+
+/// The sum of vals[e] w[cols[e]] over each bag's entries, [n_bags, d], differentiable in `w`
+/// [rows, d] and `vals`; `bags` gives each entry's bag, non-decreasing (kernels/bag_decode.cu
+/// through csrc/autograd.cpp). Float32 values, int64 indices, all contiguous on one device;
+/// CPU tensors are emulated (tests: slow).
+pub fn bag_decode(
+    w: &Tensor,
+    vals: &Tensor,
+    cols: &Tensor,
+    bags: &Tensor,
+    n_bags: i64,
+) -> Result<Tensor, String> {
+    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe {
+        dmsae_bag_decode(
+            w.as_ptr() as *mut _,
+            vals.as_ptr() as *mut _,
+            cols.as_ptr() as *mut _,
+            bags.as_ptr() as *mut _,
+            n_bags,
+            out,
+            err,
+            len,
+        )
+    })
 }
 
 /// gelu(gate) * up (contiguous, one shape, bf16 or float32), gelu's tanh form if `tanh`,

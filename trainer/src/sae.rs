@@ -356,6 +356,13 @@ impl Sae {
     /// of 65k). `bag` gives each entry's bag, non-decreasing (entries are in row-major order).
     /// `embedding_bag` differentiates both the codes and the rows it reads.
     fn decode_bags(&self, codes: &Codes, bag: &Tensor, n_bags: i64) -> Tensor {
+        let w = &self.w_dec;
+        if w.kind() == Kind::Float && kernels::use_fused(w, &kernels::BAG_DECODE) {
+            // One pass a direction, and a W_dec gradient written once (kernels/bag_decode.cu).
+            let c = |t: &Tensor| t.contiguous();
+            return kernels::bag_decode(w, &c(&codes.vals), &c(&codes.cols), &c(bag), n_bags)
+                .unwrap_or_else(|e| panic!("sparse decode: {e}"));
+        }
         let counts = bag.bincount::<Tensor>(None, n_bags);
         let offsets = counts.cumsum(0, Kind::Int64) - &counts;
         let (x_nd, _, _, _) = Tensor::embedding_bag(
@@ -1247,6 +1254,72 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The sparse decoder's kernels (bag_decode.cu, emulated) against `embedding_bag`: the
+    /// Matryoshka parts and, through a random projection of them, the gradients of every
+    /// parameter (W_dec's directly, the others through the codes' values), in float32. Tokens
+    /// with no entry in a part and latents that never fire are among them.
+    #[test]
+    fn the_fused_decoder_matches_embedding_bag() {
+        fused_decoder_against_embedding_bag(Device::Cpu);
+    }
+
+    /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
+    #[test]
+    fn the_fused_decoder_matches_embedding_bag_on_cuda() {
+        if std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
+            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
+            && tch::Cuda::is_available()
+        {
+            fused_decoder_against_embedding_bag(Device::Cuda(0));
+        }
+    }
+
+    fn fused_decoder_against_embedding_bag(device: Device) {
+        let (d, b) = (40usize, 24i64);
+        let cfg = small_cfg(8);
+        let sae = Sae::new(d, None, &cfg, Kind::Float, device).unwrap();
+        tch::manual_seed(9);
+        let x = Tensor::randn([b, d as i64], (Kind::Float, device));
+        let proj = Tensor::randn(
+            [b, 1 + sae.groups.len() as i64, d as i64],
+            (Kind::Float, device),
+        );
+        let run = |fused: bool| {
+            kernels::emulate_on_cpu(fused);
+            let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
+            let parts = sae.decode_parts(&codes);
+            kernels::emulate_on_cpu(false);
+            let loss = (&parts * &proj).sum(None);
+            let g = Tensor::run_backward(&[&loss], &sae.params(), false, false);
+            (parts, g, codes.cols)
+        };
+        let (want, g_want, cols) = run(false);
+        let (got, g_got, _) = run(true);
+        let fired = cols.bincount::<Tensor>(None, sae.width() as i64).gt(0);
+        let n_fired = fired.sum(Kind::Int64).int64_value(&[]);
+        assert!(
+            n_fired > 0 && n_fired < sae.width() as i64,
+            "{n_fired} latents fired"
+        );
+        let rel = |a: &Tensor, b: &Tensor| {
+            (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+        };
+        assert!(rel(&got, &want) < 1e-6, "parts: {}", rel(&got, &want));
+        for (i, (a, w)) in g_got.iter().zip(&g_want).enumerate() {
+            assert!(rel(a, w) < 1e-6, "param {i}: {}", rel(a, w));
+        }
+        // A latent that did not fire has a zero decoder gradient, written by the kernel.
+        let quiet = fired.logical_not().nonzero().squeeze_dim(1);
+        assert_eq!(
+            g_got[2]
+                .index_select(0, &quiet)
+                .abs()
+                .max()
+                .double_value(&[]),
+            0.0
+        );
     }
 
     /// The sampled-cut top-k picks the same entries as one top-k: on the fast path (every

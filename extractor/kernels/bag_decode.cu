@@ -1,0 +1,57 @@
+// The trainer's sparse decoder (trainer/src/sae.rs, `Sae::decode_bags`) and its backward, in
+// float32: out[b] = sum of vals[e] W[cols[e]] over the entries e of bag b, where entries are
+// grouped by bag (offsets[b]..offsets[b + 1]). It replaces `embedding_bag` with per-sample
+// weights, whose backward sorts the indices, writes a zeroed dense W gradient, scatters into
+// it, and computes the weights' gradient in a pass of its own.
+//
+// bag_decode_fwd, one warp a bag; bag_decode_bwd_w, one warp a row of W: the row's gradient
+// from its entries (grouped by column through `perm`, in entry order), written once, zeros
+// for a latent that did not fire; bag_decode_bwd_vals, one warp an entry: W[cols[e]] . dout[b].
+// No atomics: each output has one writer, and its sum runs in a fixed order.
+
+#include "common.cuh"
+
+extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
+                                          const long long *cols, const long long *offsets,
+                                          float *out, long long n_bags, long long d) {
+  const long long b = warp_index();
+  if (b >= n_bags) return;  // the whole warp
+  const int lane = threadIdx.x & 31;
+  const long long lo = offsets[b], hi = offsets[b + 1];
+  for (long long k = lane; k < d; k += 32) {
+    float acc = 0.f;
+    for (long long e = lo; e < hi; e++) acc += vals[e] * w[cols[e] * d + k];
+    out[b * d + k] = acc;
+  }
+}
+
+extern "C" __global__ void bag_decode_bwd_w(const float *dout, const float *vals,
+                                            const long long *bags, const long long *perm,
+                                            const long long *col_offsets, float *dw,
+                                            long long rows, long long d) {
+  const long long j = warp_index();
+  if (j >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const long long lo = col_offsets[j], hi = col_offsets[j + 1];
+  for (long long k = lane; k < d; k += 32) {
+    float acc = 0.f;
+    for (long long i = lo; i < hi; i++) {
+      const long long e = perm[i];
+      acc += vals[e] * dout[bags[e] * d + k];
+    }
+    dw[j * d + k] = acc;
+  }
+}
+
+extern "C" __global__ void bag_decode_bwd_vals(const float *w, const float *dout,
+                                               const long long *cols, const long long *bags,
+                                               float *dvals, long long n, long long d) {
+  const long long e = warp_index();
+  if (e >= n) return;
+  const int lane = threadIdx.x & 31;
+  const float *wr = w + cols[e] * d, *gr = dout + bags[e] * d;
+  float s = 0.f;
+  for (long long k = lane; k < d; k += 32) s += wr[k] * gr[k];
+  s = warp_sum(s);
+  if (lane == 0) dvals[e] = s;
+}
