@@ -37,7 +37,7 @@ ifeq ($(LIBTORCH)$(LIBTORCH_USE_PYTORCH),)
   USE_VENV_TORCH := 1
 endif
 
-.PHONY: help setup build test test-rust test-python test-real bench bench-sweep bench-train bench-extract demo demo-sample model-venv model saelens corpus clean
+.PHONY: help setup build test test-rust test-python test-real bench bench-sweep bench-train bench-extract demo demo-sample model-venv model saelens corpus gpu-bundle clean
 
 help:
 	@echo "make setup   - .venv (torch $(TORCH_PIN) CPU set-up unless LIBTORCH is set) and a release build"
@@ -52,6 +52,7 @@ help:
 	@echo "make bench-sweep - the demo's sweep in one pass against its models trained one at a time (after make demo)"
 	@echo "make bench-train - dmsae's training step against an eager PyTorch step, same sizes (BENCH_TRAIN='--width 16384')"
 	@echo "make bench-extract - dmsae extract against transformers eager on the same contexts (Gemma-3-270M, CPU)"
+	@echo "make gpu-bundle - gpu/: the stripped binary and unit-test binaries scripts/gpu_checks.sh runs on a GPU machine"
 
 # The set-up needs Python 3.11 or newer (transformers 5.24's floor; scripts/demo.py's tomllib);
 # say so before pip's "no matching distribution".
@@ -93,6 +94,18 @@ bench: build
 BENCH_TRAIN ?=
 bench-train: build $(MODEL_STAMP)
 	$(MODEL_VENV)/bin/python scripts/bench_train.py --dmsae target/release/dmsae --preset cpu $(BENCH_TRAIN)
+
+# What scripts/gpu_checks.sh runs on a lent GPU machine, which has torch but no Rust: stripped
+# (about 27 MB together; the device tool carries at most 64 MiB).
+gpu-bundle: build
+	mkdir -p gpu
+	strip -o gpu/dmsae target/release/dmsae
+	for c in extractor trainer; do \
+	  bin=$$(cargo test $(CARGO_FLAGS) -p dmsae-$$c --lib --no-run --message-format=json 2>/dev/null \
+	    | $(PYTHON) -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])'); \
+	  strip -o gpu/$$c-tests "$$bin" || exit 1; \
+	done
+	@du -ch gpu/dmsae gpu/extractor-tests gpu/trainer-tests | tail -1
 
 BENCH_EXTRACT ?=
 bench-extract: build $(MODEL_STAMP)

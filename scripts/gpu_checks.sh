@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device checks the issues leave open, in one call on a lent GPU machine (device tool).
-# Build here, then fill the git-ignored gpu/ and carry it:
+# Build here, then fill the git-ignored gpu/ (`make gpu-bundle` does the first three) and carry it:
 #   gpu/dmsae          target/release/dmsae, stripped (the unstripped binary is over the carry limit)
 #   gpu/trainer-tests  the trainer's unit tests, stripped (`cargo test --release -p dmsae-trainer
 #                      --lib --no-run` prints the path)
@@ -9,7 +9,7 @@
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
-#   ONLY="env kernels model extract ab profile" runs only the steps named (default: all; the
+#   ONLY="env adam kernels model extract ab train fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below).
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
 # logged and the next goes on, and every step appends to the log as it goes, so a call cut off
