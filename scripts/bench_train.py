@@ -162,9 +162,9 @@ def main():
     ap.add_argument("--encoder-f32", action="store_true",
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     ap.add_argument("--kernels-ab", action="store_true",
-                    help="also time dmsae with its update kernel off (DMSAE_FUSED_ADAM=0), its "
-                         "decoder kernels off (DMSAE_FUSED_DECODE=0), both off, and with bf16 "
-                         "Adam moments (adam_bf16_moments = true); CUDA")
+                    help="also time dmsae with each of its trainer kernels off in turn "
+                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD = 0), all three off, and with "
+                         "bf16 Adam moments (adam_bf16_moments = true); CUDA")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -198,12 +198,16 @@ def main():
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
                          dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
-        if a.kernels_ab:  # what dmsae's trainer kernels (extractor/kernels/adam.cu, bag_decode.cu) buy
-            update_off, decode_off = {"DMSAE_FUSED_ADAM": "0"}, {"DMSAE_FUSED_DECODE": "0"}
+        if a.kernels_ab:  # what dmsae's trainer kernels (adam.cu, bag_decode.cu, encoder_grad.cu) buy
+            off = {k: "0" for k in ("DMSAE_FUSED_ADAM", "DMSAE_FUSED_DECODE",
+                                    "DMSAE_FUSED_ENCODER_GRAD")}
             for name, extra, env in (
-                ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", update_off),
-                ("dmsae train, embedding_bag decoder (DMSAE_FUSED_DECODE=0)", "", decode_off),
-                ("dmsae train, both off", "", {**update_off, **decode_off}),
+                ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", {"DMSAE_FUSED_ADAM": "0"}),
+                ("dmsae train, embedding_bag decoder (DMSAE_FUSED_DECODE=0)", "",
+                 {"DMSAE_FUSED_DECODE": "0"}),
+                ("dmsae train, dense W_enc gradient (DMSAE_FUSED_ENCODER_GRAD=0)", "",
+                 {"DMSAE_FUSED_ENCODER_GRAD": "0"}),
+                ("dmsae train, all three off", "", off),
                 ("dmsae train, bf16 Adam moments (adam_bf16_moments = true)",
                  "adam_bf16_moments = true\n", None),
             ):

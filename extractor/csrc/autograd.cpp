@@ -1,5 +1,5 @@
 // dmsae's kernels (kernels/softcap_softmax.cu, rms_norm.cu, geglu.cu, rope.cu, and the
-// trainer's bag_decode.cu) as autograd functions, so layers above the stored one keep autograd for everything else. tch cannot
+// trainer's bag_decode.cu and encoder_grad.cu) as autograd functions, so layers above the stored one keep autograd for everything else. tch cannot
 // define one; the C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
 // and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
 #include <torch/csrc/autograd/custom_function.h>
@@ -252,6 +252,53 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
   }
 };
 
+// The codes' values `vals` (taken from pre-activations computed without a graph) made
+// differentiable again: as if vals[e] = xc[rows[e]] . w[:, cols[e]] + bias[cols[e]], with w
+// [d, W] and bias [W] float32. The backward never builds the dense [B, W] gradient
+// (kernels/encoder_grad.cu).
+struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &bias,
+                            const at::Tensor &xc, const at::Tensor &vals,
+                            const at::Tensor &rows, const at::Tensor &cols) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+                "encoder_entries: W must be a contiguous float32 [d, W]");
+    const int64_t d = w.size(0), width = w.size(1), n = vals.numel();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == width &&
+                    bias.device() == w.device(),
+                "encoder_entries: bias must be float32 [W] beside W");
+    TORCH_CHECK(xc.scalar_type() == at::kFloat && xc.dim() == 2 && xc.size(1) == d &&
+                    xc.is_contiguous() && xc.device() == w.device(),
+                "encoder_entries: xc must be a contiguous float32 [B, d] beside W");
+    for (const at::Tensor *t : {&rows, &cols})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == n &&
+                      t->is_contiguous() && t->device() == w.device(),
+                  "encoder_entries: rows and cols must be contiguous int64 [n] beside W");
+    ctx->save_for_backward({xc, rows, cols});
+    ctx->saved_data["width"] = width;
+    return vals.to(at::kFloat).clone();
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &xc = saved[0], &rows = saved[1], &cols = saved[2];
+    const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
+    const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
+    const auto perm = at::argsort(cols, /*stable=*/true);
+    const auto col_offsets = at::cat({at::zeros({1}, cols.options()),
+                                      at::bincount(cols, {}, width).cumsum(0)});
+    auto dw = at::empty({d, width}, xc.options());
+    auto db = at::empty({width}, xc.options());
+    void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),
+         *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr(),
+         *pdb = db.data_ptr();
+    long long w = width, dd = d;
+    void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd};
+    // 32 latents a block, a warp each (encoder_grad.cu's tile).
+    dispatch("encoder_grad", xc, (unsigned)((width + 31) / 32), 1024, args);
+    return {dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
 template <typename F>
 int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
@@ -286,6 +333,14 @@ extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
 extern "C" int dmsae_rope(at::Tensor *x, at::Tensor *cs, double pre, at::Tensor **out, char *err,
                           size_t err_len) {
   return guarded([&] { return Rope::apply(*x, *cs, pre); }, out, err, err_len);
+}
+
+// EncoderEntries above; as dmsae_softcap_softmax below.
+extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor *xc,
+                                     at::Tensor *vals, at::Tensor *rows, at::Tensor *cols,
+                                     at::Tensor **out, char *err, size_t err_len) {
+  return guarded([&] { return EncoderEntries::apply(*w, *bias, *xc, *vals, *rows, *cols); },
+                 out, err, err_len);
 }
 
 // BagDecode above; as dmsae_softcap_softmax below.

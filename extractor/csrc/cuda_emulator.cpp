@@ -85,6 +85,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #include "../kernels/rope.cu"
 #include "../kernels/adam.cu"
 #include "../kernels/bag_decode.cu"
+#include "../kernels/encoder_grad.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -253,6 +254,12 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       bag_decode_bwd_vals(arg<const float *>(a, 0), arg<const float *>(a, 1),
                           arg<const ll *>(a, 2), arg<const ll *>(a, 3), arg<float *>(a, 4),
                           arg<ll>(a, 5), arg<ll>(a, 6));
+    });
+  } else if (k == "encoder_grad") {
+    launch(grid, block, [=] {
+      encoder_grad(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
+                   arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
+                   arg<float *>(a, 6), arg<ll>(a, 7), arg<ll>(a, 8));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -96,7 +96,15 @@ pub const BAG_DECODE: Source = Source {
     text: include_str!("../kernels/bag_decode.cu"),
     kernels: &["bag_decode_fwd", "bag_decode_bwd_w", "bag_decode_bwd_vals"],
 };
-pub const SOURCES: [&Source; 7] = [
+/// The trainer's W_enc and b_enc gradients from the codes alone, through csrc/autograd.cpp
+/// (`encoder_entries`).
+pub const ENCODER_GRAD: Source = Source {
+    name: "encoder_grad.cu",
+    off: "DMSAE_FUSED_ENCODER_GRAD",
+    text: include_str!("../kernels/encoder_grad.cu"),
+    kernels: &["encoder_grad"],
+};
+pub const SOURCES: [&Source; 8] = [
     &SOFTCAP_CE,
     &SOFTCAP_SOFTMAX,
     &RMS_NORM,
@@ -104,6 +112,7 @@ pub const SOURCES: [&Source; 7] = [
     &ROPE,
     &ADAM,
     &BAG_DECODE,
+    &ENCODER_GRAD,
 ];
 
 /// Threads per block of the row kernels (a multiple of 32).
@@ -789,6 +798,17 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_encoder_entries(
+        w: *mut torch_sys::C_tensor,
+        bias: *mut torch_sys::C_tensor,
+        xc: *mut torch_sys::C_tensor,
+        vals: *mut torch_sys::C_tensor,
+        rows: *mut torch_sys::C_tensor,
+        cols: *mut torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_bag_decode(
         w: *mut torch_sys::C_tensor,
         vals: *mut torch_sys::C_tensor,
@@ -831,6 +851,36 @@ fn new_tensor(
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default()),
     }
+}
+
+/// `vals` (codes' values from pre-activations computed without a graph) as a function of `w`
+/// [d, W] and `bias` [W]: as if vals[e] = xc[rows[e]] . w[:, cols[e]] + bias[cols[e]], so the
+/// backward gives their gradients from the entries alone (kernels/encoder_grad.cu through
+/// csrc/autograd.cpp). Float32 values, int64 indices, contiguous on one device; CPU tensors are
+/// emulated (tests: slow).
+pub fn encoder_entries(
+    w: &Tensor,
+    bias: &Tensor,
+    xc: &Tensor,
+    vals: &Tensor,
+    rows: &Tensor,
+    cols: &Tensor,
+) -> Result<Tensor, String> {
+    let p = |t: &Tensor| t.as_ptr() as *mut _;
+    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe {
+        dmsae_encoder_entries(
+            p(w),
+            p(bias),
+            p(xc),
+            p(vals),
+            p(rows),
+            p(cols),
+            out,
+            err,
+            len,
+        )
+    })
 }
 
 /// The sum of vals[e] w[cols[e]] over each bag's entries, [n_bags, d], differentiable in `w`

@@ -240,12 +240,26 @@ impl Sae {
     /// autocast). On a GPU at the sizes each float32 pass over [B, n] is 1 GB: a cast
     /// of the product, the bias add, and the dense gradient's zeros and cast in the backward.
     fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
+        let (xc_bd, bias_n) = self.encoder_terms(x_bd, n);
+        let w_dn = self.w_enc.narrow(1, 0, n as i64);
+        match bf16 {
+            // The bias goes into the product's epilogue (cuBLASLt's bias add on CUDA).
+            true => {
+                let h = Kind::BFloat16;
+                bias_n.to_kind(h).addmm(&xc_bd.to_kind(h), &w_dn.to_kind(h))
+            }
+            false => xc_bd.matmul(&w_dn) + bias_n,
+        }
+    }
+
+    /// The pre-activations of the first `n` latents are xc W_enc + bias: (xc [B, d], bias [n]).
+    /// b_dec reaches them only through the zero term in `bias`, so the product's backward
+    /// computes W_enc's gradient and skips d/d(x - b_dec), a second [B, n] x [n, d] product that
+    /// would only be summed over the batch for b_dec.
+    fn encoder_terms(&self, x_bd: &Tensor, n: usize) -> (Tensor, Tensor) {
         let (n, c) = (n as i64, self.core as i64);
-        // b_dec reaches the product only through the zero term in `bias_n` below, so the product's
-        // backward computes W_enc's gradient and skips d/d(x - b_dec), a second [B, n] x [n, d]
-        // product that would only be summed over the batch for b_dec.
         let bd = self.b_dec.detach();
-        let (xc_bd, w_dn) = (x_bd - &bd, self.w_enc.narrow(1, 0, n));
+        let w_dn = self.w_enc.narrow(1, 0, n);
         // Zero in value (bit for bit), -W_enc in gradient: b_dec's part, as one [n] x [n, d]
         // product of the batch-summed gradient.
         let bias_n = self.b_enc.narrow(0, 0, n) + (&bd - &self.b_dec).matmul(&w_dn.detach());
@@ -259,14 +273,25 @@ impl Sae {
                 bias_n + Tensor::cat(&[shift_c, rest], 0)
             }
         };
-        match bf16 {
-            // The bias goes into the product's epilogue (cuBLASLt's bias add on CUDA).
-            true => {
-                let h = Kind::BFloat16;
-                bias_n.to_kind(h).addmm(&xc_bd.to_kind(h), &w_dn.to_kind(h))
-            }
-            false => xc_bd.matmul(&w_dn) + bias_n,
-        }
+        (x_bd - &bd, bias_n)
+    }
+
+    /// The training codes with their values' graph rebuilt from the entries alone (kernels/
+    /// encoder_grad.cu): `codes` came from pre-activations computed without a graph, so the
+    /// backward never makes the dense [B, W] gradient of the pre-activations nor multiplies it
+    /// out. Float32 parameters.
+    fn codes_with_sparse_grad(&self, x_bd: &Tensor, codes: Codes) -> Codes {
+        let (xc_bd, bias_f) = self.encoder_terms(x_bd, self.width());
+        let vals = kernels::encoder_entries(
+            &self.w_enc,
+            &bias_f,
+            &xc_bd.contiguous(),
+            &codes.vals,
+            &codes.rows,
+            &codes.cols,
+        )
+        .unwrap_or_else(|e| panic!("sparse encoder gradient: {e}"));
+        Codes { vals, ..codes }
     }
 
     /// b_enc in SAELens' form, (x - b_dec) W_enc + b_enc for every latent (for export): the
@@ -579,9 +604,28 @@ impl Trainer {
 
     fn loss_timed(&self, x_bd: &Tensor, bf16: bool, auxk: bool, laps: &mut Laps) -> LossOut {
         let s = &self.sae;
-        let pre_bf = s.pre_acts_as(x_bd, s.width(), bf16);
-        laps.lap(0);
-        let codes = s.train_codes(&pre_bf);
+        // AuxK reads every dead latent's pre-activation, so it needs their dense graph.
+        let n_dead = match auxk {
+            true => self.dead_f().sum(Kind::Int64).int64_value(&[]),
+            false => 0,
+        };
+        let sparse_grad = n_dead == 0
+            && s.w_enc.kind() == Kind::Float
+            && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
+        let (pre_bf, codes) = match sparse_grad {
+            true => {
+                let pre_bf = tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16));
+                laps.lap(0);
+                let codes = s.codes_with_sparse_grad(x_bd, s.train_codes(&pre_bf));
+                (pre_bf, codes)
+            }
+            false => {
+                let pre_bf = s.pre_acts_as(x_bd, s.width(), bf16);
+                laps.lap(0);
+                let codes = s.train_codes(&pre_bf);
+                (pre_bf, codes)
+            }
+        };
         laps.lap(1);
 
         // Prefix p's reconstruction is b_dec + core + groups 1..=p, so its error is the residual
@@ -604,7 +648,7 @@ impl Trainer {
 
         laps.lap(2);
         let auxk = match auxk {
-            true => self.auxk(&(x_bd - &x_hat_bd).detach(), &pre_bf),
+            true => self.auxk(&(x_bd - &x_hat_bd).detach(), &pre_bf, n_dead),
             false => x_bd.zeros_like().sum(None),
         };
         laps.lap(3);
@@ -619,9 +663,9 @@ impl Trainer {
 
     /// AuxK (Gao et al.): the top k_aux dead latents of each token reconstruct the residual,
     /// without b_dec; the error is divided by the residual's variance about its batch mean.
-    fn auxk(&self, e_bd: &Tensor, pre_bf: &Tensor) -> Tensor {
+    /// `n_dead`: how many latents `dead_f` marks.
+    fn auxk(&self, e_bd: &Tensor, pre_bf: &Tensor, n_dead: i64) -> Tensor {
         let dead_f = self.dead_f();
-        let n_dead = dead_f.sum(Kind::Int64).int64_value(&[]);
         if n_dead == 0 {
             return e_bd.zeros_like().sum(None);
         }
@@ -1097,7 +1141,8 @@ mod tests {
         let grads = Tensor::run_backward(&[&out.loss], &t.sae.params(), false, false);
         let e0_bd = (&x_bd - &out.x_hat_bd).detach();
         let loss = || {
-            let aux = t.auxk(&e0_bd, &t.sae.pre_acts(&x_bd, 12));
+            let n_dead = t.dead_f().sum(Kind::Int64).int64_value(&[]);
+            let aux = t.auxk(&e0_bd, &t.sae.pre_acts(&x_bd, 12), n_dead);
             (t.loss(&x_bd).l2 + aux * t.cfg.auxk_alpha).double_value(&[])
         };
         assert!((loss() - out.loss.double_value(&[])).abs() < 1e-12);
@@ -1276,6 +1321,20 @@ mod tests {
         }
     }
 
+    /// `f` with `src`'s kernels (`fused`) or without. On the CPU the kernels are emulated when
+    /// on (every kernel: the flag is per thread); on CUDA they run unless `src`'s variable turns
+    /// them off (so tests using this run one at a time there: --test-threads 1).
+    fn with_kernel<T>(src: &kernels::Source, fused: bool, f: impl FnOnce() -> T) -> T {
+        kernels::emulate_on_cpu(fused);
+        if !fused {
+            std::env::set_var(src.off, "0");
+        }
+        let out = f();
+        kernels::emulate_on_cpu(false);
+        std::env::remove_var(src.off);
+        out
+    }
+
     fn fused_decoder_against_embedding_bag(device: Device) {
         let (d, b) = (40usize, 24i64);
         let cfg = small_cfg(8);
@@ -1287,10 +1346,11 @@ mod tests {
             (Kind::Float, device),
         );
         let run = |fused: bool| {
-            kernels::emulate_on_cpu(fused);
-            let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
-            let parts = sae.decode_parts(&codes);
-            kernels::emulate_on_cpu(false);
+            let (codes, parts) = with_kernel(&kernels::BAG_DECODE, fused, || {
+                let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
+                let parts = sae.decode_parts(&codes);
+                (codes, parts)
+            });
             let loss = (&parts * &proj).sum(None);
             let g = Tensor::run_backward(&[&loss], &sae.params(), false, false);
             (parts, g, codes.cols)
@@ -1320,6 +1380,66 @@ mod tests {
                 .double_value(&[]),
             0.0
         );
+    }
+
+    /// The W_enc and b_enc gradients from the entries alone (encoder_grad.cu, emulated, with
+    /// the decoder kernels) against autograd's dense path, float32, with a core anchored to x
+    /// (JumpReLU thresholds) and a b_dec away from zero, so every term of the bias reaches its
+    /// parameter: the loss and all four gradients. W_enc's 24 rows are not a multiple of the
+    /// kernel's 32-row tile nor its 96 latents of 256; both have a partial tile.
+    #[test]
+    fn the_sparse_encoder_gradient_matches_the_dense_one() {
+        sparse_encoder_gradient_against_dense(Device::Cpu);
+    }
+
+    /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
+    #[test]
+    fn the_sparse_encoder_gradient_matches_the_dense_one_on_cuda() {
+        if std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
+            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
+            && tch::Cuda::is_available()
+        {
+            sparse_encoder_gradient_against_dense(Device::Cuda(0));
+        }
+    }
+
+    fn sparse_encoder_gradient_against_dense(device: Device) {
+        let d = 24;
+        let cfg = TrainConfig {
+            encoder_bf16: Some(false),
+            ..small_cfg(6)
+        };
+        let (core_w, _) = sparse_dictionary(d, 3, 1, 1, 0.0, 4);
+        let core = Core {
+            w_enc_dc: tensor(&core_w, 3, Kind::Float).tr(),
+            b_enc_c: Tensor::from_slice(&[0.2f32, -0.1, 0.05]),
+            threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.1, 0.3])),
+        };
+        let mut sae = Sae::new(d, Some(core), &cfg, Kind::Float, device).unwrap();
+        tch::no_grad(|| sae.b_dec.copy_(&(sae.b_dec.randn_like() * 0.3)));
+        let t = Trainer::new(sae, cfg, false);
+        tch::manual_seed(11);
+        let x = Tensor::randn([40, d as i64], (Kind::Float, device));
+        let grads = |fused: bool| {
+            let out = with_kernel(&kernels::ENCODER_GRAD, fused, || t.loss(&x));
+            let g = Tensor::run_backward(&[&out.loss], &t.sae.params(), false, false);
+            (out.loss.double_value(&[]), out.codes.count_in(0, 3), g)
+        };
+        let (want, core_entries, g_want) = grads(false);
+        let (got, _, g_got) = grads(true);
+        assert!(core_entries > 0, "the core never fired");
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "loss {got} against {want}"
+        );
+        for (i, (a, w)) in g_got.iter().zip(&g_want).enumerate() {
+            let diff = (a - w).abs().max().double_value(&[]);
+            let size = w.abs().max().double_value(&[]);
+            assert!(
+                size > 0.0 && diff <= 1e-5 * size,
+                "param {i}: {diff} of {size}"
+            );
+        }
     }
 
     /// The sampled-cut top-k picks the same entries as one top-k: on the fast path (every
