@@ -1608,6 +1608,45 @@ mod tests {
         );
     }
 
+    /// A run with bf16 moments stopped after one step and resumed from `state()` ends where an
+    /// uninterrupted one does, bit for bit: the moments round-trip in bf16 and the rounding
+    /// stream follows the step, not the process (whole steps, every kernel emulated).
+    #[test]
+    fn bf16_moments_resume_exactly() {
+        let d = 16;
+        let cfg = TrainConfig {
+            width: 32,
+            adam_bf16_moments: Some(true),
+            ..small_cfg(12)
+        };
+        let new = || {
+            let sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+            Trainer::new(sae, cfg.clone(), false)
+        };
+        tch::manual_seed(3);
+        let xs: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn([32, d as i64], (Kind::Float, Device::Cpu)))
+            .collect();
+        kernels::emulate_on_cpu(true);
+        let mut whole = new();
+        xs.iter().for_each(|x| drop(whole.update(x)));
+        let mut first = new();
+        first.update(&xs[0]);
+        let mut resumed = new();
+        let state = first.state();
+        assert!(state
+            .iter()
+            .any(|(n, t)| n == "adam_v.W_enc" && t.kind() == Kind::BFloat16));
+        resumed
+            .load_state(&state, first.step, first.sae.threshold)
+            .unwrap();
+        xs[1..].iter().for_each(|x| drop(resumed.update(x)));
+        kernels::emulate_on_cpu(false);
+        for ((n, a), (_, b)) in whole.state().iter().zip(&resumed.state()) {
+            assert!(a.equal(b), "{n} differs after the resume");
+        }
+    }
+
     /// Whole steps (`update`) with the fused update emulated against the ATen path, with a
     /// frozen core: the wiring around the kernels (the core's zeroed gradient, contiguity, the
     /// clip). The weights agree to float32 rounding and the core's encoder columns stay put.
