@@ -51,6 +51,14 @@ void launch_elementwise(const std::string &kernel, const at::Tensor &like, int64
   dispatch(kernel, like, grid, (unsigned)kThreads, args);
 }
 
+// Where each group of the sorted indices `idx` (values in 0..n) starts, [n + 1]. A scatter of
+// ones rather than bincount, which on CUDA reads its input's extremes back to the host first
+// and so stalls the queue; integer adds give the same counts in any order.
+at::Tensor group_offsets(const at::Tensor &idx, int64_t n) {
+  const auto counts = at::zeros({n}, idx.options()).index_add_(0, idx, at::ones_like(idx));
+  return at::cat({at::zeros({1}, idx.options()), counts.cumsum(0)});
+}
+
 std::string suffix(const at::Tensor &t) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
               "dmsae kernels take bfloat16 or float32, not ", t.scalar_type());
@@ -214,8 +222,7 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     const int64_t d = w.size(1);
     auto out = at::empty({n_bags, d}, w.options());
     if (n_bags > 0) {
-      const auto offsets = at::cat({at::zeros({1}, bags.options()),
-                                    at::bincount(bags, {}, n_bags).cumsum(0)});
+      const auto offsets = group_offsets(bags, n_bags);
       void *pw = w.data_ptr(), *pv = vals.data_ptr(), *pc = cols.data_ptr(),
            *po = offsets.data_ptr(), *pout = out.data_ptr();
       long long nb = n_bags, dd = d;
@@ -236,8 +243,7 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
          *pc = cols.data_ptr(), *pw = w.data_ptr();
     // The entries by latent, in entry order within one (a stable sort), for the W gradient.
     const auto perm = at::argsort(cols, /*stable=*/true);
-    const auto col_offsets = at::cat({at::zeros({1}, cols.options()),
-                                      at::bincount(cols, {}, rows).cumsum(0)});
+    const auto col_offsets = group_offsets(cols, rows);
     auto dw = at::empty_like(w);
     void *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr();
     void *wargs[] = {&pdout, &pv, &pb, &pp, &pco, &pdw, &r, &dd};
@@ -284,8 +290,7 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
     const auto perm = at::argsort(cols, /*stable=*/true);
-    const auto col_offsets = at::cat({at::zeros({1}, cols.options()),
-                                      at::bincount(cols, {}, width).cumsum(0)});
+    const auto col_offsets = group_offsets(cols, width);
     auto dw = at::empty({d, width}, xc.options());
     auto db = at::empty({width}, xc.options());
     void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),

@@ -388,7 +388,7 @@ impl Sae {
             return kernels::bag_decode(w, &c(&codes.vals), &c(&codes.cols), &c(bag), n_bags)
                 .unwrap_or_else(|e| panic!("sparse decode: {e}"));
         }
-        let counts = bag.bincount::<Tensor>(None, n_bags);
+        let counts = counts(bag, n_bags);
         let offsets = counts.cumsum(0, Kind::Int64) - &counts;
         let (x_nd, _, _, _) = Tensor::embedding_bag(
             &self.w_dec,
@@ -476,6 +476,14 @@ fn top_entries(flat: &Tensor, keep: i64) -> (Tensor, Tensor) {
 /// What Adam divides the gradients by to clip their joint norm to `clip`; None under it.
 fn clip_divisor(norm: f64, clip: f64) -> Option<f64> {
     (norm > clip).then(|| norm / clip)
+}
+
+/// How often each of 0..n occurs in `idx` (int64), as `bincount` with that length: a scatter
+/// of ones, because CUDA's bincount reads the input's extremes back to the host first and so
+/// stalls the step's queue.
+fn counts(idx: &Tensor, n: i64) -> Tensor {
+    let ones = Tensor::ones_like(idx);
+    Tensor::zeros([n], (Kind::Int64, idx.device())).index_add(0, idx, &ones)
 }
 
 /// adam.cu's `AdamArgs`: one step's constants.
@@ -953,7 +961,7 @@ impl Trainer {
 
     fn bookkeep(&mut self, codes: &Codes) {
         let b = codes.batch;
-        self.fired_f = codes.cols.bincount::<Tensor>(None, self.sae.width() as i64);
+        self.fired_f = counts(&codes.cols, self.sae.width() as i64);
         self.since_fired_f = (&self.since_fired_f + b) * self.fired_f.eq(0).to_kind(Kind::Int64);
         // EMA of the smallest kept non-core activation, from the end of the warm-up
         // (dictionary_learning starts at step 1000, its warm-up length).
