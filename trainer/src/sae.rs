@@ -1321,11 +1321,8 @@ mod tests {
     /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
     #[test]
     fn the_fused_decoder_matches_embedding_bag_on_cuda() {
-        if std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
-            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
-            && tch::Cuda::is_available()
-        {
-            fused_decoder_against_embedding_bag(Device::Cuda(0));
+        if let Some(device) = test_cuda() {
+            fused_decoder_against_embedding_bag(device);
         }
     }
 
@@ -1403,11 +1400,8 @@ mod tests {
     /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
     #[test]
     fn the_sparse_encoder_gradient_matches_the_dense_one_on_cuda() {
-        if std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
-            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
-            && tch::Cuda::is_available()
-        {
-            sparse_encoder_gradient_against_dense(Device::Cuda(0));
+        if let Some(device) = test_cuda() {
+            sparse_encoder_gradient_against_dense(device);
         }
     }
 
@@ -1477,9 +1471,7 @@ mod tests {
     /// another implementation; libtorch_cuda is loaded only then, not beside other tests).
     #[test]
     fn fused_adam_is_adam() {
-        let cuda = std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
-            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
-            && tch::Cuda::is_available();
+        let cuda = test_cuda().is_some();
         let mut cases = vec![
             (Kind::Double, 1e-12, Device::Cpu),
             (Kind::Float, 1e-6, Device::Cpu),
@@ -1535,6 +1527,15 @@ mod tests {
         }
     }
 
+    /// CUDA device 0 when DMSAE_TEST_CUDA=1 and it is there (scripts/gpu_checks.sh): what the
+    /// `_on_cuda` tests run on; elsewhere they pass without running.
+    fn test_cuda() -> Option<Device> {
+        let on = std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
+            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
+            && tch::Cuda::is_available();
+        on.then_some(Device::Cuda(0))
+    }
+
     fn copies(ts: &[Tensor]) -> Vec<Tensor> {
         ts.iter().map(|t| t.copy()).collect()
     }
@@ -1554,11 +1555,8 @@ mod tests {
     /// scripts/gpu_checks.sh).
     #[test]
     fn the_fused_update_matches_aten_on_cuda() {
-        if std::env::var("DMSAE_TEST_CUDA").is_ok_and(|v| v == "1")
-            && dmsae_extractor::runtime::load_cuda(option_env!("DMSAE_LIBTORCH_LIB")).is_ok()
-            && tch::Cuda::is_available()
-        {
-            fused_update_against_aten(Device::Cuda(0));
+        if let Some(device) = test_cuda() {
+            fused_update_against_aten(device);
         }
     }
 
@@ -1637,7 +1635,9 @@ mod tests {
             .collect();
         kernels::emulate_on_cpu(true);
         let mut whole = new();
-        xs.iter().for_each(|x| drop(whole.update(x)));
+        for x in &xs {
+            whole.update(x);
+        }
         let mut first = new();
         first.update(&xs[0]);
         let mut resumed = new();
@@ -1648,7 +1648,9 @@ mod tests {
         resumed
             .load_state(&state, first.step, first.sae.threshold)
             .unwrap();
-        xs[1..].iter().for_each(|x| drop(resumed.update(x)));
+        for x in &xs[1..] {
+            resumed.update(x);
+        }
         kernels::emulate_on_cpu(false);
         for ((n, a), (_, b)) in whole.state().iter().zip(&resumed.state()) {
             assert!(a.equal(b), "{n} differs after the resume");
