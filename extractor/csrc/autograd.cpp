@@ -247,7 +247,8 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     auto dw = at::empty_like(w);
     void *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr();
     void *wargs[] = {&pdout, &pv, &pb, &pp, &pco, &pdw, &r, &dd};
-    launch("bag_decode_bwd_w", w, rows, wargs);
+    // A warp a span of 256 columns of a row (bag_decode.cu's DW_SPAN).
+    launch("bag_decode_bwd_w", w, rows * ((d + 255) / 256), wargs);
     auto dvals = at::empty_like(vals);
     if (n > 0) {
       void *pdv = dvals.data_ptr();
@@ -298,8 +299,9 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
          *pdb = db.data_ptr();
     long long w = width, dd = d;
     void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd};
-    // 32 latents a block, a warp each (encoder_grad.cu's tile).
-    dispatch("encoder_grad", xc, (unsigned)((width + 31) / 32), 1024, args);
+    // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
+    const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
+    dispatch("encoder_grad", xc, (unsigned)blocks, 1024, args);
     return {dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -4,9 +4,9 @@
 // weights, whose backward sorts the indices, writes a zeroed dense W gradient, scatters into
 // it, and computes the weights' gradient in a pass of its own.
 //
-// bag_decode_fwd, one warp a bag; bag_decode_bwd_w, one warp a row of W: the row's gradient
-// from its entries (grouped by column through `perm`, in entry order), written once, zeros
-// for a latent that did not fire; bag_decode_bwd_vals, one warp an entry: W[cols[e]] . dout[b].
+// bag_decode_fwd, one warp a bag; bag_decode_bwd_w, one warp a span of 256 columns of a row
+// of W: the row's gradient from its entries (grouped by column through `perm`, in entry
+// order), written once, zeros for a latent that did not fire; bag_decode_bwd_vals, one warp an entry: W[cols[e]] . dout[b].
 // No atomics: each output has one writer, and its sum runs in a fixed order.
 
 #include "common.cuh"
@@ -25,15 +25,21 @@ extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
   }
 }
 
+// Rows of dw a warp writes: a core latent fires on most tokens, and its thousands of entries
+// would hold one warp (and the kernel) far longer than the rest if it had the whole row.
+#define DW_SPAN 256
+
 extern "C" __global__ void bag_decode_bwd_w(const float *dout, const float *vals,
                                             const long long *bags, const long long *perm,
                                             const long long *col_offsets, float *dw,
                                             long long rows, long long d) {
-  const long long j = warp_index();
+  const long long spans = (d + DW_SPAN - 1) / DW_SPAN, w = warp_index();
+  const long long j = w / spans, k0 = (w % spans) * DW_SPAN;
   if (j >= rows) return;
   const int lane = threadIdx.x & 31;
   const long long lo = col_offsets[j], hi = col_offsets[j + 1];
-  for (long long k = lane; k < d; k += 32) {
+  const long long k1 = k0 + DW_SPAN < d ? k0 + DW_SPAN : d;
+  for (long long k = k0 + lane; k < k1; k += 32) {
     float acc = 0.f;
     for (long long i = lo; i < hi; i++) {
       const long long e = perm[i];

@@ -4,49 +4,51 @@
 // multiplies it out: at the paper's sizes a 1.2 TFLOP product and three passes over [B, W] for
 // the k*B = 262k entries that are not zero.
 //
-// One block a tile of 32 latents, one warp a latent. W_enc is [d, W] row-major, so a latent's
-// gradient is a column: each warp sums its column 256 rows at a time into shared memory, and
-// the block writes the tile out a row at a time, 32 adjacent latents per 128-byte line.
+// One block a tile of 32 latents and 256 rows of W_enc, one warp a latent. W_enc is [d, W]
+// row-major, so a latent's gradient is a column: each warp sums its 256 rows into shared
+// memory, and the block writes the tile out a row at a time, 32 adjacent latents per 128-byte
+// line.
 // Entries are grouped by latent through `perm` (col_offsets[j]..col_offsets[j + 1]) and summed
 // in entry order: no atomics, the same bits every run.
 
 #include "common.cuh"
 
 constexpr int kEncTile = 32;    // latents a block (warps)
-constexpr int kEncChunk = 256;  // rows of W_enc a pass (8 a lane)
+constexpr int kEncChunk = 256;  // rows of W_enc a block (8 a lane)
 
 extern "C" __global__ void encoder_grad(const float *xc, const float *dv, const long long *rows,
                                         const long long *perm, const long long *col_offsets,
                                         float *dw, float *db, long long width, long long d) {
   __shared__ float tile[kEncTile][kEncChunk + 1];  // +1: a row's lanes fall in different banks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long long j0 = (long long)blockIdx.x * kEncTile, j = j0 + warp;
+  // Block b: latents tile b / chunks, rows chunk b % chunks. A core latent fires on most
+  // tokens; split this way its entries are summed by d / 256 blocks at once, not one.
+  const long long chunks = (d + kEncChunk - 1) / kEncChunk;
+  const long long j0 = (long long)blockIdx.x / chunks * kEncTile, j = j0 + warp;
+  const long long k0 = (long long)blockIdx.x % chunks * kEncChunk;
   // A warp past the last latent still reaches every barrier.
   const long long lo = j < width ? col_offsets[j] : 0, hi = j < width ? col_offsets[j + 1] : 0;
-  if (lane == 0 && j < width) {
+  if (k0 == 0 && lane == 0 && j < width) {
     float s = 0.f;
     for (long long i = lo; i < hi; i++) s += dv[perm[i]];
     db[j] = s;
   }
-  for (long long k0 = 0; k0 < d; k0 += kEncChunk) {
-    float acc[kEncChunk / 32];
-    for (int t = 0; t < kEncChunk / 32; t++) acc[t] = 0.f;
-    for (long long i = lo; i < hi; i++) {
-      const long long e = perm[i];
-      const float v = dv[e];
-      const float *x = xc + rows[e] * d + k0;
-      for (int t = 0; t < kEncChunk / 32; t++) {
-        const long long k = lane + 32 * t;
-        if (k0 + k < d) acc[t] += v * x[k];
-      }
-    }
-    for (int t = 0; t < kEncChunk / 32; t++) tile[warp][lane + 32 * t] = acc[t];
-    __syncthreads();
-    // Warp w writes rows k0 + w, k0 + w + 32, ...; lane l the tile's latent l.
+  float acc[kEncChunk / 32];
+  for (int t = 0; t < kEncChunk / 32; t++) acc[t] = 0.f;
+  for (long long i = lo; i < hi; i++) {
+    const long long e = perm[i];
+    const float v = dv[e];
+    const float *x = xc + rows[e] * d + k0;
     for (int t = 0; t < kEncChunk / 32; t++) {
-      const long long k = k0 + warp + 32 * t;
-      if (k < d && j0 + lane < width) dw[k * width + j0 + lane] = tile[lane][warp + 32 * t];
+      const long long k = lane + 32 * t;
+      if (k0 + k < d) acc[t] += v * x[k];
     }
-    __syncthreads();
+  }
+  for (int t = 0; t < kEncChunk / 32; t++) tile[warp][lane + 32 * t] = acc[t];
+  __syncthreads();
+  // Warp w writes rows k0 + w, k0 + w + 32, ...; lane l the tile's latent l.
+  for (int t = 0; t < kEncChunk / 32; t++) {
+    const long long k = k0 + warp + 32 * t;
+    if (k < d && j0 + lane < width) dw[k * width + j0 + lane] = tile[lane][warp + 32 * t];
   }
 }

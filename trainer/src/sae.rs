@@ -1315,14 +1315,17 @@ mod tests {
     /// with no entry in a part and latents that never fire are among them.
     #[test]
     fn the_fused_decoder_matches_embedding_bag() {
-        fused_decoder_against_embedding_bag(Device::Cpu);
+        // 300 columns: two 256-column spans a decoder row in the W_dec gradient.
+        for d in [40, 300] {
+            fused_decoder_against_embedding_bag(Device::Cpu, d);
+        }
     }
 
     /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
     #[test]
     fn the_fused_decoder_matches_embedding_bag_on_cuda() {
         if let Some(device) = test_cuda() {
-            fused_decoder_against_embedding_bag(device);
+            fused_decoder_against_embedding_bag(device, 2304);
         }
     }
 
@@ -1340,8 +1343,8 @@ mod tests {
         out
     }
 
-    fn fused_decoder_against_embedding_bag(device: Device) {
-        let (d, b) = (40usize, 24i64);
+    fn fused_decoder_against_embedding_bag(device: Device, d: usize) {
+        let b = 24i64;
         let cfg = small_cfg(8);
         let sae = Sae::new(d, None, &cfg, Kind::Float, device).unwrap();
         tch::manual_seed(9);
@@ -1390,23 +1393,24 @@ mod tests {
     /// The W_enc and b_enc gradients from the entries alone (encoder_grad.cu, emulated, with
     /// the decoder kernels) against autograd's dense path, float32, with a core anchored to x
     /// (JumpReLU thresholds) and a b_dec away from zero, so every term of the bias reaches its
-    /// parameter: the loss and all four gradients. W_enc's 24 rows are not a multiple of the
-    /// kernel's 32-row tile nor its 96 latents of 256; both have a partial tile.
+    /// parameter: the loss and all four gradients. W_enc with 24 rows (one partial 256-row
+    /// block) and with 300 (a full block and a partial one).
     #[test]
     fn the_sparse_encoder_gradient_matches_the_dense_one() {
-        sparse_encoder_gradient_against_dense(Device::Cpu);
+        for d in [24, 300] {
+            sparse_encoder_gradient_against_dense(Device::Cpu, d);
+        }
     }
 
     /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
     #[test]
     fn the_sparse_encoder_gradient_matches_the_dense_one_on_cuda() {
         if let Some(device) = test_cuda() {
-            sparse_encoder_gradient_against_dense(device);
+            sparse_encoder_gradient_against_dense(device, 2304);
         }
     }
 
-    fn sparse_encoder_gradient_against_dense(device: Device) {
-        let d = 24;
+    fn sparse_encoder_gradient_against_dense(device: Device, d: usize) {
         let cfg = TrainConfig {
             encoder_bf16: Some(false),
             ..small_cfg(6)
