@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 // kernels.rs: launch `kernel` (with `n_args` arguments) on CUDA device `device`; 0, or 1 and why.
 extern "C" int dmsae_launch(const char *kernel, unsigned grid, unsigned block, void **args,
@@ -57,6 +58,12 @@ void launch_elementwise(const std::string &kernel, const at::Tensor &like, int64
 at::Tensor group_offsets(const at::Tensor &idx, int64_t n) {
   const auto counts = at::zeros({n}, idx.options()).index_add_(0, idx, at::ones_like(idx));
   return at::cat({at::zeros({1}, idx.options()), counts.cumsum(0)});
+}
+
+// The entries grouped by latent for a W gradient: their order sorted by `cols` (stable, so
+// entry order within a latent) and where each of the n latents' groups starts.
+std::pair<at::Tensor, at::Tensor> by_latent(const at::Tensor &cols, int64_t n) {
+  return {at::argsort(cols, /*stable=*/true), group_offsets(cols, n)};
 }
 
 std::string suffix(const at::Tensor &t) {
@@ -241,9 +248,7 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     long long r = rows, dd = d, nn = n;
     void *pdout = dout.data_ptr(), *pv = vals.data_ptr(), *pb = bags.data_ptr(),
          *pc = cols.data_ptr(), *pw = w.data_ptr();
-    // The entries by latent, in entry order within one (a stable sort), for the W gradient.
-    const auto perm = at::argsort(cols, /*stable=*/true);
-    const auto col_offsets = group_offsets(cols, rows);
+    const auto [perm, col_offsets] = by_latent(cols, rows);
     auto dw = at::empty_like(w);
     void *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr();
     void *wargs[] = {&pdout, &pv, &pb, &pp, &pco, &pdw, &r, &dd};
@@ -290,8 +295,7 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const at::Tensor &xc = saved[0], &rows = saved[1], &cols = saved[2];
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
-    const auto perm = at::argsort(cols, /*stable=*/true);
-    const auto col_offsets = group_offsets(cols, width);
+    const auto [perm, col_offsets] = by_latent(cols, width);
     auto dw = at::empty({d, width}, xc.options());
     auto db = at::empty({width}, xc.options());
     void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),

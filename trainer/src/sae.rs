@@ -486,7 +486,17 @@ fn counts(idx: &Tensor, n: i64) -> Tensor {
     Tensor::zeros([n], (Kind::Int64, idx.device())).index_add(0, idx, &ones)
 }
 
+/// The norm of all parameters' gradients from each one's norm, in one read back to the host
+/// (each read waits for the device).
+fn joint_norm(norms: &[Tensor]) -> f64 {
+    Tensor::stack(norms, 0)
+        .to_kind(Kind::Double)
+        .norm()
+        .double_value(&[])
+}
+
 /// adam.cu's `AdamArgs`: one step's constants.
+#[derive(Clone, Copy)]
 #[repr(C)]
 struct AdamArgs {
     step_size: f32,
@@ -620,19 +630,15 @@ impl Trainer {
         let sparse_grad = n_dead == 0
             && s.w_enc.kind() == Kind::Float
             && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
-        let (pre_bf, codes) = match sparse_grad {
-            true => {
-                let pre_bf = tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16));
-                laps.lap(0);
-                let codes = s.codes_with_sparse_grad(x_bd, s.train_codes(&pre_bf));
-                (pre_bf, codes)
-            }
-            false => {
-                let pre_bf = s.pre_acts_as(x_bd, s.width(), bf16);
-                laps.lap(0);
-                let codes = s.train_codes(&pre_bf);
-                (pre_bf, codes)
-            }
+        let pre_bf = match sparse_grad {
+            true => tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16)),
+            false => s.pre_acts_as(x_bd, s.width(), bf16),
+        };
+        laps.lap(0);
+        let codes = s.train_codes(&pre_bf);
+        let codes = match sparse_grad {
+            true => s.codes_with_sparse_grad(x_bd, codes),
+            false => codes,
         };
         laps.lap(1);
 
@@ -780,11 +786,7 @@ impl Trainer {
             .squeeze_dim(2)
             .neg();
         let _ = g[2].addcmul_(&minus_par_f1, w_fd);
-        // One read back to the host, not one per parameter: each waits for the device.
-        let norm = Tensor::stack(&g.iter().map(|t| t.norm()).collect::<Vec<_>>(), 0)
-            .to_kind(Kind::Double)
-            .norm()
-            .double_value(&[]);
+        let norm = joint_norm(&g.iter().map(|t| t.norm()).collect::<Vec<_>>());
         laps.lap(5);
         self.adam(g, lr, clip_divisor(norm, self.cfg.grad_clip));
         laps.lap(6);
@@ -837,30 +839,30 @@ impl Trainer {
             )
         }
         .unwrap_or_else(|e| panic!("fused update: {e}"));
-        let norms = [
+        let norm = joint_norm(&[
             g[0].norm(),
             g[1].norm(),
             sq.sum(Kind::Float).sqrt(),
             g[3].norm(),
-        ];
-        let norm = Tensor::stack(&norms, 0)
-            .to_kind(Kind::Double)
-            .norm()
-            .double_value(&[]);
+        ]);
         laps.lap(5);
         let t = (self.step + 1) as i32;
         let (b1, b2) = (self.cfg.adam_beta1, self.cfg.adam_beta2);
+        let step = AdamArgs {
+            step_size: (lr / (1.0 - b1.powi(t))) as f32,
+            beta1: b1 as f32,
+            beta2: b2 as f32,
+            bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            eps: self.cfg.adam_eps as f32,
+            inv_div: clip_divisor(norm, self.cfg.grad_clip).map_or(1.0, |x| 1.0 / x) as f32,
+            seed: 0,
+        };
         let bf16 = self.m[0].kind() == Kind::BFloat16;
         let suffix = if bf16 { "bf16" } else { "f32" };
         for (i, (p, g)) in self.sae.params().into_iter().zip(g).enumerate() {
             let mut a = AdamArgs {
-                step_size: (lr / (1.0 - b1.powi(t))) as f32,
-                beta1: b1 as f32,
-                beta2: b2 as f32,
-                bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
-                eps: self.cfg.adam_eps as f32,
-                inv_div: clip_divisor(norm, self.cfg.grad_clip).map_or(1.0, |x| 1.0 / x) as f32,
                 seed: rounding_seed(self.cfg.seed, self.step, i),
+                ..step
             };
             let (mut pp, mut gp) = (ptr(p), ptr(g));
             let (mut mp, mut vp, mut dp) = (ptr(&self.m[i]), ptr(&self.v[i]), ptr(&dot));
