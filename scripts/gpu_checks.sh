@@ -9,7 +9,7 @@
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
-#   ONLY="env adam kernels model extract ab train fvu" runs only the steps named (default: all; the
+#   ONLY="env adam kernels model extract ab train trainauxk fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below).
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
 # logged and the next goes on, and every step appends to the log as it goes, so a call cut off
@@ -28,8 +28,10 @@ PY=${PYTHON:-$(first /opt/torch/.venv/bin/python .venv-model/bin/python python3)
 REAL=${REAL_STORE:-$( [ -d gpu/demo-extract ] && echo gpu/demo-extract || echo target/demo/extract)}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/dmsae-gpu-checks}
-W=$(mktemp -d "${TMPDIR:-/tmp}/dmsae-gpu-XXXXXX")
-trap 'rm -rf "$W"' EXIT
+# WORK=DIR keeps the scratch (checkpoint, stores) for a later invocation, so that one call can
+# run the steps in another order (ONLY=... twice); by default it is a temporary folder, removed.
+if [ -n "${WORK:-}" ]; then W=$WORK; mkdir -p "$W"; else
+  W=$(mktemp -d "${TMPDIR:-/tmp}/dmsae-gpu-XXXXXX"); trap 'rm -rf "$W"' EXIT; fi
 mkdir -p "$OUT"
 LOG=$OUT/gpu-checks.log
 export LD_LIBRARY_PATH="$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -136,9 +138,13 @@ PY
 fi
 
 if want train; then
-step "training step against eager PyTorch (the issue's anchor), AuxK idle, then on every latent"
+step "training step against eager PyTorch (the issue's anchor), AuxK idle; each trainer kernel off in turn"
 AB=$([ "$DEVICE" = cpu ] || echo --kernels-ab)
 run 360 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32 $AB
+fi
+
+if want trainauxk; then
+step "training step against eager PyTorch with AuxK on every latent"
 run 180 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --auxk --encoder-f32
 fi
 
