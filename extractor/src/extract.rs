@@ -113,12 +113,19 @@ fn worker_contexts(o: &Options) -> u64 {
     (o.contexts + o.workers - 1 - o.worker) / o.workers
 }
 
-fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
-    let t = t.f_contiguous()?;
-    let n = t.numel();
-    let mut out = vec![0u8; n * t.kind().elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut out, n)?;
-    Ok(out)
+/// The bytes of a contiguous host tensor, borrowed.
+fn host_bytes(t: &Tensor) -> &[u8] {
+    debug_assert!(t.device() == tch::Device::Cpu && t.is_contiguous());
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU tensor owns n bytes at data_ptr, alive as long as `t` is borrowed.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
+}
+
+fn to_host(t: &Tensor) -> Result<Tensor> {
+    crate::kernels::to_host(t).map_err(Error::Kernel)
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {
@@ -136,10 +143,9 @@ pub const BATCH_PHASES: [&str; 7] = [
 /// Columns of one batch's rows, in `arrays` order.
 type Cols = [Vec<u8>; 7];
 
-/// Run the extraction. A writer thread copies batch n to the host, lays out its rows and
-/// appends them (compression included) while batch n+1 computes; at most one finished batch
-/// waits between them, which bounds memory. (On an H100 the copies and the layout took 63 of
-/// a batch's 506 ms while the model thread did them, DMSAE_PROFILE, batch 8 of 1,024.) A
+/// Run the extraction. The model thread copies each batch into page-locked host memory; a
+/// writer thread lays out its rows and appends them (compression included) while batch n+1
+/// computes; at most one finished batch waits between them, which bounds memory. A
 /// packer thread reads and tokenizes ahead, a few batches' contexts at most, so the model
 /// does not wait for text either.
 pub fn run(
@@ -156,8 +162,10 @@ pub fn run(
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Computed>(1);
         let w = s.spawn(move || -> Result<()> {
+            // Reused: fresh 100 MB columns each batch cost as much again in page faults.
+            let mut cols = Cols::default();
             for c in rx {
-                let cols = c.lay_out(o, bos, dtype, d, device)?;
+                c.lay_out(o, bos, dtype, d, device, &mut cols)?;
                 writer.append(&cols.each_ref().map(Vec::as_slice))?;
             }
             Ok(())
@@ -317,6 +325,14 @@ fn compute_batch(
             return Err(Error::NonFinite("loss".into()));
         }
         laps.lap(4);
+        // Copied out here, on the model's stream, where the checks have just waited for the
+        // batch: from the writer's thread the copy queued behind batch n+1's kernels.
+        let out = crate::LayerOutput {
+            resid: to_host(&out.resid)?,
+            grad: out.grad.as_ref().map(to_host).transpose()?,
+            loss: to_host(&out.loss)?,
+        };
+        laps.lap(5);
         Ok(Some((which, out)))
     };
     Ok(Computed {
@@ -328,7 +344,7 @@ fn compute_batch(
     })
 }
 
-/// One batch's outputs on the device, and what places their rows in the store.
+/// One batch's outputs, on the host, and what places their rows in the store.
 struct Computed {
     /// The sub-batches with and without gradients: (contexts of the batch, outputs).
     parts: [Option<(Vec<usize>, crate::LayerOutput)>; 2],
@@ -348,7 +364,8 @@ impl Computed {
         dtype: DType,
         d: usize,
         device: tch::Device,
-    ) -> Result<Cols> {
+        cols: &mut Cols,
+    ) -> Result<()> {
         let Computed {
             parts,
             ids,
@@ -360,7 +377,7 @@ impl Computed {
         let mut laps = Laps::resume(device);
         // Per context: (part, row within part).
         let mut loc = vec![(0usize, 0usize); ids.len()];
-        let mut host: Vec<(Vec<u8>, Vec<u8>, Vec<f32>)> = Vec::new();
+        let mut host: Vec<(&[u8], &[u8], &[u8])> = Vec::new();
         for (pi, part) in parts.iter().enumerate() {
             let Some((which, out)) = part else {
                 host.push(Default::default());
@@ -369,21 +386,12 @@ impl Computed {
             for (r, &i) in which.iter().enumerate() {
                 loc[i] = (pi, r);
             }
-            let acts = bytes_of(&out.resid.f_to_device(tch::Device::Cpu)?)?;
-            let grads = match &out.grad {
-                Some(g) => bytes_of(&g.f_to_device(tch::Device::Cpu)?)?,
-                None => Vec::new(),
-            };
-            let loss_t = out.loss.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
-            let n = loss_t.numel();
-            let mut loss = vec![0f32; n];
-            loss_t.f_copy_data(&mut loss, n)?;
-            host.push((acts, grads, loss));
+            let grads = out.grad.as_ref().map_or(&[][..], host_bytes);
+            host.push((host_bytes(&out.resid), grads, host_bytes(&out.loss)));
         }
-        laps.lap(5);
         let rb = d * dtype.size();
         let zeros = vec![0u8; rb];
-        let mut cols: Cols = Default::default();
+        cols.iter_mut().for_each(Vec::clear);
         let mut row = 0usize;
         for (i, c) in toks.iter().enumerate() {
             let (pi, r) = loc[i];
@@ -404,7 +412,7 @@ impl Computed {
                     &zeros
                 });
                 cols[2].extend_from_slice(&tok.to_le_bytes());
-                cols[3].extend_from_slice(&loss[k].to_le_bytes());
+                cols[3].extend_from_slice(&loss[4 * k..4 * (k + 1)]);
                 cols[4].extend_from_slice(&(pos as u32).to_le_bytes());
                 cols[5].extend_from_slice(&ids[i].to_le_bytes());
                 let flags = if want_grad[i] { FLAG_GRAD } else { 0 }
@@ -415,6 +423,6 @@ impl Computed {
         }
         laps.lap(6);
         laps.end();
-        Ok(cols)
+        Ok(())
     }
 }

@@ -819,6 +819,18 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_to_host_pinned(
+        t: *mut torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn dmsae_pin_memory(
+        t: *mut torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_rms_norm(
         x: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
@@ -835,6 +847,22 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
     new_tensor(|out, err, len| unsafe {
         op(a.as_ptr() as *mut _, b.as_ptr() as *mut _, x, out, err, len)
     })
+}
+
+/// A CUDA tensor copied to page-locked host memory (csrc/autograd.cpp), after the work queued
+/// before it on this thread's stream; a CPU tensor as it is, made contiguous.
+pub fn to_host(t: &Tensor) -> Result<Tensor, String> {
+    if t.device() == tch::Device::Cpu {
+        return t.f_contiguous().map_err(|e| e.to_string());
+    }
+    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe { dmsae_to_host_pinned(t.as_ptr() as *mut _, out, err, len) })
+}
+
+/// A host tensor in page-locked memory, ready for a non-blocking upload (needs CUDA loaded).
+pub fn pin_memory(t: &Tensor) -> Result<Tensor, String> {
+    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe { dmsae_pin_memory(t.as_ptr() as *mut _, out, err, len) })
 }
 
 /// The tensor a csrc/autograd.cpp entry point makes through `call(out, err, err_len)`, or its

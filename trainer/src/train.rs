@@ -310,8 +310,9 @@ pub(crate) fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tenso
         // From pinned memory the copy runs at full PCIe speed and does not hold the host: from
         // pageable memory it took 2 ms of a 29 ms step on an H100, the step's kernels waiting
         // behind it on the stream (Kineto, width 65,536, batch 4,096).
-        Device::Cuda(_) => host
-            .pin_memory(device)
+        // Pageable if pinning fails (out of page-locked memory): slower, the same numbers.
+        Device::Cuda(_) => dmsae_extractor::kernels::pin_memory(&host)
+            .unwrap_or(host)
             .to_device_(device, kind, true, false),
         _ => host.to_device(device),
     };
