@@ -11,6 +11,12 @@
 
 #include "common.cuh"
 
+// Columns a lane sums at once (a warp: 32 * DEC_COLS): each entry's row is read as DEC_COLS
+// independent coalesced loads in flight, where a column at a time waited on one load per
+// entry per column (2.7 ms of an 18.6 ms step, H200, d 2304, width 65,536, batch 4,096).
+// The sums run over the entries in order, as before: the same bits.
+#define DEC_COLS 8
+
 extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
                                           const long long *cols, const long long *offsets,
                                           float *out, long long n_bags, long long d) {
@@ -18,10 +24,21 @@ extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
   if (b >= n_bags) return;  // the whole warp
   const int lane = threadIdx.x & 31;
   const long long lo = offsets[b], hi = offsets[b + 1];
-  for (long long k = lane; k < d; k += 32) {
-    float acc = 0.f;
-    for (long long e = lo; e < hi; e++) acc += vals[e] * w[cols[e] * d + k];
-    out[b * d + k] = acc;
+  for (long long k0 = 0; k0 < d; k0 += 32 * DEC_COLS) {
+    float acc[DEC_COLS];
+    for (int i = 0; i < DEC_COLS; i++) acc[i] = 0.f;
+    for (long long e = lo; e < hi; e++) {
+      const float v = vals[e];
+      const float *row = w + cols[e] * d;
+      for (int i = 0; i < DEC_COLS; i++) {
+        const long long k = k0 + 32 * i + lane;
+        if (k < d) acc[i] += v * row[k];
+      }
+    }
+    for (int i = 0; i < DEC_COLS; i++) {
+      const long long k = k0 + 32 * i + lane;
+      if (k < d) out[b * d + k] = acc[i];
+    }
   }
 }
 
@@ -38,14 +55,22 @@ extern "C" __global__ void bag_decode_bwd_w(const float *dout, const float *vals
   if (j >= rows) return;
   const int lane = threadIdx.x & 31;
   const long long lo = col_offsets[j], hi = col_offsets[j + 1];
-  const long long k1 = k0 + DW_SPAN < d ? k0 + DW_SPAN : d;
-  for (long long k = k0 + lane; k < k1; k += 32) {
-    float acc = 0.f;
-    for (long long i = lo; i < hi; i++) {
-      const long long e = perm[i];
-      acc += vals[e] * dout[bags[e] * d + k];
+  // The span's DW_SPAN / 32 columns a lane in registers, each entry's dout row read once
+  // (as in bag_decode_fwd); the sums run over the entries in order.
+  float acc[DW_SPAN / 32];
+  for (int c = 0; c < DW_SPAN / 32; c++) acc[c] = 0.f;
+  for (long long i = lo; i < hi; i++) {
+    const long long e = perm[i];
+    const float v = vals[e];
+    const float *g = dout + bags[e] * d;
+    for (int c = 0; c < DW_SPAN / 32; c++) {
+      const long long k = k0 + 32 * c + lane;
+      if (k < d) acc[c] += v * g[k];
     }
-    dw[j * d + k] = acc;
+  }
+  for (int c = 0; c < DW_SPAN / 32; c++) {
+    const long long k = k0 + 32 * c + lane;
+    if (k < d) dw[j * d + k] = acc[c];
   }
 }
 
