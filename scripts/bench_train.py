@@ -163,7 +163,7 @@ def main():
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     ap.add_argument("--kernels-ab", action="store_true",
                     help="also time dmsae with each of its trainer kernels off in turn "
-                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD = 0), all three off, and with "
+                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS = 0), all four off, and with "
                          "bf16 Adam moments (adam_bf16_moments = true); CUDA")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
@@ -200,14 +200,16 @@ def main():
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
         if a.kernels_ab:  # what dmsae's trainer kernels (adam.cu, bag_decode.cu, encoder_grad.cu) buy
             off = {k: "0" for k in ("DMSAE_FUSED_ADAM", "DMSAE_FUSED_DECODE",
-                                    "DMSAE_FUSED_ENCODER_GRAD")}
+                                    "DMSAE_FUSED_ENCODER_GRAD", "DMSAE_FUSED_LOSS")}
             for name, extra, env in (
                 ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", {"DMSAE_FUSED_ADAM": "0"}),
                 ("dmsae train, embedding_bag decoder (DMSAE_FUSED_DECODE=0)", "",
                  {"DMSAE_FUSED_DECODE": "0"}),
                 ("dmsae train, dense W_enc gradient (DMSAE_FUSED_ENCODER_GRAD=0)", "",
                  {"DMSAE_FUSED_ENCODER_GRAD": "0"}),
-                ("dmsae train, all three off", "", off),
+                ("dmsae train, ATen Matryoshka loss (DMSAE_FUSED_LOSS=0)", "",
+                 {"DMSAE_FUSED_LOSS": "0"}),
+                ("dmsae train, all four off", "", off),
                 ("dmsae train, bf16 Adam moments (adam_bf16_moments = true)",
                  "adam_bf16_moments = true\n", None),
             ):

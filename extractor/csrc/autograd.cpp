@@ -264,6 +264,51 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
   }
 };
 
+// Per token, the sum over prefixes p >= 1 of |x - b_dec - part_0 - ... - part_p|^2, with
+// parts [B, P, d]: the Matryoshka loss before its mean (kernels/matryoshka_l2.cu), float32,
+// differentiable in b_dec and parts (x is data).
+struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &b_dec,
+                            const at::Tensor &parts) {
+    TORCH_CHECK(parts.dim() == 3 && x.dim() == 2 && b_dec.dim() == 1 &&
+                    x.size(0) == parts.size(0) && x.size(1) == parts.size(2) &&
+                    b_dec.size(0) == x.size(1),
+                "matryoshka_l2: x [B, d], b_dec [d], parts [B, P, d]");
+    for (const at::Tensor *t : {&x, &b_dec, &parts})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                      t->device() == x.device(),
+                  "matryoshka_l2: contiguous float32 tensors on one device");
+    const int64_t n = x.size(0);
+    auto sq = at::empty({n}, x.options());
+    if (n > 0) {
+      void *px = x.data_ptr(), *pb = b_dec.data_ptr(), *pp = parts.data_ptr(),
+           *ps = sq.data_ptr();
+      long long nn = n, np = parts.size(1), d = x.size(1);
+      void *args[] = {&px, &pb, &pp, &ps, &nn, &np, &d};
+      launch("matryoshka_l2_fwd", x, n, args);
+    }
+    ctx->save_for_backward({x, b_dec, parts});
+    return sq;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &b_dec = saved[1], &parts = saved[2];
+    const at::Tensor dsq = grads[0].to(at::kFloat).contiguous();
+    const int64_t n = x.size(0);
+    auto dparts = at::empty_like(parts);
+    if (n > 0) {
+      void *px = x.data_ptr(), *pb = b_dec.data_ptr(), *pp = parts.data_ptr(),
+           *pd = dsq.data_ptr(), *pg = dparts.data_ptr();
+      long long nn = n, np = parts.size(1), d = x.size(1);
+      void *args[] = {&px, &pb, &pp, &pd, &pg, &nn, &np, &d};
+      launch("matryoshka_l2_bwd", x, n, args);
+    }
+    // b_dec enters every residual where part_0 does.
+    return {at::Tensor(), dparts.select(1, 0).sum(0), dparts};
+  }
+};
+
 // The codes' values `vals` (taken from pre-activations computed without a graph) made
 // differentiable again: as if vals[e] = xc[rows[e]] . w[:, cols[e]] + bias[cols[e]], with w
 // [d, W] and bias [W] float32. The backward never builds the dense [B, W] gradient
@@ -352,6 +397,12 @@ extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor
                                      at::Tensor **out, char *err, size_t err_len) {
   return guarded([&] { return EncoderEntries::apply(*w, *bias, *xc, *vals, *rows, *cols); },
                  out, err, err_len);
+}
+
+// MatryoshkaL2 above; as dmsae_softcap_softmax below.
+extern "C" int dmsae_matryoshka_l2(at::Tensor *x, at::Tensor *b_dec, at::Tensor *parts,
+                                   at::Tensor **out, char *err, size_t err_len) {
+  return guarded([&] { return MatryoshkaL2::apply(*x, *b_dec, *parts); }, out, err, err_len);
 }
 
 // BagDecode above; as dmsae_softcap_softmax below.

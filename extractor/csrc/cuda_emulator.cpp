@@ -86,6 +86,7 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #include "../kernels/adam.cu"
 #include "../kernels/bag_decode.cu"
 #include "../kernels/encoder_grad.cu"
+#include "../kernels/matryoshka_l2.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -237,6 +238,18 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     launch(grid, block, [=] {
       adam_flat_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
                      arg<bf16 *>(a, 3), arg<ll>(a, 4), arg<AdamArgs>(a, 5));
+    });
+  } else if (k == "matryoshka_l2_fwd") {
+    launch(grid, block, [=] {
+      matryoshka_l2_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                        arg<const float *>(a, 2), arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5),
+                        arg<ll>(a, 6));
+    });
+  } else if (k == "matryoshka_l2_bwd") {
+    launch(grid, block, [=] {
+      matryoshka_l2_bwd(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                        arg<const float *>(a, 2), arg<const float *>(a, 3), arg<float *>(a, 4),
+                        arg<ll>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7));
     });
   } else if (k == "bag_decode_fwd") {
     launch(grid, block, [=] {

@@ -104,7 +104,15 @@ pub const ENCODER_GRAD: Source = Source {
     text: include_str!("../kernels/encoder_grad.cu"),
     kernels: &["encoder_grad"],
 };
-pub const SOURCES: [&Source; 8] = [
+/// The trainer's Matryoshka reconstruction loss and its gradient, through csrc/autograd.cpp
+/// (`matryoshka_l2`).
+pub const MATRYOSHKA_L2: Source = Source {
+    name: "matryoshka_l2.cu",
+    off: "DMSAE_FUSED_LOSS",
+    text: include_str!("../kernels/matryoshka_l2.cu"),
+    kernels: &["matryoshka_l2_fwd", "matryoshka_l2_bwd"],
+};
+pub const SOURCES: [&Source; 9] = [
     &SOFTCAP_CE,
     &SOFTCAP_SOFTMAX,
     &RMS_NORM,
@@ -113,6 +121,7 @@ pub const SOURCES: [&Source; 8] = [
     &ADAM,
     &BAG_DECODE,
     &ENCODER_GRAD,
+    &MATRYOSHKA_L2,
 ];
 
 /// Threads per block of the row kernels (a multiple of 32).
@@ -831,6 +840,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_matryoshka_l2(
+        x: *mut torch_sys::C_tensor,
+        b_dec: *mut torch_sys::C_tensor,
+        parts: *mut torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_rms_norm(
         x: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
@@ -846,6 +863,18 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
         op(a.as_ptr() as *mut _, b.as_ptr() as *mut _, x, out, err, len)
+    })
+}
+
+/// Per token of x [B, d], the sum over prefixes p >= 1 of |x - b_dec - parts[:, 0] - ... -
+/// parts[:, p]|^2 (parts [B, P, d]), differentiable in b_dec and parts
+/// (kernels/matryoshka_l2.cu through csrc/autograd.cpp). Contiguous float32 on one device; CPU
+/// tensors are emulated (tests: slow).
+pub fn matryoshka_l2(x: &Tensor, b_dec: &Tensor, parts: &Tensor) -> Result<Tensor, String> {
+    let p = |t: &Tensor| t.as_ptr() as *mut _;
+    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe {
+        dmsae_matryoshka_l2(p(x), p(b_dec), p(parts), out, err, len)
     })
 }
 

@@ -403,6 +403,35 @@ impl Sae {
         x_nd
     }
 
+    /// The Matryoshka loss: the mean over the batch and the prefixes p = 1..=G of
+    /// sum_d (x - x_hat_p)^2, from `decode_parts`' [B, 1 + G, d]. Prefix p's reconstruction is
+    /// b_dec + core + groups 1..=p, so its error is the residual after the core with groups
+    /// 1..=p taken off in turn.
+    pub fn matryoshka_l2(&self, x_bd: &Tensor, parts_bgd: &Tensor) -> Tensor {
+        let g = self.groups.len() as i64;
+        let n = x_bd.size()[0] as f64;
+        let (x, b) = (x_bd, &self.b_dec);
+        if x.kind() == Kind::Float && kernels::use_fused(x, &kernels::MATRYOSHKA_L2) {
+            // One pass each way (kernels/matryoshka_l2.cu), where the chain below is about 20.
+            let c = |t: &Tensor| t.contiguous();
+            return kernels::matryoshka_l2(&c(x), b, &c(parts_bgd))
+                .unwrap_or_else(|e| panic!("matryoshka loss: {e}"))
+                .sum(None)
+                / (n * g as f64);
+        }
+        // G passes over [B, d], where a cumsum over the parts cost a cat, a scan and, in the
+        // backward, two flips (a fifth of a CPU step at width 1,024).
+        let mut r_bd = x - parts_bgd.select(1, 0) - b;
+        let mut l2 = x.zeros_like().sum(None);
+        // Not `-=`/`+=`: tch's are in place, and autograd keeps each residual for its square.
+        #[allow(clippy::assign_op_pattern)]
+        for p in 1..=g {
+            r_bd = r_bd - parts_bgd.select(1, p);
+            l2 = l2 + r_bd.square().sum(None);
+        }
+        l2 / (n * g as f64)
+    }
+
     /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
     /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
     /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
@@ -642,22 +671,8 @@ impl Trainer {
         };
         laps.lap(1);
 
-        // Prefix p's reconstruction is b_dec + core + groups 1..=p, so its error is the residual
-        // after the core with groups 1..=p taken off in turn: G passes over [B, d], where a
-        // cumsum over the parts cost a cat, a scan and, in the backward, two flips (a fifth of
-        // a CPU step at width 1,024).
         let parts_bgd = s.decode_parts(&codes);
-        let g = s.groups.len() as i64;
-        let mut r_bd = x_bd - parts_bgd.select(1, 0) - &s.b_dec;
-        let mut l2 = x_bd.zeros_like().sum(None);
-        // Not `-=`/`+=`: tch's are in place, and autograd keeps each residual for its square.
-        #[allow(clippy::assign_op_pattern)]
-        for p in 1..=g {
-            r_bd = r_bd - parts_bgd.select(1, p);
-            l2 = l2 + r_bd.square().sum_dim_intlist(-1, false, None).mean(None);
-        }
-        // Mean over the batch and the prefixes of sum_d (x - x_hat_p)^2.
-        let l2 = l2 / g as f64;
+        let l2 = s.matryoshka_l2(x_bd, &parts_bgd);
         let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
 
         laps.lap(2);
@@ -1329,6 +1344,64 @@ mod tests {
         if let Some(device) = test_cuda() {
             fused_decoder_against_embedding_bag(device, 2304);
         }
+    }
+
+    /// The fused Matryoshka loss (matryoshka_l2.cu, emulated) against the ATen chain: the loss
+    /// and its gradients in b_dec and the parts, to float32 summation order (1e-5 relative);
+    /// d = 40 leaves the second lane pass part-filled.
+    #[test]
+    fn the_fused_loss_matches_aten() {
+        fused_loss_against_aten(Device::Cpu, 40);
+    }
+
+    /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh).
+    #[test]
+    fn the_fused_loss_matches_aten_on_cuda() {
+        if let Some(device) = test_cuda() {
+            fused_loss_against_aten(device, 2304);
+        }
+    }
+
+    fn fused_loss_against_aten(device: Device, d: usize) {
+        let b = 24i64;
+        let sae = Sae::new(d, None, &small_cfg(8), Kind::Float, device).unwrap();
+        tch::manual_seed(11);
+        let x = Tensor::randn([b, d as i64], (Kind::Float, device));
+        let parts32 = Tensor::randn(
+            [b, 1 + sae.groups.len() as i64, d as i64],
+            (Kind::Float, device),
+        ) * 0.3;
+        let b_dec = sae
+            .b_dec
+            .detach()
+            .copy()
+            .normal_(0.0, 0.5)
+            .set_requires_grad(true);
+        let sae = Sae {
+            b_dec: b_dec.shallow_clone(),
+            ..sae
+        };
+        let run = |fused: bool| {
+            let parts = parts32.copy().set_requires_grad(true);
+            let l2 = with_kernel(&kernels::MATRYOSHKA_L2, fused, || {
+                sae.matryoshka_l2(&x, &parts)
+            });
+            let g = Tensor::run_backward(&[&l2], &[&sae.b_dec, &parts], false, false);
+            (l2.detach(), g)
+        };
+        let ((l2, g), (want_l2, want_g)) = (run(true), run(false));
+        let rel = |a: &Tensor, b: &Tensor| {
+            let diff = (a - b).abs().max().double_value(&[]);
+            diff / b.abs().max().double_value(&[])
+        };
+        let dl = rel(&l2, &want_l2);
+        let (db, dp) = (rel(&g[0], &want_g[0]), rel(&g[1], &want_g[1]));
+        eprintln!("matryoshka loss on {device:?}, d {d}: loss {dl:.2e}, b_dec gradient {db:.2e}, parts gradient {dp:.2e}");
+        assert!(want_l2.double_value(&[]) > 0.0);
+        assert!(
+            dl <= 1e-5 && db <= 1e-5 && dp <= 1e-5,
+            "loss {dl:e}, b_dec {db:e}, parts {dp:e}"
+        );
     }
 
     /// `f` with `src`'s kernels (`fused`) or without. On the CPU the kernels are emulated when

@@ -1,0 +1,61 @@
+// The trainer's Matryoshka reconstruction loss (trainer/src/sae.rs, `loss_timed`) in one pass
+// each way, float32. parts [B, P, d] holds each token's core part (p = 0) and the parts of
+// groups 1..G = P - 1; prefix p's residual is r_p = x - part_0 - b_dec - part_1 - ... - part_p,
+// and the loss sums r_p^2 over p >= 1. ATen took about 20 passes over [B, d] for this, each way
+// (subtractions, squares, sums, and in the backward a zeroed [B, P, d] gradient filled a slice
+// at a time and the residuals' gradients summed along the chain).
+//
+// One warp a token. Forward: sq[b] = sum over p >= 1 and k of r_p[b, k]^2 (a lane's columns in
+// order, then the warp's lanes). Backward, given dsq [B]: part_q's gradient is
+// -2 dsq[b] times the suffix sum of r_p over p >= max(q, 1).
+
+#include "common.cuh"
+
+extern "C" __global__ void matryoshka_l2_fwd(const float *x, const float *b_dec,
+                                             const float *parts, float *sq, long long n,
+                                             long long n_parts, long long d) {
+  const long long b = warp_index();
+  if (b >= n) return;  // the whole warp
+  const int lane = threadIdx.x & 31;
+  const float *xb = x + b * d, *pb = parts + b * n_parts * d;
+  float acc = 0.f;
+  for (long long k = lane; k < d; k += 32) {
+    float r = xb[k] - pb[k] - b_dec[k];
+    for (long long p = 1; p < n_parts; p++) {
+      r -= pb[p * d + k];
+      acc += r * r;
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) sq[b] = acc;
+}
+
+extern "C" __global__ void matryoshka_l2_bwd(const float *x, const float *b_dec,
+                                             const float *parts, const float *dsq,
+                                             float *dparts, long long n, long long n_parts,
+                                             long long d) {
+  const long long b = warp_index();
+  if (b >= n) return;
+  const int lane = threadIdx.x & 31;
+  const float *xb = x + b * d, *pb = parts + b * n_parts * d;
+  float *gb = dparts + b * n_parts * d;
+  const float c = -2.f * dsq[b];
+  for (long long k = lane; k < d; k += 32) {
+    // The suffix sums of r_p over p = G..1 as p runs down: r_p again from r_G by adding the
+    // parts back would round differently, so the chain runs forward into a total first.
+    float r = xb[k] - pb[k] - b_dec[k], total = 0.f;
+    for (long long p = 1; p < n_parts; p++) {
+      r -= pb[p * d + k];
+      total += r;
+    }
+    // S_1 = total; S_{p+1} = S_p - r_p.
+    float s = total;
+    r = xb[k] - pb[k] - b_dec[k];
+    gb[k] = c * s;
+    for (long long p = 1; p < n_parts; p++) {
+      gb[p * d + k] = c * s;
+      r -= pb[p * d + k];
+      s -= r;
+    }
+  }
+}
