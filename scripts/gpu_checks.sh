@@ -10,7 +10,8 @@
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
 #   ONLY="env adam kernels model extract ab train trainauxk fvu" runs only the steps named (default: all; the
-#   names are those of the `want` tests below).
+#   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
+#   encoder run (default --encoder-f32).
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
 # logged and the next goes on, and every step appends to the log as it goes, so a call cut off
 # by its time limit still returns the steps it finished.
@@ -140,7 +141,7 @@ fi
 if want train; then
 step "training step against eager PyTorch (the issue's anchor), AuxK idle; each trainer kernel off in turn"
 AB=$([ "$DEVICE" = cpu ] || echo --kernels-ab)
-run 360 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --encoder-f32 $AB
+run 360 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET ${TRAIN_EXTRA---encoder-f32} $AB
 fi
 
 if want trainauxk; then

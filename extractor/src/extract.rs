@@ -124,8 +124,18 @@ fn host_bytes(t: &Tensor) -> &[u8] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
 }
 
+/// `t` on the host, page-locked where it can be; else pageable (slower, the same bytes), and
+/// stderr says why, once.
 fn to_host(t: &Tensor) -> Result<Tensor> {
-    crate::kernels::to_host(t).map_err(Error::Kernel)
+    crate::kernels::to_host(t).or_else(|e| {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            eprintln!(
+                "warning: page-locked copy to the host failed ({e}); copying to pageable memory"
+            )
+        });
+        Ok(t.f_to_device(tch::Device::Cpu)?.f_contiguous()?)
+    })
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {
