@@ -184,7 +184,11 @@ struct Rope : public torch::autograd::Function<Rope> {
     long long n = in.numel(), dh = in.size(3), heads = in.size(2), t = in.size(1);
     float p = (float)pre;
     void *args[] = {&pi, &pc, &po, &n, &dh, &heads, &t, &p};
-    launch_elementwise(kernel + suffix(in), in, n, args);
+    // A block a token, a thread a column pair (rope.cu), in whole warps.
+    const int64_t tokens = in.size(0) * in.size(1);
+    const unsigned threads = (unsigned)std::min<int64_t>(128, (dh / 2 + 31) / 32 * 32);
+    if (tokens > 0)
+      dispatch(kernel + suffix(in), in, (unsigned)std::min<int64_t>(tokens, 1 << 16), threads, args);
   }
 
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &cs,

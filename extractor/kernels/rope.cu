@@ -7,42 +7,50 @@
 
 #include "common.cuh"
 
-// Element i's column in its row, and the cos and sin rows of its position.
-template <typename T>
-__device__ __forceinline__ long long rope_at(long long i, const T *cs, long long dh,
-                                             long long heads, long long t_len, const T **cos,
-                                             const T **sin) {
-  const long long pos = (i / dh / heads) % t_len;
-  *cos = cs + pos * dh;
-  *sin = cs + (t_len + pos) * dh;
-  return i % dh;
-}
-
+// A block a token (grid-stride) and a thread a column pair (j, j + Dh/2) of each of its heads:
+// the position is found once a token. With a thread an element, three 64-bit divisions an
+// element held rope_fwd to a sixth of memory speed (0.10 ms for q's 34 MB, H200, batch 8 of
+// 1,024). For j < Dh/2: out_j = x_j cos_j - x_{j+h} sin_j, out_{j+h} = x_{j+h} cos_{j+h} +
+// x_j sin_{j+h}, h = Dh/2.
 template <typename T>
 __device__ void rope_fwd(const T *x, const T *cs, T *out, long long n, long long dh,
                          long long heads, long long t_len, float pre) {
-  const long long half = dh / 2;
-  FOR_EACH_ELEMENT(i, n) {
-    const T *cos, *sin;
-    const long long j = rope_at(i, cs, dh, heads, t_len, &cos, &sin);
-    const float rot = j < half ? -to_f(x[i + half]) : to_f(x[i - half]);
-    const float a = rnd<T>(to_f(x[i]) * to_f(cos[j])), b = rnd<T>(rot * to_f(sin[j]));
-    put(&out[i], rnd<T>(a + b) * pre);
+  const long long half = dh / 2, tokens = n / (dh * heads);
+  for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {
+    const long long pos = tok % t_len;
+    const T *cos = cs + pos * dh, *sin = cs + (t_len + pos) * dh;
+    for (long long h = 0; h < heads; h++) {
+      const T *xr = x + (tok * heads + h) * dh;
+      T *o = out + (tok * heads + h) * dh;
+      for (long long j = threadIdx.x; j < half; j += blockDim.x) {
+        const float x1 = to_f(xr[j]), x2 = to_f(xr[j + half]);
+        const float a1 = rnd<T>(x1 * to_f(cos[j])), b1 = rnd<T>(-x2 * to_f(sin[j]));
+        const float a2 = rnd<T>(x2 * to_f(cos[j + half])), b2 = rnd<T>(x1 * to_f(sin[j + half]));
+        put(&o[j], rnd<T>(a1 + b1) * pre);
+        put(&o[j + half], rnd<T>(a2 + b2) * pre);
+      }
+    }
   }
 }
 
+// The transpose of the above on d = dout pre: dx_j = d_j cos_j + d_{j+h} sin_{j+h},
+// dx_{j+h} = d_{j+h} cos_{j+h} - d_j sin_j.
 template <typename T>
 __device__ void rope_bwd(const T *dout, const T *cs, T *dx, long long n, long long dh,
                          long long heads, long long t_len, float pre) {
-  const long long half = dh / 2;
-  FOR_EACH_ELEMENT(i, n) {
-    const T *cos, *sin;
-    const long long j = rope_at(i, cs, dh, heads, t_len, &cos, &sin);
-    const float a = rnd<T>(rnd<T>(to_f(dout[i]) * pre) * to_f(cos[j]));
-    // x[j] is rot[j + half] (first half) or -rot[j - half] (second half).
-    const long long k = j < half ? i + half : i - half, jk = j < half ? j + half : j - half;
-    const float b = rnd<T>(rnd<T>(to_f(dout[k]) * pre) * to_f(sin[jk]));
-    put(&dx[i], j < half ? a + b : a - b);
+  const long long half = dh / 2, tokens = n / (dh * heads);
+  for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {
+    const long long pos = tok % t_len;
+    const T *cos = cs + pos * dh, *sin = cs + (t_len + pos) * dh;
+    for (long long h = 0; h < heads; h++) {
+      const T *g = dout + (tok * heads + h) * dh;
+      T *o = dx + (tok * heads + h) * dh;
+      for (long long j = threadIdx.x; j < half; j += blockDim.x) {
+        const float d1 = rnd<T>(to_f(g[j]) * pre), d2 = rnd<T>(to_f(g[j + half]) * pre);
+        put(&o[j], rnd<T>(d1 * to_f(cos[j])) + rnd<T>(d2 * to_f(sin[j + half])));
+        put(&o[j + half], rnd<T>(d2 * to_f(cos[j + half])) - rnd<T>(d1 * to_f(sin[j])));
+      }
+    }
   }
 }
 

@@ -1317,12 +1317,18 @@ pub(crate) mod tests {
     }
 
     /// The fused RoPE (with q's scaling) against `apply_rope` and the scaling, forward and
-    /// backward through autograd, on [2, 5, 3, 8] (heads 3, T 5, Dh 8) with the model's tables.
+    /// backward through autograd, on [2, 5, 3, 8] (heads 3, T 5, Dh 8) and [1, 3, 2, 320] (a
+    /// block's 128 threads go round the 160 column pairs twice) with the model's tables.
     fn rope_against_aten(device: Device) {
+        tch::manual_seed(11);
+        for (b, t, n, dh) in [(2, 5, 3, 8), (1, 3, 2, 320)] {
+            rope_against_aten_at(device, b, t, n, dh);
+        }
+    }
+
+    fn rope_against_aten_at(device: Device, b: i64, t: i64, n: i64, dh: i64) {
         use crate::config::Rope;
         use crate::models::common::{apply_rope, rope_tables};
-        tch::manual_seed(11);
-        let (b, t, n, dh) = (2, 5, 3, 8);
         let x32 = Tensor::randn([b, t, n, dh], (Kind::Float, device)) * 2.0;
         let r32 = Tensor::randn([b, n, t, dh], (Kind::Float, device));
         // pre: Gemma-2's 1/sqrt(256)/50 (not a power of two) and 1 (k, no scaling).
@@ -1334,7 +1340,7 @@ pub(crate) mod tests {
             let (cos, sin) = rope_tables(rope_10k, dh as usize, t as usize, device, kind).unwrap();
             let cs = Tensor::stack(&[&cos, &sin], 0);
             for pre in [1.0 / 16.0 / 50.0, 1.0] {
-                let case = format!("{kind:?} pre {pre} on {device:?}");
+                let case = format!("{kind:?} pre {pre} Dh {dh} on {device:?}");
                 let r = r32.to_kind(kind);
                 let run = |fused: bool| {
                     let x = x32.to_kind(kind).set_requires_grad(true);
