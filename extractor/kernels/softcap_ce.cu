@@ -6,7 +6,7 @@
 // dtype where that sequence does: z = c * tanh(s / c) in the model dtype (as transformers;
 // ATen on CUDA divides by a scalar as a multiply by its float reciprocal), log-softmax in
 // float32, g = softmax - onehot rounded to the model dtype, then g - (g * t) * t. The row is
-// read twice and written once (6 bytes a bf16 logit), where that sequence moves about 52.
+// read twice and written twice (8 bytes a bf16 logit), where that sequence moves about 52.
 
 #include "common.cuh"
 
@@ -35,22 +35,34 @@ __device__ void softcap_ce(T *logits, const long long *targets, const float *has
   if (threadIdx.x == 0) z_target = __int_as_float(0x7fc00000);
   __syncthreads();
 
+  // With the cap and a gradient to write, the first pass leaves t (exact in T: it is rounded
+  // to T) in the row for the second, which then skips the division, the tanh and two
+  // roundings an element: the kernel is bound by its arithmetic, not its bytes (18 ms a batch
+  // of 8 x 1,024 against 2 ms of traffic, H200). A vocabulary fits an int.
+  const int v = (int)vocab;
+  const bool keep_t = grad && cap > 0.f;
   MaxSum acc = {NEG_INF, 0.f};
   float t;
-  for (long long i = threadIdx.x; i < vocab; i += blockDim.x) {
+  for (int i = threadIdx.x; i < v; i += blockDim.x) {
     const float z = capped<T>(to_f(row[i]), cap, inv_cap, &t);
     if (i == target) z_target = z;
     push(acc, z);
+    if (keep_t) put(&row[i], t);
   }
   acc = block_merge(acc);
   // log_softmax(z) = (z - m) - log(sum), as ATen forms it.
   const float log_sum = logf(acc.s);
   if (threadIdx.x == 0) loss[blockIdx.x] = -((z_target - acc.m) - log_sum) * w;
   if (!grad) return;
-  // block_merge synchronised the block: the whole row has been read before any of it is
-  // overwritten.
-  for (long long i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float z = capped<T>(to_f(row[i]), cap, inv_cap, &t);
+  // Each thread rewrites only the elements it read (and, with the cap, wrote t into) above.
+  for (int i = threadIdx.x; i < v; i += blockDim.x) {
+    float z;
+    if (keep_t) {
+      t = to_f(row[i]);
+      z = rnd<T>(t * cap);
+    } else {
+      z = to_f(row[i]);
+    }
     float p = expf((z - acc.m) - log_sum) * w;
     if (i == target) p += -w;
     float g = rnd<T>(p);
