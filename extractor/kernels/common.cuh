@@ -7,14 +7,6 @@ typedef unsigned short bf16;
 
 #define NEG_INF __int_as_float(0xff800000)
 
-// Unroll the next loop (a constant trip count), so an array it indexes stays in registers;
-// NVRTC only (the CPU emulator's compiler needs no telling).
-#ifdef __CUDACC_RTC__
-#define UNROLL _Pragma("unroll")
-#else
-#define UNROLL
-#endif
-
 // A grid-stride loop over n elements, for the elementwise kernels.
 #define FOR_EACH_ELEMENT(i, n)                                                      \
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \

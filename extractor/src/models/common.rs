@@ -242,7 +242,12 @@ impl Attention {
         let v = v.f_unsqueeze(2)?;
         let mut s = q.f_matmul(&k.f_transpose(-1, -2)?)?;
         let mask = &ctx.mask[lt as usize];
-        if kernels::use_fused(x, &kernels::SOFTCAP_SOFTMAX) {
+        // Not for float32 on CUDA: there the kernel's capped score gradient came out 3.05e-5
+        // from float64 where ATen's was 4.44e-6 (H200, the kernel test), a gap not yet
+        // explained (emulated on the CPU the two agree to 1e-6); bf16, the default, is within
+        // ATen's error.
+        let f32_cuda = x.kind() == Kind::Float && x.device().is_cuda();
+        if !f32_cuda && kernels::use_fused(x, &kernels::SOFTCAP_SOFTMAX) {
             let p = kernels::softcap_softmax(&s.f_contiguous()?, mask, self.softcap)
                 .map_err(Error::Kernel)?;
             return self.attend(&p, &v, b, t);
