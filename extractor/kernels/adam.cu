@@ -17,13 +17,15 @@
 
 #include "common.cuh"
 
-// Host-computed step constants; laid out as `AdamArgs` in trainer/src/sae.rs.
+// One step's constants; laid out as `AdamArgs` in trainer/src/sae.rs.
 struct AdamArgs {
+  // 1 / the clip's divisor (1 under the clip), on the device: it depends on the gradients'
+  // norm, which the host then need not wait for.
+  const float *inv_div;
   float step_size;  // lr / (1 - b1^t)
   float beta1, beta2;
   float bc2_sqrt;  // sqrt(1 - b2^t)
   float eps;
-  float inv_div;   // 1 / the clip's divisor (1 under the clip)
   unsigned seed;   // this step's and this tensor's rounding stream (bf16 moments)
 };
 
@@ -89,11 +91,11 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
   const long long at = row * d;
-  const float c = dot[row];
+  const float c = dot[row], inv_div = *a.inv_div;
   float ss = 0.f;
   for (long long j = lane; j < d; j += 32) {
     const float wj = w[at + j];
-    const float p = adam_step(wj, (g[at + j] - c * wj) * a.inv_div, m, v, at + j, a);
+    const float p = adam_step(wj, (g[at + j] - c * wj) * inv_div, m, v, at + j, a);
     w[at + j] = p;
     ss += p * p;
   }
@@ -104,7 +106,8 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
 
 template <typename M>
 __device__ void adam_flat(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
-  FOR_EACH_ELEMENT(i, n) { p[i] = adam_step(p[i], g[i] * a.inv_div, m, v, i, a); }
+  const float inv_div = *a.inv_div;
+  FOR_EACH_ELEMENT(i, n) { p[i] = adam_step(p[i], g[i] * inv_div, m, v, i, a); }
 }
 
 extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,

@@ -327,8 +327,11 @@ impl Sae {
         let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
         let flat = pre_bw.narrow(1, c, w - c).reshape([-1]);
         let keep = (self.k as i64 * b).min(flat.size()[0]);
-        let (top, idx) = top_entries(&flat.detach(), keep);
-        let idx = idx.masked_select(&top.gt(0.0));
+        let idx = match top_entries(&flat.detach(), keep) {
+            Top::Positive(idx) => idx,
+            // (A selection's size waits for the device: only this path needs one.)
+            Top::Any(top, idx) => idx.masked_select(&top.gt(0.0)),
+        };
         // Codes in the model's kind whatever the pre-activations' (bf16 with a bf16 encoder).
         let kind = self.w_dec.kind();
         let (rows, cols, vals) = (
@@ -432,14 +435,9 @@ impl Sae {
         l2 / (n * g as f64)
     }
 
-    /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
-    /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
-    /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
-    /// each and autograd summed them.
-    pub fn decode_parts(&self, codes: &Codes) -> Tensor {
-        let dev = self.w_dec.device();
-        let parts = 1 + self.groups.len() as i64;
-        // A part starts at each group's first latent; latents below the first group are the core.
+    /// Each group's first latent, on the device: a part starts at each, and latents below the
+    /// first group are the core's part.
+    pub fn part_starts(&self) -> Tensor {
         let starts: Vec<i64> = self
             .groups
             .iter()
@@ -449,9 +447,16 @@ impl Sae {
                 Some(at)
             })
             .collect();
-        let part = codes
-            .cols
-            .bucketize(&Tensor::from_slice(&starts).to_device(dev), false, true);
+        Tensor::from_slice(&starts).to_device(self.w_dec.device())
+    }
+
+    /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
+    /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
+    /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
+    /// each and autograd summed them. `starts`: `part_starts`.
+    pub fn decode_parts(&self, codes: &Codes, starts: &Tensor) -> Tensor {
+        let parts = 1 + self.groups.len() as i64;
+        let part = codes.cols.bucketize(starts, false, true);
         // Parts are column ranges, so within a token the bags stay in order.
         let bag = &codes.rows * parts + part;
         self.decode_bags(codes, &bag, codes.batch * parts).view([
@@ -479,15 +484,26 @@ impl Sae {
     }
 }
 
-/// The `keep` largest entries of the 1-D `flat` (values, indices): the set `topk` gives, ties
-/// aside. A top-k over every 16th entry yields a cut that about 2 * keep entries reach; those
-/// go through the exact top-k. Over 16.7M entries (batch 1,024, width 16k) this took a quarter
-/// of the full top-k's time on the 2-core CPU. Falls back to the full top-k when the cut is not
-/// positive (fewer positive entries than needed) or fewer than `keep` entries reach it.
-fn top_entries(flat: &Tensor, keep: i64) -> (Tensor, Tensor) {
+/// `top_entries`' result.
+enum Top {
+    /// Indices of entries that are all positive.
+    Positive(Tensor),
+    /// (values, indices), some of which may not be positive.
+    Any(Tensor, Tensor),
+}
+
+/// The `keep` largest entries of the 1-D `flat`: the set `topk` gives, ties aside. A top-k
+/// over every 16th entry yields a cut that about 2 * keep entries reach; those go through the
+/// exact top-k. Over 16.7M entries (batch 1,024, width 16k) this took a quarter of the full
+/// top-k's time on the 2-core CPU. Falls back to the full top-k when the cut is not positive
+/// (fewer positive entries than needed) or fewer than `keep` entries reach it.
+fn top_entries(flat: &Tensor, keep: i64) -> Top {
     const STRIDE: i64 = 16;
     let n = flat.size()[0];
-    let full = || flat.topk(keep, 0, true, false);
+    let full = || {
+        let (v, i) = flat.topk(keep, 0, true, false);
+        Top::Any(v, i)
+    };
     if keep == 0 || n < 8 * STRIDE * keep {
         return full();
     }
@@ -504,13 +520,15 @@ fn top_entries(flat: &Tensor, keep: i64) -> (Tensor, Tensor) {
     if at.size()[0] < keep {
         return full();
     }
-    let (v, j) = flat.index_select(0, &at).topk(keep, 0, true, false);
-    (v, at.index_select(0, &j))
+    // Every candidate reaches a positive cut.
+    let (_, j) = flat.index_select(0, &at).topk(keep, 0, true, false);
+    Top::Positive(at.index_select(0, &j))
 }
 
-/// What Adam divides the gradients by to clip their joint norm to `clip`; None under it.
-fn clip_divisor(norm: f64, clip: f64) -> Option<f64> {
-    (norm > clip).then(|| norm / clip)
+/// What Adam divides the gradients by to clip their joint norm (a float64 scalar on the device)
+/// to `clip`: norm / clip over it, 1 under it. Float64 on the device, so no step waits for it.
+fn clip_divisor(norm: &Tensor, clip: f64) -> Tensor {
+    (norm / clip).where_scalarother(&norm.gt(clip), 1.0)
 }
 
 /// How often each of 0..n occurs in `idx` (int64), as `bincount` with that length: a scatter
@@ -521,25 +539,21 @@ fn counts(idx: &Tensor, n: i64) -> Tensor {
     Tensor::zeros([n], (Kind::Int64, idx.device())).index_add(0, idx, &ones)
 }
 
-/// The norm of all parameters' gradients from each one's norm, in one read back to the host
-/// (each read waits for the device).
-fn joint_norm(norms: &[Tensor]) -> f64 {
-    Tensor::stack(norms, 0)
-        .to_kind(Kind::Double)
-        .norm()
-        .double_value(&[])
+/// The norm of all parameters' gradients from each one's norm: a float64 scalar on the device.
+fn joint_norm(norms: &[Tensor]) -> Tensor {
+    Tensor::stack(norms, 0).to_kind(Kind::Double).norm()
 }
 
 /// adam.cu's `AdamArgs`: one step's constants.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct AdamArgs {
+    inv_div: *const f32,
     step_size: f32,
     beta1: f32,
     beta2: f32,
     bc2_sqrt: f32,
     eps: f32,
-    inv_div: f32,
     seed: u32,
 }
 
@@ -600,7 +614,12 @@ pub struct Trainer {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Training tokens since each latent last fired (AuxK's dead set).
-    pub since_fired_f: Tensor,
+    since_fired_f: Tensor,
+    /// How many latents `dead_f` marks, read back with the last step's figures: the next step
+    /// chooses its graph (AuxK's dense one or the sparse one) without waiting for the device.
+    n_dead: i64,
+    /// `Sae::part_starts`, made once: a copy from the host waits for the device.
+    part_starts: Tensor,
     /// Tokens on which each latent fired in the last step.
     fired_f: Tensor,
     /// The training encoder product in bf16 (`TrainConfig::encoder_bf16`; unset, it follows
@@ -620,18 +639,23 @@ impl Trainer {
             sae.params().map(zeros).into(),
             sae.params().map(zeros).into(),
         );
-        Trainer {
+        let mut t = Trainer {
             k_aux: cfg.k_aux.unwrap_or(sae.d_in / 2).max(1),
             freeze_core: core_given && cfg.core_frozen,
             since_fired_f: Tensor::zeros([sae.width() as i64], (Kind::Int64, sae.device())),
             fired_f: Tensor::zeros([sae.width() as i64], (Kind::Int64, sae.device())),
+            n_dead: 0,
+            part_starts: sae.part_starts(),
             bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
             sae,
             cfg,
             step: 0,
             m,
             v,
-        }
+        };
+        // Not 0 when dead_tokens is 0.
+        t.n_dead = t.count_dead().int64_value(&[]);
+        t
     }
 
     /// Non-core latents that have not fired for `dead_tokens` (the core is exempt from AuxK:
@@ -640,6 +664,10 @@ impl Trainer {
         let dead = self.since_fired_f.ge(self.cfg.dead_tokens as i64);
         let _ = dead.narrow(0, 0, self.sae.core as i64).fill_(0);
         dead
+    }
+
+    fn count_dead(&self) -> Tensor {
+        self.dead_f().sum(Kind::Int64)
     }
 
     /// Matryoshka loss: the mean over prefixes p = 1..=G (core + first p non-core groups) of
@@ -658,10 +686,7 @@ impl Trainer {
     fn loss_timed(&self, x_bd: &Tensor, bf16: bool, auxk: bool, laps: &mut Laps) -> LossOut {
         let s = &self.sae;
         // AuxK reads every dead latent's pre-activation, so it needs their dense graph.
-        let n_dead = match auxk {
-            true => self.dead_f().sum(Kind::Int64).int64_value(&[]),
-            false => 0,
-        };
+        let n_dead = if auxk { self.n_dead } else { 0 };
         let sparse_grad = n_dead == 0
             && s.w_enc.kind() == Kind::Float
             && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
@@ -677,7 +702,7 @@ impl Trainer {
         };
         laps.lap(1);
 
-        let parts_bgd = s.decode_parts(&codes);
+        let parts_bgd = s.decode_parts(&codes, &self.part_starts);
         let l2 = s.matryoshka_l2(x_bd, &parts_bgd);
         let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
 
@@ -752,7 +777,7 @@ impl Trainer {
         let mut g = Tensor::run_backward(&[&out.loss], &self.sae.params(), false, false);
         laps.lap(4);
         let lr = self.cfg.lr_at(self.step);
-        let grad_norm = tch::no_grad(|| {
+        let norm = tch::no_grad(|| {
             let c = self.sae.core as i64;
             if self.freeze_core && c > 0 {
                 let _ = g[0].narrow(1, 0, c).zero_();
@@ -767,18 +792,33 @@ impl Trainer {
                 false => self.aten_update(&mut g, lr, &mut laps),
             }
         });
-        tch::no_grad(|| self.bookkeep(&out.codes));
-        self.step += 1;
-        // The step's figures in one read back to the host.
+        let kept_min = tch::no_grad(|| self.bookkeep(&out.codes));
+        // The step's figures, the dead count and the threshold's new input in one read back
+        // to the host, the step's only wait for the device besides the codes' selection:
+        // while the host waits, the device has nothing queued behind.
         let (c, w) = (self.sae.core as i64, self.sae.width() as i64);
         let f = tch::no_grad(|| {
             let (err, var) = err_sums(x_bd, &out.x_hat_bd);
             let terms = [&out.loss, &out.l2, &out.auxk].map(|t| t.detach().to_kind(Kind::Double));
-            let counts = [out.codes.count_in_t(0, c), out.codes.count_in_t(c, w)]
-                .map(|t| t.to_kind(Kind::Double));
-            let all: Vec<&Tensor> = terms.iter().chain([&err, &var]).chain(&counts).collect();
+            let counts = [
+                out.codes.count_in_t(0, c),
+                out.codes.count_in_t(c, w),
+                self.count_dead(),
+            ]
+            .map(|t| t.to_kind(Kind::Double));
+            let all: Vec<&Tensor> = terms
+                .iter()
+                .chain([&err, &var, &norm])
+                .chain(&counts)
+                .chain(&kept_min)
+                .collect();
             Vec::<f64>::try_from(Tensor::stack(&all, 0).to_device(Device::Cpu)).expect("f64")
         });
+        self.n_dead = f[8] as i64;
+        if let Some(&min) = f.get(9) {
+            self.update_threshold(min);
+        }
+        self.step += 1;
         laps.lap(8);
         laps.end();
         let per_token = |n: f64| n / (out.codes.batch.max(1)) as f64;
@@ -788,16 +828,17 @@ impl Trainer {
             auxk: f[2],
             mse: f[3] / x_bd.numel() as f64,
             fvu: f[3] / f[4].max(f64::MIN_POSITIVE),
-            l0_core: per_token(f[5]),
-            l0_noncore: per_token(f[6]),
-            grad_norm,
+            grad_norm: f[5],
+            l0_core: per_token(f[6]),
+            l0_noncore: per_token(f[7]),
             lr,
         }
     }
 
     /// The update in ATen: the gradient along each decoder row removed, the clip, Adam
-    /// (`adam`), each decoder row renormalised. Returns the clipped gradient's norm.
-    fn aten_update(&mut self, g: &mut [Tensor], lr: f64, laps: &mut Laps) -> f64 {
+    /// (`adam`), each decoder row renormalised. Returns the gradient's norm before the clip
+    /// (a float64 scalar on the device).
+    fn aten_update(&mut self, g: &mut [Tensor], lr: f64, laps: &mut Laps) -> Tensor {
         // In place throughout: on a GPU these passes over [W, d] are memory-bound, and each
         // temporary is one more.
         let w_fd = &self.sae.w_dec;
@@ -809,7 +850,8 @@ impl Trainer {
         let _ = g[2].addcmul_(&minus_par_f1, w_fd);
         let norm = joint_norm(&g.iter().map(|t| t.norm()).collect::<Vec<_>>());
         laps.lap(5);
-        self.adam(g, lr, clip_divisor(norm, self.cfg.grad_clip));
+        let div = clip_divisor(&norm, self.cfg.grad_clip).to_kind(Kind::Float);
+        self.adam(g, lr, &div);
         laps.lap(6);
         let norms_f1 = self
             .sae
@@ -824,7 +866,7 @@ impl Trainer {
     /// `aten_update` in dmsae's kernels (extractor/kernels/adam.cu): two passes over the
     /// decoder, its gradient and moments, where ATen's sequence takes seven, and one over
     /// each other parameter. The moments may be bf16 (`TrainConfig::adam_bf16_moments`).
-    fn fused_update(&mut self, g: &[Tensor], lr: f64, laps: &mut Laps) -> f64 {
+    fn fused_update(&mut self, g: &[Tensor], lr: f64, laps: &mut Laps) -> Tensor {
         let w = &self.sae.w_dec;
         let (dev, rows, d) = (w.device(), w.size()[0], w.size()[1]);
         // 8 warps a block, one decoder row each; emulated (tests), one warp, and one block
@@ -869,13 +911,17 @@ impl Trainer {
         laps.lap(5);
         let t = (self.step + 1) as i32;
         let (b1, b2) = (self.cfg.adam_beta1, self.cfg.adam_beta2);
+        // As the host would form it: 1 / (norm / clip) in float64, then rounded.
+        let inv_div = clip_divisor(&norm, self.cfg.grad_clip)
+            .reciprocal()
+            .to_kind(Kind::Float);
         let step = AdamArgs {
+            inv_div: inv_div.data_ptr() as *const f32,
             step_size: (lr / (1.0 - b1.powi(t))) as f32,
             beta1: b1 as f32,
             beta2: b2 as f32,
             bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
             eps: self.cfg.adam_eps as f32,
-            inv_div: clip_divisor(norm, self.cfg.grad_clip).map_or(1.0, |x| 1.0 / x) as f32,
             seed: 0,
         };
         let bf16 = self.m[0].kind() == Kind::BFloat16;
@@ -935,12 +981,12 @@ impl Trainer {
     }
 
     /// Adam through torch's fused kernel (`csrc/fused_adam.cpp`): one pass over each
-    /// parameter, its gradient and both moments, the gradients divided by `grad_div` if given.
-    fn adam(&mut self, g: &mut [Tensor], lr: f64, grad_div: Option<f64>) {
+    /// parameter, its gradient and both moments, the gradients divided by `grad_div` (a float32
+    /// scalar on the device).
+    fn adam(&mut self, g: &mut [Tensor], lr: f64, grad_div: &Tensor) {
         let dev = self.sae.device();
-        let scalar = |x: f64| Tensor::full([0i64; 0], x, (Kind::Float, dev));
-        let mut step = scalar((self.step + 1) as f64);
-        let mut div = grad_div.map(scalar);
+        let mut step = Tensor::full([0i64; 0], (self.step + 1) as f64, (Kind::Float, dev));
+        let mut div = grad_div.shallow_clone();
         let mut params = [
             &mut self.sae.w_enc,
             &mut self.sae.b_enc,
@@ -969,8 +1015,7 @@ impl Trainer {
                 self.cfg.adam_beta1,
                 self.cfg.adam_beta2,
                 self.cfg.adam_eps,
-                div.as_mut()
-                    .map_or(std::ptr::null_mut(), |t| t.as_mut_ptr()),
+                div.as_mut_ptr(),
                 err.as_mut_ptr().cast(),
                 err.len(),
             )
@@ -982,29 +1027,43 @@ impl Trainer {
         }
     }
 
-    fn bookkeep(&mut self, codes: &Codes) {
+    /// The dead-latent counters; returns, from the end of the warm-up (dictionary_learning
+    /// starts at step 1000, its warm-up length), the smallest kept non-core activation as a
+    /// float64 scalar on the device (+inf if none), for `update_threshold`.
+    fn bookkeep(&mut self, codes: &Codes) -> Option<Tensor> {
         let b = codes.batch;
         self.fired_f = counts(&codes.cols, self.sae.width() as i64);
         self.since_fired_f = (&self.since_fired_f + b) * self.fired_f.eq(0).to_kind(Kind::Int64);
-        // EMA of the smallest kept non-core activation, from the end of the warm-up
-        // (dictionary_learning starts at step 1000, its warm-up length).
         let c = self.sae.core as i64;
-        let kept = codes.vals.detach().masked_select(&codes.cols.ge(c));
         // (Runs shorter than two warm-ups start at half-way, so every export has a threshold.)
         let start = self.cfg.warmup_steps.min(self.cfg.total_steps() / 2);
-        if self.step + 1 >= start && kept.numel() > 0 {
-            let min = kept.min().double_value(&[]);
-            // The EMA spans at most the last tenth of training: at 0.999 (about 1,000 steps)
-            // a short run's threshold stays near its early, smaller values and the inference
-            // L0 overshoots k.
-            let steps = self.cfg.total_steps().max(1) as f64;
-            let beta = self.cfg.threshold_beta.min((1.0 - 10.0 / steps).max(0.0));
-            self.sae.threshold = if self.sae.threshold < 0.0 {
-                min
-            } else {
-                beta * self.sae.threshold + (1.0 - beta) * min
-            };
+        if self.step + 1 < start || codes.vals.numel() == 0 {
+            return None;
         }
+        // The core's entries masked rather than selected out: a selection's size waits for
+        // the device.
+        let vals = codes.vals.detach();
+        let min = vals
+            .where_scalarother(&codes.cols.ge(c), f64::INFINITY)
+            .min();
+        Some(min.to_kind(Kind::Double))
+    }
+
+    /// The threshold's EMA with this step's smallest kept non-core activation (`bookkeep`).
+    fn update_threshold(&mut self, min: f64) {
+        if min == f64::INFINITY {
+            return; // no non-core entry this step
+        }
+        // The EMA spans at most the last tenth of training: at 0.999 (about 1,000 steps) a
+        // short run's threshold stays near its early, smaller values and the inference L0
+        // overshoots k.
+        let steps = self.cfg.total_steps().max(1) as f64;
+        let beta = self.cfg.threshold_beta.min((1.0 - 10.0 / steps).max(0.0));
+        self.sae.threshold = if self.sae.threshold < 0.0 {
+            min
+        } else {
+            beta * self.sae.threshold + (1.0 - beta) * min
+        };
     }
 
     /// Everything a resumed run needs besides `step` and the threshold, on the CPU: weights,
@@ -1062,6 +1121,7 @@ impl Trainer {
             self.v[i] = get(&format!("adam_v.{n}"), &self.v[i])?;
         }
         self.since_fired_f = get("since_fired", &self.since_fired_f)?;
+        self.n_dead = self.count_dead().int64_value(&[]);
         // A run resumed on another device keeps the product it started with. Checkpoints from
         // before this entry resume with the current device's default.
         if let Some((_, t)) = tensors.iter().find(|(n, _)| n == "encoder_bf16") {
@@ -1279,6 +1339,8 @@ mod tests {
         t.since_fired_f
             .narrow(0, 4, 44)
             .copy_(&Tensor::arange(44, (Kind::Int64, Device::Cpu)).remainder(2));
+        t.n_dead = t.count_dead().int64_value(&[]);
+        assert_eq!(t.n_dead, 22);
         let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
         let x_bd = tensor(&x, b, Kind::Double);
         let (ours, reference) = (t.loss(&x_bd), dense_reference_loss(&t, &x_bd));
@@ -1438,7 +1500,7 @@ mod tests {
         let run = |fused: bool| {
             let (codes, parts) = with_kernel(&kernels::BAG_DECODE, fused, || {
                 let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
-                let parts = sae.decode_parts(&codes);
+                let parts = sae.decode_parts(&codes, &sae.part_starts());
                 (codes, parts)
             });
             let loss = (&parts * &proj).sum(None);
@@ -1535,13 +1597,22 @@ mod tests {
         tch::manual_seed(0);
         let n = 1 << 16;
         let normal = Tensor::randn([n], (Kind::Float, Device::Cpu));
+        // (values, indices, whether the fast path said all are positive)
+        let top = |x: &Tensor, keep| match top_entries(x, keep) {
+            Top::Positive(i) => (x.index_select(0, &i), i, true),
+            Top::Any(v, i) => (v, i, false),
+        };
         let cases = [
-            (normal.exp(), 64),
-            ((&normal - 3.5).relu(), 64),
-            (normal.square().square(), 300),
+            (normal.exp(), 64, true),
+            ((&normal - 3.5).relu(), 64, false),
+            (normal.square().square(), 300, true),
         ];
-        for (x, keep) in cases {
-            let (v, i) = top_entries(&x, keep);
+        for (x, keep, fast) in cases {
+            let (v, i, positive) = top(&x, keep);
+            assert_eq!(positive, fast);
+            if positive {
+                assert!(bool::try_from(v.gt(0.0).all()).unwrap());
+            }
             let (vw, iw) = x.topk(keep, 0, true, false);
             assert_eq!(i.size(), [keep]);
             assert!(i.sort(0, false).0.equal(&iw.sort(0, false).0));
@@ -1550,7 +1621,7 @@ mod tests {
         // bf16, as the pre-activations come on a GPU: ties at the cut are common, so the same
         // values, each at an index that holds it.
         let x = normal.exp().to_kind(Kind::BFloat16);
-        let (v, i) = top_entries(&x, 64);
+        let (v, i, _) = top(&x, 64);
         let (vw, _) = x.topk(64, 0, true, false);
         assert!(v.sort(0, false).0.equal(&vw.sort(0, false).0));
         assert!(x.index_select(0, &i).equal(&v));
@@ -1601,7 +1672,8 @@ mod tests {
                     let v_hat = &v[i] / (1.0 - b2.powi(n));
                     p[i] = &p[i] - m_hat / (v_hat.sqrt() + eps) * lr;
                 }
-                tch::no_grad(|| t.adam(&mut copy(&g.iter().collect::<Vec<_>>()), lr, div));
+                let div_t = Tensor::full([0i64; 0], div.unwrap_or(1.0), (Kind::Float, device));
+                tch::no_grad(|| t.adam(&mut copy(&g.iter().collect::<Vec<_>>()), lr, &div_t));
                 t.step += 1;
             }
             for (ours, want) in t.sae.params().iter().zip(&p) {
@@ -1671,10 +1743,12 @@ mod tests {
                 .iter()
                 .map(|p| p.randn_like() * scale)
                 .collect();
-            let na = tch::no_grad(|| a.aten_update(&mut copies(&g), 1e-2, &mut Laps::off()));
+            let na = tch::no_grad(|| a.aten_update(&mut copies(&g), 1e-2, &mut Laps::off()))
+                .double_value(&[]);
             kernels::emulate_on_cpu(true);
             assert!(kernels::use_fused(&b.sae.w_dec, &kernels::ADAM));
-            let nb = tch::no_grad(|| b.fused_update(&copies(&g), 1e-2, &mut Laps::off()));
+            let nb = tch::no_grad(|| b.fused_update(&copies(&g), 1e-2, &mut Laps::off()))
+                .double_value(&[]);
             kernels::emulate_on_cpu(false);
             assert!(
                 (na - nb).abs() <= 1e-5 * na,
@@ -1814,7 +1888,7 @@ mod tests {
             kernels::emulate_on_cpu(true);
             assert!(t.check_update().is_ok());
             for _ in 0..steps {
-                tch::no_grad(|| t.fused_update(&g, 1e-3, &mut Laps::off()));
+                let _ = tch::no_grad(|| t.fused_update(&g, 1e-3, &mut Laps::off()));
                 t.step += 1;
             }
             kernels::emulate_on_cpu(false);
@@ -1840,9 +1914,10 @@ mod tests {
 
     #[test]
     fn the_clip_scales_the_norm_down_to_the_limit() {
-        assert_eq!(clip_divisor(0.5, 1.0), None);
-        assert_eq!(clip_divisor(80.0, 1.0), Some(80.0));
-        assert_eq!(clip_divisor(3.0, 2.0), Some(1.5));
+        let div = |norm: f64, clip| clip_divisor(&Tensor::from(norm), clip).double_value(&[]);
+        assert_eq!(div(0.5, 1.0), 1.0);
+        assert_eq!(div(80.0, 1.0), 80.0);
+        assert_eq!(div(3.0, 2.0), 1.5);
     }
 
     /// The CPU kernel would walk a mislaid moment's memory as if it were the parameter's.
@@ -1862,7 +1937,8 @@ mod tests {
             .iter()
             .map(|p| p.detach().ones_like())
             .collect();
-        tch::no_grad(|| t.adam(&mut g, 1e-3, None));
+        let one = Tensor::ones([0i64; 0], (Kind::Float, Device::Cpu));
+        tch::no_grad(|| t.adam(&mut g, 1e-3, &one));
     }
 
     fn train(cfg: &TrainConfig, x: &[f32], d: usize, steps: usize) -> Trainer {
