@@ -56,6 +56,8 @@ run() {
   [ "$rc" = 0 ] || echo "FAILED (exit $rc${rc/#124/, over its ${limit}s}): $*" | tee -a "$LOG"
   return 0
 }
+# idle FILE: the DMSAE_KINETO table's account of where the device idled, into the log.
+idle() { sed -n '/^# device idle/,$p' "$1" 2>/dev/null | head -48 | tee -a "$LOG"; }
 last_fvu() { "$PY" -c 'import json, sys; print([json.loads(l) for l in open(sys.argv[1]) if "\"eval\"" in l][-1]["eval"]["fvu"])' "$1"; }
 
 if want env; then
@@ -121,10 +123,14 @@ PY
 fi
 
 if want profile; then
-step "where an extraction batch's time goes (DMSAE_PROFILE), and its kernels (DMSAE_KINETO, $OUT/kineto-extract.tsv)"
-DMSAE_PROFILE=1 DMSAE_KINETO="$OUT/kineto-extract.tsv" DMSAE_KINETO_FROM=1 DMSAE_KINETO_UNITS=2 \
-  run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
+step "where an extraction batch's time goes (DMSAE_PROFILE), and its kernels and idle time (DMSAE_KINETO, $OUT/kineto-extract.tsv)"
+DMSAE_PROFILE=1 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-profile"
+# A run of its own: DMSAE_PROFILE's synchronisations would show as idle time.
+DMSAE_KINETO="$OUT/kineto-extract.tsv" DMSAE_KINETO_FROM=1 DMSAE_KINETO_UNITS=2 \
+  run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
+  --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-kineto"
+idle "$OUT/kineto-extract.tsv"
 fi
 
 if want repeat; then
@@ -199,6 +205,7 @@ for dead in 10000000 0; do
     --config "$W/profile.toml" --device "$DEVICE" --quiet --out "$W/profile-$dead"
   DMSAE_KINETO="$OUT/kineto-train-dead$dead.tsv" run 90 "$BIN" train --shards "$W/store-bf16" --width "$WIDTH" \
     --k "$K" --steps 30 --config "$W/profile.toml" --device "$DEVICE" --quiet --out "$W/kineto-$dead"
+  idle "$OUT/kineto-train-dead$dead.tsv"
 done
 fi
 

@@ -1,6 +1,7 @@
 // libtorch's Kineto profiler behind two C calls (tch binds no profiler): `DMSAE_KINETO`'s
 // window of training steps or extraction batches (profile.rs). The table it writes sums each
-// kernel's (on CUDA) or op's (on the CPU) time over the window, most expensive first.
+// kernel's (on CUDA) or op's (on the CPU) time over the window, most expensive first; on CUDA
+// the window's events go to PATH.events as well, for profile.rs's account of idle time.
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
@@ -32,6 +33,32 @@ extern "C" int dmsae_kineto_start(int cuda, char* err, size_t err_len) {
     std::snprintf(err, err_len, "%s", e.what());
     return 1;
   }
+}
+
+// Every event of a CUDA window as rows for profile.rs's analysis of where the device idles:
+//   D <start ns> <end ns> <linked correlation id> <name>   a kernel, copy or fill on the device
+//   H <start ns> <end ns> <thread> <correlation id> <name> an op or CUDA call on the host
+// A device event's linked id is the correlation id of the host op that launched it.
+static void write_events(prof::ProfilerResult& result, const std::string& path) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    for (const auto& e : result.events()) {
+      std::string name = e.name();
+      for (char& c : name)
+        if (c == '\t' || c == '\n') c = ' ';
+      if (e.deviceType() != c10::DeviceType::CPU) {
+        out << "D\t" << e.startNs() << '\t' << e.endNs() << '\t' << e.linkedCorrelationId()
+            << '\t' << name << '\n';
+      } else {
+        out << "H\t" << e.startNs() << '\t' << e.endNs() << '\t' << e.startThreadId() << '\t'
+            << e.correlationId() << '\t' << name << '\n';
+      }
+    }
+    if (!out) throw std::runtime_error("cannot write " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw std::runtime_error("cannot rename to " + path);
 }
 
 // Lines "ms per unit <TAB> calls per unit <TAB> device <TAB> name" under a header: on CUDA the
@@ -77,6 +104,7 @@ extern "C" int dmsae_kineto_stop(const char* path, double units, double wall_s, 
     }
     if (std::rename(tmp.c_str(), path) != 0)
       throw std::runtime_error(std::string("cannot rename to ") + path);
+    if (g_cuda) write_events(*result, std::string(path) + ".events");
     return 0;
   } catch (const std::exception& e) {
     std::snprintf(err, err_len, "%s", e.what());

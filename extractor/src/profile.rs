@@ -132,7 +132,8 @@ pub fn report() {
 
 /// `DMSAE_KINETO=PATH`: libtorch's Kineto profiler over a window of units (training steps or
 /// extraction batches; `DMSAE_KINETO_FROM`, default 10, then `DMSAE_KINETO_UNITS`, default 10),
-/// its per-kernel totals written to PATH (`csrc/kineto.cpp`). Independent of `DMSAE_PROFILE`:
+/// its per-kernel totals written to PATH (`csrc/kineto.cpp`), on CUDA followed by where the
+/// device idled (`idle`). Independent of `DMSAE_PROFILE`:
 /// without its synchronisations, the table shows the device as a run keeps it busy.
 mod kineto {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,6 +183,21 @@ mod kineto {
             .as_ref()
     }
 
+    /// Append `idle::report` of PATH.events (CUDA windows only) to the table at PATH.
+    fn add_idle(path: &str, units: f64) -> std::io::Result<()> {
+        let events = match std::fs::read_to_string(format!("{path}.events")) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            r => r?,
+        };
+        if let Some(r) = super::idle::report(&events, units) {
+            let table = std::fs::read_to_string(path)?;
+            let tmp = format!("{path}.tmp");
+            std::fs::write(&tmp, table + &r)?;
+            std::fs::rename(&tmp, path)?;
+        }
+        Ok(())
+    }
+
     fn message(err: &[u8]) -> String {
         let msg = std::ffi::CStr::from_bytes_until_nul(err).unwrap_or_default();
         msg.to_string_lossy().into_owned()
@@ -224,15 +240,208 @@ mod kineto {
                     err.len(),
                 )
             };
-            match rc {
-                0 => eprintln!(
-                    "DMSAE_KINETO: units {}..{} profiled into {}",
-                    w.from,
-                    w.from + w.units,
-                    w.path.to_string_lossy()
-                ),
-                _ => eprintln!("DMSAE_KINETO: {}", message(&err)),
+            if rc != 0 {
+                eprintln!("DMSAE_KINETO: {}", message(&err));
+                return;
             }
+            let path = w.path.to_string_lossy();
+            eprintln!(
+                "DMSAE_KINETO: units {}..{} profiled into {path}",
+                w.from,
+                w.from + w.units
+            );
+            if let Err(e) = add_idle(&path, w.units as f64) {
+                eprintln!("DMSAE_KINETO: idle analysis: {e}");
+            }
+        }
+    }
+}
+
+/// Where the device idled in a `DMSAE_KINETO` window on CUDA, from the events `csrc/kineto.cpp`
+/// writes beside its table. Each gap between the device's busy spans is keyed by the host ops
+/// whose work bounds it (after, before); each host call that waited for the device by the op
+/// that made it. A wait leaves the device idle while the host then queues the next work, so the
+/// two tables together say which waits cost what.
+mod idle {
+    use std::collections::HashMap;
+
+    struct Device<'a> {
+        start: u64,
+        end: u64,
+        linked: u64,
+        name: &'a str,
+    }
+
+    struct Host<'a> {
+        start: u64,
+        end: u64,
+        thread: u64,
+        name: &'a str,
+    }
+
+    /// CUDA runtime and driver calls, as opposed to the ops that make them.
+    fn is_call(name: &str) -> bool {
+        name.starts_with("cuda") || name.starts_with("cu") && !name.starts_with("cub")
+    }
+
+    fn is_wait(name: &str) -> bool {
+        is_call(name) && (name.contains("Synchronize") || name == "cudaMemcpy")
+    }
+
+    fn short(name: &str) -> String {
+        match name.char_indices().nth(60) {
+            Some((i, _)) => format!("{}...", &name[..i]),
+            None => name.to_string(),
+        }
+    }
+
+    /// The report for `units` units from the events file's text; None if it holds no device
+    /// event. Malformed lines are skipped (the file is the C++ side's, written whole).
+    pub(super) fn report(events: &str, units: f64) -> Option<String> {
+        let (mut dev, mut host) = (Vec::new(), Vec::new());
+        for line in events.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+            match (f.first(), f.len()) {
+                (Some(&"D"), 5) => dev.push(Device {
+                    start: num(1)?,
+                    end: num(2)?,
+                    linked: num(3)?,
+                    name: f[4],
+                }),
+                (Some(&"H"), 6) => host.push((
+                    num(4)?,
+                    Host {
+                        start: num(1)?,
+                        end: num(2)?,
+                        thread: num(3)?,
+                        name: f[5],
+                    },
+                )),
+                _ => {}
+            }
+        }
+        if dev.is_empty() {
+            return None;
+        }
+        let op_of: HashMap<u64, &str> = host
+            .iter()
+            .filter(|(_, h)| !is_call(h.name))
+            .map(|(c, h)| (*c, h.name))
+            .collect();
+        // A device event by the op that launched it (or its own name if none is known: dmsae's
+        // kernels are launched outside any op).
+        let label = |d: &Device| match op_of.get(&d.linked) {
+            Some(op) => format!("{op} ({})", short(d.name)),
+            None => short(d.name),
+        };
+        dev.sort_by_key(|d| d.start);
+        let mut gaps: HashMap<(String, String), (f64, f64)> = HashMap::new();
+        let (mut last, mut idle_ns) = (0usize, 0f64);
+        for i in 1..dev.len() {
+            if dev[i].start > dev[last].end {
+                let ns = (dev[i].start - dev[last].end) as f64;
+                idle_ns += ns;
+                let g = gaps.entry((label(&dev[last]), label(&dev[i]))).or_default();
+                *g = (g.0 + ns, g.1 + 1.0);
+            }
+            if dev[i].end > dev[last].end {
+                last = i;
+            }
+        }
+        let mut waits: HashMap<(String, String), (f64, f64)> = HashMap::new();
+        let mut waited_ns = 0f64;
+        for (_, w) in host.iter().filter(|(_, h)| is_wait(h.name)) {
+            // The innermost op around the call, on its thread.
+            let op = host
+                .iter()
+                .map(|(_, h)| h)
+                .filter(|h| !is_call(h.name) && h.thread == w.thread)
+                .filter(|h| h.start <= w.start && w.end <= h.end)
+                .min_by_key(|h| h.end - h.start)
+                .map_or("(no op)", |h| h.name);
+            let ns = (w.end - w.start) as f64;
+            waited_ns += ns;
+            let e = waits
+                .entry((op.to_string(), w.name.to_string()))
+                .or_default();
+            *e = (e.0 + ns, e.1 + 1.0);
+        }
+        let table = |rows: HashMap<(String, String), (f64, f64)>| {
+            let mut rows: Vec<_> = rows.into_iter().collect();
+            rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then(a.0.cmp(&b.0)));
+            rows.into_iter()
+                .take(20)
+                .map(|((a, b), (ns, n))| {
+                    format!("{:.3}\t{:.1}\t{a}\t{b}\n", ns / 1e6 / units, n / units)
+                })
+                .collect::<String>()
+        };
+        let n_gaps: f64 = gaps.values().map(|g| g.1).sum();
+        let n_waits: f64 = waits.values().map(|w| w.1).sum();
+        Some(format!(
+            "# device idle {:.2} ms a unit in {:.1} gaps a unit (between its first and last event)\n\
+             # idle ms/unit\tgaps/unit\tafter\tbefore\n{}\
+             # host waits for the device {:.2} ms a unit in {:.1} calls a unit\n\
+             # ms/unit\tcalls/unit\top\tcall\n{}",
+            idle_ns / 1e6 / units,
+            n_gaps / units,
+            table(gaps),
+            waited_ns / 1e6 / units,
+            n_waits / units,
+            table(waits),
+        ))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// Two units by hand: kernels k1 (by op A) and k2 (by op B) with a 3 us gap each unit,
+        /// and a kernel without a known op overlapping k1 (no gap); the host waits 5 us a unit
+        /// in cudaStreamSynchronize inside aten::nonzero (inside an outer op).
+        #[test]
+        fn gaps_and_waits_are_keyed_by_their_ops() {
+            let mut ev = String::new();
+            for u in 0..2u64 {
+                let t = u * 101_000;
+                let o = u * 10;
+                ev += &format!("H\t{}\t{}\t1\t{}\taten::A\n", t, t + 500, 1 + o);
+                ev += &format!(
+                    "H\t{}\t{}\t1\t{}\tcudaLaunchKernel\n",
+                    t + 10,
+                    t + 20,
+                    2 + o
+                );
+                ev += &format!("H\t{}\t{}\t1\t{}\taten::B\n", t + 600, t + 900, 3 + o);
+                ev += &format!("H\t{}\t{}\t1\t{}\touter\n", t + 1000, t + 9000, 4 + o);
+                ev += &format!(
+                    "H\t{}\t{}\t1\t{}\taten::nonzero\n",
+                    t + 1100,
+                    t + 8000,
+                    5 + o
+                );
+                ev += &format!(
+                    "H\t{}\t{}\t1\t0\tcudaStreamSynchronize\n",
+                    t + 2000,
+                    t + 7000
+                );
+                ev += &format!("D\t{}\t{}\t{}\tk1\n", t + 1000, t + 2000, 1 + o);
+                ev += &format!("D\t{}\t{}\t0\tmine\n", t + 1500, t + 2500,);
+                ev += &format!("D\t{}\t{}\t{}\tk2\n", t + 5500, t + 6000, 3 + o);
+            }
+            ev += "garbage line\n";
+            let r = super::report(&ev, 2.0).unwrap();
+            let lines: Vec<&str> = r.lines().collect();
+            // Per unit: 3 us after `mine`; 96 us between the units, once in 2.
+            assert!(
+                lines[0].starts_with("# device idle 0.05 ms a unit in 1.5 gaps"),
+                "{r}"
+            );
+            assert_eq!(lines[2], "0.048\t0.5\taten::B (k2)\taten::A (k1)");
+            assert_eq!(lines[3], "0.003\t1.0\tmine\taten::B (k2)");
+            assert!(lines[4].starts_with("# host waits for the device 0.01 ms a unit in 1.0"));
+            assert_eq!(lines[6], "0.005\t1.0\taten::nonzero\tcudaStreamSynchronize");
+            assert_eq!(lines.len(), 7);
+            assert!(super::report("H\t1\t2\t1\t1\taten::A\n", 1.0).is_none());
         }
     }
 }
