@@ -100,7 +100,8 @@ fi
 if want ab; then
 step "extract, bf16, with dmsae's fused kernels turned off one at a time (rates only; same tokens)"
 all_off="DMSAE_FUSED_CE=0 DMSAE_FUSED_ATTENTION=0 DMSAE_FUSED_NORM=0 DMSAE_FUSED_GEGLU=0 DMSAE_FUSED_ROPE=0"
-for off in "" $all_off "$all_off"; do
+# DMSAE_PACKS=0: the kernels read an element at a time rather than in 16-byte packs.
+for off in "" DMSAE_PACKS=0 $all_off "$all_off"; do
   echo "-- fused kernels off: ${off:-none}" | tee -a "$LOG"
   run 120 env $off "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" \
     --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-ab-${off// /-}"

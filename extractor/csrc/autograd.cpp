@@ -43,13 +43,21 @@ void launch(const std::string &kernel, const at::Tensor &like, int64_t rows, voi
   dispatch(kernel, like, grid, 32 * kRowsPerBlock, args);
 }
 
-// One thread an element (grid-stride beyond 2^16 blocks).
+// n threads (grid-stride beyond 2^16 blocks).
 template <size_t N>
 void launch_elementwise(const std::string &kernel, const at::Tensor &like, int64_t n,
                         void *(&args)[N]) {
   constexpr int64_t kThreads = 256, kMaxBlocks = 1 << 16;
   const unsigned grid = (unsigned)std::min((n + kThreads - 1) / kThreads, kMaxBlocks);
   dispatch(kernel, like, grid, (unsigned)kThreads, args);
+}
+
+// How many threads an elementwise kernel of n elements like `t` wants: one a 16-byte pack when
+// n is a whole number of packs (the kernel reads packs when every array lines up too, and
+// strides over the elements otherwise), else one an element.
+int64_t pack_threads(const at::Tensor &t, int64_t n) {
+  const int64_t w = 16 / t.element_size();
+  return n % w == 0 ? n / w : n;
 }
 
 // Where each group of the sorted indices `idx` (values in 0..n) starts, [n + 1]. A scatter of
@@ -156,7 +164,7 @@ struct Geglu : public torch::autograd::Function<Geglu> {
     long long n = gate.numel();
     int approx = tanh_approx != 0.0;
     void *args[] = {&pg, &pu, &ph, &n, &approx};
-    launch_elementwise(kernel, gate, n, args);
+    launch_elementwise(kernel, gate, pack_threads(gate, n), args);
     ctx->save_for_backward({gate, up});
     ctx->saved_data["tanh"] = tanh_approx;
     return h;
@@ -172,7 +180,7 @@ struct Geglu : public torch::autograd::Function<Geglu> {
     long long n = gate.numel();
     int approx = ctx->saved_data["tanh"].toDouble() != 0.0;
     void *args[] = {&pg, &pu, &pdh, &pdg, &pdu, &n, &approx};
-    launch_elementwise("geglu_bwd" + suffix(gate), gate, n, args);
+    launch_elementwise("geglu_bwd" + suffix(gate), gate, pack_threads(gate, n), args);
     return {d_gate, d_up, at::Tensor()};
   }
 };

@@ -30,6 +30,41 @@ __device__ __forceinline__ bf16 bf16_of(float x) {
 __device__ __forceinline__ void put(float *p, float x) { *p = x; }
 __device__ __forceinline__ void put(bf16 *p, float x) { *p = bf16_of(x); }
 
+// W elements of T moved as one access: 16 bytes (W = PACK<T>) where a row lines up, so a warp's
+// load moves 512 bytes rather than 64 (bf16) and each thread runs W times fewer dependent
+// rounds of a loop; W = 1 is the element-at-a-time fallback.
+template <typename T, int W> struct alignas(W * sizeof(T)) Pack {
+  T v[W];
+};
+template <typename T> struct PackLen {
+  static const int n = 16 / sizeof(T);
+};
+
+// Pack j of W elements: elements W * j to W * j + W - 1.
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> pack_at(const T *p, long long j) {
+  return ((const Pack<T, W> *)p)[j];
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store_pack(T *p, long long j, const Pack<T, W> &v) {
+  ((Pack<T, W> *)p)[j] = v;
+}
+
+// Whether p is aligned to `bytes` (a power of 2).
+__device__ __forceinline__ bool aligned(const void *p, unsigned bytes) {
+  return ((unsigned long long)p & (bytes - 1)) == 0;
+}
+
+// Whether rows of n elements of T from p can be read in 16-byte packs (never, compiled with
+// DMSAE_NO_PACKS: kernels.rs's DMSAE_PACKS=0, for timing one way against the other).
+template <typename T> __device__ __forceinline__ bool packs_fit(const void *p, long long n) {
+#ifdef DMSAE_NO_PACKS
+  return false;
+#endif
+  return n % PackLen<T>::n == 0 && aligned(p, 16);
+}
+
 // x as the storage type T would hold it.
 template <typename T> __device__ __forceinline__ float rnd(float x);
 template <> __device__ __forceinline__ float rnd<float>(float x) { return x; }

@@ -35,23 +35,57 @@ __device__ __forceinline__ float gelu_grad(float dy, float x, int tanh_approx) {
   return dy * (cdf + x * pdf);
 }
 
+template <typename T, int W>
+__device__ void geglu_fwd_packs(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
+  FOR_EACH_ELEMENT(j, n / W) {
+    const Pack<T, W> a = pack_at<T, W>(gate, j), b = pack_at<T, W>(up, j);
+    Pack<T, W> out;
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      const float g = rnd<T>(gelu(to_f(a.v[k]), tanh_approx));
+      put(&out.v[k], g * to_f(b.v[k]));
+    }
+    store_pack<T, W>(h, j, out);
+  }
+}
+
+template <typename T, int W>
+__device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
+                                long long n, int tanh_approx) {
+  FOR_EACH_ELEMENT(j, n / W) {
+    const Pack<T, W> a = pack_at<T, W>(gate, j), b = pack_at<T, W>(up, j),
+                     c = pack_at<T, W>(dh, j);
+    Pack<T, W> dg, du;
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      const float x = to_f(a.v[k]), dy = to_f(c.v[k]);
+      const float g = rnd<T>(gelu(x, tanh_approx));
+      put(&du.v[k], dy * g);
+      put(&dg.v[k], gelu_grad(rnd<T>(dy * to_f(b.v[k])), x, tanh_approx));
+    }
+    store_pack<T, W>(d_gate, j, dg);
+    store_pack<T, W>(d_up, j, du);
+  }
+}
+
+// In 16-byte packs where every array lines up (the launch then sizes the grid for n / W
+// threads), else an element at a time.
 template <typename T>
 __device__ void geglu_fwd(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
-  FOR_EACH_ELEMENT(i, n) {
-    const float g = rnd<T>(gelu(to_f(gate[i]), tanh_approx));
-    put(&h[i], g * to_f(up[i]));
-  }
+  if (packs_fit<T>(gate, n) && aligned(up, 16) && aligned(h, 16))
+    geglu_fwd_packs<T, PackLen<T>::n>(gate, up, h, n, tanh_approx);
+  else
+    geglu_fwd_packs<T, 1>(gate, up, h, n, tanh_approx);
 }
 
 template <typename T>
 __device__ void geglu_bwd(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
                           long long n, int tanh_approx) {
-  FOR_EACH_ELEMENT(i, n) {
-    const float x = to_f(gate[i]), dy = to_f(dh[i]);
-    const float g = rnd<T>(gelu(x, tanh_approx));
-    put(&d_up[i], dy * g);
-    put(&d_gate[i], gelu_grad(rnd<T>(dy * to_f(up[i])), x, tanh_approx));
-  }
+  if (packs_fit<T>(gate, n) && aligned(up, 16) && aligned(dh, 16) && aligned(d_gate, 16) &&
+      aligned(d_up, 16))
+    geglu_bwd_packs<T, PackLen<T>::n>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+  else
+    geglu_bwd_packs<T, 1>(gate, up, dh, d_gate, d_up, n, tanh_approx);
 }
 
 extern "C" __global__ void geglu_fwd_bf16(const bf16 *gate, const bf16 *up, bf16 *h, long long n,

@@ -7,38 +7,86 @@
 
 #include "common.cuh"
 
+// A row in packs of W (the scale too, as float32 packs).
+template <typename T, int W>
+__device__ void rms_norm_fwd_row(const T *xr, const float *scale, T *yr, float *rstd, long long d,
+                                 float eps, int lane) {
+  float ss = 0.f;
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<T, W> a = pack_at<T, W>(xr, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      const float v = to_f(a.v[k]);
+      ss += v * v;
+    }
+  }
+  const float r = rsqrtf(warp_sum(ss) / (float)d + eps);
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<T, W> a = pack_at<T, W>(xr, j);
+    const Pack<float, W> s = pack_at<float, W>(scale, j);
+    Pack<T, W> out;
+#pragma unroll
+    for (int k = 0; k < W; k++) put(&out.v[k], to_f(a.v[k]) * r * s.v[k]);
+    store_pack<T, W>(yr, j, out);
+  }
+  if (lane == 0) *rstd = r;
+}
+
+template <typename T, int W>
+__device__ void rms_norm_bwd_row(const T *xr, const float *scale, float r, const T *dyr, T *dxr,
+                                 long long d, int lane) {
+  float a = 0.f;
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<T, W> x = pack_at<T, W>(xr, j), dy = pack_at<T, W>(dyr, j);
+    const Pack<float, W> s = pack_at<float, W>(scale, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) a += to_f(dy.v[k]) * s.v[k] * to_f(x.v[k]);
+  }
+  const float c = warp_sum(a) / (float)d * r * r * r;
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<T, W> x = pack_at<T, W>(xr, j), dy = pack_at<T, W>(dyr, j);
+    const Pack<float, W> s = pack_at<float, W>(scale, j);
+    Pack<T, W> out;
+#pragma unroll
+    for (int k = 0; k < W; k++) put(&out.v[k], r * (to_f(dy.v[k]) * s.v[k]) - to_f(x.v[k]) * c);
+    store_pack<T, W>(dxr, j, out);
+  }
+}
+
+// In 16-byte packs of T when rows line up (and the scale, in packs of as many floats), else an
+// element at a time. Rows are warp-uniform, so is the choice.
+template <typename T>
+__device__ bool rows_in_packs(const T *a, const T *b, const float *scale, long long d) {
+  const int w = PackLen<T>::n;
+  return packs_fit<T>(a, d) && aligned(b, 16) && aligned(scale, w * sizeof(float));
+}
+
 template <typename T>
 __device__ void rms_norm_fwd(const T *x, const float *scale, T *y, float *rstd, long long rows,
                              long long d, float eps) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long row = warp_index();
   if (row >= rows) return;  // the whole warp: rows are warp-uniform
   const int lane = threadIdx.x & 31;
   const T *xr = x + row * d;
   T *yr = y + row * d;
-  float ss = 0.f;
-  for (long long j = lane; j < d; j += 32) {
-    const float v = to_f(xr[j]);
-    ss += v * v;
-  }
-  const float r = rsqrtf(warp_sum(ss) / (float)d + eps);
-  for (long long j = lane; j < d; j += 32) put(&yr[j], to_f(xr[j]) * r * scale[j]);
-  if (lane == 0) rstd[row] = r;
+  if (rows_in_packs(x, y, scale, d))
+    rms_norm_fwd_row<T, PackLen<T>::n>(xr, scale, yr, rstd + row, d, eps, lane);
+  else
+    rms_norm_fwd_row<T, 1>(xr, scale, yr, rstd + row, d, eps, lane);
 }
 
 template <typename T>
 __device__ void rms_norm_bwd(const T *x, const float *scale, const float *rstd, const T *dy,
                              T *dx, long long rows, long long d) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long row = warp_index();
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
   const T *xr = x + row * d, *dyr = dy + row * d;
   T *dxr = dx + row * d;
-  const float r = rstd[row];
-  float a = 0.f;
-  for (long long j = lane; j < d; j += 32) a += to_f(dyr[j]) * scale[j] * to_f(xr[j]);
-  const float c = warp_sum(a) / (float)d * r * r * r;
-  for (long long j = lane; j < d; j += 32)
-    put(&dxr[j], r * (to_f(dyr[j]) * scale[j]) - to_f(xr[j]) * c);
+  if (rows_in_packs(x, dy, scale, d) && aligned(dx, 16))
+    rms_norm_bwd_row<T, PackLen<T>::n>(xr, scale, rstd[row], dyr, dxr, d, lane);
+  else
+    rms_norm_bwd_row<T, 1>(xr, scale, rstd[row], dyr, dxr, d, lane);
 }
 
 extern "C" __global__ void rms_norm_fwd_bf16(const bf16 *x, const float *scale, bf16 *y,

@@ -21,6 +21,68 @@ __device__ __forceinline__ float capped(float s, float cap, float inv_cap, float
   return rnd<T>(*t * cap);
 }
 
+// The first pass over a row in packs of W: the MaxSum of its capped logits, z at the target into
+// *z_target, and with `keep_t` t written over each logit for the second pass.
+template <typename T, int W>
+__device__ MaxSum ce_first_pass(T *row, int v, long long target, float cap, float inv_cap,
+                                bool keep_t, float *z_target) {
+  Pack<T, W> *packs = (Pack<T, W> *)row;
+  MaxSum acc = {NEG_INF, 0.f};
+  for (int j = threadIdx.x; j < v / W; j += blockDim.x) {
+    const Pack<T, W> in = packs[j];
+    Pack<T, W> out;
+    float z[W], top = NEG_INF;
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      float t;
+      z[k] = capped<T>(to_f(in.v[k]), cap, inv_cap, &t);
+      if ((long long)j * W + k == target) *z_target = z[k];
+      top = fmaxf(top, z[k]);
+      put(&out.v[k], t);
+    }
+    // One rescale a pack rather than a comparison an element.
+    if (top > acc.m) {
+      acc.s *= expf(acc.m - top);
+      acc.m = top;
+    }
+#pragma unroll
+    for (int k = 0; k < W; k++) acc.s += expf(z[k] - acc.m);
+    if (keep_t) packs[j] = out;
+  }
+  return acc;
+}
+
+// The second pass in packs of W: each element becomes its gradient.
+template <typename T, int W>
+__device__ void ce_second_pass(T *row, int v, long long target, float w, float cap, bool keep_t,
+                               MaxSum acc, float log_sum) {
+  Pack<T, W> *packs = (Pack<T, W> *)row;
+  for (int j = threadIdx.x; j < v / W; j += blockDim.x) {
+    const Pack<T, W> in = packs[j];
+    Pack<T, W> out;
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      float z, t = 0.f;
+      if (keep_t) {
+        t = to_f(in.v[k]);
+        z = rnd<T>(t * cap);
+      } else {
+        z = to_f(in.v[k]);
+      }
+      float p = expf((z - acc.m) - log_sum) * w;
+      if ((long long)j * W + k == target) p += -w;
+      float g = rnd<T>(p);
+      if (cap > 0.f) {
+        float u = rnd<T>(g * t);
+        u = rnd<T>(u * t);
+        g = rnd<T>(g - u);
+      }
+      put(&out.v[k], g);
+    }
+    packs[j] = out;
+  }
+}
+
 // loss[row] = -log_softmax(z)[target] * has[row]; with grad, the row becomes
 // ((softmax(z) - onehot(target)) * has[row]) * (1 - t^2), each step rounded as ATen rounds it.
 template <typename T>
@@ -37,42 +99,25 @@ __device__ void softcap_ce(T *logits, const long long *targets, const float *has
 
   // With the cap and a gradient to write, the first pass leaves t (exact in T: it is rounded
   // to T) in the row for the second, which then skips the division, the tanh and two
-  // roundings an element: the kernel is bound by its arithmetic, not its bytes (18 ms a batch
-  // of 8 x 1,024 against 2 ms of traffic, H200). A vocabulary fits an int.
+  // roundings an element. A vocabulary fits an int. Element-at-a-time loads made each thread
+  // wait on 250 dependent loads a pass at Gemma's vocabulary (18 ms a batch of 8 x 1,024
+  // against 2 ms of traffic, H200); packs make that 31.
   const int v = (int)vocab;
   const bool keep_t = grad && cap > 0.f;
-  MaxSum acc = {NEG_INF, 0.f};
-  float t;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) {
-    const float z = capped<T>(to_f(row[i]), cap, inv_cap, &t);
-    if (i == target) z_target = z;
-    push(acc, z);
-    if (keep_t) put(&row[i], t);
-  }
+  const bool packed = packs_fit<T>(logits, vocab);
+  const int W = PackLen<T>::n;
+  MaxSum acc = packed ? ce_first_pass<T, W>(row, v, target, cap, inv_cap, keep_t, &z_target)
+                      : ce_first_pass<T, 1>(row, v, target, cap, inv_cap, keep_t, &z_target);
   acc = block_merge(acc);
   // log_softmax(z) = (z - m) - log(sum), as ATen forms it.
   const float log_sum = logf(acc.s);
   if (threadIdx.x == 0) loss[blockIdx.x] = -((z_target - acc.m) - log_sum) * w;
   if (!grad) return;
   // Each thread rewrites only the elements it read (and, with the cap, wrote t into) above.
-  for (int i = threadIdx.x; i < v; i += blockDim.x) {
-    float z;
-    if (keep_t) {
-      t = to_f(row[i]);
-      z = rnd<T>(t * cap);
-    } else {
-      z = to_f(row[i]);
-    }
-    float p = expf((z - acc.m) - log_sum) * w;
-    if (i == target) p += -w;
-    float g = rnd<T>(p);
-    if (cap > 0.f) {
-      float u = rnd<T>(g * t);
-      u = rnd<T>(u * t);
-      g = rnd<T>(g - u);
-    }
-    put(&row[i], g);
-  }
+  if (packed)
+    ce_second_pass<T, W>(row, v, target, w, cap, keep_t, acc, log_sum);
+  else
+    ce_second_pass<T, 1>(row, v, target, w, cap, keep_t, acc, log_sum);
 }
 
 extern "C" __global__ void softcap_ce_bf16(bf16 *logits, const long long *targets,

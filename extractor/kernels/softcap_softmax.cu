@@ -24,62 +24,140 @@ __device__ __forceinline__ float attn_score(float s, float cap, float *t) {
   return rnd<T>(*t * cap);
 }
 
+// Whether any of a pack's W positions is unmasked: a causal row's packs past the diagonal are
+// skipped whole.
+template <int W> __device__ __forceinline__ bool any_open(const Pack<unsigned char, W> &m) {
+  bool open = false;
+#pragma unroll
+  for (int k = 0; k < W; k++) open |= !m.v[k];
+  return open;
+}
+
+// A row of scores sr (mask row mr) in packs of W.
+template <typename T, int W>
+__device__ void softmax_fwd_row(const T *sr, const unsigned char *mr, T *pr, float *stats,
+                                long long t_len, float cap, int lane) {
+  MaxSum acc = {NEG_INF, 0.f};
+  for (long long j = lane; j < t_len / W; j += 32) {
+    const Pack<unsigned char, W> m = pack_at<unsigned char, W>(mr, j);
+    if (!any_open(m)) continue;
+    const Pack<T, W> a = pack_at<T, W>(sr, j);
+    float z[W], top = NEG_INF, t;
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      z[k] = m.v[k] ? NEG_INF : attn_score<T>(to_f(a.v[k]), cap, &t);
+      top = fmaxf(top, z[k]);
+    }
+    // One rescale a pack rather than a comparison an element.
+    if (top > acc.m) {
+      acc.s *= expf(acc.m - top);
+      acc.m = top;
+    }
+#pragma unroll
+    for (int k = 0; k < W; k++)
+      if (!m.v[k]) acc.s += expf(z[k] - acc.m);
+  }
+  acc = warp_merge(acc);
+  for (long long j = lane; j < t_len / W; j += 32) {
+    const Pack<unsigned char, W> m = pack_at<unsigned char, W>(mr, j);
+    Pack<T, W> out;
+    if (any_open(m)) {
+      const Pack<T, W> a = pack_at<T, W>(sr, j);
+      float t;
+#pragma unroll
+      for (int k = 0; k < W; k++)
+        put(&out.v[k],
+            m.v[k] ? 0.f : expf(attn_score<T>(to_f(a.v[k]), cap, &t) - acc.m) / acc.s);
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; k++) put(&out.v[k], 0.f);
+    }
+    store_pack<T, W>(pr, j, out);
+  }
+  if (lane == 0) {
+    stats[0] = acc.m;
+    stats[1] = acc.s;
+  }
+}
+
+template <typename T, int W>
+__device__ void softmax_bwd_row(const T *sr, const unsigned char *mr, float m, float sum,
+                                const T *dpr, T *dsr, long long t_len, float cap, int lane) {
+  float dot = 0.f;
+  for (long long j = lane; j < t_len / W; j += 32) {
+    const Pack<unsigned char, W> mk = pack_at<unsigned char, W>(mr, j);
+    if (!any_open(mk)) continue;
+    const Pack<T, W> a = pack_at<T, W>(sr, j), dp = pack_at<T, W>(dpr, j);
+    float t;
+#pragma unroll
+    for (int k = 0; k < W; k++)
+      if (!mk.v[k]) dot += expf(attn_score<T>(to_f(a.v[k]), cap, &t) - m) / sum * to_f(dp.v[k]);
+  }
+  dot = warp_sum(dot);
+  for (long long j = lane; j < t_len / W; j += 32) {
+    const Pack<unsigned char, W> mk = pack_at<unsigned char, W>(mr, j);
+    Pack<T, W> out;
+    if (any_open(mk)) {
+      const Pack<T, W> a = pack_at<T, W>(sr, j), dp = pack_at<T, W>(dpr, j);
+#pragma unroll
+      for (int k = 0; k < W; k++) {
+        float g = 0.f, t;
+        if (!mk.v[k]) {
+          const float pj = expf(attn_score<T>(to_f(a.v[k]), cap, &t) - m) / sum;
+          g = rnd<T>(pj * (to_f(dp.v[k]) - dot));
+          if (cap > 0.f) {
+            g = rnd<T>(g * cap);
+            g = rnd<T>(g * (1.f - t * t));
+          }
+        }
+        put(&out.v[k], g);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; k++) put(&out.v[k], 0.f);
+    }
+    store_pack<T, W>(dsr, j, out);
+  }
+}
+
+// Rows in 16-byte packs of T (their mask rows in packs of as many bytes) when they line up,
+// else an element at a time. Warp-uniform, as rows are.
+template <typename T>
+__device__ bool scores_in_packs(const T *a, const T *b, const unsigned char *mask,
+                                long long t_len) {
+  return packs_fit<T>(a, t_len) && aligned(b, 16) && aligned(mask, PackLen<T>::n);
+}
+
 template <typename T>
 __device__ void softcap_softmax_fwd(const T *s, const unsigned char *mask, T *p, float *stats,
                                     long long rows, long long t_len, float cap) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long row = warp_index();
   if (row >= rows) return;  // the whole warp: rows are warp-uniform
   const int lane = threadIdx.x & 31;
   const T *sr = s + row * t_len;
   T *pr = p + row * t_len;
   const unsigned char *mr = mask + (row % t_len) * t_len;
-  MaxSum acc = {NEG_INF, 0.f};
-  float t;
-  for (long long j = lane; j < t_len; j += 32) {
-    if (mr[j]) continue;
-    const float z = attn_score<T>(to_f(sr[j]), cap, &t);
-    push(acc, z);
-  }
-  acc = warp_merge(acc);
-  for (long long j = lane; j < t_len; j += 32) {
-    const float v = mr[j] ? 0.f : expf(attn_score<T>(to_f(sr[j]), cap, &t) - acc.m) / acc.s;
-    put(&pr[j], v);
-  }
-  if (lane == 0) {
-    stats[2 * row] = acc.m;
-    stats[2 * row + 1] = acc.s;
-  }
+  if (scores_in_packs(s, p, mask, t_len))
+    softmax_fwd_row<T, PackLen<T>::n>(sr, mr, pr, stats + 2 * row, t_len, cap, lane);
+  else
+    softmax_fwd_row<T, 1>(sr, mr, pr, stats + 2 * row, t_len, cap, lane);
 }
 
 template <typename T>
 __device__ void softcap_softmax_bwd(const T *s, const unsigned char *mask, const float *stats,
                                     const T *dp, T *ds, long long rows, long long t_len,
                                     float cap) {
-  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long row = warp_index();
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
   const T *sr = s + row * t_len, *dpr = dp + row * t_len;
   T *dsr = ds + row * t_len;
   const unsigned char *mr = mask + (row % t_len) * t_len;
   const float m = stats[2 * row], sum = stats[2 * row + 1];
-  float t, dot = 0.f;
-  for (long long j = lane; j < t_len; j += 32) {
-    if (mr[j]) continue;
-    dot += expf(attn_score<T>(to_f(sr[j]), cap, &t) - m) / sum * to_f(dpr[j]);
-  }
-  dot = warp_sum(dot);
-  for (long long j = lane; j < t_len; j += 32) {
-    float g = 0.f;
-    if (!mr[j]) {
-      const float pj = expf(attn_score<T>(to_f(sr[j]), cap, &t) - m) / sum;
-      g = rnd<T>(pj * (to_f(dpr[j]) - dot));
-      if (cap > 0.f) {
-        g = rnd<T>(g * cap);
-        g = rnd<T>(g * (1.f - t * t));
-      }
-    }
-    put(&dsr[j], g);
-  }
+  if (scores_in_packs(s, dp, mask, t_len) && aligned(ds, 16))
+    softmax_bwd_row<T, PackLen<T>::n>(sr, mr, m, sum, dpr, dsr, t_len, cap, lane);
+  else
+    softmax_bwd_row<T, 1>(sr, mr, m, sum, dpr, dsr, t_len, cap, lane);
 }
 
 extern "C" __global__ void softcap_softmax_fwd_bf16(const bf16 *s, const unsigned char *mask,

@@ -336,10 +336,12 @@ pub fn compile(src: &str, name: &str, arch: &str) -> Result<Vec<u8>, String> {
         CString::new(name).map_err(|e| e.to_string())?,
     );
     let (header, header_name) = (CString::new(COMMON).unwrap(), c"common.cuh");
-    let opts: Vec<CString> = [format!("--gpu-architecture={arch}"), "-std=c++17".into()]
-        .into_iter()
-        .map(|o| CString::new(o).unwrap())
-        .collect();
+    let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()];
+    // For A/B timing: element-at-a-time loads everywhere (common.cuh's `packs_fit`).
+    if std::env::var("DMSAE_PACKS").is_ok_and(|v| v == "0") {
+        opts.push("-DDMSAE_NO_PACKS".into());
+    }
+    let opts: Vec<CString> = opts.into_iter().map(|o| CString::new(o).unwrap()).collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     let check = |rc: c_int, what: &str| match rc {
         0 => Ok(()),
@@ -1071,14 +1073,21 @@ pub(crate) mod tests {
     }
 
     /// The kernel against the ATen sequence it replaces (`ce_rows`) on the same pre-cap logits:
-    /// a vocabulary that is no multiple of the block, a row without a target, targets at both
-    /// ends of the row, logits large enough to saturate the cap. Returns, per case, the
-    /// largest relative differences of the loss and of the gradient.
+    /// a vocabulary that is no multiple of the block, read in packs (1,000) and one element at
+    /// a time (1,003, no multiple of a pack), a row without a target, targets at both ends of
+    /// the row, logits large enough to saturate the cap.
     fn kernel_against_aten(device: Device, threads: u32) {
-        let (rows, vocab) = (7i64, 1000i64);
+        for vocab in [1000, 1003] {
+            kernel_against_aten_at(device, threads, vocab);
+        }
+    }
+
+    fn kernel_against_aten_at(device: Device, threads: u32, vocab: i64) {
+        let rows = 7i64;
         tch::manual_seed(3);
         let z32 = Tensor::randn([rows, vocab], (Kind::Float, device)) * 20.0;
-        let targets = Tensor::from_slice(&[0i64, 999, 5, 517, 998, 1, 42]).to_device(device);
+        let last = vocab - 1;
+        let targets = Tensor::from_slice(&[0i64, last, 5, 517, last - 1, 1, 42]).to_device(device);
         let has = Tensor::from_slice(&[1f32, 1., 1., 0., 1., 1., 1.]).to_device(device);
         // (dtype, cap, loss bound, gradient bound). A cap of 32 has an exact float reciprocal,
         // so the CPU ATen sequence (a true division) rounds as the kernel (a multiply by the
@@ -1098,7 +1107,9 @@ pub(crate) mod tests {
             let (loss, g) = kernel_ce(&z, &targets, &has, cap, true, threads);
             let (loss_only, untouched) = kernel_ce(&z, &targets, &has, cap, false, threads);
             let (dl, dg) = (rel_max(&loss, &want_loss), rel_max(&g, &want_g));
-            eprintln!("{kind:?} cap {cap:?} on {device:?}: loss {dl:.2e}, gradient {dg:.2e}");
+            eprintln!(
+                "{kind:?} cap {cap:?} vocab {vocab} on {device:?}: loss {dl:.2e}, gradient {dg:.2e}"
+            );
             assert!(
                 dl <= loss_tol,
                 "{kind:?} cap {cap:?}: loss differs by {dl:e}"
@@ -1134,14 +1145,20 @@ pub(crate) mod tests {
 
     /// The fused attention softmax against the ATen chain it replaces (models/common.rs), forward
     /// and backward through autograd: GQA-shaped scores [B, KV, G, T, T] with T = 19 (no
-    /// multiple of a warp or of a block's rows), a causal and a sliding-window mask, soft-cap or
+    /// multiple of a warp, of a block's rows or of a pack: an element at a time) and T = 40 (in
+    /// 16-byte packs, some wholly masked), a causal and a sliding-window mask, soft-cap or
     /// none, bf16 and float32. In bf16 both chains round five times on the way back, and CUDA's
     /// exp and sums differ from ours in the last float bit, which can flip a rounding: so each is
     /// measured against the exact function (float64 on the same bf16 inputs), and the kernel
     /// must be no further from it than ATen is, give or take one bf16 rounding (2^-8), and
     /// within two ulps of ATen's result.
     fn attention_against_aten(device: Device) {
-        let t = 19i64;
+        for t in [19, 40] {
+            attention_against_aten_at(device, t);
+        }
+    }
+
+    fn attention_against_aten_at(device: Device, t: i64) {
         tch::manual_seed(5);
         let s32 = Tensor::randn([2, 2, 2, t, t], (Kind::Float, device)) * 2.0;
         let r32 = Tensor::randn([2, 2, 2, t, t], (Kind::Float, device));
@@ -1152,7 +1169,7 @@ pub(crate) mod tests {
         for kind in [Kind::BFloat16, Kind::Float] {
             for cap in [Some(50.0), None] {
                 for (mask, which) in [(&causal, "causal"), (&sliding, "sliding")] {
-                    let case = format!("{kind:?} cap {cap:?} {which} on {device:?}");
+                    let case = format!("{kind:?} cap {cap:?} {which} T {t} on {device:?}");
                     // fused, ATen in `kind`, or ATen in float64 on the same (rounded) inputs.
                     let run = |fused: bool, k: Kind| {
                         let s = s32.to_kind(kind).to_kind(k).set_requires_grad(true);
@@ -1243,16 +1260,23 @@ pub(crate) mod tests {
     }
 
     /// The fused RMSNorm against the ATen chain it replaces (models/common.rs: cast to float32,
-    /// rms_norm, cast back), forward and backward through autograd, on [3, 7, 77]: rows no
-    /// multiple of a block's 8, a width no multiple of a warp.
+    /// rms_norm, cast back), forward and backward through autograd, on [3, 7, d]: rows no
+    /// multiple of a block's 8; d 77, no multiple of a warp or a pack (an element at a time),
+    /// and d 320, more 16-byte packs than a warp has lanes.
     fn rms_norm_against_aten(device: Device) {
+        for d in [77, 320] {
+            rms_norm_against_aten_at(device, d);
+        }
+    }
+
+    fn rms_norm_against_aten_at(device: Device, d: i64) {
         tch::manual_seed(7);
-        let x32 = Tensor::randn([3, 7, 77], (Kind::Float, device)) * 3.0;
-        let r32 = Tensor::randn([3, 7, 77], (Kind::Float, device));
-        let scale = Tensor::randn([77], (Kind::Float, device)) * 0.5 + 1.0;
+        let x32 = Tensor::randn([3, 7, d], (Kind::Float, device)) * 3.0;
+        let r32 = Tensor::randn([3, 7, d], (Kind::Float, device));
+        let scale = Tensor::randn([d], (Kind::Float, device)) * 0.5 + 1.0;
         let eps = 1e-6;
         for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
-            let case = format!("{kind:?} on {device:?}");
+            let case = format!("{kind:?} d {d} on {device:?}");
             let r = r32.to_kind(kind);
             let run = |fused: bool| {
                 let x = x32.to_kind(kind).set_requires_grad(true);
@@ -1260,7 +1284,7 @@ pub(crate) mod tests {
                     true => rms_norm(&x, &scale, eps).unwrap(),
                     false => x
                         .to_kind(Kind::Float)
-                        .rms_norm([77], Some(&scale), eps)
+                        .rms_norm([d], Some(&scale), eps)
                         .to_kind(kind),
                 };
                 let g = Tensor::run_backward(&[(&y * &r).sum(Kind::Float)], &[&x], false, false);
@@ -1276,17 +1300,24 @@ pub(crate) mod tests {
     }
 
     /// The fused GeGLU against ATen's gelu and multiply, forward and backward through autograd,
-    /// both gelu forms, on 1,000 elements (no multiple of a block).
+    /// both gelu forms, on 1,000 elements (no multiple of a block; read in 16-byte packs) and on
+    /// 1,001 (no multiple of a pack: an element at a time).
     fn geglu_against_aten(device: Device) {
+        for shape in [[8, 125], [7, 143]] {
+            geglu_against_aten_on(device, shape);
+        }
+    }
+
+    fn geglu_against_aten_on(device: Device, shape: [i64; 2]) {
         tch::manual_seed(9);
         let (g32, u32_, r32) = (
-            Tensor::randn([8, 125], (Kind::Float, device)) * 2.0,
-            Tensor::randn([8, 125], (Kind::Float, device)),
-            Tensor::randn([8, 125], (Kind::Float, device)),
+            Tensor::randn(shape, (Kind::Float, device)) * 2.0,
+            Tensor::randn(shape, (Kind::Float, device)),
+            Tensor::randn(shape, (Kind::Float, device)),
         );
         for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
             for tanh in [true, false] {
-                let case = format!("{kind:?} tanh {tanh} on {device:?}");
+                let case = format!("{kind:?} tanh {tanh} {shape:?} on {device:?}");
                 let r = r32.to_kind(kind);
                 let run = |fused: bool| {
                     let gate = g32.to_kind(kind).set_requires_grad(true);
