@@ -185,15 +185,17 @@ struct Geglu : public torch::autograd::Function<Geglu> {
   }
 };
 
+// RoPE from [B, T, heads, Dh] to [B, heads, T, Dh] (rope.cu), and back for the gradient.
 struct Rope : public torch::autograd::Function<Rope> {
-  static void run(const std::string &kernel, const at::Tensor &in, const at::Tensor &cs,
-                  at::Tensor &out, double pre) {
+  // `x` the tokens-first tensor (or one shaped as it) giving the sizes.
+  static void run(const std::string &kernel, const at::Tensor &x, const at::Tensor &in,
+                  const at::Tensor &cs, at::Tensor &out, double pre) {
     void *pi = in.data_ptr(), *pc = cs.data_ptr(), *po = out.data_ptr();
-    long long n = in.numel(), dh = in.size(3), heads = in.size(2), t = in.size(1);
+    long long n = x.numel(), dh = x.size(3), heads = x.size(2), t = x.size(1);
     float p = (float)pre;
     void *args[] = {&pi, &pc, &po, &n, &dh, &heads, &t, &p};
     // A block a token, a thread a column pair (rope.cu), in whole warps.
-    const int64_t tokens = in.size(0) * in.size(1);
+    const int64_t tokens = x.size(0) * x.size(1);
     const unsigned threads = (unsigned)std::min<int64_t>(128, (dh / 2 + 31) / 32 * 32);
     if (tokens > 0)
       dispatch(kernel + suffix(in), in, (unsigned)std::min<int64_t>(tokens, 1 << 16), threads, args);
@@ -207,8 +209,8 @@ struct Rope : public torch::autograd::Function<Rope> {
                     cs.size(1) == x.size(1) && cs.size(2) == x.size(3) &&
                     cs.scalar_type() == x.scalar_type() && cs.device() == x.device(),
                 "rope: cos and sin must be stacked as [2, T, Dh] beside x, in its dtype");
-    auto out = at::empty_like(x);
-    run("rope_fwd", x, cs, out, pre);
+    auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options());
+    run("rope_fwd", x, x, cs, out, pre);
     ctx->save_for_backward({cs});
     ctx->saved_data["pre"] = pre;
     return out;
@@ -217,8 +219,8 @@ struct Rope : public torch::autograd::Function<Rope> {
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const at::Tensor cs = ctx->get_saved_variables()[0];
     const at::Tensor dout = grads[0].to(cs.scalar_type()).contiguous();
-    auto dx = at::empty_like(dout);
-    run("rope_bwd", dout, cs, dx, ctx->saved_data["pre"].toDouble());
+    auto dx = at::empty({dout.size(0), dout.size(2), dout.size(1), dout.size(3)}, dout.options());
+    run("rope_bwd", dx, dout, cs, dx, ctx->saved_data["pre"].toDouble());
     return {dx, at::Tensor(), at::Tensor()};
   }
 };

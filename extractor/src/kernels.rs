@@ -977,8 +977,8 @@ pub fn geglu(gate: &Tensor, up: &Tensor, tanh: bool) -> Result<Tensor, String> {
 
 /// Rotary embedding of `x` [B, T, heads, Dh] (contiguous, bf16 or float32) with `cs` = cos and
 /// sin stacked [2, T, Dh] in x's dtype, times `pre` (1: none), each step rounded as
-/// `apply_rope` and the scaling round it; differentiable in x (kernels/rope.cu through
-/// csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
+/// `apply_rope` and the scaling round it, as [B, heads, T, Dh] contiguous; differentiable in x
+/// (kernels/rope.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
 pub fn rope(x: &Tensor, cs: &Tensor, pre: f64) -> Result<Tensor, String> {
     autograd_op(dmsae_rope, x, cs, pre)
 }
@@ -1383,7 +1383,7 @@ pub(crate) mod tests {
                 let run = |fused: bool| {
                     let x = x32.to_kind(kind).set_requires_grad(true);
                     let y = match fused {
-                        true => rope(&x, &cs, pre).unwrap().transpose(1, 2),
+                        true => rope(&x, &cs, pre).unwrap(),
                         false => {
                             let y = apply_rope(&x.transpose(1, 2), &cos, &sin).unwrap();
                             if pre == 1.0 {
@@ -1405,6 +1405,7 @@ pub(crate) mod tests {
                     "{case}: differs by {dy:e}, {ddx:e}"
                 );
                 assert_eq!((y.kind(), dx.kind()), (kind, kind), "{case}");
+                assert!(y.is_contiguous(), "{case}: not written heads first");
             }
         }
     }

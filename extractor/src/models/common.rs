@@ -205,7 +205,8 @@ impl Attention {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         // Heads split as [B, T, n, Dh], contiguous: the norms and RoPE are per (token, head),
-        // and the fused ones want rows; attention transposes to [B, n, T, Dh] after.
+        // and the fused ones want rows; attention wants [B, n, T, Dh], which the fused RoPE
+        // writes.
         let split = |y: Tensor, n: i64| y.f_view([b, t, n, hd]);
         let mut q = split(self.q_proj.forward(x)?, h)?;
         let mut k = split(self.k_proj.forward(x)?, kv)?;
@@ -222,10 +223,7 @@ impl Attention {
             true => {
                 let cs = &ctx.cos_sin[lt as usize];
                 let rope = |y: &Tensor, pre: f64| kernels::rope(y, cs, pre).map_err(Error::Kernel);
-                (
-                    rope(&q, pre)?.f_transpose(1, 2)?,
-                    rope(&k, 1.0)?.f_transpose(1, 2)?,
-                )
+                (rope(&q, pre)?, rope(&k, 1.0)?)
             }
             false => {
                 let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
@@ -236,11 +234,15 @@ impl Attention {
                 )
             }
         };
-        // GQA by broadcasting each KV head over its group of query heads (no repeat_kv copy).
-        let q = q.f_view([b, kv, h / kv, t, hd])?;
-        let k = k.f_unsqueeze(2)?;
-        let v = v.f_unsqueeze(2)?;
-        let mut s = q.f_matmul(&k.f_transpose(-1, -2)?)?;
+        // GQA as one product per KV head: its group's query heads, contiguous [B, H, T, Dh],
+        // are the rows of one [G T, Dh] matrix. (A KV head broadcast over its group made matmul
+        // copy q, k and v, G copies of each KV head, and sum G gradients back.)
+        let g = h / kv;
+        let q = q.f_contiguous()?.f_view([b, kv, g * t, hd])?;
+        let k = k.f_contiguous()?;
+        let mut s = q
+            .f_matmul(&k.f_transpose(-1, -2)?)?
+            .f_view([b, kv, g, t, t])?;
         let mask = &ctx.mask[lt as usize];
         // Not for float32 on CUDA: there the kernel's capped score gradient came out 3.05e-5
         // from float64 where ATen's was 4.44e-6 (H200, the kernel test), a gap not yet
@@ -266,10 +268,12 @@ impl Attention {
         self.attend(&p, &v, b, t)
     }
 
-    /// The output projection of the probabilities `p` applied to `v`.
+    /// The output projection of the probabilities `p` [B, KV, G, T, T] applied to `v`
+    /// [B, KV, T, Dh].
     fn attend(&self, p: &Tensor, v: &Tensor, b: i64, t: i64) -> Result<Tensor> {
-        let (h, hd) = (self.heads, self.head_dim);
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let o = p
+            .f_reshape([b, kv, -1, t])?
             .f_matmul(v)?
             .f_view([b, h, t, hd])?
             .f_transpose(1, 2)?
