@@ -163,8 +163,9 @@ def main():
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     ap.add_argument("--kernels-ab", action="store_true",
                     help="also time dmsae with each of its trainer kernels off in turn "
-                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS = 0), all four off, and with "
-                         "bf16 Adam moments (adam_bf16_moments = true); CUDA")
+                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS = 0), all four off, the "
+                         "kernels without 16-byte packs (DMSAE_PACKS=0), and with bf16 Adam moments "
+                         "(adam_bf16_moments = true); CUDA")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -210,6 +211,7 @@ def main():
                 ("dmsae train, ATen Matryoshka loss (DMSAE_FUSED_LOSS=0)", "",
                  {"DMSAE_FUSED_LOSS": "0"}),
                 ("dmsae train, all four off", "", off),
+                ("dmsae train, no 16-byte packs (DMSAE_PACKS=0)", "", {"DMSAE_PACKS": "0"}),
                 ("dmsae train, bf16 Adam moments (adam_bf16_moments = true)",
                  "adam_bf16_moments = true\n", None),
             ):

@@ -7,6 +7,8 @@
 // (the clip needs the norm of the projected gradient before any row is updated).
 // decoder_adam, one warp a row: g = (g_r - dot_r w_r) / div, Adam, then w_r / ||w_r||.
 // adam_flat, grid-stride: Adam on the other parameters.
+// Each moves 16-byte packs (4 floats; bf16 moments 4 at a time) where its rows line up, an
+// element at a time otherwise.
 //
 // Adam is torch's (fused, ORIGINAL mode, no weight decay) in float32: m = b1 m + (1 - b1) g,
 // v = b2 v + (1 - b2) g^2, p -= step_size m / (sqrt(v) / bc2_sqrt + eps). The moments are
@@ -52,15 +54,64 @@ __device__ __forceinline__ void store_moment(bf16 *p, float x, unsigned bits) {
   *p = bf16_stochastic(x, bits);
 }
 
-// Adam on element i (g already divided): the new parameter value; updates both moments.
+// Adam on pack j of the moments m and v, elements W j to W j + W - 1 (g already divided): the
+// parameters' new values; updates both moments. `base` + W j + k is element k's index in its
+// parameter, which seeds its rounding bits: each element's arithmetic and bits are the same
+// whatever W.
+template <typename M, int W>
+__device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
+                                                    const Pack<float, W> &g, M *m, M *v,
+                                                    long long j, long long base,
+                                                    const AdamArgs &a) {
+  Pack<M, W> mp = pack_at<M, W>(m, j), vp = pack_at<M, W>(v, j);
+  Pack<float, W> out;
+#pragma unroll
+  for (int k = 0; k < W; k++) {
+    const long long i = base + j * W + k;
+    const float gk = g.v[k];
+    const float mi = a.beta1 * to_f(mp.v[k]) + (1.f - a.beta1) * gk;
+    const float vi = a.beta2 * to_f(vp.v[k]) + (1.f - a.beta2) * gk * gk;
+    store_moment(&mp.v[k], mi, mix(a.seed, 2 * i));
+    store_moment(&vp.v[k], vi, mix(a.seed, 2 * i + 1));
+    out.v[k] = p.v[k] - a.step_size * mi / (sqrtf(vi) / a.bc2_sqrt + a.eps);
+  }
+  store_pack<M, W>(m, j, mp);
+  store_pack<M, W>(v, j, vp);
+  return out;
+}
+
+// Whether a row (or array) of n floats with moments of M goes in packs of 4.
 template <typename M>
-__device__ __forceinline__ float adam_step(float p, float g, M *m, M *v, long long i,
-                                           const AdamArgs &a) {
-  const float mi = a.beta1 * to_f(m[i]) + (1.f - a.beta1) * g;
-  const float vi = a.beta2 * to_f(v[i]) + (1.f - a.beta2) * g * g;
-  store_moment(&m[i], mi, mix(a.seed, 2 * i));
-  store_moment(&v[i], vi, mix(a.seed, 2 * i + 1));
-  return p - a.step_size * mi / (sqrtf(vi) / a.bc2_sqrt + a.eps);
+__device__ __forceinline__ bool adam_packs(const float *w, const float *g, const M *m,
+                                           const M *v, long long n) {
+  return packs_fit<float>(w, n) && aligned(g, 16) && aligned(m, 4 * sizeof(M)) &&
+         aligned(v, 4 * sizeof(M));
+}
+
+template <int W>
+__device__ void grad_stats_row(const float *gr, const float *wr, long long d, int lane,
+                               float *dot, float *sq) {
+  float s = 0.f;
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<float, W> g = pack_at<float, W>(gr, j), w = pack_at<float, W>(wr, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) s += g.v[k] * w.v[k];
+  }
+  const float c = warp_sum(s);
+  float q = 0.f;
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<float, W> g = pack_at<float, W>(gr, j), w = pack_at<float, W>(wr, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+      const float e = g.v[k] - c * w.v[k];
+      q += e * e;
+    }
+  }
+  q = warp_sum(q);
+  if (lane == 0) {
+    *dot = c;
+    *sq = q;
+  }
 }
 
 extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, float *dot,
@@ -69,18 +120,33 @@ extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, fl
   if (row >= rows) return;  // the whole warp
   const int lane = threadIdx.x & 31;
   const float *gr = g + row * d, *wr = w + row * d;
-  float s = 0.f;
-  for (long long j = lane; j < d; j += 32) s += gr[j] * wr[j];
-  const float c = warp_sum(s);
-  float q = 0.f;
-  for (long long j = lane; j < d; j += 32) {
-    const float e = gr[j] - c * wr[j];
-    q += e * e;
+  if (packs_fit<float>(g, d) && aligned(w, 16))
+    grad_stats_row<4>(gr, wr, d, lane, dot + row, sq + row);
+  else
+    grad_stats_row<1>(gr, wr, d, lane, dot + row, sq + row);
+}
+
+template <typename M, int W>
+__device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, float c, long long at,
+                                 long long d, int lane, const AdamArgs &a, float inv_div) {
+  float ss = 0.f;
+  for (long long j = lane; j < d / W; j += 32) {
+    const Pack<float, W> w = pack_at<float, W>(wr, j), g = pack_at<float, W>(gr, j);
+    Pack<float, W> gd;
+#pragma unroll
+    for (int k = 0; k < W; k++) gd.v[k] = (g.v[k] - c * w.v[k]) * inv_div;
+    const Pack<float, W> p = adam_pack<M, W>(w, gd, mr, vr, j, at, a);
+    store_pack<float, W>(wr, j, p);
+#pragma unroll
+    for (int k = 0; k < W; k++) ss += p.v[k] * p.v[k];
   }
-  q = warp_sum(q);
-  if (lane == 0) {
-    dot[row] = c;
-    sq[row] = q;
+  // Each lane rescales what it wrote itself, so no barrier is needed between the passes.
+  const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+  for (long long j = lane; j < d / W; j += 32) {
+    Pack<float, W> w = pack_at<float, W>(wr, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) w.v[k] *= inv;
+    store_pack<float, W>(wr, j, w);
   }
 }
 
@@ -92,22 +158,29 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
   const int lane = threadIdx.x & 31;
   const long long at = row * d;
   const float c = dot[row], inv_div = *a.inv_div;
-  float ss = 0.f;
-  for (long long j = lane; j < d; j += 32) {
-    const float wj = w[at + j];
-    const float p = adam_step(wj, (g[at + j] - c * wj) * inv_div, m, v, at + j, a);
-    w[at + j] = p;
-    ss += p * p;
+  if (adam_packs(w, g, m, v, d))
+    decoder_adam_row<M, 4>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
+  else
+    decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
+}
+
+template <typename M, int W>
+__device__ void adam_flat_packs(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
+  const float inv_div = *a.inv_div;
+  FOR_EACH_ELEMENT(j, n / W) {
+    Pack<float, W> gd = pack_at<float, W>(g, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) gd.v[k] *= inv_div;
+    store_pack<float, W>(p, j, adam_pack<M, W>(pack_at<float, W>(p, j), gd, m, v, j, 0, a));
   }
-  // Each lane rescales what it wrote itself, so no barrier is needed between the passes.
-  const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
-  for (long long j = lane; j < d; j += 32) w[at + j] *= inv;
 }
 
 template <typename M>
 __device__ void adam_flat(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
-  const float inv_div = *a.inv_div;
-  FOR_EACH_ELEMENT(i, n) { p[i] = adam_step(p[i], g[i] * inv_div, m, v, i, a); }
+  if (adam_packs(p, g, m, v, n))
+    adam_flat_packs<M, 4>(p, g, m, v, n, a);
+  else
+    adam_flat_packs<M, 1>(p, g, m, v, n, a);
 }
 
 extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,

@@ -1724,10 +1724,17 @@ mod tests {
     }
 
     fn fused_update_against_aten(device: Device) {
+        // d 40 in 16-byte packs, 42 an element at a time, 136 more packs than a warp's lanes.
+        for d in [40, 42, 136] {
+            fused_update_against_aten_at(device, d);
+        }
+    }
+
+    fn fused_update_against_aten_at(device: Device, d: usize) {
         let cfg = small_cfg(2);
         let new = || {
             Trainer::new(
-                Sae::new(40, None, &cfg, Kind::Float, device).unwrap(),
+                Sae::new(d, None, &cfg, Kind::Float, device).unwrap(),
                 cfg.clone(),
                 false,
             )
