@@ -125,10 +125,11 @@ fn host_bytes(t: &Tensor) -> &[u8] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
 }
 
-/// `t` on the host, page-locked where it can be; else pageable (slower, the same bytes), and
-/// stderr says why, once.
+/// `t`'s copy to the host, page-locked and only queued where it can be (`to_host_queued`: read
+/// it after a blocking read from the device); else pageable and waited for (slower, the same
+/// bytes), and stderr says why, once.
 fn to_host(t: &Tensor) -> Result<Tensor> {
-    crate::kernels::to_host(t).or_else(|e| {
+    crate::kernels::to_host_queued(t).or_else(|e| {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {
             eprintln!(
@@ -139,8 +140,9 @@ fn to_host(t: &Tensor) -> Result<Tensor> {
     })
 }
 
-fn all_finite(t: &Tensor) -> Result<bool> {
-    Ok(bool::try_from(t.f_isfinite()?.f_all()?)?)
+/// Whether every entry of `t` is finite, as a bool on t's device.
+fn all_finite(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_isfinite()?.f_all()?)
 }
 
 /// The phases of a batch under `DMSAE_PROFILE`: layers 0..=L without a graph, the layers
@@ -325,25 +327,25 @@ fn compute_batch(
         let x = Tensor::f_from_slice(&flat)?.f_view([which.len() as i64, t as i64])?;
         let mut laps = Laps::start(model.device());
         let out = model.forward_layer_timed(&x, o.layer, sel, &mut laps)?;
-        if !all_finite(&out.resid)? {
-            return Err(Error::NonFinite("acts".into()));
-        }
+        let mut checks = vec![("acts", all_finite(&out.resid)?)];
         if let Some(g) = &out.grad {
-            if !all_finite(g)? {
-                return Err(Error::NonFinite("grads".into()));
-            }
+            checks.push(("grads", all_finite(g)?));
         }
-        if !all_finite(&out.loss.f_narrow(1, 0, t as i64 - 1)?)? {
-            return Err(Error::NonFinite("loss".into()));
-        }
+        checks.push(("loss", all_finite(&out.loss.f_narrow(1, 0, t as i64 - 1)?)?));
         laps.lap(4);
-        // Copied out here, on the model's stream, where the checks have just waited for the
-        // batch: from the writer's thread the copy queued behind batch n+1's kernels.
+        // Copied out here, on the model's stream (from the writer's thread the copy queued
+        // behind batch n+1's kernels), and only queued: the checks' one read below waits for
+        // the copies too, so the batch costs the host one wait for the device, not six.
         let out = crate::LayerOutput {
             resid: to_host(&out.resid)?,
             grad: out.grad.as_ref().map(to_host).transpose()?,
             loss: to_host(&out.loss)?,
         };
+        let flags = Tensor::f_stack(&checks.iter().map(|(_, f)| f).collect::<Vec<_>>(), 0)?;
+        let finite = Vec::<bool>::try_from(flags.f_to_device(tch::Device::Cpu)?)?;
+        if let Some((what, _)) = checks.iter().zip(&finite).find(|(_, ok)| !**ok) {
+            return Err(Error::NonFinite(what.0.into()));
+        }
         laps.lap(5);
         Ok(Some((which, out)))
     };

@@ -832,6 +832,7 @@ extern "C" {
     ) -> c_int;
     fn dmsae_to_host_pinned(
         t: *mut torch_sys::C_tensor,
+        wait: c_int,
         out: *mut *mut torch_sys::C_tensor,
         err: *mut c_char,
         err_len: usize,
@@ -880,14 +881,18 @@ pub fn matryoshka_l2(x: &Tensor, b_dec: &Tensor, parts: &Tensor) -> Result<Tenso
     })
 }
 
-/// A CUDA tensor copied to page-locked host memory (csrc/autograd.cpp), after the work queued
-/// before it on this thread's stream; a CPU tensor as it is, made contiguous.
-pub fn to_host(t: &Tensor) -> Result<Tensor, String> {
+/// A CUDA tensor's copy to page-locked host memory (csrc/autograd.cpp), queued after the work
+/// before it on this thread's stream and not waited for: its bytes are there once a later
+/// blocking read from the device on this stream has returned. A CPU tensor as it is, made
+/// contiguous.
+pub fn to_host_queued(t: &Tensor) -> Result<Tensor, String> {
     if t.device() == tch::Device::Cpu {
         return t.f_contiguous().map_err(|e| e.to_string());
     }
     // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe { dmsae_to_host_pinned(t.as_ptr() as *mut _, out, err, len) })
+    new_tensor(|out, err, len| unsafe {
+        dmsae_to_host_pinned(t.as_ptr() as *mut _, 0, out, err, len)
+    })
 }
 
 /// A host tensor in page-locked memory, ready for a non-blocking upload (needs CUDA loaded).
