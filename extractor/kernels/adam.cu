@@ -80,12 +80,15 @@ __device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
   return out;
 }
 
-// Whether a row (or array) of n floats with moments of M goes in packs of 4.
+// Floats a 16-byte pack holds.
+static const int kFloatPack = PackLen<float>::n;
+
+// Whether a row (or array) of n floats with moments of M goes in packs of kFloatPack.
 template <typename M>
 __device__ __forceinline__ bool adam_packs(const float *w, const float *g, const M *m,
                                            const M *v, long long n) {
-  return packs_fit<float>(w, n) && aligned(g, 16) && aligned(m, 4 * sizeof(M)) &&
-         aligned(v, 4 * sizeof(M));
+  return packs_fit<float>(w, n) && aligned(g, 16) && aligned(m, kFloatPack * sizeof(M)) &&
+         aligned(v, kFloatPack * sizeof(M));
 }
 
 template <int W>
@@ -121,7 +124,7 @@ extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, fl
   const int lane = threadIdx.x & 31;
   const float *gr = g + row * d, *wr = w + row * d;
   if (packs_fit<float>(g, d) && aligned(w, 16))
-    grad_stats_row<4>(gr, wr, d, lane, dot + row, sq + row);
+    grad_stats_row<kFloatPack>(gr, wr, d, lane, dot + row, sq + row);
   else
     grad_stats_row<1>(gr, wr, d, lane, dot + row, sq + row);
 }
@@ -159,7 +162,7 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
   const long long at = row * d;
   const float c = dot[row], inv_div = *a.inv_div;
   if (adam_packs(w, g, m, v, d))
-    decoder_adam_row<M, 4>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
+    decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
   else
     decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
 }
@@ -178,7 +181,7 @@ __device__ void adam_flat_packs(float *p, const float *g, M *m, M *v, long long 
 template <typename M>
 __device__ void adam_flat(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
   if (adam_packs(p, g, m, v, n))
-    adam_flat_packs<M, 4>(p, g, m, v, n, a);
+    adam_flat_packs<M, kFloatPack>(p, g, m, v, n, a);
   else
     adam_flat_packs<M, 1>(p, g, m, v, n, a);
 }

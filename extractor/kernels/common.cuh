@@ -75,14 +75,18 @@ struct MaxSum {
   float m, s;
 };
 
-// acc with one more value z.
-__device__ __forceinline__ void push(MaxSum &acc, float z) {
-  if (z > acc.m) {
-    acc.s = acc.s * expf(acc.m - z) + 1.f;
-    acc.m = z;
-  } else {
-    acc.s += expf(z - acc.m);
+// acc with W more values z: one rescale to their largest rather than a comparison a value. A
+// masked value given as -inf adds exactly 0 beside any finite one.
+template <int W> __device__ __forceinline__ void push(MaxSum &acc, const float (&z)[W]) {
+  float top = NEG_INF;
+#pragma unroll
+  for (int k = 0; k < W; k++) top = fmaxf(top, z[k]);
+  if (top > acc.m) {
+    acc.s *= expf(acc.m - top);
+    acc.m = top;
   }
+#pragma unroll
+  for (int k = 0; k < W; k++) acc.s += expf(z[k] - acc.m);
 }
 
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {

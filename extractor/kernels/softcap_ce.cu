@@ -31,22 +31,15 @@ __device__ MaxSum ce_first_pass(T *row, int v, long long target, float cap, floa
   for (int j = threadIdx.x; j < v / W; j += blockDim.x) {
     const Pack<T, W> in = packs[j];
     Pack<T, W> out;
-    float z[W], top = NEG_INF;
+    float z[W];
 #pragma unroll
     for (int k = 0; k < W; k++) {
       float t;
       z[k] = capped<T>(to_f(in.v[k]), cap, inv_cap, &t);
       if ((long long)j * W + k == target) *z_target = z[k];
-      top = fmaxf(top, z[k]);
       put(&out.v[k], t);
     }
-    // One rescale a pack rather than a comparison an element.
-    if (top > acc.m) {
-      acc.s *= expf(acc.m - top);
-      acc.m = top;
-    }
-#pragma unroll
-    for (int k = 0; k < W; k++) acc.s += expf(z[k] - acc.m);
+    push(acc, z);
     if (keep_t) packs[j] = out;
   }
   return acc;

@@ -42,20 +42,10 @@ __device__ void softmax_fwd_row(const T *sr, const unsigned char *mr, T *pr, flo
     const Pack<unsigned char, W> m = pack_at<unsigned char, W>(mr, j);
     if (!any_open(m)) continue;
     const Pack<T, W> a = pack_at<T, W>(sr, j);
-    float z[W], top = NEG_INF, t;
+    float z[W], t;
 #pragma unroll
-    for (int k = 0; k < W; k++) {
-      z[k] = m.v[k] ? NEG_INF : attn_score<T>(to_f(a.v[k]), cap, &t);
-      top = fmaxf(top, z[k]);
-    }
-    // One rescale a pack rather than a comparison an element.
-    if (top > acc.m) {
-      acc.s *= expf(acc.m - top);
-      acc.m = top;
-    }
-#pragma unroll
-    for (int k = 0; k < W; k++)
-      if (!m.v[k]) acc.s += expf(z[k] - acc.m);
+    for (int k = 0; k < W; k++) z[k] = m.v[k] ? NEG_INF : attn_score<T>(to_f(a.v[k]), cap, &t);
+    push(acc, z);
   }
   acc = warp_merge(acc);
   for (long long j = lane; j < t_len / W; j += 32) {

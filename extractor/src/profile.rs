@@ -281,7 +281,7 @@ mod idle {
 
     /// CUDA runtime and driver calls, as opposed to the ops that make them.
     fn is_call(name: &str) -> bool {
-        name.starts_with("cuda") || name.starts_with("cu") && !name.starts_with("cub")
+        name.starts_with("cu") && !name.starts_with("cub")
     }
 
     fn is_wait(name: &str) -> bool {

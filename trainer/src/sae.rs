@@ -654,7 +654,7 @@ impl Trainer {
             v,
         };
         // Not 0 when dead_tokens is 0.
-        t.n_dead = t.count_dead().int64_value(&[]);
+        t.recount_dead();
         t
     }
 
@@ -668,6 +668,11 @@ impl Trainer {
 
     fn count_dead(&self) -> Tensor {
         self.dead_f().sum(Kind::Int64)
+    }
+
+    /// `n_dead` from the counters, where they were set other than by a step.
+    fn recount_dead(&mut self) {
+        self.n_dead = self.count_dead().int64_value(&[]);
     }
 
     /// Matryoshka loss: the mean over prefixes p = 1..=G (core + first p non-core groups) of
@@ -1121,7 +1126,7 @@ impl Trainer {
             self.v[i] = get(&format!("adam_v.{n}"), &self.v[i])?;
         }
         self.since_fired_f = get("since_fired", &self.since_fired_f)?;
-        self.n_dead = self.count_dead().int64_value(&[]);
+        self.recount_dead();
         // A run resumed on another device keeps the product it started with. Checkpoints from
         // before this entry resume with the current device's default.
         if let Some((_, t)) = tensors.iter().find(|(n, _)| n == "encoder_bf16") {
@@ -1339,7 +1344,7 @@ mod tests {
         t.since_fired_f
             .narrow(0, 4, 44)
             .copy_(&Tensor::arange(44, (Kind::Int64, Device::Cpu)).remainder(2));
-        t.n_dead = t.count_dead().int64_value(&[]);
+        t.recount_dead();
         assert_eq!(t.n_dead, 22);
         let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
         let x_bd = tensor(&x, b, Kind::Double);
