@@ -1,4 +1,5 @@
-//! Tokens/s of the training stream over an existing store: `stream_rate STORE [arrays] [seconds]`.
+//! Tokens/s of the training stream over an existing store:
+//! `stream_rate STORE [arrays] [seconds] [batch tokens]` (defaults acts, 2, 1024).
 use dmsae_store::{Store, StreamOptions};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,12 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(String::from)
         .collect();
     let secs: f64 = args.get(3).map_or(2.0, |s| s.parse().unwrap());
+    let batch_tokens: usize = args.get(4).map_or(1024, |s| s.parse().unwrap());
     let t = Instant::now();
     let (mut tokens, mut epoch, mut waited) = (0usize, 0u64, 0u64);
     while epoch == 0 || t.elapsed().as_secs_f64() < secs {
         let opts = StreamOptions {
             arrays: arrays.clone(),
-            batch_tokens: 1024,
+            batch_tokens,
             epoch,
             ..Default::default()
         };

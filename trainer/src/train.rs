@@ -352,6 +352,10 @@ impl DeviceBatches {
         let produce = move |tx: &crossbeam_channel::Sender<_>| -> Result<(), TrainError> {
             let (mut epoch, mut taken) = (pos.epoch, pos.batches);
             let mut stream = store.stream(opts(epoch))?;
+            // The next epoch's stream starts at once, so that its shuffle buffer is full when
+            // this one ends: opened only then, the steps waited while it decoded a buffer's
+            // worth of chunks (bench_train's store is 64 batches an epoch).
+            let mut next = store.stream(opts(epoch + 1))?;
             for _ in 0..taken {
                 stream.next().transpose()?;
             }
@@ -367,7 +371,7 @@ impl DeviceBatches {
                         });
                     }
                     (epoch, taken) = (epoch + 1, 0);
-                    stream = store.stream(opts(epoch))?;
+                    stream = std::mem::replace(&mut next, store.stream(opts(epoch + 1))?);
                     continue;
                 };
                 taken += 1;
