@@ -74,6 +74,29 @@ impl DType {
         }
     }
 
+    /// Elements `start..start + out.len()` as f64, a loop per type.
+    pub fn row_f64(self, bytes: &[u8], start: usize, out: &mut [f64]) {
+        let s = self.size();
+        let b = &bytes[start * s..(start + out.len()) * s];
+        match self {
+            DType::Bf16 => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64;
+                }
+            }
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+                }
+            }
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.get_f64(b, i);
+                }
+            }
+        }
+    }
+
     /// Convert little-endian elements to f32, appending to `out`.
     pub fn extend_f32(self, bytes: &[u8], out: &mut Vec<f32>) {
         let n = bytes.len() / self.size();

@@ -95,6 +95,9 @@ impl ShardHeader {
 pub struct EncodedChunk {
     pub n_tokens: usize,
     pub blocks: Vec<Vec<u8>>,
+    /// Each block's BLAKE3, for the index: computed here, in the parallel part of the writer,
+    /// rather than in `write_chunk`, which writes chunks one after another.
+    pub hashes: Vec<blake3::Hash>,
     /// One per float array, in header order.
     pub stats: Vec<Stats>,
 }
@@ -107,7 +110,8 @@ impl EncodedChunk {
             .iter()
             .zip(cols)
             .map(|(a, c)| codec::encode(a, header.level, c, n))
-            .collect();
+            .collect::<Vec<_>>();
+        let hashes = blocks.iter().map(|b| blake3::hash(b)).collect();
         let stats = header
             .arrays
             .iter()
@@ -118,6 +122,7 @@ impl EncodedChunk {
         EncodedChunk {
             n_tokens: n,
             blocks,
+            hashes,
             stats,
         }
     }
@@ -184,7 +189,13 @@ impl ShardWriter {
     }
 
     fn put(&mut self, b: &[u8]) -> Result<()> {
-        self.hasher.update(b);
+        // The file's hash runs on the writer's one thread: blocks of megabytes split across
+        // rayon's (the same hash either way).
+        if b.len() >= 1 << 17 {
+            self.hasher.update_rayon(b);
+        } else {
+            self.hasher.update(b);
+        }
         self.bytes += b.len() as u64;
         self.out
             .write_all(b)
@@ -207,10 +218,10 @@ impl ShardWriter {
         self.index
             .extend_from_slice(&(c.n_tokens as u32).to_le_bytes());
         self.index.extend_from_slice(&0u32.to_le_bytes());
-        for b in &c.blocks {
+        for (b, h) in c.blocks.iter().zip(&c.hashes) {
             self.index
                 .extend_from_slice(&(b.len() as u64).to_le_bytes());
-            self.index.extend_from_slice(blake3::hash(b).as_bytes());
+            self.index.extend_from_slice(h.as_bytes());
         }
         for b in &c.blocks {
             self.put(b)?;
