@@ -1010,16 +1010,25 @@ pub(crate) mod tests {
     /// The whole model, every kernel emulated, against the ATen path: the fused path's wiring
     /// (heads split as rows and transposed after, the CE gradient written over the logits, five
     /// autograd functions) on the tiny Gemma-2 (both soft-caps, sliding window 5) and Gemma-3
-    /// fixtures, in bf16 and float32: layer output, per-token loss and gradient.
+    /// fixtures, in bf16 and float32: layer output, per-token loss and gradient. In bf16 the
+    /// CE kernel is float32 inside where ATen rounds to bf16 between steps, so there the loss
+    /// and gradient are held to the float32 model: no further from it than twice ATen's bf16.
     #[test]
     fn the_model_with_every_kernel_emulated_matches_aten() {
         use crate::models::Model;
+        let rel = |a: &Tensor, b: &Tensor| {
+            let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+            let ok = a.isfinite().logical_and(&b.isfinite());
+            let (a, b) = (a.masked_select(&ok), b.masked_select(&ok));
+            (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+        };
         for fixture in ["gemma2-t5", "gemma3"] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../tests/fixtures")
                 .join(fixture);
+            let mut float32 = None;
             // bf16: a few entries a rounding step apart would show as ~1e-4.
-            for (kind, tol) in [(Kind::BFloat16, 1e-3), (Kind::Float, 1e-5)] {
+            for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 1e-3)] {
                 let m = Model::load(&dir, Device::Cpu, kind).unwrap();
                 tch::manual_seed(13);
                 let vocab = m.config.vocab_size as i64;
@@ -1029,27 +1038,31 @@ pub(crate) mod tests {
                 let got = m.forward_layer(&ids, 1, true);
                 emulate_on_cpu(false);
                 let got = got.unwrap();
-                let rel = |a: &Tensor, b: &Tensor| {
-                    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-                    let ok = a.isfinite().logical_and(&b.isfinite());
-                    let (a, b) = (a.masked_select(&ok), b.masked_select(&ok));
-                    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
-                };
                 let d = [
                     rel(&got.resid, &want.resid),
                     rel(&got.loss, &want.loss),
                     rel(got.grad.as_ref().unwrap(), want.grad.as_ref().unwrap()),
                 ];
                 eprintln!("{fixture} {kind:?}, every kernel emulated: relative L2 layer output {:.2e}, loss {:.2e}, gradient {:.2e}", d[0], d[1], d[2]);
-                assert!(
-                    d.iter().all(|&x| x <= tol),
-                    "{fixture} {kind:?}: differs by {d:?}"
-                );
                 // The loss is NaN exactly where there is no target, both ways.
                 assert!(
                     got.loss.isnan().equal(&want.loss.isnan()),
                     "{fixture} {kind:?}"
                 );
+                let Some(f32) = &float32 else {
+                    assert!(d.iter().all(|&x| x <= tol), "{fixture} {kind:?}: differs by {d:?}");
+                    float32 = Some(want);
+                    continue;
+                };
+                assert!(d[0] <= tol, "{fixture} {kind:?}: layer output differs by {}", d[0]);
+                for (what, ours, aten, exact) in [
+                    ("loss", &got.loss, &want.loss, &f32.loss),
+                    ("gradient", got.grad.as_ref().unwrap(), want.grad.as_ref().unwrap(), f32.grad.as_ref().unwrap()),
+                ] {
+                    let (e, a) = (rel(ours, exact), rel(aten, exact));
+                    eprintln!("  {what} against float32: emulated kernels {e:.2e}, ATen {a:.2e}");
+                    assert!(e <= 2.0 * a + 1e-7, "{fixture} bf16 {what}: {e:e} from float32, ATen {a:e}");
+                }
             }
         }
     }
@@ -1077,10 +1090,30 @@ pub(crate) mod tests {
         d / (b.abs().max().double_value(&[]) + 1e-30)
     }
 
-    /// The kernel against the ATen sequence it replaces (`ce_rows`) on the same pre-cap logits:
-    /// a vocabulary that is no multiple of the block, read in packs (1,000) and one element at
-    /// a time (1,003, no multiple of a pack), a row without a target, targets at both ends of
-    /// the row, logits large enough to saturate the cap.
+    /// The cross-entropy and its gradient in float64 on the same pre-cap logits: the function
+    /// itself, which the kernel (float32 inside) and the ATen sequence (bf16 between its steps)
+    /// both approximate.
+    fn exact_ce(z: &Tensor, targets: &Tensor, has: &Tensor, cap: Option<f64>) -> (Tensor, Tensor) {
+        let s = z.to_kind(Kind::Double);
+        let (zc, slope) = match cap {
+            Some(c) => {
+                let t = (&s / c).tanh();
+                (&t * c, (&t * &t).neg() + 1.0)
+            }
+            None => (s.shallow_clone(), s.ones_like()),
+        };
+        let logp = zc.log_softmax(-1, Kind::Double);
+        let (h, tg) = (has.to_kind(Kind::Double), targets.unsqueeze(1));
+        let loss = logp.gather(1, &tg, false).squeeze_dim(1).neg() * &h;
+        let onehot = logp.zeros_like().scatter_value(1, &tg, 1.0);
+        let g = (logp.exp() - onehot) * h.unsqueeze(1) * slope;
+        (loss, g)
+    }
+
+    /// The kernel against the function (float64) and the ATen sequence it replaces (`ce_rows`)
+    /// on the same pre-cap logits: a vocabulary that is no multiple of the block, read in packs
+    /// (1,000) and one element at a time (1,003, no multiple of a pack), a row without a
+    /// target, targets at both ends of the row, logits large enough to saturate the cap.
     fn kernel_against_aten(device: Device, threads: u32) {
         for vocab in [1000, 1003] {
             kernel_against_aten_at(device, threads, vocab);
@@ -1094,35 +1127,37 @@ pub(crate) mod tests {
         let last = vocab - 1;
         let targets = Tensor::from_slice(&[0i64, last, 5, 517, last - 1, 1, 42]).to_device(device);
         let has = Tensor::from_slice(&[1f32, 1., 1., 0., 1., 1., 1.]).to_device(device);
-        // (dtype, cap, loss bound, gradient bound). A cap of 32 has an exact float reciprocal,
-        // so the CPU ATen sequence (a true division) rounds as the kernel (a multiply by the
-        // reciprocal, as ATen on CUDA) does; 30 does not, and float32 absorbs the difference.
-        // bf16 gradients: one bf16 rounding step (2^-8 relative) on the largest entry.
+        // (dtype, cap, bound on the loss, bound on the gradient, each against the function).
+        // The kernel is float32 inside: its loss is float32's, and its bf16 gradient is the
+        // exact one rounded once (2^-9 relative), so within 2^-8 of the largest entry. ATen's
+        // bf16 sequence rounds the capped logit to bf16 (ulp 0.125 near the cap) and is
+        // printed beside it, not bounded. In float32 the kernel must also match ATen's.
         let cases = [
             (Kind::BFloat16, Some(32.0), 1e-5, 4e-3),
+            (Kind::BFloat16, Some(30.0), 1e-5, 4e-3),
             (Kind::BFloat16, None, 1e-5, 4e-3),
             (Kind::Float, Some(30.0), 1e-5, 1e-5),
             (Kind::Float, None, 1e-5, 1e-5),
         ];
         for (kind, cap, loss_tol, grad_tol) in cases {
             let z = z32.to_kind(kind);
-            let (want_loss, want_g) =
+            let (exact_loss, exact_g) = exact_ce(&z, &targets, &has, cap);
+            let (aten_loss, aten_g) =
                 tch::no_grad(|| ce_rows(z.copy(), &targets, &has, cap, true)).unwrap();
-            let want_g = want_g.unwrap();
+            let aten_g = aten_g.unwrap();
             let (loss, g) = kernel_ce(&z, &targets, &has, cap, true, threads);
             let (loss_only, untouched) = kernel_ce(&z, &targets, &has, cap, false, threads);
-            let (dl, dg) = (rel_max(&loss, &want_loss), rel_max(&g, &want_g));
+            let (dl, dg) = (rel_max(&loss, &exact_loss), rel_max(&g, &exact_g));
+            let (al, ag) = (rel_max(&aten_loss, &exact_loss), rel_max(&aten_g, &exact_g));
             eprintln!(
-                "{kind:?} cap {cap:?} vocab {vocab} on {device:?}: loss {dl:.2e}, gradient {dg:.2e}"
+                "{kind:?} cap {cap:?} vocab {vocab} on {device:?}, against float64: kernel loss {dl:.2e}, gradient {dg:.2e}; ATen loss {al:.2e}, gradient {ag:.2e}"
             );
-            assert!(
-                dl <= loss_tol,
-                "{kind:?} cap {cap:?}: loss differs by {dl:e}"
-            );
-            assert!(
-                dg <= grad_tol,
-                "{kind:?} cap {cap:?}: gradient differs by {dg:e}"
-            );
+            assert!(dl <= loss_tol, "{kind:?} cap {cap:?}: loss off by {dl:e}");
+            assert!(dg <= grad_tol, "{kind:?} cap {cap:?}: gradient off by {dg:e}");
+            if kind == Kind::Float {
+                let (l, g) = (rel_max(&loss, &aten_loss), rel_max(&g, &aten_g));
+                assert!(l <= loss_tol && g <= grad_tol, "float32: {l:e} {g:e} from ATen");
+            }
             assert_eq!(g.kind(), kind);
             // The row without a target: zero loss, zero gradient.
             assert_eq!(loss.double_value(&[3]), 0.0);
