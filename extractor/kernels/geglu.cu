@@ -11,47 +11,52 @@
 #define K_SQRT1_2 0.7071067811865476f
 #define K_ALPHA 0.3989422804014327f  // (2 / sqrt(pi)) * sqrt(1/2) / 2
 
-__device__ __forceinline__ float gelu(float x, int tanh_approx) {
-  if (tanh_approx) {
-    const float inner = K_BETA * (x + K_KAPPA * (x * x * x));
-    return 0.5f * x * (1.f + tanhf(inner));
-  }
-  return x * 0.5f * (1.f + erff(x * K_SQRT1_2));
+// The form is a template argument: as a run-time one, both forms were computed an element and
+// one selected (91 and 176 SASS instructions an element forward and backward, NVRTC 13).
+// gelu's transcendental term: tanh(inner) for the tanh form, erf(x / sqrt 2) for the erf form.
+template <int TANH> __device__ __forceinline__ float gelu_term(float x) {
+  if (TANH) return tanhf(K_BETA * (x + K_KAPPA * (x * x * x)));
+  return erff(x * K_SQRT1_2);
 }
 
-__device__ __forceinline__ float gelu_grad(float dy, float x, int tanh_approx) {
-  if (tanh_approx) {
+template <int TANH> __device__ __forceinline__ float gelu(float x, float term) {
+  if (TANH) return 0.5f * x * (1.f + term);
+  return x * 0.5f * (1.f + term);
+}
+
+// dy * gelu'(x), from the same term (the backward computes it once for both gradients).
+template <int TANH> __device__ __forceinline__ float gelu_grad(float dy, float x, float term) {
+  if (TANH) {
     const float x_sq = x * x;
-    const float inner = K_BETA * (x + K_KAPPA * (x_sq * x));
-    const float t = tanhf(inner);
-    const float left = 0.5f * x, right = 1.f + t;
+    const float left = 0.5f * x, right = 1.f + term;
     const float left_derivative = 0.5f * right;
-    const float right_derivative = left * (1.f - t * t);
+    const float right_derivative = left * (1.f - term * term);
     const float inner_derivative = K_BETA * (1.f + 3.f * K_KAPPA * x_sq);
     return dy * (left_derivative + right_derivative * inner_derivative);
   }
-  const float cdf = 0.5f * (1.f + erff(x * K_SQRT1_2));
+  const float cdf = 0.5f * (1.f + term);
   const float pdf = expf(-0.5f * x * x) * K_ALPHA;
   return dy * (cdf + x * pdf);
 }
 
-template <typename T, int W>
-__device__ void geglu_fwd_packs(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
+template <typename T, int W, int TANH>
+__device__ void geglu_fwd_packs(const T *gate, const T *up, T *h, long long n) {
   FOR_EACH_ELEMENT(j, n / W) {
     const Pack<T, W> a = pack_at<T, W>(gate, j), b = pack_at<T, W>(up, j);
     Pack<T, W> out;
 #pragma unroll
     for (int k = 0; k < W; k++) {
-      const float g = rnd<T>(gelu(to_f(a.v[k]), tanh_approx));
+      const float x = to_f(a.v[k]);
+      const float g = rnd<T>(gelu<TANH>(x, gelu_term<TANH>(x)));
       put(&out.v[k], g * to_f(b.v[k]));
     }
     store_pack<T, W>(h, j, out);
   }
 }
 
-template <typename T, int W>
+template <typename T, int W, int TANH>
 __device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
-                                long long n, int tanh_approx) {
+                                long long n) {
   FOR_EACH_ELEMENT(j, n / W) {
     const Pack<T, W> a = pack_at<T, W>(gate, j), b = pack_at<T, W>(up, j),
                      c = pack_at<T, W>(dh, j);
@@ -59,13 +64,31 @@ __device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_ga
 #pragma unroll
     for (int k = 0; k < W; k++) {
       const float x = to_f(a.v[k]), dy = to_f(c.v[k]);
-      const float g = rnd<T>(gelu(x, tanh_approx));
+      const float term = gelu_term<TANH>(x);
+      const float g = rnd<T>(gelu<TANH>(x, term));
       put(&du.v[k], dy * g);
-      put(&dg.v[k], gelu_grad(rnd<T>(dy * to_f(b.v[k])), x, tanh_approx));
+      put(&dg.v[k], gelu_grad<TANH>(rnd<T>(dy * to_f(b.v[k])), x, term));
     }
     store_pack<T, W>(d_gate, j, dg);
     store_pack<T, W>(d_up, j, du);
   }
+}
+
+template <typename T, int W>
+__device__ void geglu_fwd_w(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
+  if (tanh_approx)
+    geglu_fwd_packs<T, W, 1>(gate, up, h, n);
+  else
+    geglu_fwd_packs<T, W, 0>(gate, up, h, n);
+}
+
+template <typename T, int W>
+__device__ void geglu_bwd_w(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
+                            long long n, int tanh_approx) {
+  if (tanh_approx)
+    geglu_bwd_packs<T, W, 1>(gate, up, dh, d_gate, d_up, n);
+  else
+    geglu_bwd_packs<T, W, 0>(gate, up, dh, d_gate, d_up, n);
 }
 
 // In 16-byte packs where every array lines up (the launch then sizes the grid for n / W
@@ -73,9 +96,9 @@ __device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_ga
 template <typename T>
 __device__ void geglu_fwd(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
   if (packs_fit<T>(gate, n) && aligned(up, 16) && aligned(h, 16))
-    geglu_fwd_packs<T, PackLen<T>::n>(gate, up, h, n, tanh_approx);
+    geglu_fwd_w<T, PackLen<T>::n>(gate, up, h, n, tanh_approx);
   else
-    geglu_fwd_packs<T, 1>(gate, up, h, n, tanh_approx);
+    geglu_fwd_w<T, 1>(gate, up, h, n, tanh_approx);
 }
 
 template <typename T>
@@ -83,9 +106,9 @@ __device__ void geglu_bwd(const T *gate, const T *up, const T *dh, T *d_gate, T 
                           long long n, int tanh_approx) {
   if (packs_fit<T>(gate, n) && aligned(up, 16) && aligned(dh, 16) && aligned(d_gate, 16) &&
       aligned(d_up, 16))
-    geglu_bwd_packs<T, PackLen<T>::n>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+    geglu_bwd_w<T, PackLen<T>::n>(gate, up, dh, d_gate, d_up, n, tanh_approx);
   else
-    geglu_bwd_packs<T, 1>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+    geglu_bwd_w<T, 1>(gate, up, dh, d_gate, d_up, n, tanh_approx);
 }
 
 extern "C" __global__ void geglu_fwd_bf16(const bf16 *gate, const bf16 *up, bf16 *h, long long n,
