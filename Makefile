@@ -105,7 +105,9 @@ gpu-bundle: build
 	    | $(PYTHON) -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])'); \
 	  strip -o gpu/$$c-tests "$$bin" || exit 1; \
 	done
-	@du -ch gpu/dmsae gpu/extractor-tests gpu/trainer-tests | tail -1
+	cargo build $(CARGO_FLAGS) -p dmsae-store --example writer_rate --example stream_rate
+	for e in writer_rate stream_rate; do strip -o gpu/$$e target/release/examples/$$e || exit 1; done
+	@du -ch gpu/* | tail -1
 
 BENCH_EXTRACT ?=
 bench-extract: build $(MODEL_STAMP)

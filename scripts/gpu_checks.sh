@@ -11,7 +11,9 @@
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
 #   ONLY="env adam kernels model extract ab train trainauxk fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
-#   encoder run (default --encoder-f32).
+#   encoder run (default --encoder-f32), TRAIN_AB= its kernels-off runs.
+#   gpu/writer_rate, gpu/stream_rate (store-format's examples, stripped): the `hostio` step, the
+#   store writer's and the training stream's rates on this host's CPUs, and its disk's.
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
 # logged and the next goes on, and every step appends to the log as it goes, so a call cut off
 # by its time limit still returns the steps it finished.
@@ -134,6 +136,13 @@ DMSAE_KINETO="$OUT/kineto-extract.tsv" DMSAE_KINETO_FROM=1 DMSAE_KINETO_UNITS=2 
 idle "$OUT/kineto-extract.tsv"
 fi
 
+if want hostio; then
+step "the host side: the store writer as extract drives it, the training stream over the extracted store, the disk"
+[ -x gpu/writer_rate ] && run 60 gpu/writer_rate "$W/writer-rate" 2304 24 && rm -rf "$W/writer-rate"
+[ -x gpu/stream_rate ] && [ -d "$W/store-bf16" ] && run 60 gpu/stream_rate "$W/store-bf16" acts 4 4096
+run 60 dd if=/dev/zero of="$W/dd" bs=1M count=2048 conv=fsync && rm -f "$W/dd"
+fi
+
 if want repeat; then
 step "does a CUDA extraction repeat bit for bit? (the same command again; shard BLAKE3s compared)"
 run 120 "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_F32" \
@@ -147,7 +156,7 @@ fi
 
 if want train; then
 step "training step against eager PyTorch (the issue's anchor), AuxK idle; each trainer kernel off in turn"
-AB=$([ "$DEVICE" = cpu ] || echo --kernels-ab)
+AB=${TRAIN_AB-$([ "$DEVICE" = cpu ] || echo --kernels-ab)}
 run 360 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET ${TRAIN_EXTRA---encoder-f32} $AB
 fi
 
