@@ -10,57 +10,100 @@
 
 #include "common.cuh"
 
-// A block a token (grid-stride) and a thread a column pair (j, j + Dh/2) of each of its heads:
-// the position is found once a token. With a thread an element, three 64-bit divisions an
-// element held rope_fwd to a sixth of memory speed (0.10 ms for q's 34 MB, H200, batch 8 of
-// 1,024). For j < Dh/2: out_j = x_j cos_j - x_{j+h} sin_j, out_{j+h} = x_{j+h} cos_{j+h} +
-// x_j sin_{j+h}, h = Dh/2.
-// f(in_row, out_row, cos, sin, j, half) for each column pair j < half = Dh/2 of each (token,
+// A block a token (grid-stride), its threads over (head, pack of W column pairs): the position
+// is found once a token. With a thread an element, three 64-bit divisions an element held
+// rope_fwd to a sixth of memory speed (0.10 ms for q's 34 MB, H200, batch 8 of 1,024); with
+// 2-byte accesses a thread a pair, to a fifth (52 us a call for q or k, the same). For
+// j < Dh/2: out_j = x_j cos_j - x_{j+h} sin_j, out_{j+h} = x_{j+h} cos_{j+h} + x_j sin_{j+h},
+// h = Dh/2. f(in_row, out_row, cos, sin, p, hp) for each pack p < hp = h / W of each (token,
 // head) row of in and out, each [B, T, heads, Dh] or, if its HEADS_FIRST, [B, heads, T, Dh].
-template <bool IN_HEADS_FIRST, bool OUT_HEADS_FIRST, typename T, typename F>
+template <bool IN_HEADS_FIRST, bool OUT_HEADS_FIRST, int W, typename T, typename F>
 __device__ void for_each_pair(const T *in, const T *cs, T *out, long long n, long long dh,
                               long long heads, long long t_len, F f) {
-  const long long half = dh / 2, tokens = n / (dh * heads);
+  const long long tokens = n / (dh * heads);
+  const int hp = (int)(dh / 2 / W), per_token = (int)heads * hp;
   for (long long tok = blockIdx.x; tok < tokens; tok += gridDim.x) {
     const long long pos = tok % t_len, b = tok / t_len;
     const T *cos = cs + pos * dh, *sin = cs + (t_len + pos) * dh;
-    for (long long h = 0; h < heads; h++) {
+    for (int i = threadIdx.x; i < per_token; i += blockDim.x) {
+      const int h = i / hp, p = i - h * hp;
       const long long tokens_first = (tok * heads + h) * dh;
       const long long heads_first = ((b * heads + h) * t_len + pos) * dh;
       const long long in_at = IN_HEADS_FIRST ? heads_first : tokens_first;
       const long long out_at = OUT_HEADS_FIRST ? heads_first : tokens_first;
-      for (long long j = threadIdx.x; j < half; j += blockDim.x)
-        f(in + in_at, out + out_at, cos, sin, j, half);
+      f(in + in_at, out + out_at, cos, sin, p, hp);
     }
   }
+}
+
+// Rows of Dh/2 whole packs that line up go in 16-byte packs, else an element at a time.
+template <typename T>
+__device__ bool rope_in_packs(const T *in, const T *cs, const T *out, long long dh) {
+  return packs_fit<T>(in, dh / 2) && aligned(cs, 16) && aligned(out, 16);
+}
+
+template <typename T, int W>
+__device__ void rope_fwd_w(const T *x, const T *cs, T *out, long long n, long long dh,
+                           long long heads, long long t_len, float pre) {
+  for_each_pair<false, true, W>(
+      x, cs, out, n, dh, heads, t_len,
+      [=](const T *xr, T *o, const T *cos, const T *sin, int p, int hp) {
+        const Pack<T, W> x1 = pack_at<T, W>(xr, p), x2 = pack_at<T, W>(xr, p + hp);
+        const Pack<T, W> c1 = pack_at<T, W>(cos, p), c2 = pack_at<T, W>(cos, p + hp);
+        const Pack<T, W> s1 = pack_at<T, W>(sin, p), s2 = pack_at<T, W>(sin, p + hp);
+        Pack<T, W> o1, o2;
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+          const float u = to_f(x1.v[k]), v = to_f(x2.v[k]);
+          const float a1 = rnd<T>(u * to_f(c1.v[k])), b1 = rnd<T>(-v * to_f(s1.v[k]));
+          const float a2 = rnd<T>(v * to_f(c2.v[k])), b2 = rnd<T>(u * to_f(s2.v[k]));
+          put(&o1.v[k], rnd<T>(a1 + b1) * pre);
+          put(&o2.v[k], rnd<T>(a2 + b2) * pre);
+        }
+        store_pack<T, W>(o, p, o1);
+        store_pack<T, W>(o, p + hp, o2);
+      });
 }
 
 template <typename T>
 __device__ void rope_fwd(const T *x, const T *cs, T *out, long long n, long long dh,
                          long long heads, long long t_len, float pre) {
-  for_each_pair<false, true>(x, cs, out, n, dh, heads, t_len,
-                [=](const T *xr, T *o, const T *cos, const T *sin, long long j, long long half) {
-                  const float x1 = to_f(xr[j]), x2 = to_f(xr[j + half]);
-                  const float a1 = rnd<T>(x1 * to_f(cos[j])), b1 = rnd<T>(-x2 * to_f(sin[j]));
-                  const float a2 = rnd<T>(x2 * to_f(cos[j + half]));
-                  const float b2 = rnd<T>(x1 * to_f(sin[j + half]));
-                  put(&o[j], rnd<T>(a1 + b1) * pre);
-                  put(&o[j + half], rnd<T>(a2 + b2) * pre);
-                });
+  if (rope_in_packs(x, cs, out, dh))
+    rope_fwd_w<T, PackLen<T>::n>(x, cs, out, n, dh, heads, t_len, pre);
+  else
+    rope_fwd_w<T, 1>(x, cs, out, n, dh, heads, t_len, pre);
 }
 
 // The transpose of the above on d = dout pre: dx_j = d_j cos_j + d_{j+h} sin_{j+h},
 // dx_{j+h} = d_{j+h} cos_{j+h} - d_j sin_j; dout heads first, dx tokens first.
+template <typename T, int W>
+__device__ void rope_bwd_w(const T *dout, const T *cs, T *dx, long long n, long long dh,
+                           long long heads, long long t_len, float pre) {
+  for_each_pair<true, false, W>(
+      dout, cs, dx, n, dh, heads, t_len,
+      [=](const T *g, T *o, const T *cos, const T *sin, int p, int hp) {
+        const Pack<T, W> g1 = pack_at<T, W>(g, p), g2 = pack_at<T, W>(g, p + hp);
+        const Pack<T, W> c1 = pack_at<T, W>(cos, p), c2 = pack_at<T, W>(cos, p + hp);
+        const Pack<T, W> s1 = pack_at<T, W>(sin, p), s2 = pack_at<T, W>(sin, p + hp);
+        Pack<T, W> o1, o2;
+#pragma unroll
+        for (int k = 0; k < W; k++) {
+          const float d1 = rnd<T>(to_f(g1.v[k]) * pre), d2 = rnd<T>(to_f(g2.v[k]) * pre);
+          put(&o1.v[k], rnd<T>(d1 * to_f(c1.v[k])) + rnd<T>(d2 * to_f(s2.v[k])));
+          put(&o2.v[k], rnd<T>(d2 * to_f(c2.v[k])) - rnd<T>(d1 * to_f(s1.v[k])));
+        }
+        store_pack<T, W>(o, p, o1);
+        store_pack<T, W>(o, p + hp, o2);
+      });
+}
+
 template <typename T>
 __device__ void rope_bwd(const T *dout, const T *cs, T *dx, long long n, long long dh,
                          long long heads, long long t_len, float pre) {
-  for_each_pair<true, false>(dout, cs, dx, n, dh, heads, t_len,
-                [=](const T *g, T *o, const T *cos, const T *sin, long long j, long long half) {
-                  const float d1 = rnd<T>(to_f(g[j]) * pre), d2 = rnd<T>(to_f(g[j + half]) * pre);
-                  put(&o[j], rnd<T>(d1 * to_f(cos[j])) + rnd<T>(d2 * to_f(sin[j + half])));
-                  put(&o[j + half],
-                      rnd<T>(d2 * to_f(cos[j + half])) - rnd<T>(d1 * to_f(sin[j])));
-                });
+  if (rope_in_packs(dout, cs, dx, dh))
+    rope_bwd_w<T, PackLen<T>::n>(dout, cs, dx, n, dh, heads, t_len, pre);
+  else
+    rope_bwd_w<T, 1>(dout, cs, dx, n, dh, heads, t_len, pre);
 }
 
 extern "C" __global__ void rope_fwd_bf16(const bf16 *x, const bf16 *cs, bf16 *out, long long n,
