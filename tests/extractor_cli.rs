@@ -171,8 +171,13 @@ fn extract_writes_what_the_model_and_tokenizer_give() {
         r.stdout
     );
     // "... over 0.41s (model 0.32s, waiting for the store writer 0.00s)": parts of the whole.
+    // Read up to the "; " after it: the rate after the first batch follows, a plain number
+    // below 1,000 tokens/s on a loaded machine.
     let secs: Vec<f64> = r
         .stdout
+        .split("; ")
+        .next()
+        .unwrap()
         .split(['(', ' ', 's', ','])
         .filter_map(|w| w.parse().ok())
         .collect();
