@@ -117,9 +117,10 @@ impl Iterator for BatchStream {
 
 /// The shuffle buffer. Rows stay where they were copied in (a slab per array) and `order` lists
 /// them as a swap-remove buffer would hold them, so a row leaves by moving a u32 rather than
-/// its bytes, and the next row in takes its place. The copies in and out run on rayon: on one
-/// thread, row by row, they held the stream to about one H200 training step's worth of
-/// batches (4,096 rows of 4.6 KB in and out).
+/// its bytes, and the next row in takes its place. The copies in and out run on rayon. (One
+/// thread moving each row twice a batch, the second time a swap-remove in a 300 MB buffer,
+/// and the trainer's late opening of each epoch: the H200 bench's steps waited 0.617 s for data
+/// over 120 steps; 0.001 s with this and the epoch opened ahead.)
 struct Pool {
     specs: Vec<ArraySpec>,
     slabs: Vec<Vec<u8>>,
