@@ -583,7 +583,8 @@ fn soft_cap(mut z: Tensor, cap: Option<f64>) -> Result<(Tensor, Option<Tensor>)>
 
 /// The next-token CE of each row of pre-cap logits `z` [rows, vocab] against `targets` [rows],
 /// times `has` [rows] (1 where the position has a target), in ATen operations; with `grad`,
-/// d(sum of it)/dz in z's dtype. kernels/softcap_ce.cu computes the same in one kernel.
+/// d(sum of it)/dz in z's dtype. kernels/softcap_ce.cu computes the same function in one
+/// kernel, in float32 up to the stored gradient where this rounds to z's dtype between steps.
 ///
 /// The gradient is written out rather than left to autograd: d CE / d logits is
 /// softmax - onehot, and through the soft-cap c * tanh(z / c) it gains 1 - tanh^2. Autograd's
