@@ -208,7 +208,11 @@ fn encode_expsplit(spec: &ArraySpec, level: i32, data: &[u8], n: usize) -> Vec<u
     let mut rest = vec![0u8; count * fb.rest_bytes];
     if fb.size == 2 && fb.rest_bytes == 1 {
         // Sign and mantissa fit one byte (bf16).
-        for ((e, r), v) in exps.iter_mut().zip(rest.iter_mut()).zip(data.chunks_exact(2)) {
+        for ((e, r), v) in exps
+            .iter_mut()
+            .zip(rest.iter_mut())
+            .zip(data.chunks_exact(2))
+        {
             let v = u16::from_le_bytes([v[0], v[1]]) as u32;
             *e = ((v >> fb.man) & emask) as u8;
             *r = (((v >> (fb.bits - 1)) << fb.man) | (v & mmask)) as u8;
@@ -252,19 +256,18 @@ fn encode_expsplit(spec: &ArraySpec, level: i32, data: &[u8], n: usize) -> Vec<u
         row_off[t] = mode(&hist);
     }
     // Each exponent's code q (15: an escape, the exponent itself follows in `escapes`), then
-    // the codes packed two a byte; escapes are rare, so 64-code runs without one are skipped.
+    // the codes packed two a byte.
     let mut q = vec![0u8; count];
-    for ((qrow, row), &off) in q.chunks_exact_mut(w).zip(exps.chunks_exact(w)).zip(&row_off) {
+    for ((qrow, row), &off) in q
+        .chunks_exact_mut(w)
+        .zip(exps.chunks_exact(w))
+        .zip(&row_off)
+    {
         for ((q, &e), &c) in qrow.iter_mut().zip(row).zip(&col) {
             *q = e.wrapping_sub(c).wrapping_sub(off).wrapping_add(7).min(15);
         }
     }
-    let mut escapes = Vec::new();
-    for (run, es) in q.chunks(64).zip(exps.chunks(64)) {
-        if run.iter().fold(false, |any, &q| any | (q == 15)) {
-            escapes.extend(run.iter().zip(es).filter(|(&q, _)| q == 15).map(|(_, &e)| e));
-        }
-    }
+    let escapes: Vec<u8> = escapes_at(&q).into_iter().map(|i| exps[i]).collect();
     let mut nibbles: Vec<u8> = q.chunks_exact(2).map(|p| p[0] | (p[1] << 4)).collect();
     if count % 2 == 1 {
         nibbles.push(q[count - 1]);
@@ -272,6 +275,23 @@ fn encode_expsplit(spec: &ArraySpec, level: i32, data: &[u8], n: usize) -> Vec<u
     let mut side = col;
     side.extend_from_slice(&row_off);
     frames(level, &[&side, &nibbles, &escapes, &rest])
+}
+
+/// Where the exponent codes hold an escape (15), in order. Escapes are rare: 64-code runs
+/// without one are skipped (the test vectorises).
+fn escapes_at(codes: &[u8]) -> Vec<usize> {
+    let mut at = Vec::new();
+    for (ci, run) in codes.chunks(64).enumerate() {
+        if run.iter().fold(false, |any, &q| any | (q == 15)) {
+            at.extend(
+                run.iter()
+                    .enumerate()
+                    .filter(|(_, &q)| q == 15)
+                    .map(|(j, _)| ci * 64 + j),
+            );
+        }
+    }
+    at
 }
 
 /// Decoded in passes that each vectorise: unpack nibbles, add the row and column base,
@@ -300,20 +320,11 @@ fn decode_expsplit(spec: &ArraySpec, stored: &[u8], n: usize) -> Result<Vec<u8>,
     unzstd(parts[2], &mut escapes, "escape frame")?;
     let mut rest = vec![0u8; count * fb.rest_bytes];
     unzstd(parts[3], &mut rest, "rest frame")?;
-    // Escapes are rare: skip 64-element runs without one (the test vectorises).
-    let mut esc_at = Vec::with_capacity(n_esc);
-    if n_esc > 0 {
-        for (ci, run) in e.chunks(64).enumerate() {
-            if run.iter().fold(false, |any, &q| any | (q == 15)) {
-                esc_at.extend(
-                    run.iter()
-                        .enumerate()
-                        .filter(|(_, &q)| q == 15)
-                        .map(|(j, _)| ci * 64 + j),
-                );
-            }
-        }
-    }
+    let esc_at = if n_esc > 0 {
+        escapes_at(&e)
+    } else {
+        Vec::new()
+    };
     for (row, &r) in e.chunks_exact_mut(w).zip(row_off) {
         let base = r.wrapping_sub(7);
         for (x, &c) in row.iter_mut().zip(col) {
