@@ -124,10 +124,9 @@ impl Iterator for BatchStream {
 struct Pool {
     specs: Vec<ArraySpec>,
     slabs: Vec<Vec<u8>>,
-    /// Buffer position -> slab row.
+    /// Buffer position -> slab row; every slab row is in `order` or in `free`.
     order: Vec<u32>,
     free: Vec<u32>,
-    rows: usize,
 }
 
 impl Pool {
@@ -137,7 +136,6 @@ impl Pool {
             slabs: vec![Vec::new(); specs.len()],
             order: Vec::new(),
             free: Vec::new(),
-            rows: 0,
         }
     }
 
@@ -149,19 +147,18 @@ impl Pool {
     fn push(&mut self, src: &[Vec<u8>], ts: &[u32]) {
         let mut from = Vec::with_capacity(ts.len());
         for &t in ts {
-            let r = self.free.pop().unwrap_or_else(|| {
-                self.rows += 1;
-                (self.rows - 1) as u32
-            });
+            // A new slab row when none is free: its index is the slab's row count.
+            let r = self.free.pop().unwrap_or(self.order.len() as u32);
             self.order.push(r);
             from.push((r, t));
         }
         // A slab row is written by at most one task: sorted by slab row, `from` splits the
         // slab into disjoint pieces.
         from.sort_unstable();
+        let rows = self.order.len() + self.free.len();
         for ((slab, s), a) in self.slabs.iter_mut().zip(src).zip(&self.specs) {
             let rb = a.row_bytes();
-            slab.resize(self.rows * rb, 0);
+            slab.resize(rows * rb, 0);
             scatter(slab, 0, rb, &from, s);
         }
     }
