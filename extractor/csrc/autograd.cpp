@@ -431,14 +431,13 @@ extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *col
 // allocator, made on the calling thread's stream (so after the work that wrote `t`): the copy
 // runs at full PCIe speed, and its buffers come back batch after batch instead of fresh pages
 // the kernel must fault in, which on the H200 VM held the extraction's store writer to 1.5 GB/s.
-// Without wait, the copy is only queued: its bytes are there once the stream has reached it
-// (any later blocking read from the device on this stream waits for it).
-extern "C" int dmsae_to_host_pinned(at::Tensor *t, int wait, at::Tensor **out, char *err,
-                                    size_t err_len) {
+// The copy is only queued: its bytes are there once the stream has reached it (any later
+// blocking read from the device on this stream waits for it).
+extern "C" int dmsae_to_host_pinned(at::Tensor *t, at::Tensor **out, char *err, size_t err_len) {
   return guarded(
       [&] {
         auto h = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
-        h.copy_(*t, /*non_blocking=*/wait == 0);
+        h.copy_(*t, /*non_blocking=*/true);
         return h;
       },
       out, err, err_len);

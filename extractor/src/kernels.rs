@@ -832,7 +832,6 @@ extern "C" {
     ) -> c_int;
     fn dmsae_to_host_pinned(
         t: *mut torch_sys::C_tensor,
-        wait: c_int,
         out: *mut *mut torch_sys::C_tensor,
         err: *mut c_char,
         err_len: usize,
@@ -890,9 +889,7 @@ pub fn to_host_queued(t: &Tensor) -> Result<Tensor, String> {
         return t.f_contiguous().map_err(|e| e.to_string());
     }
     // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe {
-        dmsae_to_host_pinned(t.as_ptr() as *mut _, 0, out, err, len)
-    })
+    new_tensor(|out, err, len| unsafe { dmsae_to_host_pinned(t.as_ptr() as *mut _, out, err, len) })
 }
 
 /// A host tensor in page-locked memory, ready for a non-blocking upload (needs CUDA loaded).
@@ -1049,18 +1046,29 @@ pub(crate) mod tests {
                     "{fixture} {kind:?}"
                 );
                 let Some(f32) = &float32 else {
-                    assert!(d.iter().all(|&x| x <= 1e-5), "{fixture} {kind:?}: differs by {d:?}");
+                    assert!(
+                        d.iter().all(|&x| x <= 1e-5),
+                        "{fixture} {kind:?}: differs by {d:?}"
+                    );
                     float32 = Some(want);
                     continue;
                 };
                 for (what, ours, aten, exact) in [
                     ("layer output", &got.resid, &want.resid, &f32.resid),
                     ("loss", &got.loss, &want.loss, &f32.loss),
-                    ("gradient", got.grad.as_ref().unwrap(), want.grad.as_ref().unwrap(), f32.grad.as_ref().unwrap()),
+                    (
+                        "gradient",
+                        got.grad.as_ref().unwrap(),
+                        want.grad.as_ref().unwrap(),
+                        f32.grad.as_ref().unwrap(),
+                    ),
                 ] {
                     let (e, a) = (rel(ours, exact), rel(aten, exact));
                     eprintln!("  {what} against float32: emulated kernels {e:.2e}, ATen {a:.2e}");
-                    assert!(e <= 2.0 * a + 1e-7, "{fixture} bf16 {what}: {e:e} from float32, ATen {a:e}");
+                    assert!(
+                        e <= 2.0 * a + 1e-7,
+                        "{fixture} bf16 {what}: {e:e} from float32, ATen {a:e}"
+                    );
                 }
             }
         }
@@ -1152,10 +1160,16 @@ pub(crate) mod tests {
                 "{kind:?} cap {cap:?} vocab {vocab} on {device:?}, against float64: kernel loss {dl:.2e}, gradient {dg:.2e}; ATen loss {al:.2e}, gradient {ag:.2e}"
             );
             assert!(dl <= loss_tol, "{kind:?} cap {cap:?}: loss off by {dl:e}");
-            assert!(dg <= grad_tol, "{kind:?} cap {cap:?}: gradient off by {dg:e}");
+            assert!(
+                dg <= grad_tol,
+                "{kind:?} cap {cap:?}: gradient off by {dg:e}"
+            );
             if kind == Kind::Float {
                 let (l, g) = (rel_max(&loss, &aten_loss), rel_max(&g, &aten_g));
-                assert!(l <= loss_tol && g <= grad_tol, "float32: {l:e} {g:e} from ATen");
+                assert!(
+                    l <= loss_tol && g <= grad_tol,
+                    "float32: {l:e} {g:e} from ATen"
+                );
             }
             assert_eq!(g.kind(), kind);
             // The row without a target: zero loss, zero gradient.
@@ -1189,7 +1203,8 @@ pub(crate) mod tests {
     /// none, bf16 and float32. In bf16 the kernel is float32 inside and rounds each stored value
     /// once, where ATen's chain rounds five times on the way back: both are measured against
     /// the exact function (float64 on the same bf16 inputs), and the kernel must be within one
-    /// bf16 rounding (2^-8) of its largest entry, and no further from it than ATen is.
+    /// bf16 rounding (2^-8) of its largest entry (two for the score gradient), and no further
+    /// from it than ATen is, give or take one.
     fn attention_against_aten(device: Device) {
         for t in [19, 40] {
             attention_against_aten_at(device, t);
