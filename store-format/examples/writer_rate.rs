@@ -25,7 +25,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
     };
     let data: Vec<Vec<u8>> = (0..2)
-        .map(|_| (0..rows * d).flat_map(|_| bf16(normal()).to_le_bytes()).collect())
+        .map(|_| {
+            (0..rows * d)
+                .flat_map(|_| bf16(normal()).to_le_bytes())
+                .collect()
+        })
         .collect();
     let _ = std::fs::remove_dir_all(dir);
     let mut w = StoreWriter::create(dir, arrays, WriterOptions::default())?;
