@@ -48,9 +48,11 @@ std::vector<std::unique_ptr<Barrier>> warp_barriers;
 std::vector<float> lanes;  // one slot per thread, for shuffles
 }  // namespace emu
 
+#define DMSAE_EMULATOR
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)

@@ -20,12 +20,22 @@ __device__ __forceinline__ long long warp_index() {
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((unsigned)x) << 16); }
 
-// Round to nearest even, NaN kept quiet: c10::BFloat16's conversion.
+// Round to nearest even, NaN kept quiet: c10::BFloat16's conversion. On the GPU one cvt
+// instruction (the same rounding; a NaN comes out as 0x7fff rather than 0x7fc0), where the
+// integer form took five an element.
+#ifdef DMSAE_EMULATOR
 __device__ __forceinline__ bf16 bf16_of(float x) {
   unsigned u = __float_as_uint(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
   return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+#else
+__device__ __forceinline__ bf16 bf16_of(float x) {
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+}
+#endif
 
 __device__ __forceinline__ void put(float *p, float x) { *p = x; }
 __device__ __forceinline__ void put(bf16 *p, float x) { *p = bf16_of(x); }
@@ -63,6 +73,47 @@ template <typename T> __device__ __forceinline__ bool packs_fit(const void *p, l
   return false;
 #endif
   return n % PackLen<T>::n == 0 && aligned(p, 16);
+}
+
+// 2^x and 1/x as one special-function instruction each (ex2.approx: 2^-22 relative;
+// rcp.approx: 1 ulp; both flush subnormals). expf and tanhf's accurate paths cost 10 and 20-odd
+// instructions and were what bound the soft-cap kernels. The emulator (csrc/cuda_emulator.cpp)
+// defines DMSAE_EMULATOR and computes them exactly.
+#ifdef DMSAE_EMULATOR
+__device__ __forceinline__ float ex2_fast(float x) { return exp2f(x); }
+__device__ __forceinline__ float rcp_fast(float x) { return 1.f / x; }
+#else
+__device__ __forceinline__ float ex2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp_fast(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
+
+#define LOG2E 1.4426950408889634f
+
+// tanh(x) as 1 - 2r with r = 1 / (1 + e^(2x)): what a soft-cap c * tanh(x) needs, in three
+// instructions. c * (tanh - 1) = -2 c r is formed without cancellation, so exp(z - c) and
+// 1 - tanh^2 = 4 r (1 - r) keep float32's relative precision; tanh itself is within 1e-7 of the
+// exact value. x = +-inf give r = 0 and 1; NaN stays NaN. Callers pass y = 2 log2(e) x, the
+// factor folded into whatever x is scaled by already.
+struct TanhParts {
+  float r, e;  // r, and e^(2x)
+};
+__device__ __forceinline__ TanhParts tanh_parts(float y) {
+  const float e = ex2_fast(y);
+  TanhParts p = {rcp_fast(1.f + e), e};
+  return p;
+}
+__device__ __forceinline__ float tanh_of(TanhParts p) { return 1.f - 2.f * p.r; }
+// 1 - tanh^2 = 4 r (1 - r), with 1 - r = e r where r is near 1 (e < 1).
+__device__ __forceinline__ float tanh_slope(TanhParts p) {
+  return 4.f * p.r * (p.e < 1.f ? p.e * p.r : 1.f - p.r);
 }
 
 // x as the storage type T would hold it.

@@ -2,7 +2,9 @@
 // gelu and a multiply forward (5 passes over the [tokens, 9216] intermediates) and two
 // multiplies and gelu's backward (9) backward; here 3 and 5. Each step rounds as that sequence
 // does: g = gelu(gate) in the model dtype, then g * up; backward d_g = dh * up and d_up = dh * g,
-// then d_gate = d_g * gelu'(gate). gelu is ATen's formula, tanh (`tanh`) or erf (`erf`).
+// then d_gate = d_g * gelu'(gate). gelu is ATen's formula, tanh (`tanh`) or erf (`erf`); the
+// tanh form's tanh is within 1e-7 of tanhf's rather than equal to it, so a float32 result
+// can differ from ATen's in its last bits and a bf16 one, rarely, by one rounding.
 
 #include "common.cuh"
 
@@ -13,28 +15,36 @@
 
 // The form is a template argument: as a run-time one, both forms were computed an element and
 // one selected (91 and 176 SASS instructions an element forward and backward, NVRTC 13).
-// gelu's transcendental term: tanh(inner) for the tanh form, erf(x / sqrt 2) for the erf form.
-template <int TANH> __device__ __forceinline__ float gelu_term(float x) {
-  if (TANH) return tanhf(K_BETA * (x + K_KAPPA * (x * x * x)));
-  return erff(x * K_SQRT1_2);
+// gelu's transcendental term: for the tanh form tanh(inner) as common.cuh's TanhParts (one
+// exp and one reciprocal where tanhf took 20-odd instructions and both of its branches), for
+// the erf form erf(x / sqrt 2) in .r.
+template <int TANH> __device__ __forceinline__ TanhParts gelu_term(float x) {
+  if (TANH) return tanh_parts((2.f * LOG2E * K_BETA) * (x + K_KAPPA * (x * x * x)));
+  TanhParts t = {erff(x * K_SQRT1_2), 0.f};
+  return t;
 }
 
-template <int TANH> __device__ __forceinline__ float gelu(float x, float term) {
-  if (TANH) return 0.5f * x * (1.f + term);
-  return x * 0.5f * (1.f + term);
+// (1 + tanh) / 2 = 1 - r, as e r where that is the accurate form (gelu's left tail).
+__device__ __forceinline__ float half_one_plus_tanh(TanhParts t) {
+  return t.e < 1.f ? t.e * t.r : 1.f - t.r;
+}
+
+template <int TANH> __device__ __forceinline__ float gelu(float x, TanhParts term) {
+  if (TANH) return x * half_one_plus_tanh(term);
+  return x * 0.5f * (1.f + term.r);
 }
 
 // dy * gelu'(x), from the same term (the backward computes it once for both gradients).
-template <int TANH> __device__ __forceinline__ float gelu_grad(float dy, float x, float term) {
+template <int TANH>
+__device__ __forceinline__ float gelu_grad(float dy, float x, TanhParts term) {
   if (TANH) {
     const float x_sq = x * x;
-    const float left = 0.5f * x, right = 1.f + term;
-    const float left_derivative = 0.5f * right;
-    const float right_derivative = left * (1.f - term * term);
+    const float left_derivative = half_one_plus_tanh(term);
+    const float right_derivative = 0.5f * x * tanh_slope(term);
     const float inner_derivative = K_BETA * (1.f + 3.f * K_KAPPA * x_sq);
     return dy * (left_derivative + right_derivative * inner_derivative);
   }
-  const float cdf = 0.5f * (1.f + term);
+  const float cdf = 0.5f * (1.f + term.r);
   const float pdf = expf(-0.5f * x * x) * K_ALPHA;
   return dy * (cdf + x * pdf);
 }
@@ -64,7 +74,7 @@ __device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_ga
 #pragma unroll
     for (int k = 0; k < W; k++) {
       const float x = to_f(a.v[k]), dy = to_f(c.v[k]);
-      const float term = gelu_term<TANH>(x);
+      const TanhParts term = gelu_term<TANH>(x);
       const float g = rnd<T>(gelu<TANH>(x, term));
       put(&du.v[k], dy * g);
       put(&dg.v[k], gelu_grad<TANH>(rnd<T>(dy * to_f(b.v[k])), x, term));

@@ -21,6 +21,10 @@ pub struct Source {
     pub kernels: &'static [&'static str],
 }
 
+/// The largest final soft-cap `softcap_ce` takes: it measures the softmax from the cap, and
+/// below it by 2 c the exponentials would leave float32's normal range past c = 43.
+pub const CE_MAX_CAP: f64 = 40.0;
+
 /// The fused soft-cap cross-entropy, launched by `softcap_ce`.
 pub const SOFTCAP_CE: Source = Source {
     name: "softcap_ce.cu",
@@ -588,6 +592,11 @@ fn softcap_ce_in_blocks_of(
             ))
         }
     };
+    if cap.is_some_and(|c| c > CE_MAX_CAP) {
+        return Err(format!(
+            "softcap_ce: a soft-cap above {CE_MAX_CAP} is not supported, got {cap:?}"
+        ));
+    }
     let kernel = match logits.kind() {
         Kind::BFloat16 => "softcap_ce_bf16",
         Kind::Float => "softcap_ce_f32",
@@ -1205,16 +1214,22 @@ pub(crate) mod tests {
     /// the exact function (float64 on the same bf16 inputs), and the kernel must be within one
     /// bf16 rounding (2^-8) of its largest entry (two for the score gradient), and no further
     /// from it than ATen is, give or take one.
+    ///
+    /// T = 1,032 (one batch and head) takes the two-pass path for rows too long to hold in
+    /// registers: float32 rows (258 packs) both ways, bf16 ones (129 packs) in the backward; the
+    /// bf16 forward holds 8 packs a lane.
     fn attention_against_aten(device: Device) {
         for t in [19, 40] {
-            attention_against_aten_at(device, t);
+            attention_against_aten_at(device, [2, 2, 2], t);
         }
+        attention_against_aten_at(device, [1, 1, 1], 1032);
     }
 
-    fn attention_against_aten_at(device: Device, t: i64) {
+    fn attention_against_aten_at(device: Device, lead: [i64; 3], t: i64) {
         tch::manual_seed(5);
-        let s32 = Tensor::randn([2, 2, 2, t, t], (Kind::Float, device)) * 2.0;
-        let r32 = Tensor::randn([2, 2, 2, t, t], (Kind::Float, device));
+        let shape = [lead[0], lead[1], lead[2], t, t];
+        let s32 = Tensor::randn(shape, (Kind::Float, device)) * 2.0;
+        let r32 = Tensor::randn(shape, (Kind::Float, device));
         let q = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
         let k = q.view([1, t]);
         let causal = k.gt_tensor(&q);

@@ -535,7 +535,8 @@ impl Decoder {
         } else {
             chunk
         };
-        let fused = kernels::use_fused(&flat, &kernels::SOFTCAP_CE);
+        let fused = kernels::use_fused(&flat, &kernels::SOFTCAP_CE)
+            && self.final_softcap.is_none_or(|c| c <= kernels::CE_MAX_CAP);
         let (mut losses, mut grads) = (Vec::new(), Vec::new());
         let _g = tch::no_grad_guard();
         let mut s = 0;
