@@ -117,30 +117,38 @@ struct SoftcapSoftmax : public torch::autograd::Function<SoftcapSoftmax> {
     return {ds, at::Tensor(), at::Tensor()};
   }
 };
+// rms_norm(x) * scale, or with `res` defined res + that (rms_norm.cu), differentiable in x and
+// res (RmsNormAdd). An undefined tensor cannot be an autograd argument, hence two Functions.
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
-  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &scale,
-                            double eps) {
+  static at::Tensor run(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &scale,
+                        const at::Tensor &res, double eps) {
     const int64_t d = x.size(-1), rows = x.numel() / d;
     TORCH_CHECK(x.is_contiguous(), "rms_norm: the input must be contiguous");
     TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 1 &&
                     scale.size(0) == d && scale.device() == x.device(),
                 "rms_norm: the scale must be a contiguous float32 [", d, "] beside the input");
+    TORCH_CHECK(!res.defined() || (res.is_contiguous() && res.sizes() == x.sizes() &&
+                                   res.scalar_type() == x.scalar_type() &&
+                                   res.device() == x.device()),
+                "rms_norm: the residual must be contiguous and shaped as the input, beside it");
     const std::string kernel = "rms_norm_fwd" + suffix(x);
     auto y = at::empty_like(x);
     auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-    void *px = x.data_ptr(), *pw = scale.data_ptr(), *py = y.data_ptr(), *pr = rstd.data_ptr();
+    void *px = x.data_ptr(), *pw = scale.data_ptr(), *pres = res.defined() ? res.data_ptr() : nullptr,
+         *py = y.data_ptr(), *pr = rstd.data_ptr();
     long long r = rows, n = d;
     float e = (float)eps;
-    void *args[] = {&px, &pw, &py, &pr, &r, &n, &e};
+    void *args[] = {&px, &pw, &pres, &py, &pr, &r, &n, &e};
     launch(kernel, x, rows, args);
     ctx->save_for_backward({x, scale, rstd});
     return y;
   }
 
-  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+  // d(loss)/dx from d(loss)/dy.
+  static at::Tensor input_grad(AutogradContext *ctx, const at::Tensor &grad) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &scale = saved[1], &rstd = saved[2];
-    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    const at::Tensor dy = grad.to(x.scalar_type()).contiguous();
     const int64_t d = x.size(-1), rows = x.numel() / d;
     auto dx = at::empty_like(x);
     void *px = x.data_ptr(), *pw = scale.data_ptr(), *pr = rstd.data_ptr(), *pdy = dy.data_ptr(),
@@ -148,7 +156,27 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
     long long r = rows, n = d;
     void *args[] = {&px, &pw, &pr, &pdy, &pdx, &r, &n};
     launch("rms_norm_bwd" + suffix(x), x, rows, args);
-    return {dx, at::Tensor(), at::Tensor()};
+    return dx;
+  }
+
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &scale,
+                            double eps) {
+    return run(ctx, x, scale, at::Tensor(), eps);
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    return {input_grad(ctx, grads[0]), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct RmsNormAdd : public torch::autograd::Function<RmsNormAdd> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &res, const at::Tensor &x,
+                            const at::Tensor &scale, double eps) {
+    return RmsNorm::run(ctx, x, scale, res, eps);
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    return {grads[0], RmsNorm::input_grad(ctx, grads[0]), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -222,6 +250,26 @@ struct Rope : public torch::autograd::Function<Rope> {
     auto dx = at::empty({dout.size(0), dout.size(2), dout.size(1), dout.size(3)}, dout.options());
     run("rope_bwd", dx, dout, cs, dx, ctx->saved_data["pre"].toDouble());
     return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// x [B, A, C, D] as [B, C, A, D] contiguous (rope.cu's swap_heads), the gradient swapped back.
+struct SwapHeads : public torch::autograd::Function<SwapHeads> {
+  static at::Tensor run(const at::Tensor &x) {
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && x.numel() < (int64_t(1) << 32),
+                "swap_heads: x must be contiguous [B, A, C, D], under 2^32 elements");
+    auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options());
+    void *pi = x.data_ptr(), *po = out.data_ptr();
+    long long a = x.size(1), c = x.size(2), d = x.size(3), n = x.numel();
+    void *args[] = {&pi, &po, &a, &c, &d, &n};
+    if (n > 0) launch_elementwise("swap_heads" + suffix(x), x, pack_threads(x, n), args);
+    return out;
+  }
+
+  static at::Tensor forward(AutogradContext *, const at::Tensor &x) { return run(x); }
+
+  static variable_list backward(AutogradContext *, variable_list grads) {
+    return {run(grads[0].contiguous())};
   }
 };
 
@@ -391,6 +439,12 @@ extern "C" int dmsae_rms_norm(at::Tensor *x, at::Tensor *scale, double eps, at::
   return guarded([&] { return RmsNorm::apply(*x, *scale, eps); }, out, err, err_len);
 }
 
+// res + the RMSNorm of x, differentiable in both; as dmsae_softcap_softmax below.
+extern "C" int dmsae_rms_norm_add(at::Tensor *res, at::Tensor *x, at::Tensor *scale, double eps,
+                                  at::Tensor **out, char *err, size_t err_len) {
+  return guarded([&] { return RmsNormAdd::apply(*res, *x, *scale, eps); }, out, err, err_len);
+}
+
 // gelu(gate) * up, gelu's tanh form when tanh_approx != 0, differentiable in both; as
 // dmsae_softcap_softmax below.
 extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
@@ -403,6 +457,11 @@ extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
 extern "C" int dmsae_rope(at::Tensor *x, at::Tensor *cs, double pre, at::Tensor **out, char *err,
                           size_t err_len) {
   return guarded([&] { return Rope::apply(*x, *cs, pre); }, out, err, err_len);
+}
+
+// x [B, A, C, D] as [B, C, A, D], differentiable; as dmsae_softcap_softmax below.
+extern "C" int dmsae_swap_heads(at::Tensor *x, at::Tensor **out, char *err, size_t err_len) {
+  return guarded([&] { return SwapHeads::apply(*x); }, out, err, err_len);
 }
 
 // EncoderEntries above; as dmsae_softcap_softmax below.

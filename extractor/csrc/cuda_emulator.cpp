@@ -71,6 +71,7 @@ static inline unsigned __float_as_uint(float f) {
   return u;
 }
 static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline void __syncthreads() { emu::block_barrier->wait(); }
 static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned t = threadIdx.x, warp = t / 32;
@@ -161,13 +162,15 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     });
   } else if (k == "rms_norm_fwd_bf16") {
     launch(grid, block, [=] {
-      rms_norm_fwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
-                        arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<float>(a, 6));
+      rms_norm_fwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1),
+                        arg<const bf16 *>(a, 2), arg<bf16 *>(a, 3), arg<float *>(a, 4),
+                        arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
     });
   } else if (k == "rms_norm_fwd_f32") {
     launch(grid, block, [=] {
-      rms_norm_fwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
-                       arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<float>(a, 6));
+      rms_norm_fwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                       arg<const float *>(a, 2), arg<float *>(a, 3), arg<float *>(a, 4),
+                       arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
     });
   } else if (k == "rms_norm_bwd_bf16") {
     launch(grid, block, [=] {
@@ -213,6 +216,16 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     launch(grid, block, [=] {
       f(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2), arg<ll>(a, 3),
         arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+    });
+  } else if (k == "swap_heads_bf16") {
+    launch(grid, block, [=] {
+      swap_heads_bf16(arg<const bf16 *>(a, 0), arg<bf16 *>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                      arg<ll>(a, 4), arg<ll>(a, 5));
+    });
+  } else if (k == "swap_heads_f32") {
+    launch(grid, block, [=] {
+      swap_heads_f32(arg<const float *>(a, 0), arg<float *>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                     arg<ll>(a, 4), arg<ll>(a, 5));
     });
   } else if (k == "decoder_grad_stats") {
     launch(grid, block, [=] {

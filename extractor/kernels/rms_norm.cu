@@ -7,11 +7,18 @@
 
 #include "common.cuh"
 
-// A row in packs of W (the scale too, as float32 packs).
-template <typename T, int W>
-__device__ void rms_norm_fwd_row(const T *xr, const float *scale, T *yr, float *rstd, long long d,
-                                 float eps, int lane) {
+// A row in packs of W (the scale too, as float32 packs); with a residual row `res`, y is
+// res + the norm, the norm rounded to T first as ATen's add of the two would find it (Gemma's
+// post-attention and post-feedforward norms feed the residual stream: one pass where a norm
+// and an add were three). __fmul_rn keeps the product from fusing into the add (float32).
+// Loops unrolled three ways (Gemma-2-2B's rows are 9 packs a lane), the rows __restrict__, so
+// that a lane has three packs' loads in flight rather than one.
+template <typename T, int W, bool RES>
+__device__ void rms_norm_fwd_row(const T *__restrict__ xr, const float *__restrict__ scale,
+                                 const T *__restrict__ res, T *__restrict__ yr, float *rstd,
+                                 long long d, float eps, int lane) {
   float ss = 0.f;
+#pragma unroll 3
   for (long long j = lane; j < d / W; j += 32) {
     const Pack<T, W> a = pack_at<T, W>(xr, j);
 #pragma unroll
@@ -21,21 +28,31 @@ __device__ void rms_norm_fwd_row(const T *xr, const float *scale, T *yr, float *
     }
   }
   const float r = rsqrtf(warp_sum(ss) / (float)d + eps);
+#pragma unroll 3
   for (long long j = lane; j < d / W; j += 32) {
     const Pack<T, W> a = pack_at<T, W>(xr, j);
     const Pack<float, W> s = pack_at<float, W>(scale, j);
     Pack<T, W> out;
+    if (RES) {
+      const Pack<T, W> h = pack_at<T, W>(res, j);
 #pragma unroll
-    for (int k = 0; k < W; k++) put(&out.v[k], to_f(a.v[k]) * r * s.v[k]);
+      for (int k = 0; k < W; k++)
+        put(&out.v[k], to_f(h.v[k]) + rnd<T>(__fmul_rn(to_f(a.v[k]) * r, s.v[k])));
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; k++) put(&out.v[k], to_f(a.v[k]) * r * s.v[k]);
+    }
     store_pack<T, W>(yr, j, out);
   }
   if (lane == 0) *rstd = r;
 }
 
 template <typename T, int W>
-__device__ void rms_norm_bwd_row(const T *xr, const float *scale, float r, const T *dyr, T *dxr,
+__device__ void rms_norm_bwd_row(const T *__restrict__ xr, const float *__restrict__ scale,
+                                 float r, const T *__restrict__ dyr, T *__restrict__ dxr,
                                  long long d, int lane) {
   float a = 0.f;
+#pragma unroll 3
   for (long long j = lane; j < d / W; j += 32) {
     const Pack<T, W> x = pack_at<T, W>(xr, j), dy = pack_at<T, W>(dyr, j);
     const Pack<float, W> s = pack_at<float, W>(scale, j);
@@ -43,6 +60,7 @@ __device__ void rms_norm_bwd_row(const T *xr, const float *scale, float r, const
     for (int k = 0; k < W; k++) a += to_f(dy.v[k]) * s.v[k] * to_f(x.v[k]);
   }
   const float c = warp_sum(a) / (float)d * r * r * r;
+#pragma unroll 3
   for (long long j = lane; j < d / W; j += 32) {
     const Pack<T, W> x = pack_at<T, W>(xr, j), dy = pack_at<T, W>(dyr, j);
     const Pack<float, W> s = pack_at<float, W>(scale, j);
@@ -61,18 +79,25 @@ __device__ bool rows_in_packs(const T *a, const T *b, const float *scale, long l
   return packs_fit<T>(a, d) && aligned(b, 16) && aligned(scale, w * sizeof(float));
 }
 
+// res: null, or the residual [rows, d] y adds the norm to.
 template <typename T>
-__device__ void rms_norm_fwd(const T *x, const float *scale, T *y, float *rstd, long long rows,
-                             long long d, float eps) {
+__device__ void rms_norm_fwd(const T *x, const float *scale, const T *res, T *y, float *rstd,
+                             long long rows, long long d, float eps) {
   const long long row = warp_index();
   if (row >= rows) return;  // the whole warp: rows are warp-uniform
   const int lane = threadIdx.x & 31;
-  const T *xr = x + row * d;
+  const T *xr = x + row * d, *rr = res ? res + row * d : res;
   T *yr = y + row * d;
-  if (rows_in_packs(x, y, scale, d))
-    rms_norm_fwd_row<T, PackLen<T>::n>(xr, scale, yr, rstd + row, d, eps, lane);
+  const bool packed = rows_in_packs(x, y, scale, d) && aligned(res, 16);
+  constexpr int P = PackLen<T>::n;
+  if (packed && res)
+    rms_norm_fwd_row<T, P, true>(xr, scale, rr, yr, rstd + row, d, eps, lane);
+  else if (packed)
+    rms_norm_fwd_row<T, P, false>(xr, scale, rr, yr, rstd + row, d, eps, lane);
+  else if (res)
+    rms_norm_fwd_row<T, 1, true>(xr, scale, rr, yr, rstd + row, d, eps, lane);
   else
-    rms_norm_fwd_row<T, 1>(xr, scale, yr, rstd + row, d, eps, lane);
+    rms_norm_fwd_row<T, 1, false>(xr, scale, rr, yr, rstd + row, d, eps, lane);
 }
 
 template <typename T>
@@ -89,14 +114,16 @@ __device__ void rms_norm_bwd(const T *x, const float *scale, const float *rstd, 
     rms_norm_bwd_row<T, 1>(xr, scale, rstd[row], dyr, dxr, d, lane);
 }
 
-extern "C" __global__ void rms_norm_fwd_bf16(const bf16 *x, const float *scale, bf16 *y,
-                                            float *rstd, long long rows, long long d, float eps) {
-  rms_norm_fwd<bf16>(x, scale, y, rstd, rows, d, eps);
+extern "C" __global__ void rms_norm_fwd_bf16(const bf16 *x, const float *scale, const bf16 *res,
+                                            bf16 *y, float *rstd, long long rows, long long d,
+                                            float eps) {
+  rms_norm_fwd<bf16>(x, scale, res, y, rstd, rows, d, eps);
 }
 
-extern "C" __global__ void rms_norm_fwd_f32(const float *x, const float *scale, float *y,
-                                           float *rstd, long long rows, long long d, float eps) {
-  rms_norm_fwd<float>(x, scale, y, rstd, rows, d, eps);
+extern "C" __global__ void rms_norm_fwd_f32(const float *x, const float *scale, const float *res,
+                                           float *y, float *rstd, long long rows, long long d,
+                                           float eps) {
+  rms_norm_fwd<float>(x, scale, res, y, rstd, rows, d, eps);
 }
 
 extern "C" __global__ void rms_norm_bwd_bf16(const bf16 *x, const float *scale,

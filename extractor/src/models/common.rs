@@ -37,6 +37,15 @@ impl RmsNorm {
             .f_rms_norm([d], Some(&self.scale), self.eps)?;
         Ok(y.f_to_kind(x.kind())?)
     }
+
+    /// `res + forward(x)`: Gemma's post-norms onto the residual stream, one fused pass where
+    /// the kernel applies.
+    pub fn add_to(&self, res: &Tensor, x: &Tensor) -> Result<Tensor> {
+        if x.is_contiguous() && res.is_contiguous() && kernels::use_fused(x, &kernels::RMS_NORM) {
+            return kernels::rms_norm_add(res, x, &self.scale, self.eps).map_err(Error::Kernel);
+        }
+        Ok(res.f_add(&self.forward(x)?)?)
+    }
 }
 
 /// A bias-free linear layer, weight `[out, in]` as in the checkpoint.
@@ -210,7 +219,12 @@ impl Attention {
         let split = |y: Tensor, n: i64| y.f_view([b, t, n, hd]);
         let mut q = split(self.q_proj.forward(x)?, h)?;
         let mut k = split(self.k_proj.forward(x)?, kv)?;
-        let v = split(self.v_proj.forward(x)?, kv)?.f_transpose(1, 2)?;
+        let v = split(self.v_proj.forward(x)?, kv)?;
+        let fused_heads = kernels::use_fused(x, &kernels::ROPE);
+        let v = match fused_heads {
+            true => kernels::swap_heads(&v).map_err(Error::Kernel)?,
+            false => v.f_transpose(1, 2)?,
+        };
         if let Some((qn, kn)) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -219,7 +233,7 @@ impl Attention {
         // [B, H, T, T] scores: a quarter of the traffic at T = 4 Dh. Gemma's 1/sqrt(256) is a
         // power of two, so without a soft-cap this is exact in any dtype.
         let pre = self.scaling / self.softcap.unwrap_or(1.0);
-        let (q, k) = match kernels::use_fused(x, &kernels::ROPE) {
+        let (q, k) = match fused_heads {
             true => {
                 let cs = &ctx.cos_sin[lt as usize];
                 let rope = |y: &Tensor, pre: f64| kernels::rope(y, cs, pre).map_err(Error::Kernel);
@@ -252,7 +266,7 @@ impl Attention {
         if !f32_cuda && kernels::use_fused(x, &kernels::SOFTCAP_SOFTMAX) {
             let p = kernels::softcap_softmax(&s.f_contiguous()?, mask, self.softcap)
                 .map_err(Error::Kernel)?;
-            return self.attend(&p, &v, b, t);
+            return self.attend(&p, &v, b, t, fused_heads);
         }
         if let Some(c) = self.softcap {
             s = s.f_tanh()?.f_mul_scalar(c)?;
@@ -265,20 +279,22 @@ impl Attention {
             true => s.f_softmax(-1, Kind::Float)?.f_to_kind(x.kind())?,
             false => s.f_softmax(-1, None::<Kind>)?,
         };
-        self.attend(&p, &v, b, t)
+        self.attend(&p, &v, b, t, fused_heads)
     }
 
     /// The output projection of the probabilities `p` [B, KV, G, T, T] applied to `v`
-    /// [B, KV, T, Dh].
-    fn attend(&self, p: &Tensor, v: &Tensor, b: i64, t: i64) -> Result<Tensor> {
+    /// [B, KV, T, Dh]; the heads put back behind the tokens by the fused swap when `fused`.
+    fn attend(&self, p: &Tensor, v: &Tensor, b: i64, t: i64, fused: bool) -> Result<Tensor> {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let o = p
             .f_reshape([b, kv, -1, t])?
             .f_matmul(v)?
-            .f_view([b, h, t, hd])?
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, h * hd])?;
-        self.o_proj.forward(&o)
+            .f_view([b, h, t, hd])?;
+        let o = match fused {
+            true => kernels::swap_heads(&o).map_err(Error::Kernel)?,
+            false => o.f_transpose(1, 2)?,
+        };
+        self.o_proj.forward(&o.f_reshape([b, t, h * hd])?)
     }
 }
 
@@ -318,11 +334,11 @@ impl Block {
         let a = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx, self.layer_type)?;
-        let x = x.f_add(&self.post_attention_layernorm.forward(&a)?)?;
+        let x = self.post_attention_layernorm.add_to(x, &a)?;
         let m = self
             .mlp
             .forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
-        Ok(x.f_add(&self.post_feedforward_layernorm.forward(&m)?)?)
+        self.post_feedforward_layernorm.add_to(&x, &m)
     }
 }
 
