@@ -502,6 +502,14 @@ extern "C" int dmsae_to_host_pinned(at::Tensor *t, at::Tensor **out, char *err, 
       out, err, err_len);
 }
 
+// An uninitialised page-locked host tensor shaped and typed as `t` (kernels.rs's HostCopies
+// copies into it on a stream of its own).
+extern "C" int dmsae_empty_pinned(at::Tensor *t, at::Tensor **out, char *err, size_t err_len) {
+  return guarded(
+      [&] { return at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true)); },
+      out, err, err_len);
+}
+
 // The host tensor `t` in page-locked memory, for a non-blocking upload: Tensor::pin_memory()
 // without the device argument, which torch 2.11 deprecates with a warning at every call.
 extern "C" int dmsae_pin_memory(at::Tensor *t, at::Tensor **out, char *err, size_t err_len) {

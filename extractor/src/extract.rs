@@ -8,6 +8,7 @@
 
 use crate::data::Packer;
 use crate::error::{Error, Result};
+use crate::kernels::HostCopies;
 use crate::models::Model;
 use crate::profile::{self, Laps};
 use dmsae_store::{ArraySpec, Codec, DType, StoreWriter};
@@ -125,18 +126,21 @@ fn host_bytes(t: &Tensor) -> &[u8] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
 }
 
-/// `t`'s copy to the host, page-locked and only queued where it can be (`to_host_queued`: read
-/// it after a blocking read from the device); else pageable and waited for (slower, the same
-/// bytes), and stderr says why, once.
-fn to_host(t: &Tensor) -> Result<Tensor> {
-    crate::kernels::to_host_queued(t).or_else(|e| {
+/// Copies of `ts` to the host, started on the copy stream where they can be (`HostCopies`);
+/// else made at once into pageable memory (slower, the same bytes), and stderr says why, once.
+fn to_host(ts: &[&Tensor]) -> Result<HostCopies> {
+    HostCopies::start(ts).or_else(|e| {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {
             eprintln!(
                 "warning: page-locked copy to the host failed ({e}); copying to pageable memory"
             )
         });
-        Ok(t.f_to_device(tch::Device::Cpu)?.f_contiguous()?)
+        let cpu = ts
+            .iter()
+            .map(|t| t.f_to_device(tch::Device::Cpu))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        HostCopies::start(&cpu.iter().collect::<Vec<_>>()).map_err(Error::Kernel)
     })
 }
 
@@ -157,10 +161,10 @@ pub const BATCH_PHASES: [&str; 7] = [
 type Cols = [Vec<u8>; 7];
 
 /// Run the extraction. The model thread copies each batch into page-locked host memory; a
-/// writer thread lays out its rows and appends them (compression included) while batch n+1
-/// computes; at most two finished batches wait between them, which bounds memory. A
-/// packer thread reads and tokenizes ahead, a few batches' contexts at most, so the model
-/// does not wait for text either.
+/// lay-out thread puts its rows in store columns and a writer thread appends them (compression
+/// included) while batch n+1 computes; at most two finished batches wait for the first and
+/// one laid-out batch for the second, which bounds memory. A packer thread reads and tokenizes
+/// ahead, a few batches' contexts at most, so the model does not wait for text either.
 pub fn run(
     model: &Model,
     packer: &mut Packer,
@@ -175,12 +179,27 @@ pub fn run(
     std::thread::scope(|s| {
         // Two batches of slack: every fourth append compresses 32 chunks at once.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Computed>(2);
-        let w = s.spawn(move || -> Result<()> {
-            // Reused: fresh 100 MB columns each batch cost as much again in page faults.
-            let mut cols = Cols::default();
+        // Rows are laid out on a thread of their own, beside the writer's compression of the
+        // batch before: the two in turn on one thread took longer than the model's batch (30
+        // and 109 ms against 129, H200 host, 62k tokens/s, 0.33 s of 4.7 waiting for them).
+        let (laid_tx, laid_rx) = std::sync::mpsc::sync_channel::<Cols>(1);
+        // Column buffers go back for reuse: fresh 100 MB columns each batch cost as much again
+        // in page faults. At most three exist (laid out, queued, being written).
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Cols>();
+        let l = s.spawn(move || -> Result<()> {
             for c in rx {
+                let mut cols = free_rx.try_recv().unwrap_or_default();
                 c.lay_out(o, bos, dtype, d, device, &mut cols)?;
+                if laid_tx.send(cols).is_err() {
+                    break; // the writer failed; its error is reported
+                }
+            }
+            Ok(())
+        });
+        let w = s.spawn(move || -> Result<()> {
+            for cols in laid_rx {
                 writer.append(&cols.each_ref().map(Vec::as_slice))?;
+                let _ = free_tx.send(cols);
             }
             Ok(())
         });
@@ -199,8 +218,10 @@ pub fn run(
         profile::report();
         drop(contexts);
         drop(tx);
-        // A write error explains a failed send, so it comes first.
+        // A write error explains a failed send, so it comes first, then a lay-out error.
+        let laid = l.join().expect("row lay-out thread panicked");
         w.join().expect("store writer thread panicked")?;
+        laid?;
         r
     })
 }
@@ -232,8 +253,40 @@ fn batches(
     let mut skip = o.skip_rows;
     let mut next_id = 0u64;
     let mut batch_no = 0u64;
+    // Batch n is finished (its copies waited for, its checks read, its rows handed on) once
+    // batch n+1 is queued on the device, so the device does not idle while the host does that.
+    let mut in_flight: Option<InFlight> = None;
+    // Hands a launched batch to the writer; false if the writer has failed.
+    let hand_on = |f: InFlight, p: &mut Progress| -> Result<bool> {
+        let t_wait = Instant::now();
+        let computed = f.launched.finish().map_err(|e| match e {
+            Error::NonFinite(what) => Error::NonFinite(format!(
+                "batch {} (contexts {}..={}): NaN or inf in {what}; the batch was not written",
+                f.batch_no, f.first, f.last
+            )),
+            e => e,
+        })?;
+        let t_send = Instant::now();
+        p.model_seconds += (t_send - t_wait).as_secs_f64();
+        if tx.send(computed).is_err() {
+            return Ok(false); // the writer failed; run() reports its error
+        }
+        p.writer_wait_seconds += t_send.elapsed().as_secs_f64();
+        p.rows_written += f.rows;
+        p.tokens_computed += f.tokens;
+        p.contexts += f.contexts;
+        if p.first_batch.is_none() {
+            p.first_batch = Some((p.tokens_computed, start.elapsed().as_secs_f64()));
+        }
+        p.seconds = start.elapsed().as_secs_f64();
+        Ok(true)
+    };
     loop {
         if stop.load(Ordering::Relaxed) {
+            if let Some(f) = in_flight.take() {
+                hand_on(f, &mut p)?;
+                progress(&p);
+            }
             return Ok(Outcome::Stopped);
         }
         // Gather this worker's next batch; other workers' contexts are packed and dropped.
@@ -254,7 +307,9 @@ fn batches(
             }
             next_id += 1;
         }
-        if !toks.is_empty() {
+        let got = !toks.is_empty();
+        if got {
+            let n_contexts = toks.len() as u64;
             let keep = |tok: u32| o.keep_bos || tok != bos;
             let rows: u64 = toks
                 .iter()
@@ -262,60 +317,83 @@ fn batches(
                 .sum();
             if rows <= skip {
                 skip -= rows; // committed by an earlier run
+                p.contexts += n_contexts;
             } else {
-                let first = ids[0];
+                let (first, last) = (ids[0], ids[ids.len() - 1]);
+                let tokens = (toks.len() * t) as u64;
                 let t_model = Instant::now();
-                let computed = compute_batch(model, o, &ids, &toks, skip as usize)
-                    .map_err(|e| match e {
-                        Error::NonFinite(what) => Error::NonFinite(format!(
-                            "batch {batch_no} (contexts {first}..={}): NaN or inf in {what}; the batch was not written",
-                            ids[ids.len() - 1]
-                        )),
-                        e => e,
-                    })?;
-                let t_send = Instant::now();
-                p.model_seconds += (t_send - t_model).as_secs_f64();
-                if tx.send(computed).is_err() {
-                    return Ok(Outcome::Stopped); // the writer failed; run() reports its error
-                }
-                p.writer_wait_seconds += t_send.elapsed().as_secs_f64();
-                p.rows_written += rows - skip;
-                p.tokens_computed += (toks.len() * t) as u64;
+                let launched = launch_batch(model, o, ids, toks, skip as usize)?;
+                p.model_seconds += t_model.elapsed().as_secs_f64();
+                let f = InFlight {
+                    launched,
+                    batch_no,
+                    first,
+                    last,
+                    rows: rows - skip,
+                    tokens,
+                    contexts: n_contexts,
+                };
                 skip = 0;
-                if p.first_batch.is_none() {
-                    p.first_batch = Some((p.tokens_computed, start.elapsed().as_secs_f64()));
+                if let Some(f) = in_flight.replace(f) {
+                    if !hand_on(f, &mut p)? {
+                        return Ok(Outcome::Stopped);
+                    }
                 }
             }
-            p.contexts += toks.len() as u64;
-            p.seconds = start.elapsed().as_secs_f64();
-            progress(&p);
+            // What has been handed on (or skipped), not what is still on the device.
+            if p.contexts > 0 {
+                p.seconds = start.elapsed().as_secs_f64();
+                progress(&p);
+            }
             batch_no += 1;
+        }
+        if exhausted || next_id >= o.contexts {
+            if let Some(f) = in_flight.take() {
+                if !hand_on(f, &mut p)? {
+                    return Ok(Outcome::Stopped);
+                }
+                progress(&p);
+            }
         }
         if exhausted {
             return Ok(Outcome::DataExhausted {
                 contexts_in_data: next_id,
             });
         }
-        if next_id >= o.contexts && toks.is_empty() {
+        if next_id >= o.contexts && !got {
             return Ok(Outcome::Done);
         }
     }
 }
 
-fn compute_batch(
+/// A batch queued on the device, with where it came from.
+struct InFlight {
+    launched: Launched,
+    batch_no: u64,
+    first: u64,
+    last: u64,
+    /// Rows it writes, tokens it ran through the model, contexts it covers.
+    rows: u64,
+    tokens: u64,
+    contexts: u64,
+}
+
+/// Queues a batch on the device: the forward and backward, the NaN/inf checks, and the copies
+/// of the outputs (and the checks' flags) to the host. `Launched::finish` waits for them.
+fn launch_batch(
     model: &Model,
     o: &Options,
-    ids: &[u64],
-    toks: &[Vec<u32>],
+    ids: Vec<u64>,
+    toks: Vec<Vec<u32>>,
     skip: usize,
-) -> Result<Computed> {
+) -> Result<Launched> {
     let t = o.context;
     let want_grad: Vec<bool> = ids
         .iter()
         .map(|&c| o.grad_every > 0 && c % o.grad_every == 0)
         .collect();
     // Contexts with and without gradients run as two sub-batches; rows go back in context order.
-    let run = |sel: bool| -> Result<Option<(Vec<usize>, crate::LayerOutput)>> {
+    let run = |sel: bool| -> Result<Option<Part>> {
         let which: Vec<usize> = (0..ids.len()).filter(|&i| want_grad[i] == sel).collect();
         if which.is_empty() {
             return Ok(None);
@@ -327,35 +405,71 @@ fn compute_batch(
         let x = Tensor::f_from_slice(&flat)?.f_view([which.len() as i64, t as i64])?;
         let mut laps = Laps::start(model.device());
         let out = model.forward_layer_timed(&x, o.layer, sel, &mut laps)?;
-        let mut checks = vec![("acts", all_finite(&out.resid)?)];
+        // One flag a checked array; the first that fails names the error.
+        let mut checked = vec!["acts"];
+        let mut checks = vec![all_finite(&out.resid)?];
         if let Some(g) = &out.grad {
-            checks.push(("grads", all_finite(g)?));
+            checked.push("grads");
+            checks.push(all_finite(g)?);
         }
-        checks.push(("loss", all_finite(&out.loss.f_narrow(1, 0, t as i64 - 1)?)?));
+        checked.push("loss");
+        checks.push(all_finite(&out.loss.f_narrow(1, 0, t as i64 - 1)?)?);
+        let flags = Tensor::f_stack(&checks, 0)?;
         laps.lap(4);
-        // Copied out here, on the model's stream (from the writer's thread the copy queued
-        // behind batch n+1's kernels), and only queued: the checks' one read below waits for
-        // the copies too, so the batch costs the host one wait for the device, not six.
-        let out = crate::LayerOutput {
-            resid: to_host(&out.resid)?,
-            grad: out.grad.as_ref().map(to_host).transpose()?,
-            loss: to_host(&out.loss)?,
-        };
-        let flags = Tensor::f_stack(&checks.iter().map(|(_, f)| f).collect::<Vec<_>>(), 0)?;
-        let finite = Vec::<bool>::try_from(flags.f_to_device(tch::Device::Cpu)?)?;
-        if let Some((what, _)) = checks.iter().zip(&finite).find(|(_, ok)| !**ok) {
-            return Err(Error::NonFinite(what.0.into()));
-        }
+        let mut ts = vec![&out.resid, &out.loss, &flags];
+        ts.extend(out.grad.as_ref());
+        let copies = to_host(&ts)?;
         laps.lap(5);
-        Ok(Some((which, out)))
+        Ok(Some((which, copies, checked)))
     };
-    Ok(Computed {
+    Ok(Launched {
         parts: [run(true)?, run(false)?],
-        ids: ids.to_vec(),
-        toks: toks.to_vec(),
+        ids,
+        toks,
         want_grad,
         skip,
     })
+}
+
+/// A sub-batch on the device: its contexts, the copies of its outputs ([acts, loss, flags] and
+/// grads where it has them) on their way to the host, and the arrays its flags check.
+type Part = (Vec<usize>, HostCopies, Vec<&'static str>);
+
+/// A batch whose work is queued.
+struct Launched {
+    parts: [Option<Part>; 2],
+    ids: Vec<u64>,
+    toks: Vec<Vec<u32>>,
+    want_grad: Vec<bool>,
+    skip: usize,
+}
+
+impl Launched {
+    /// Waits for the batch's copies, then refuses it if a check failed.
+    fn finish(self) -> Result<Computed> {
+        let mut parts: [Option<(Vec<usize>, crate::LayerOutput)>; 2] = [None, None];
+        for (slot, part) in parts.iter_mut().zip(self.parts) {
+            let Some((which, copies, checked)) = part else {
+                continue;
+            };
+            let mut host = copies.wait().map_err(Error::Kernel)?.into_iter();
+            let (resid, loss, flags) = (host.next(), host.next(), host.next());
+            let (resid, loss, flags) = (resid.unwrap(), loss.unwrap(), flags.unwrap());
+            let grad = host.next();
+            let finite = Vec::<bool>::try_from(&flags)?;
+            if let Some((what, _)) = checked.iter().zip(&finite).find(|(_, ok)| !**ok) {
+                return Err(Error::NonFinite(what.to_string()));
+            }
+            *slot = Some((which, crate::LayerOutput { resid, loss, grad }));
+        }
+        Ok(Computed {
+            parts,
+            ids: self.ids,
+            toks: self.toks,
+            want_grad: self.want_grad,
+            skip: self.skip,
+        })
+    }
 }
 
 /// One batch's outputs, on the host, and what places their rows in the store.

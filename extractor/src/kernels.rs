@@ -422,6 +422,13 @@ struct Driver {
         *mut *mut c_void,
     ) -> c_int,
     error_string: unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int,
+    stream_create: unsafe extern "C" fn(*mut Handle, c_uint) -> c_int,
+    event_create: unsafe extern "C" fn(*mut Handle, c_uint) -> c_int,
+    event_record: unsafe extern "C" fn(Handle, Handle) -> c_int,
+    event_sync: unsafe extern "C" fn(Handle) -> c_int,
+    event_destroy: unsafe extern "C" fn(Handle) -> c_int,
+    stream_wait_event: unsafe extern "C" fn(Handle, Handle, c_uint) -> c_int,
+    copy_to_host: unsafe extern "C" fn(*mut c_void, u64, usize, Handle) -> c_int,
 }
 
 // SAFETY: plain function pointers into a library that stays loaded.
@@ -477,6 +484,13 @@ fn driver() -> Result<&'static Driver, String> {
                     function: sym(h, "cuModuleGetFunction")?,
                     launch: sym(h, "cuLaunchKernel")?,
                     error_string: sym(h, "cuGetErrorString")?,
+                    stream_create: sym(h, "cuStreamCreate")?,
+                    event_create: sym(h, "cuEventCreate")?,
+                    event_record: sym(h, "cuEventRecord")?,
+                    event_sync: sym(h, "cuEventSynchronize")?,
+                    event_destroy: sym(h, "cuEventDestroy_v2")?,
+                    stream_wait_event: sym(h, "cuStreamWaitEvent")?,
+                    copy_to_host: sym(h, "cuMemcpyDtoHAsync_v2")?,
                 };
                 d.check(init(0), "cuInit")?;
                 Ok(d)
@@ -484,6 +498,21 @@ fn driver() -> Result<&'static Driver, String> {
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// CUDA device `ordinal` and its primary context (torch's), retained.
+fn primary(ordinal: usize) -> Result<(c_int, Handle), String> {
+    let d = driver()?;
+    let (mut dev, mut ctx) = (0, std::ptr::null_mut());
+    // SAFETY: out-pointers into locals.
+    unsafe {
+        d.check((d.device_get)(&mut dev, ordinal as c_int), "cuDeviceGet")?;
+        d.check(
+            (d.retain_primary)(&mut ctx, dev),
+            "cuDevicePrimaryCtxRetain",
+        )?;
+    }
+    Ok((dev, ctx))
 }
 
 /// A compiled source loaded into one device's primary context (torch's), with its kernels.
@@ -504,15 +533,7 @@ fn loaded(src: &'static Source, ordinal: usize) -> Result<&'static Loaded, Strin
     let entry = cache.entry((src.name, ordinal)).or_insert_with(|| {
         Box::leak(Box::new((|| {
             let d = driver()?;
-            let (mut dev, mut ctx) = (0, std::ptr::null_mut());
-            // SAFETY: out-pointers into locals.
-            unsafe {
-                d.check((d.device_get)(&mut dev, ordinal as c_int), "cuDeviceGet")?;
-                d.check(
-                    (d.retain_primary)(&mut ctx, dev),
-                    "cuDevicePrimaryCtxRetain",
-                )?;
-            }
+            let (dev, ctx) = primary(ordinal)?;
             let (mut major, mut minor) = (0, 0);
             // SAFETY: as above.
             unsafe {
@@ -863,6 +884,12 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_empty_pinned(
+        t: *mut torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_pin_memory(
         t: *mut torch_sys::C_tensor,
         out: *mut *mut torch_sys::C_tensor,
@@ -917,6 +944,145 @@ pub fn to_host_queued(t: &Tensor) -> Result<Tensor, String> {
     }
     // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe { dmsae_to_host_pinned(t.as_ptr() as *mut _, out, err, len) })
+}
+
+/// Copies of CUDA tensors to page-locked host memory on a stream of their own, started after
+/// everything queued so far on torch's stream: the copies of batch n run beside batch n+1's
+/// kernels instead of in front of them (on an H200, 1.4 ms of a 134 ms batch of 8 x 1,024 in
+/// Gemma-2-2B's shapes). `wait` returns the host tensors once the copies are done; until then
+/// the device tensors are held here, so their memory is not handed to later work.
+pub struct HostCopies {
+    hosts: Vec<Tensor>,
+    /// The sources, on the device or (CPU tensors, copied at once) none.
+    held: Vec<Tensor>,
+    /// Recorded on the copy stream after the copies; null for CPU tensors.
+    done: Handle,
+    ctx: Handle,
+}
+
+// SAFETY: a driver event, valid in any thread with its context current; tensors are Send.
+unsafe impl Send for HostCopies {}
+
+/// The copy stream of CUDA device `ordinal` (non-blocking: no implicit order with the legacy
+/// default stream, only the events below).
+fn copy_stream(ordinal: usize) -> Result<(Handle, Handle), String> {
+    type Streams = Mutex<HashMap<usize, (usize, usize)>>;
+    static STREAMS: OnceLock<Streams> = OnceLock::new();
+    let mut streams = STREAMS.get_or_init(Default::default).lock().unwrap();
+    if let Some(&(ctx, s)) = streams.get(&ordinal) {
+        return Ok((ctx as Handle, s as Handle));
+    }
+    let d = driver()?;
+    let (_, ctx) = primary(ordinal)?;
+    let s = d.in_ctx(ctx, || {
+        let mut s: Handle = std::ptr::null_mut();
+        const CU_STREAM_NON_BLOCKING: c_uint = 1;
+        // SAFETY: an out-pointer into a local, the context current.
+        d.check(
+            unsafe { (d.stream_create)(&mut s, CU_STREAM_NON_BLOCKING) },
+            "cuStreamCreate",
+        )?;
+        Ok(s)
+    })?;
+    streams.insert(ordinal, (ctx as usize, s as usize));
+    Ok((ctx, s))
+}
+
+impl HostCopies {
+    /// Queue copies of `tensors` (all on one device) after the work queued on torch's stream.
+    pub fn start(tensors: &[&Tensor]) -> Result<HostCopies, String> {
+        let Some(dev) = tensors.first().map(|t| t.device()) else {
+            return Err("HostCopies: no tensors".into());
+        };
+        let tch::Device::Cuda(ordinal) = dev else {
+            let hosts = tensors
+                .iter()
+                .map(|t| t.f_contiguous().map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?;
+            return Ok(HostCopies {
+                hosts,
+                held: Vec::new(),
+                done: std::ptr::null_mut(),
+                ctx: std::ptr::null_mut(),
+            });
+        };
+        let d = driver()?;
+        let (ctx, stream) = copy_stream(ordinal)?;
+        let held = tensors
+            .iter()
+            .map(|t| t.f_contiguous().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if held.iter().any(|t| t.device() != dev) {
+            return Err("HostCopies: tensors on more than one device".into());
+        }
+        let hosts = held
+            .iter()
+            .map(|t| {
+                // SAFETY: a live tch handle, and the pointers `new_tensor` hands over.
+                new_tensor(|out, err, len| unsafe {
+                    dmsae_empty_pinned(t.as_ptr() as *mut _, out, err, len)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = d.in_ctx(ctx, || {
+            const CU_EVENT_DISABLE_TIMING: c_uint = 2;
+            let (mut ready, mut done): (Handle, Handle) = (std::ptr::null_mut(), std::ptr::null_mut());
+            // SAFETY: out-pointers into locals; the legacy default stream (null) is torch's;
+            // source and destination are live contiguous tensors of the same byte size, held
+            // until `wait` has synchronised on `done`.
+            unsafe {
+                d.check((d.event_create)(&mut ready, CU_EVENT_DISABLE_TIMING), "cuEventCreate")?;
+                d.check((d.event_record)(ready, std::ptr::null_mut()), "cuEventRecord")?;
+                d.check((d.stream_wait_event)(stream, ready, 0), "cuStreamWaitEvent")?;
+                d.check((d.event_destroy)(ready), "cuEventDestroy")?;
+                for (h, t) in hosts.iter().zip(&held) {
+                    let n = t.numel() * t.kind().elt_size_in_bytes();
+                    if n > 0 {
+                        let rc = (d.copy_to_host)(h.data_ptr(), t.data_ptr() as u64, n, stream);
+                        d.check(rc, "cuMemcpyDtoHAsync")?;
+                    }
+                }
+                d.check((d.event_create)(&mut done, CU_EVENT_DISABLE_TIMING), "cuEventCreate")?;
+                d.check((d.event_record)(done, stream), "cuEventRecord")?;
+            }
+            Ok(done)
+        })?;
+        Ok(HostCopies {
+            hosts,
+            held,
+            done,
+            ctx,
+        })
+    }
+
+    /// The host copies, in the order given, once they are complete.
+    pub fn wait(mut self) -> Result<Vec<Tensor>, String> {
+        self.sync()?;
+        Ok(std::mem::take(&mut self.hosts))
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        if self.done.is_null() {
+            return Ok(());
+        }
+        let d = driver()?;
+        let done = std::mem::replace(&mut self.done, std::ptr::null_mut());
+        let r = d.in_ctx(self.ctx, || {
+            // SAFETY: an event recorded on the copy stream, destroyed once waited for.
+            let rc = unsafe { (d.event_sync)(done) };
+            unsafe { (d.event_destroy)(done) };
+            d.check(rc, "cuEventSynchronize")
+        });
+        self.held.clear();
+        r
+    }
+}
+
+impl Drop for HostCopies {
+    fn drop(&mut self) {
+        // Never free a source (or a destination) while a copy may still read (or write) it.
+        let _ = self.sync();
+    }
 }
 
 /// A host tensor in page-locked memory, ready for a non-blocking upload (needs CUDA loaded).
