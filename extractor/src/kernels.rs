@@ -1026,13 +1026,20 @@ impl HostCopies {
             .collect::<Result<Vec<_>, _>>()?;
         let done = d.in_ctx(ctx, || {
             const CU_EVENT_DISABLE_TIMING: c_uint = 2;
-            let (mut ready, mut done): (Handle, Handle) = (std::ptr::null_mut(), std::ptr::null_mut());
+            let (mut ready, mut done): (Handle, Handle) =
+                (std::ptr::null_mut(), std::ptr::null_mut());
             // SAFETY: out-pointers into locals; the legacy default stream (null) is torch's;
             // source and destination are live contiguous tensors of the same byte size, held
             // until `wait` has synchronised on `done`.
             unsafe {
-                d.check((d.event_create)(&mut ready, CU_EVENT_DISABLE_TIMING), "cuEventCreate")?;
-                d.check((d.event_record)(ready, std::ptr::null_mut()), "cuEventRecord")?;
+                d.check(
+                    (d.event_create)(&mut ready, CU_EVENT_DISABLE_TIMING),
+                    "cuEventCreate",
+                )?;
+                d.check(
+                    (d.event_record)(ready, std::ptr::null_mut()),
+                    "cuEventRecord",
+                )?;
                 d.check((d.stream_wait_event)(stream, ready, 0), "cuStreamWaitEvent")?;
                 d.check((d.event_destroy)(ready), "cuEventDestroy")?;
                 for (h, t) in hosts.iter().zip(&held) {
@@ -1042,7 +1049,10 @@ impl HostCopies {
                         d.check(rc, "cuMemcpyDtoHAsync")?;
                     }
                 }
-                d.check((d.event_create)(&mut done, CU_EVENT_DISABLE_TIMING), "cuEventCreate")?;
+                d.check(
+                    (d.event_create)(&mut done, CU_EVENT_DISABLE_TIMING),
+                    "cuEventCreate",
+                )?;
                 d.check((d.event_record)(done, stream), "cuEventRecord")?;
             }
             Ok(done)
@@ -1580,8 +1590,14 @@ pub(crate) mod tests {
             let z = rms_norm_add(&h, &x, &scale, eps).unwrap();
             assert!(z.equal(&(&h + &y)), "{case}: the residual add differs");
             let g = Tensor::run_backward(&[(&z * &r).sum(Kind::Float)], &[&x, &h], false, false);
-            assert!(g[0].equal(&dx), "{case}: the norm's gradient differs onto a residual");
-            assert!(g[1].equal(&r), "{case}: the residual's gradient is not passed through");
+            assert!(
+                g[0].equal(&dx),
+                "{case}: the norm's gradient differs onto a residual"
+            );
+            assert!(
+                g[1].equal(&r),
+                "{case}: the residual's gradient is not passed through"
+            );
         }
     }
 
