@@ -47,12 +47,11 @@ __device__ __forceinline__ float warp_max(float a) {
   return a;
 }
 
-// A row of at most 32 NP packs of W, pack j = lane + 32 i held by this lane as zl[i].
-template <typename T, int W, int NP, int CAP>
-__device__ void softmax_fwd_regs(const T *sr, const unsigned char *mr, T *pr, float *stats,
-                                 int packs, float capl, int lane) {
-  float zl[NP][W], mx = NEG_INF, slope;
-  bool open[NP];
+// Of a row of `packs` packs, this lane's j = lane + 32 i (i < NP): open[i], whether any of
+// pack j's positions is unmasked, and f(i, mask pack, score pack) for those that are.
+template <typename T, int W, int NP, typename F>
+__device__ __forceinline__ void read_open_packs(const T *sr, const unsigned char *mr, int packs,
+                                                int lane, bool (&open)[NP], F f) {
 #pragma unroll
   for (int i = 0; i < NP; i++) {
     const int j = lane + 32 * i;
@@ -60,16 +59,45 @@ __device__ void softmax_fwd_regs(const T *sr, const unsigned char *mr, T *pr, fl
     if (j < packs) {
       const Pack<unsigned char, W> m = pack_at<unsigned char, W>(mr, j);
       open[i] = any_open(m);
-      if (open[i]) {
-        const Pack<T, W> a = pack_at<T, W>(sr, j);
-#pragma unroll
-        for (int k = 0; k < W; k++) {
-          zl[i][k] = m.v[k] ? NEG_INF : attn_zl<CAP>(to_f(a.v[k]), capl, &slope);
-          mx = fmaxf(mx, zl[i][k]);
-        }
-      }
+      if (open[i]) f(i, m, pack_at<T, W>(sr, j));
     }
   }
+}
+
+// This lane's packs of the output row: f(i) the values of an open one, zeros for the rest.
+template <typename T, int W, int NP, typename F>
+__device__ __forceinline__ void write_packs(T *out, int packs, int lane, const bool (&open)[NP],
+                                            F f) {
+#pragma unroll
+  for (int i = 0; i < NP; i++) {
+    const int j = lane + 32 * i;
+    if (j >= packs) continue;
+    if (open[i]) {
+      Pack<T, W> o;
+#pragma unroll
+      for (int k = 0; k < W; k++) put(&o.v[k], f(i, k));
+      store_pack<T, W>(out, j, o);
+    } else {
+      store_zeros<T, W>(out, j);
+    }
+  }
+}
+
+// A row of at most 32 NP packs of W, pack j = lane + 32 i held by this lane as zl[i].
+template <typename T, int W, int NP, int CAP>
+__device__ void softmax_fwd_regs(const T *sr, const unsigned char *mr, T *pr, float *stats,
+                                 int packs, float capl, int lane) {
+  float zl[NP][W], mx = NEG_INF, slope;
+  bool open[NP];
+  read_open_packs<T, W, NP>(sr, mr, packs, lane, open,
+                            [&](int i, const Pack<unsigned char, W> &m, const Pack<T, W> &a) {
+#pragma unroll
+                              for (int k = 0; k < W; k++) {
+                                zl[i][k] =
+                                    m.v[k] ? NEG_INF : attn_zl<CAP>(to_f(a.v[k]), capl, &slope);
+                                mx = fmaxf(mx, zl[i][k]);
+                              }
+                            });
   mx = warp_max(mx);
   float sum = 0.f;
 #pragma unroll
@@ -83,19 +111,7 @@ __device__ void softmax_fwd_regs(const T *sr, const unsigned char *mr, T *pr, fl
     }
   sum = warp_sum(sum);
   const float inv_s = 1.f / sum;
-#pragma unroll
-  for (int i = 0; i < NP; i++) {
-    const int j = lane + 32 * i;
-    if (j >= packs) continue;
-    if (open[i]) {
-      Pack<T, W> out;
-#pragma unroll
-      for (int k = 0; k < W; k++) put(&out.v[k], zl[i][k] * inv_s);
-      store_pack<T, W>(pr, j, out);
-    } else {
-      store_zeros<T, W>(pr, j);
-    }
-  }
+  write_packs<T, W, NP>(pr, packs, lane, open, [&](int i, int k) { return zl[i][k] * inv_s; });
   if (lane == 0) {
     stats[0] = mx;
     stats[1] = sum;
@@ -159,16 +175,10 @@ __device__ void softmax_bwd_regs(const T *sr, const unsigned char *mr, float mx,
   Pack<T, W> dp[NP];
   bool open[NP];
   float dot = 0.f;
-#pragma unroll
-  for (int i = 0; i < NP; i++) {
-    const int j = lane + 32 * i;
-    open[i] = false;
-    if (j < packs) {
-      const Pack<unsigned char, W> m = pack_at<unsigned char, W>(mr, j);
-      open[i] = any_open(m);
-      if (open[i]) {
-        const Pack<T, W> a = pack_at<T, W>(sr, j);
-        dp[i] = pack_at<T, W>(dpr, j);
+  read_open_packs<T, W, NP>(
+      sr, mr, packs, lane, open,
+      [&](int i, const Pack<unsigned char, W> &m, const Pack<T, W> &a) {
+        dp[i] = pack_at<T, W>(dpr, lane + 32 * i);
 #pragma unroll
         for (int k = 0; k < W; k++) {
           float sl = 1.f;
@@ -177,23 +187,10 @@ __device__ void softmax_bwd_regs(const T *sr, const unsigned char *mr, float mx,
           dot += p * to_f(dp[i].v[k]);
           q[i][k] = CAP ? p * (cap * sl) : p;
         }
-      }
-    }
-  }
+      });
   dot = warp_sum(dot);
-#pragma unroll
-  for (int i = 0; i < NP; i++) {
-    const int j = lane + 32 * i;
-    if (j >= packs) continue;
-    if (open[i]) {
-      Pack<T, W> out;
-#pragma unroll
-      for (int k = 0; k < W; k++) put(&out.v[k], q[i][k] * (to_f(dp[i].v[k]) - dot));
-      store_pack<T, W>(dsr, j, out);
-    } else {
-      store_zeros<T, W>(dsr, j);
-    }
-  }
+  write_packs<T, W, NP>(dsr, packs, lane, open,
+                        [&](int i, int k) { return q[i][k] * (to_f(dp[i].v[k]) - dot); });
 }
 
 // The same for a row of any length, in two passes over it.

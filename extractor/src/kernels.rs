@@ -851,12 +851,6 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
-    fn dmsae_swap_heads(
-        x: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
     fn dmsae_encoder_entries(
         w: *mut torch_sys::C_tensor,
         bias: *mut torch_sys::C_tensor,
@@ -878,24 +872,6 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
-    fn dmsae_to_host_pinned(
-        t: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_empty_pinned(
-        t: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_pin_memory(
-        t: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
     fn dmsae_matryoshka_l2(
         x: *mut torch_sys::C_tensor,
         b_dec: *mut torch_sys::C_tensor,
@@ -912,6 +888,39 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+}
+
+// csrc/autograd.cpp's functions of one tensor: (t, out, err, err_len), 0 or 1 with the error.
+macro_rules! unary_ops {
+    ($($name:ident),*) => {
+        extern "C" {
+            $(fn $name(
+                t: *mut torch_sys::C_tensor,
+                out: *mut *mut torch_sys::C_tensor,
+                err: *mut c_char,
+                err_len: usize,
+            ) -> c_int;)*
+        }
+    };
+}
+unary_ops!(
+    dmsae_swap_heads,
+    dmsae_to_host_pinned,
+    dmsae_empty_pinned,
+    dmsae_pin_memory
+);
+
+type UnaryOp = unsafe extern "C" fn(
+    *mut torch_sys::C_tensor,
+    *mut *mut torch_sys::C_tensor,
+    *mut c_char,
+    usize,
+) -> c_int;
+
+/// One of csrc/autograd.cpp's functions of one tensor: a new tensor, or its error.
+fn unary_op(op: UnaryOp, t: &Tensor) -> Result<Tensor, String> {
+    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe { op(t.as_ptr() as *mut _, out, err, len) })
 }
 
 /// One of csrc/autograd.cpp's functions of two tensors and a number: a new tensor, or its error.
@@ -942,8 +951,7 @@ pub fn to_host_queued(t: &Tensor) -> Result<Tensor, String> {
     if t.device() == tch::Device::Cpu {
         return t.f_contiguous().map_err(|e| e.to_string());
     }
-    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe { dmsae_to_host_pinned(t.as_ptr() as *mut _, out, err, len) })
+    unary_op(dmsae_to_host_pinned, t)
 }
 
 /// Copies of CUDA tensors to page-locked host memory on a stream of their own, started after
@@ -1017,12 +1025,7 @@ impl HostCopies {
         }
         let hosts = held
             .iter()
-            .map(|t| {
-                // SAFETY: a live tch handle, and the pointers `new_tensor` hands over.
-                new_tensor(|out, err, len| unsafe {
-                    dmsae_empty_pinned(t.as_ptr() as *mut _, out, err, len)
-                })
-            })
+            .map(|t| unary_op(dmsae_empty_pinned, t))
             .collect::<Result<Vec<_>, _>>()?;
         let done = d.in_ctx(ctx, || {
             const CU_EVENT_DISABLE_TIMING: c_uint = 2;
@@ -1097,8 +1100,7 @@ impl Drop for HostCopies {
 
 /// A host tensor in page-locked memory, ready for a non-blocking upload (needs CUDA loaded).
 pub fn pin_memory(t: &Tensor) -> Result<Tensor, String> {
-    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe { dmsae_pin_memory(t.as_ptr() as *mut _, out, err, len) })
+    unary_op(dmsae_pin_memory, t)
 }
 
 /// The tensor a csrc/autograd.cpp entry point makes through `call(out, err, err_len)`, or its
@@ -1204,8 +1206,7 @@ pub fn rms_norm_add(res: &Tensor, x: &Tensor, scale: &Tensor, eps: f64) -> Resul
 /// bit, differentiable in x (kernels/rope.cu through csrc/autograd.cpp). CPU tensors are
 /// emulated (tests: slow).
 pub fn swap_heads(x: &Tensor) -> Result<Tensor, String> {
-    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe { dmsae_swap_heads(x.as_ptr() as *mut _, out, err, len) })
+    unary_op(dmsae_swap_heads, x)
 }
 
 /// `apply_rope` and the scaling round it, as [B, heads, T, Dh] contiguous; differentiable in x
