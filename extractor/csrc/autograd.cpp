@@ -486,24 +486,10 @@ extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *col
                  err_len);
 }
 
-// A copy of the device tensor `t` in page-locked host memory from torch's caching host
-// allocator, made on the calling thread's stream (so after the work that wrote `t`): the copy
-// runs at full PCIe speed, and its buffers come back batch after batch instead of fresh pages
-// the kernel must fault in, which on the H200 VM held the extraction's store writer to 1.5 GB/s.
-// The copy is only queued: its bytes are there once the stream has reached it (any later
-// blocking read from the device on this stream waits for it).
-extern "C" int dmsae_to_host_pinned(at::Tensor *t, at::Tensor **out, char *err, size_t err_len) {
-  return guarded(
-      [&] {
-        auto h = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
-        h.copy_(*t, /*non_blocking=*/true);
-        return h;
-      },
-      out, err, err_len);
-}
-
-// An uninitialised page-locked host tensor shaped and typed as `t` (kernels.rs's HostCopies
-// copies into it on a stream of its own).
+// An uninitialised page-locked host tensor shaped and typed as `t`, from torch's caching host
+// allocator (kernels.rs's HostCopies copies into it on a stream of its own): the copy runs at
+// full PCIe speed, and its buffers come back batch after batch instead of fresh pages the
+// kernel must fault in, which on the H200 VM held the extraction's store writer to 1.5 GB/s.
 extern "C" int dmsae_empty_pinned(at::Tensor *t, at::Tensor **out, char *err, size_t err_len) {
   return guarded(
       [&] { return at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true)); },

@@ -903,12 +903,7 @@ macro_rules! unary_ops {
         }
     };
 }
-unary_ops!(
-    dmsae_swap_heads,
-    dmsae_to_host_pinned,
-    dmsae_empty_pinned,
-    dmsae_pin_memory
-);
+unary_ops!(dmsae_swap_heads, dmsae_empty_pinned, dmsae_pin_memory);
 
 type UnaryOp = unsafe extern "C" fn(
     *mut torch_sys::C_tensor,
@@ -941,17 +936,6 @@ pub fn matryoshka_l2(x: &Tensor, b_dec: &Tensor, parts: &Tensor) -> Result<Tenso
     new_tensor(|out, err, len| unsafe {
         dmsae_matryoshka_l2(p(x), p(b_dec), p(parts), out, err, len)
     })
-}
-
-/// A CUDA tensor's copy to page-locked host memory (csrc/autograd.cpp), queued after the work
-/// before it on this thread's stream and not waited for: its bytes are there once a later
-/// blocking read from the device on this stream has returned. A CPU tensor as it is, made
-/// contiguous.
-pub fn to_host_queued(t: &Tensor) -> Result<Tensor, String> {
-    if t.device() == tch::Device::Cpu {
-        return t.f_contiguous().map_err(|e| e.to_string());
-    }
-    unary_op(dmsae_to_host_pinned, t)
 }
 
 /// Copies of CUDA tensors to page-locked host memory on a stream of their own, started after
