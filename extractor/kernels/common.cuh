@@ -110,11 +110,12 @@ __device__ __forceinline__ TanhParts tanh_parts(float y) {
   TanhParts p = {rcp_fast(1.f + e), e};
   return p;
 }
-__device__ __forceinline__ float tanh_of(TanhParts p) { return 1.f - 2.f * p.r; }
-// 1 - tanh^2 = 4 r (1 - r), with 1 - r = e r where r is near 1 (e < 1).
-__device__ __forceinline__ float tanh_slope(TanhParts p) {
-  return 4.f * p.r * (p.e < 1.f ? p.e * p.r : 1.f - p.r);
+// 1 - r = (1 + tanh) / 2, as e r where r is near 1 (e < 1) and the subtraction would cancel.
+__device__ __forceinline__ float one_minus_r(TanhParts p) {
+  return p.e < 1.f ? p.e * p.r : 1.f - p.r;
 }
+// 1 - tanh^2 = 4 r (1 - r).
+__device__ __forceinline__ float tanh_slope(TanhParts p) { return 4.f * p.r * one_minus_r(p); }
 
 // x as the storage type T would hold it.
 template <typename T> __device__ __forceinline__ float rnd(float x);

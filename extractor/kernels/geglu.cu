@@ -24,13 +24,8 @@ template <int TANH> __device__ __forceinline__ TanhParts gelu_term(float x) {
   return t;
 }
 
-// (1 + tanh) / 2 = 1 - r, as e r where that is the accurate form (gelu's left tail).
-__device__ __forceinline__ float half_one_plus_tanh(TanhParts t) {
-  return t.e < 1.f ? t.e * t.r : 1.f - t.r;
-}
-
 template <int TANH> __device__ __forceinline__ float gelu(float x, TanhParts term) {
-  if (TANH) return x * half_one_plus_tanh(term);
+  if (TANH) return x * one_minus_r(term);  // (1 + tanh) / 2, accurate in gelu's left tail
   return x * 0.5f * (1.f + term.r);
 }
 
@@ -39,7 +34,7 @@ template <int TANH>
 __device__ __forceinline__ float gelu_grad(float dy, float x, TanhParts term) {
   if (TANH) {
     const float x_sq = x * x;
-    const float left_derivative = half_one_plus_tanh(term);
+    const float left_derivative = one_minus_r(term);
     const float right_derivative = 0.5f * x * tanh_slope(term);
     const float inner_derivative = K_BETA * (1.f + 3.f * K_KAPPA * x_sq);
     return dy * (left_derivative + right_derivative * inner_derivative);

@@ -9,11 +9,11 @@
 // chain rounds t, z and three steps of the backward to bf16 as well (z's ulp near the cap is
 // 0.25). The forward keeps each row's (max, sum of exp), so the backward recomputes the
 // probabilities, bit for bit as the forward made them, from the scores instead of a [rows, T]
-// float32 copy. A row of up to 32 * 4 packs (1,024 bf16 scores) is held in registers, a pack
-// of W per lane and step: read once, one tanh and one exp an element (common.cuh's fast
-// forms); longer rows take two passes over memory. Mirroring ATen's bf16 rounding took 177 and 279 SASS
-// instructions an element, two passes with tanhf and expf about 80: 7.0 and 5.2 ms forward a
-// batch of 8 x 1,024 on an H200, all 26 layers.
+// float32 copy (attn_prob, one expression for both). A row of up to 32 * 4 packs (1,024 bf16
+// scores) is held in registers, a pack of W per lane and step: read once, one tanh and one exp
+// an element (common.cuh's fast forms); longer rows take two passes over memory. Mirroring
+// ATen's bf16 rounding took 177 and 279 SASS instructions an element, two passes with tanhf
+// and expf about 80: 7.0 and 5.2 ms forward a batch of 8 x 1,024 on an H200, all 26 layers.
 
 #include "common.cuh"
 
@@ -24,6 +24,13 @@ template <int CAP> __device__ __forceinline__ float attn_zl(float s, float capl,
   const TanhParts th = tanh_parts(s * (2.f * LOG2E));
   *slope = tanh_slope(th);
   return capl - 2.f * capl * th.r;
+}
+
+// The probability of score s in a row with stats (mx, 1 / sum), and its slope into *slope.
+template <int CAP>
+__device__ __forceinline__ float attn_prob(float s, float capl, float mx, float inv_s,
+                                           float *slope) {
+  return ex2_fast(attn_zl<CAP>(s, capl, slope) - mx) * inv_s;
 }
 
 // Whether any of a pack's W positions is unmasked: a causal row's packs past the diagonal are
@@ -153,8 +160,7 @@ __device__ void softmax_fwd_passes(const T *sr, const unsigned char *mr, T *pr, 
     Pack<T, W> out;
 #pragma unroll
     for (int k = 0; k < W; k++)
-      put(&out.v[k],
-          m.v[k] ? 0.f : ex2_fast(attn_zl<CAP>(to_f(a.v[k]), capl, &slope) - mx) * inv_s);
+      put(&out.v[k], m.v[k] ? 0.f : attn_prob<CAP>(to_f(a.v[k]), capl, mx, inv_s, &slope));
     store_pack<T, W>(pr, j, out);
   }
   if (lane == 0) {
@@ -182,8 +188,7 @@ __device__ void softmax_bwd_regs(const T *sr, const unsigned char *mr, float mx,
 #pragma unroll
         for (int k = 0; k < W; k++) {
           float sl = 1.f;
-          const float p =
-              m.v[k] ? 0.f : ex2_fast(attn_zl<CAP>(to_f(a.v[k]), capl, &sl) - mx) * inv_s;
+          const float p = m.v[k] ? 0.f : attn_prob<CAP>(to_f(a.v[k]), capl, mx, inv_s, &sl);
           dot += p * to_f(dp[i].v[k]);
           q[i][k] = CAP ? p * (cap * sl) : p;
         }
@@ -206,8 +211,7 @@ __device__ void softmax_bwd_passes(const T *sr, const unsigned char *mr, float m
     const Pack<T, W> a = pack_at<T, W>(sr, j), dp = pack_at<T, W>(dpr, j);
 #pragma unroll
     for (int k = 0; k < W; k++)
-      if (!m.v[k])
-        dot += ex2_fast(attn_zl<CAP>(to_f(a.v[k]), capl, &slope) - mx) * inv_s * to_f(dp.v[k]);
+      if (!m.v[k]) dot += attn_prob<CAP>(to_f(a.v[k]), capl, mx, inv_s, &slope) * to_f(dp.v[k]);
   }
   dot = warp_sum(dot);
   for (int j = lane; j < packs; j += 32) {
@@ -222,7 +226,7 @@ __device__ void softmax_bwd_passes(const T *sr, const unsigned char *mr, float m
     for (int k = 0; k < W; k++) {
       float g = 0.f, sl = 1.f;
       if (!m.v[k]) {
-        const float pj = ex2_fast(attn_zl<CAP>(to_f(a.v[k]), capl, &sl) - mx) * inv_s;
+        const float pj = attn_prob<CAP>(to_f(a.v[k]), capl, mx, inv_s, &sl);
         g = pj * (to_f(dp.v[k]) - dot);
         if (CAP) g *= cap * sl;
       }
@@ -247,7 +251,7 @@ __device__ void softmax_fwd_row(const T *sr, const unsigned char *mr, T *pr, flo
     softmax_fwd_passes<T, W, CAP>(sr, mr, pr, stats, packs, capl, lane);
 }
 
-// A backward row: in registers up to 32 * 4 packs (three values an element held), else two
+// A backward row: in registers up to 32 * 4 packs (two values an element held), else two
 // passes.
 template <typename T, int W, int CAP>
 __device__ void softmax_bwd_row(const T *sr, const unsigned char *mr, float mx, float sum,

@@ -986,13 +986,13 @@ impl HostCopies {
         let Some(dev) = tensors.first().map(|t| t.device()) else {
             return Err("HostCopies: no tensors".into());
         };
+        let held = tensors
+            .iter()
+            .map(|t| t.f_contiguous().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
         let tch::Device::Cuda(ordinal) = dev else {
-            let hosts = tensors
-                .iter()
-                .map(|t| t.f_contiguous().map_err(|e| e.to_string()))
-                .collect::<Result<_, _>>()?;
             return Ok(HostCopies {
-                hosts,
+                hosts: held,
                 held: Vec::new(),
                 done: std::ptr::null_mut(),
                 ctx: std::ptr::null_mut(),
@@ -1000,10 +1000,6 @@ impl HostCopies {
         };
         let d = driver()?;
         let (ctx, stream) = copy_stream(ordinal)?;
-        let held = tensors
-            .iter()
-            .map(|t| t.f_contiguous().map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
         if held.iter().any(|t| t.device() != dev) {
             return Err("HostCopies: tensors on more than one device".into());
         }
