@@ -180,65 +180,85 @@ struct RmsNormAdd : public torch::autograd::Function<RmsNormAdd> {
   }
 };
 
+// gelu(gate) * up from gu [..., 2f], gate then up in each row (the one product makes both):
+// [..., f], differentiable in gu, whose gradient comes laid out as gu (geglu.cu).
 struct Geglu : public torch::autograd::Function<Geglu> {
-  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gate, const at::Tensor &up,
-                            double tanh_approx) {
-    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
-                    gate.scalar_type() == up.scalar_type() && gate.device() == up.device(),
-                "geglu: gate and up must be contiguous, of one shape, dtype and device");
-    const std::string kernel = "geglu_fwd" + suffix(gate);
-    auto h = at::empty_like(gate);
-    void *pg = gate.data_ptr(), *pu = up.data_ptr(), *ph = h.data_ptr();
-    long long n = gate.numel();
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &gu, double tanh_approx) {
+    TORCH_CHECK(gu.is_contiguous() && gu.dim() >= 1 && gu.size(-1) % 2 == 0 &&
+                    gu.numel() / 2 < (int64_t(1) << 32),
+                "geglu: gate and up must be contiguous [..., 2 f], gate first, under 2^33 "
+                "elements");
+    auto sizes = gu.sizes().vec();
+    sizes.back() /= 2;
+    auto h = at::empty(sizes, gu.options());
+    void *pg = gu.data_ptr(), *ph = h.data_ptr();
+    long long n = h.numel(), f = sizes.back();
     int approx = tanh_approx != 0.0;
-    void *args[] = {&pg, &pu, &ph, &n, &approx};
-    launch_elementwise(kernel, gate, pack_threads(gate, n), args);
-    ctx->save_for_backward({gate, up});
+    void *args[] = {&pg, &ph, &n, &f, &approx};
+    if (n > 0) launch_elementwise("geglu_fwd" + suffix(gu), gu, pack_threads(gu, n), args);
+    ctx->save_for_backward({gu});
     ctx->saved_data["tanh"] = tanh_approx;
     return h;
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &gate = saved[0], &up = saved[1];
-    const at::Tensor dh = grads[0].to(gate.scalar_type()).contiguous();
-    auto d_gate = at::empty_like(gate), d_up = at::empty_like(up);
-    void *pg = gate.data_ptr(), *pu = up.data_ptr(), *pdh = dh.data_ptr(),
-         *pdg = d_gate.data_ptr(), *pdu = d_up.data_ptr();
-    long long n = gate.numel();
+    const at::Tensor gu = ctx->get_saved_variables()[0];
+    const at::Tensor dh = grads[0].to(gu.scalar_type()).contiguous();
+    auto d_gu = at::empty_like(gu);
+    void *pg = gu.data_ptr(), *pdh = dh.data_ptr(), *pdg = d_gu.data_ptr();
+    long long n = dh.numel(), f = dh.size(-1);
     int approx = ctx->saved_data["tanh"].toDouble() != 0.0;
-    void *args[] = {&pg, &pu, &pdh, &pdg, &pdu, &n, &approx};
-    launch_elementwise("geglu_bwd" + suffix(gate), gate, pack_threads(gate, n), args);
-    return {d_gate, d_up, at::Tensor()};
+    void *args[] = {&pg, &pdh, &pdg, &n, &f, &approx};
+    if (n > 0) launch_elementwise("geglu_bwd" + suffix(gu), gu, pack_threads(gu, n), args);
+    return {d_gu, at::Tensor()};
   }
 };
 
+void check_rope_tables(const at::Tensor &cs, const at::Tensor &x, int64_t t_len, int64_t dh) {
+  TORCH_CHECK(cs.is_contiguous() && cs.dim() == 3 && cs.size(0) == 2 && cs.size(1) == t_len &&
+                  cs.size(2) == dh && cs.scalar_type() == x.scalar_type() &&
+                  cs.device() == x.device(),
+              "rope: cos and sin must be stacked as [2, T, Dh] beside x, in its dtype");
+}
+
+// rope.cu's rope_fwd or rope_bwd (`kernel`) from `in` to `out` over `tokens` tokens of `heads`
+// heads of Dh = cs.size(2) columns, the tokens-first side's tokens `ld` elements apart.
+void rope_launch(const std::string &kernel, const at::Tensor &in, const at::Tensor &cs,
+                 const at::Tensor &out, int64_t tokens, int64_t heads, int64_t t_len,
+                 int64_t ld, double pre) {
+  void *pi = in.data_ptr(), *pc = cs.data_ptr(), *po = out.data_ptr();
+  long long nt = tokens, dh = cs.size(2), h = heads, t = t_len, l = ld;
+  float p = (float)pre;
+  void *args[] = {&pi, &pc, &po, &nt, &dh, &h, &t, &l, &p};
+  // A block a token, a thread a column pair (rope.cu), in whole warps.
+  const unsigned threads = (unsigned)std::min<int64_t>(128, (dh / 2 + 31) / 32 * 32);
+  if (tokens > 0)
+    dispatch(kernel + suffix(in), in, (unsigned)std::min<int64_t>(tokens, 1 << 16), threads, args);
+}
+
+// rope.cu's swap_heads: src [B, A, C, D] to dst [B, C, A, D], src's rows (b, a) src_ld elements
+// apart and dst's rows (b, c) dst_ld apart.
+void swap_launch(const at::Tensor &src, const at::Tensor &dst, int64_t b, int64_t a, int64_t c,
+                 int64_t d, int64_t src_ld, int64_t dst_ld) {
+  const int64_t n = b * a * c * d;
+  TORCH_CHECK(n < (int64_t(1) << 32), "swap_heads: under 2^32 elements");
+  void *pi = src.data_ptr(), *po = dst.data_ptr();
+  long long aa = a, cc = c, dd = d, nn = n, sl = src_ld, dl = dst_ld;
+  void *args[] = {&pi, &po, &aa, &cc, &dd, &nn, &sl, &dl};
+  if (n > 0) launch_elementwise("swap_heads" + suffix(src), src, pack_threads(src, n), args);
+}
+
 // RoPE from [B, T, heads, Dh] to [B, heads, T, Dh] (rope.cu), and back for the gradient.
 struct Rope : public torch::autograd::Function<Rope> {
-  // `x` the tokens-first tensor (or one shaped as it) giving the sizes.
-  static void run(const std::string &kernel, const at::Tensor &x, const at::Tensor &in,
-                  const at::Tensor &cs, at::Tensor &out, double pre) {
-    void *pi = in.data_ptr(), *pc = cs.data_ptr(), *po = out.data_ptr();
-    long long n = x.numel(), dh = x.size(3), heads = x.size(2), t = x.size(1);
-    float p = (float)pre;
-    void *args[] = {&pi, &pc, &po, &n, &dh, &heads, &t, &p};
-    // A block a token, a thread a column pair (rope.cu), in whole warps.
-    const int64_t tokens = x.size(0) * x.size(1);
-    const unsigned threads = (unsigned)std::min<int64_t>(128, (dh / 2 + 31) / 32 * 32);
-    if (tokens > 0)
-      dispatch(kernel + suffix(in), in, (unsigned)std::min<int64_t>(tokens, 1 << 16), threads, args);
-  }
-
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &cs,
                             double pre) {
     TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && x.size(3) % 2 == 0,
                 "rope: x must be contiguous [B, T, heads, Dh] with Dh even");
-    TORCH_CHECK(cs.is_contiguous() && cs.dim() == 3 && cs.size(0) == 2 &&
-                    cs.size(1) == x.size(1) && cs.size(2) == x.size(3) &&
-                    cs.scalar_type() == x.scalar_type() && cs.device() == x.device(),
-                "rope: cos and sin must be stacked as [2, T, Dh] beside x, in its dtype");
+    check_rope_tables(cs, x, x.size(1), x.size(3));
     auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options());
-    run("rope_fwd", x, x, cs, out, pre);
+    const int64_t heads = x.size(2);
+    rope_launch("rope_fwd", x, cs, out, x.size(0) * x.size(1), heads, x.size(1),
+                heads * x.size(3), pre);
     ctx->save_for_backward({cs});
     ctx->saved_data["pre"] = pre;
     return out;
@@ -247,8 +267,10 @@ struct Rope : public torch::autograd::Function<Rope> {
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const at::Tensor cs = ctx->get_saved_variables()[0];
     const at::Tensor dout = grads[0].to(cs.scalar_type()).contiguous();
-    auto dx = at::empty({dout.size(0), dout.size(2), dout.size(1), dout.size(3)}, dout.options());
-    run("rope_bwd", dx, dout, cs, dx, ctx->saved_data["pre"].toDouble());
+    const int64_t b = dout.size(0), heads = dout.size(1), t = dout.size(2), dh = dout.size(3);
+    auto dx = at::empty({b, t, heads, dh}, dout.options());
+    rope_launch("rope_bwd", dout, cs, dx, b * t, heads, t, heads * dh,
+                ctx->saved_data["pre"].toDouble());
     return {dx, at::Tensor(), at::Tensor()};
   }
 };
@@ -256,13 +278,10 @@ struct Rope : public torch::autograd::Function<Rope> {
 // x [B, A, C, D] as [B, C, A, D] contiguous (rope.cu's swap_heads), the gradient swapped back.
 struct SwapHeads : public torch::autograd::Function<SwapHeads> {
   static at::Tensor run(const at::Tensor &x) {
-    TORCH_CHECK(x.is_contiguous() && x.dim() == 4 && x.numel() < (int64_t(1) << 32),
-                "swap_heads: x must be contiguous [B, A, C, D], under 2^32 elements");
-    auto out = at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options());
-    void *pi = x.data_ptr(), *po = out.data_ptr();
-    long long a = x.size(1), c = x.size(2), d = x.size(3), n = x.numel();
-    void *args[] = {&pi, &po, &a, &c, &d, &n};
-    if (n > 0) launch_elementwise("swap_heads" + suffix(x), x, pack_threads(x, n), args);
+    TORCH_CHECK(x.is_contiguous() && x.dim() == 4, "swap_heads: x must be contiguous [B, A, C, D]");
+    const int64_t b = x.size(0), a = x.size(1), c = x.size(2), d = x.size(3);
+    auto out = at::empty({b, c, a, d}, x.options());
+    swap_launch(x, out, b, a, c, d, c * d, a * d);
     return out;
   }
 
@@ -270,6 +289,80 @@ struct SwapHeads : public torch::autograd::Function<SwapHeads> {
 
   static variable_list backward(AutogradContext *, variable_list grads) {
     return {run(grads[0].contiguous())};
+  }
+};
+
+// q, k and v heads first, [B, n, T, Dh] contiguous each, from the one product that makes them,
+// qkv [B, T, (H + 2 KV) Dh] (a token's H query heads, then KV key heads, then KV value heads):
+// q and k under RoPE, q times pre, as Rope gives them, v as SwapHeads does. The backward writes
+// the three gradients into one tensor laid out as qkv, so the product's input gradient is one
+// [B T, (H + 2 KV) Dh] x [(H + 2 KV) Dh, d] product rather than three and two sums.
+struct QkvHeads : public torch::autograd::Function<QkvHeads> {
+  static variable_list forward(AutogradContext *ctx, const at::Tensor &qkv, const at::Tensor &cs,
+                               double pre, int64_t heads, int64_t kv) {
+    TORCH_CHECK(cs.dim() == 3, "qkv_heads: cos and sin must be stacked as [2, T, Dh]");
+    const int64_t dh = cs.size(2);
+    TORCH_CHECK(qkv.is_contiguous() && qkv.dim() == 3 && dh % 2 == 0 &&
+                    qkv.size(2) == (heads + 2 * kv) * dh,
+                "qkv_heads: qkv must be contiguous [B, T, (heads + 2 kv_heads) Dh], Dh even");
+    const int64_t b = qkv.size(0), t = qkv.size(1), ld = qkv.size(2);
+    check_rope_tables(cs, qkv, t, dh);
+    auto q = at::empty({b, heads, t, dh}, qkv.options());
+    auto k = at::empty({b, kv, t, dh}, qkv.options()), v = at::empty_like(k);
+    rope_launch("rope_fwd", qkv, cs, q, b * t, heads, t, ld, pre);
+    rope_launch("rope_fwd", qkv.narrow(2, heads * dh, kv * dh), cs, k, b * t, kv, t, ld, 1.0);
+    swap_launch(qkv.narrow(2, (heads + kv) * dh, kv * dh), v, b, t, kv, dh, ld, t * dh);
+    ctx->save_for_backward({cs});
+    ctx->saved_data["pre"] = pre;
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["kv"] = kv;
+    ctx->saved_data["b"] = b;
+    return {q, k, v};
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const at::Tensor cs = ctx->get_saved_variables()[0];
+    const int64_t heads = ctx->saved_data["heads"].toInt(), kv = ctx->saved_data["kv"].toInt(),
+                  b = ctx->saved_data["b"].toInt(), t = cs.size(1), dh = cs.size(2),
+                  ld = (heads + 2 * kv) * dh;
+    auto dqkv = at::empty({b, t, ld}, cs.options());
+    const auto part = [&](int64_t first, int64_t n) { return dqkv.narrow(2, first * dh, n * dh); };
+    // Heads first and in the model dtype, or, where an output took no part in the loss, none.
+    const auto grad = [&](int i) {
+      return grads[i].defined() ? grads[i].to(cs.scalar_type()).contiguous() : at::Tensor();
+    };
+    const at::Tensor dq = grad(0), dk = grad(1), dv = grad(2);
+    if (dq.defined())
+      rope_launch("rope_bwd", dq, cs, part(0, heads), b * t, heads, t, ld,
+                  ctx->saved_data["pre"].toDouble());
+    else
+      part(0, heads).zero_();
+    if (dk.defined())
+      rope_launch("rope_bwd", dk, cs, part(heads, kv), b * t, kv, t, ld, 1.0);
+    else
+      part(heads, kv).zero_();
+    if (dv.defined())
+      swap_launch(dv, part(heads + kv, kv), b, kv, t, dh, t * dh, ld);
+    else
+      part(heads + kv, kv).zero_();
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The attention scores q k^T over the last two dimensions, with k's gradient made as ds^T q,
+// contiguous like k: autograd's matmul makes it as the transpose of q^T ds, which the RoPE
+// backward then copied (13 transposing copies, 0.68 ms, a batch of the Gemma-2-2B bench on the
+// H200). The same products otherwise; the transposed operand is a flag to cuBLAS, not a copy.
+struct Scores : public torch::autograd::Function<Scores> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &q, const at::Tensor &k) {
+    ctx->save_for_backward({q, k});
+    return at::matmul(q, k.transpose(-1, -2));
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &ds = grads[0];
+    return {at::matmul(ds, k), at::matmul(ds.transpose(-1, -2), q)};
   }
 };
 
@@ -417,11 +510,11 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
   }
 };
 
-// Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
+// Runs `f`; 0, or 1 with the message in err.
 template <typename F>
-int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
+int caught(F f, char *err, size_t err_len) {
   try {
-    *out = new at::Tensor(f());
+    f();
     return 0;
   } catch (const c10::Error &e) {
     std::snprintf(err, err_len, "%s", e.what_without_backtrace());
@@ -429,6 +522,12 @@ int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
     std::snprintf(err, err_len, "%s", e.what());
   }
   return 1;
+}
+
+// Runs `f`, which makes the output tensor; 0 and *out set, or 1 with the message in err.
+template <typename F>
+int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
+  return caught([&] { *out = new at::Tensor(f()); }, err, err_len);
 }
 }  // namespace
 
@@ -445,11 +544,23 @@ extern "C" int dmsae_rms_norm_add(at::Tensor *res, at::Tensor *x, at::Tensor *sc
   return guarded([&] { return RmsNormAdd::apply(*res, *x, *scale, eps); }, out, err, err_len);
 }
 
-// gelu(gate) * up, gelu's tanh form when tanh_approx != 0, differentiable in both; as
-// dmsae_softcap_softmax below.
-extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
-                           at::Tensor **out, char *err, size_t err_len) {
-  return guarded([&] { return Geglu::apply(*gate, *up, tanh_approx); }, out, err, err_len);
+// gelu(gate) * up from gu [..., 2f] (gate, then up), gelu's tanh form when tanh_approx != 0,
+// differentiable in gu; as dmsae_softcap_softmax below.
+extern "C" int dmsae_geglu(at::Tensor *gu, double tanh_approx, at::Tensor **out, char *err,
+                           size_t err_len) {
+  return guarded([&] { return Geglu::apply(*gu, tanh_approx); }, out, err, err_len);
+}
+
+// q, k and v heads first from the one product's qkv [B, T, (heads + 2 kv) Dh] (QkvHeads above),
+// into out[0..3]; 0, or 1 with the message in err.
+extern "C" int dmsae_qkv_heads(at::Tensor *qkv, at::Tensor *cs, double pre, int64_t heads,
+                               int64_t kv, at::Tensor **out, char *err, size_t err_len) {
+  return caught(
+      [&] {
+        const auto r = QkvHeads::apply(*qkv, *cs, pre, heads, kv);
+        for (int i = 0; i < 3; i++) out[i] = new at::Tensor(r[i]);
+      },
+      err, err_len);
 }
 
 // RoPE of x [B, T, heads, Dh] with cos and sin stacked as cs [2, T, Dh], times pre,
@@ -457,6 +568,12 @@ extern "C" int dmsae_geglu(at::Tensor *gate, at::Tensor *up, double tanh_approx,
 extern "C" int dmsae_rope(at::Tensor *x, at::Tensor *cs, double pre, at::Tensor **out, char *err,
                           size_t err_len) {
   return guarded([&] { return Rope::apply(*x, *cs, pre); }, out, err, err_len);
+}
+
+// q k^T, differentiable in both (Scores above); as dmsae_softcap_softmax below.
+extern "C" int dmsae_scores(at::Tensor *q, at::Tensor *k, at::Tensor **out, char *err,
+                            size_t err_len) {
+  return guarded([&] { return Scores::apply(*q, *k); }, out, err, err_len);
 }
 
 // x [B, A, C, D] as [B, C, A, D], differentiable; as dmsae_softcap_softmax below.

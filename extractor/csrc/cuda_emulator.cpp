@@ -186,46 +186,45 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     });
   } else if (k == "geglu_fwd_bf16") {
     launch(grid, block, [=] {
-      geglu_fwd_bf16(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<bf16 *>(a, 2),
-                     arg<ll>(a, 3), arg<int>(a, 4));
+      geglu_fwd_bf16(arg<const bf16 *>(a, 0), arg<bf16 *>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                     arg<int>(a, 4));
     });
   } else if (k == "geglu_fwd_f32") {
     launch(grid, block, [=] {
-      geglu_fwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
-                    arg<ll>(a, 3), arg<int>(a, 4));
+      geglu_fwd_f32(arg<const float *>(a, 0), arg<float *>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                    arg<int>(a, 4));
     });
   } else if (k == "geglu_bwd_bf16") {
     launch(grid, block, [=] {
-      geglu_bwd_bf16(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<const bf16 *>(a, 2),
-                     arg<bf16 *>(a, 3), arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<int>(a, 6));
+      geglu_bwd_bf16(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<bf16 *>(a, 2),
+                     arg<ll>(a, 3), arg<ll>(a, 4), arg<int>(a, 5));
     });
   } else if (k == "geglu_bwd_f32") {
     launch(grid, block, [=] {
-      geglu_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
-                    arg<const float *>(a, 2), arg<float *>(a, 3), arg<float *>(a, 4),
-                    arg<ll>(a, 5), arg<int>(a, 6));
+      geglu_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
+                    arg<ll>(a, 3), arg<ll>(a, 4), arg<int>(a, 5));
     });
   } else if (k == "rope_fwd_bf16" || k == "rope_bwd_bf16") {
     auto f = k == "rope_fwd_bf16" ? rope_fwd_bf16 : rope_bwd_bf16;
     launch(grid, block, [=] {
       f(arg<const bf16 *>(a, 0), arg<const bf16 *>(a, 1), arg<bf16 *>(a, 2), arg<ll>(a, 3),
-        arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+        arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7), arg<float>(a, 8));
     });
   } else if (k == "rope_fwd_f32" || k == "rope_bwd_f32") {
     auto f = k == "rope_fwd_f32" ? rope_fwd_f32 : rope_bwd_f32;
     launch(grid, block, [=] {
       f(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2), arg<ll>(a, 3),
-        arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<float>(a, 7));
+        arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7), arg<float>(a, 8));
     });
   } else if (k == "swap_heads_bf16") {
     launch(grid, block, [=] {
       swap_heads_bf16(arg<const bf16 *>(a, 0), arg<bf16 *>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
-                      arg<ll>(a, 4), arg<ll>(a, 5));
+                      arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7));
     });
   } else if (k == "swap_heads_f32") {
     launch(grid, block, [=] {
       swap_heads_f32(arg<const float *>(a, 0), arg<float *>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
-                     arg<ll>(a, 4), arg<ll>(a, 5));
+                     arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7));
     });
   } else if (k == "decoder_grad_stats") {
     launch(grid, block, [=] {

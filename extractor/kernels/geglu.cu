@@ -44,10 +44,19 @@ __device__ __forceinline__ float gelu_grad(float dy, float x, TanhParts term) {
   return dy * (cdf + x * pdf);
 }
 
+// h [rows, f] from gu [rows, 2f], gate in the first f columns of a row and up in the last (one
+// product makes both), in packs of W: pack j of h has its gate pack at j + row fp, fp = f / W
+// the packs of half a row, and its up pack fp further. 32-bit division: under 2^32 packs
+// (csrc/autograd.cpp checks).
+__device__ __forceinline__ unsigned long long gate_pack(unsigned j, unsigned fp) {
+  return (unsigned long long)(j / fp) * fp + j;
+}
+
 template <typename T, int W, int TANH>
-__device__ void geglu_fwd_packs(const T *gate, const T *up, T *h, long long n) {
-  FOR_EACH_ELEMENT(j, n / W) {
-    const Pack<T, W> a = pack_at<T, W>(gate, j), b = pack_at<T, W>(up, j);
+__device__ void geglu_fwd_packs(const T *gu, T *h, unsigned n, unsigned fp) {
+  FOR_EACH_ELEMENT(j, n) {
+    const unsigned long long at = gate_pack((unsigned)j, fp);
+    const Pack<T, W> a = pack_at<T, W>(gu, at), b = pack_at<T, W>(gu, at + fp);
     Pack<T, W> out;
 #pragma unroll
     for (int k = 0; k < W; k++) {
@@ -59,11 +68,13 @@ __device__ void geglu_fwd_packs(const T *gate, const T *up, T *h, long long n) {
   }
 }
 
+// d_gu laid out as gu: the gate's and up's gradients side by side, so that the product's input
+// gradient is one [rows, 2f] x [2f, d] product (no sum of two).
 template <typename T, int W, int TANH>
-__device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
-                                long long n) {
-  FOR_EACH_ELEMENT(j, n / W) {
-    const Pack<T, W> a = pack_at<T, W>(gate, j), b = pack_at<T, W>(up, j),
+__device__ void geglu_bwd_packs(const T *gu, const T *dh, T *d_gu, unsigned n, unsigned fp) {
+  FOR_EACH_ELEMENT(j, n) {
+    const unsigned long long at = gate_pack((unsigned)j, fp);
+    const Pack<T, W> a = pack_at<T, W>(gu, at), b = pack_at<T, W>(gu, at + fp),
                      c = pack_at<T, W>(dh, j);
     Pack<T, W> dg, du;
 #pragma unroll
@@ -74,65 +85,63 @@ __device__ void geglu_bwd_packs(const T *gate, const T *up, const T *dh, T *d_ga
       put(&du.v[k], dy * g);
       put(&dg.v[k], gelu_grad<TANH>(rnd<T>(dy * to_f(b.v[k])), x, term));
     }
-    store_pack<T, W>(d_gate, j, dg);
-    store_pack<T, W>(d_up, j, du);
+    store_pack<T, W>(d_gu, at, dg);
+    store_pack<T, W>(d_gu, at + fp, du);
   }
 }
 
 template <typename T, int W>
-__device__ void geglu_fwd_w(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
+__device__ void geglu_fwd_w(const T *gu, T *h, long long n, long long f, int tanh_approx) {
   if (tanh_approx)
-    geglu_fwd_packs<T, W, 1>(gate, up, h, n);
+    geglu_fwd_packs<T, W, 1>(gu, h, (unsigned)(n / W), (unsigned)(f / W));
   else
-    geglu_fwd_packs<T, W, 0>(gate, up, h, n);
+    geglu_fwd_packs<T, W, 0>(gu, h, (unsigned)(n / W), (unsigned)(f / W));
 }
 
 template <typename T, int W>
-__device__ void geglu_bwd_w(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
-                            long long n, int tanh_approx) {
+__device__ void geglu_bwd_w(const T *gu, const T *dh, T *d_gu, long long n, long long f,
+                            int tanh_approx) {
   if (tanh_approx)
-    geglu_bwd_packs<T, W, 1>(gate, up, dh, d_gate, d_up, n);
+    geglu_bwd_packs<T, W, 1>(gu, dh, d_gu, (unsigned)(n / W), (unsigned)(f / W));
   else
-    geglu_bwd_packs<T, W, 0>(gate, up, dh, d_gate, d_up, n);
+    geglu_bwd_packs<T, W, 0>(gu, dh, d_gu, (unsigned)(n / W), (unsigned)(f / W));
 }
 
-// In 16-byte packs where every array lines up (the launch then sizes the grid for n / W
-// threads), else an element at a time.
+// In 16-byte packs where half rows are whole packs and every array lines up (the launch then
+// sizes the grid for n / W threads), else an element at a time. n = rows f, h's elements.
 template <typename T>
-__device__ void geglu_fwd(const T *gate, const T *up, T *h, long long n, int tanh_approx) {
-  if (packs_fit<T>(gate, n) && aligned(up, 16) && aligned(h, 16))
-    geglu_fwd_w<T, PackLen<T>::n>(gate, up, h, n, tanh_approx);
+__device__ void geglu_fwd(const T *gu, T *h, long long n, long long f, int tanh_approx) {
+  if (packs_fit<T>(gu, f) && aligned(h, 16))
+    geglu_fwd_w<T, PackLen<T>::n>(gu, h, n, f, tanh_approx);
   else
-    geglu_fwd_w<T, 1>(gate, up, h, n, tanh_approx);
+    geglu_fwd_w<T, 1>(gu, h, n, f, tanh_approx);
 }
 
 template <typename T>
-__device__ void geglu_bwd(const T *gate, const T *up, const T *dh, T *d_gate, T *d_up,
-                          long long n, int tanh_approx) {
-  if (packs_fit<T>(gate, n) && aligned(up, 16) && aligned(dh, 16) && aligned(d_gate, 16) &&
-      aligned(d_up, 16))
-    geglu_bwd_w<T, PackLen<T>::n>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+__device__ void geglu_bwd(const T *gu, const T *dh, T *d_gu, long long n, long long f,
+                          int tanh_approx) {
+  if (packs_fit<T>(gu, f) && aligned(dh, 16) && aligned(d_gu, 16))
+    geglu_bwd_w<T, PackLen<T>::n>(gu, dh, d_gu, n, f, tanh_approx);
   else
-    geglu_bwd_w<T, 1>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+    geglu_bwd_w<T, 1>(gu, dh, d_gu, n, f, tanh_approx);
 }
 
-extern "C" __global__ void geglu_fwd_bf16(const bf16 *gate, const bf16 *up, bf16 *h, long long n,
+extern "C" __global__ void geglu_fwd_bf16(const bf16 *gu, bf16 *h, long long n, long long f,
                                          int tanh_approx) {
-  geglu_fwd<bf16>(gate, up, h, n, tanh_approx);
+  geglu_fwd<bf16>(gu, h, n, f, tanh_approx);
 }
 
-extern "C" __global__ void geglu_fwd_f32(const float *gate, const float *up, float *h,
-                                        long long n, int tanh_approx) {
-  geglu_fwd<float>(gate, up, h, n, tanh_approx);
-}
-
-extern "C" __global__ void geglu_bwd_bf16(const bf16 *gate, const bf16 *up, const bf16 *dh,
-                                         bf16 *d_gate, bf16 *d_up, long long n, int tanh_approx) {
-  geglu_bwd<bf16>(gate, up, dh, d_gate, d_up, n, tanh_approx);
-}
-
-extern "C" __global__ void geglu_bwd_f32(const float *gate, const float *up, const float *dh,
-                                        float *d_gate, float *d_up, long long n,
+extern "C" __global__ void geglu_fwd_f32(const float *gu, float *h, long long n, long long f,
                                         int tanh_approx) {
-  geglu_bwd<float>(gate, up, dh, d_gate, d_up, n, tanh_approx);
+  geglu_fwd<float>(gu, h, n, f, tanh_approx);
+}
+
+extern "C" __global__ void geglu_bwd_bf16(const bf16 *gu, const bf16 *dh, bf16 *d_gu,
+                                         long long n, long long f, int tanh_approx) {
+  geglu_bwd<bf16>(gu, dh, d_gu, n, f, tanh_approx);
+}
+
+extern "C" __global__ void geglu_bwd_f32(const float *gu, const float *dh, float *d_gu,
+                                        long long n, long long f, int tanh_approx) {
+  geglu_bwd<float>(gu, dh, d_gu, n, f, tanh_approx);
 }

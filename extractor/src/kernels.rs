@@ -827,9 +827,25 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn dmsae_geglu(
-        gate: *mut torch_sys::C_tensor,
-        up: *mut torch_sys::C_tensor,
+        gu: *mut torch_sys::C_tensor,
         tanh_approx: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn dmsae_scores(
+        q: *mut torch_sys::C_tensor,
+        k: *mut torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn dmsae_qkv_heads(
+        qkv: *mut torch_sys::C_tensor,
+        cs: *mut torch_sys::C_tensor,
+        pre: f64,
+        heads: i64,
+        kv: i64,
         out: *mut *mut torch_sys::C_tensor,
         err: *mut c_char,
         err_len: usize,
@@ -1093,10 +1109,15 @@ fn new_tensor(
     match call(&mut out, err.as_mut_ptr().cast(), err.len()) {
         // SAFETY: on success `out` is a new tensor handle, which the returned Tensor owns.
         0 => Ok(unsafe { Tensor::from_ptr(out) }),
-        _ => Err(CStr::from_bytes_until_nul(&err)
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default()),
+        _ => Err(error_text(&err)),
     }
+}
+
+/// The NUL-terminated message a csrc/autograd.cpp entry point left in `err`.
+fn error_text(err: &[u8]) -> String {
+    CStr::from_bytes_until_nul(err)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// `vals` (codes' values from pre-activations computed without a graph) as a function of `w`
@@ -1155,11 +1176,59 @@ pub fn bag_decode(
     })
 }
 
-/// gelu(gate) * up (contiguous, one shape, bf16 or float32), gelu's tanh form if `tanh`,
-/// differentiable in both (kernels/geglu.cu through csrc/autograd.cpp). CPU tensors are
-/// emulated (tests: slow).
-pub fn geglu(gate: &Tensor, up: &Tensor, tanh: bool) -> Result<Tensor, String> {
-    autograd_op(dmsae_geglu, gate, up, tanh as u8 as f64)
+/// gelu(gate) * up from `gu` [..., 2f] (contiguous, bf16 or float32; gate the first f columns,
+/// up the last), gelu's tanh form if `tanh`: [..., f], differentiable in gu
+/// (kernels/geglu.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
+pub fn geglu(gu: &Tensor, tanh: bool) -> Result<Tensor, String> {
+    // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe {
+        dmsae_geglu(gu.as_ptr() as *mut _, tanh as u8 as f64, out, err, len)
+    })
+}
+
+/// `q.matmul(k^T)` over the last two dimensions, differentiable in both, k's gradient made
+/// contiguous like k (autograd's matmul makes it transposed, and a copy followed; through
+/// csrc/autograd.cpp, ATen's products on any device).
+pub fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor, String> {
+    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe {
+        dmsae_scores(q.as_ptr() as *mut _, k.as_ptr() as *mut _, out, err, len)
+    })
+}
+
+/// q, k and v heads first, each [B, n, T, Dh] contiguous, from `qkv` [B, T, (heads + 2 kv) Dh]
+/// (contiguous, bf16 or float32: a token's query heads, then key heads, then value heads, as
+/// one product makes them), q and k under `rope` (q times `pre`), v moved as `swap_heads`
+/// moves it; differentiable in qkv, its gradient one tensor laid out as qkv
+/// (kernels/rope.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
+pub fn qkv_heads(
+    qkv: &Tensor,
+    cs: &Tensor,
+    pre: f64,
+    heads: i64,
+    kv: i64,
+) -> Result<(Tensor, Tensor, Tensor), String> {
+    let mut out: [*mut torch_sys::C_tensor; 3] = [std::ptr::null_mut(); 3];
+    let mut err = [0u8; 1024];
+    // SAFETY: live tch handles; on success out holds three new tensor handles.
+    let rc = unsafe {
+        dmsae_qkv_heads(
+            qkv.as_ptr() as *mut _,
+            cs.as_ptr() as *mut _,
+            pre,
+            heads,
+            kv,
+            out.as_mut_ptr(),
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        return Err(error_text(&err));
+    }
+    // SAFETY: each is a new handle, owned from here by its Tensor.
+    let [q, k, v] = out.map(|t| unsafe { Tensor::from_ptr(t) });
+    Ok((q, k, v))
 }
 
 /// Rotary embedding of `x` [B, T, heads, Dh] (contiguous, bf16 or float32) with `cs` = cos and
@@ -1582,40 +1651,42 @@ pub(crate) mod tests {
         }
     }
 
-    /// The fused GeGLU against ATen's gelu and multiply, forward and backward through autograd,
-    /// both gelu forms, on 1,000 elements (no multiple of a block; read in 16-byte packs) and on
-    /// 1,001 (no multiple of a pack: an element at a time).
+    /// The fused GeGLU against ATen's gelu and multiply on the halves of one [rows, 2f] product
+    /// output, forward and backward through autograd, both gelu forms: f = 200 (half rows of
+    /// whole 16-byte packs; 1,000 outputs, no multiple of a block) and f = 143 (an element at a
+    /// time).
     fn geglu_against_aten(device: Device) {
-        for shape in [[8, 125], [7, 143]] {
+        for shape in [[5, 200], [7, 143]] {
             geglu_against_aten_on(device, shape);
         }
     }
 
-    fn geglu_against_aten_on(device: Device, shape: [i64; 2]) {
+    fn geglu_against_aten_on(device: Device, [rows, f]: [i64; 2]) {
         tch::manual_seed(9);
-        let (g32, u32_, r32) = (
-            Tensor::randn(shape, (Kind::Float, device)) * 2.0,
-            Tensor::randn(shape, (Kind::Float, device)),
-            Tensor::randn(shape, (Kind::Float, device)),
+        let gu32 = Tensor::cat(
+            &[
+                Tensor::randn([rows, f], (Kind::Float, device)) * 2.0,
+                Tensor::randn([rows, f], (Kind::Float, device)),
+            ],
+            1,
         );
+        let r32 = Tensor::randn([rows, f], (Kind::Float, device));
         for (kind, tol) in [(Kind::BFloat16, 4e-3), (Kind::Float, 1e-5)] {
             for tanh in [true, false] {
-                let case = format!("{kind:?} tanh {tanh} {shape:?} on {device:?}");
+                let case = format!("{kind:?} tanh {tanh} [{rows}, 2 x {f}] on {device:?}");
                 let r = r32.to_kind(kind);
                 let run = |fused: bool| {
-                    let gate = g32.to_kind(kind).set_requires_grad(true);
-                    let up = u32_.to_kind(kind).set_requires_grad(true);
+                    let gu = gu32.to_kind(kind).set_requires_grad(true);
                     let h = match fused {
-                        true => geglu(&gate, &up, tanh).unwrap(),
-                        false => gate.gelu(if tanh { "tanh" } else { "none" }) * &up,
+                        true => geglu(&gu, tanh).unwrap(),
+                        false => {
+                            let parts = gu.split_with_sizes([f, f], 1);
+                            parts[0].gelu(if tanh { "tanh" } else { "none" }) * &parts[1]
+                        }
                     };
-                    let g = Tensor::run_backward(
-                        &[(&h * &r).sum(Kind::Float)],
-                        &[&gate, &up],
-                        false,
-                        false,
-                    );
-                    (h.detach(), g[0].shallow_clone(), g[1].shallow_clone())
+                    let g =
+                        Tensor::run_backward(&[(&h * &r).sum(Kind::Float)], &[&gu], false, false);
+                    (h.detach(), g[0].narrow(1, 0, f), g[0].narrow(1, f, f))
                 };
                 let ((h, dg, du), (want_h, want_dg, want_du)) = (run(true), run(false));
                 let d = [
@@ -1628,11 +1699,100 @@ pub(crate) mod tests {
                     d[0], d[1], d[2]
                 );
                 assert!(d.iter().all(|&x| x <= tol), "{case}: differs by {d:?}");
-                assert_eq!(
-                    (h.kind(), dg.kind(), du.kind()),
-                    (kind, kind, kind),
-                    "{case}"
-                );
+                assert_eq!(h.size(), [rows, f], "{case}");
+                assert_eq!((h.kind(), dg.kind()), (kind, kind), "{case}");
+            }
+        }
+    }
+
+    /// The scores' function against autograd's matmul, float32 and bf16: the same forward,
+    /// q's and k's gradients within rounding (the same dot products, summed by other kernels),
+    /// k's contiguous where autograd's is a transposed view. GQA's shape: 2 query heads a KV
+    /// head as the rows of one [G T, Dh] matrix.
+    fn scores_against_matmul(device: Device) {
+        tch::manual_seed(14);
+        let (q32, k32) = (
+            Tensor::randn([2, 3, 2 * 7, 16], (Kind::Float, device)),
+            Tensor::randn([2, 3, 7, 16], (Kind::Float, device)),
+        );
+        let r32 = Tensor::randn([2, 3, 2 * 7, 7], (Kind::Float, device));
+        for (kind, tol) in [(Kind::BFloat16, 1e-2), (Kind::Float, 1e-6)] {
+            let case = format!("{kind:?} on {device:?}");
+            let run = |ours: bool| {
+                let q = q32.to_kind(kind).set_requires_grad(true);
+                let k = k32.to_kind(kind).set_requires_grad(true);
+                let s = match ours {
+                    true => scores(&q, &k).unwrap(),
+                    false => q.matmul(&k.transpose(-1, -2)),
+                };
+                let loss = (&s * r32.to_kind(kind)).sum(Kind::Float);
+                let g = Tensor::run_backward(&[loss], &[&q, &k], false, false);
+                (s.detach(), g[0].shallow_clone(), g[1].shallow_clone())
+            };
+            let ((s, dq, dk), (want_s, want_dq, want_dk)) = (run(true), run(false));
+            assert!(s.equal(&want_s), "{case}: scores differ");
+            let d = [rel_max(&dq, &want_dq), rel_max(&dk, &want_dk)];
+            assert!(d.iter().all(|&x| x <= tol), "{case}: gradients differ by {d:?}");
+            assert!(dk.is_contiguous(), "{case}: k's gradient not contiguous");
+            assert!(!want_dk.is_contiguous(), "{case}: autograd's k gradient is contiguous now");
+        }
+    }
+
+    /// q, k and v from one product's rows against the same heads split off, made contiguous
+    /// and put through the fused RoPE and head swap one at a time (each checked against ATen
+    /// by its own test): bit for bit forward, and the gradient laid out as the rows, bit for bit
+    /// too. Dh 16 (16-byte packs) and Dh 6 (an element at a time), 4 query heads over 2 KV heads.
+    fn qkv_heads_against_parts(device: Device) {
+        use crate::config::Rope;
+        use crate::models::common::rope_tables;
+        tch::manual_seed(12);
+        let (b, t, h, kv) = (2, 5, 4, 2);
+        for dh in [16, 6] {
+            for kind in [Kind::BFloat16, Kind::Float] {
+                let case = format!("{kind:?} Dh {dh} on {device:?}");
+                let rope_10k = Rope {
+                    theta: 10_000.0,
+                    factor: 1.0,
+                };
+                let (cos, sin) =
+                    rope_tables(rope_10k, dh as usize, t as usize, device, kind).unwrap();
+                let cs = Tensor::stack(&[&cos, &sin], 0);
+                let pre = 1.0 / 16.0 / 50.0;
+                let qkv32 = Tensor::randn([b, t, (h + 2 * kv) * dh], (Kind::Float, device));
+                let rs: Vec<Tensor> = [h, kv, kv]
+                    .iter()
+                    .map(|&n| Tensor::randn([b, n, t, dh], (kind, device)))
+                    .collect();
+                let run = |fused: bool| {
+                    let qkv = qkv32.to_kind(kind).set_requires_grad(true);
+                    let (q, k, v) = match fused {
+                        true => qkv_heads(&qkv, &cs, pre, h, kv).unwrap(),
+                        false => {
+                            let p = qkv.split_with_sizes([h * dh, kv * dh, kv * dh], -1);
+                            let heads = |i: usize, n: i64| p[i].view([b, t, n, dh]).contiguous();
+                            (
+                                rope(&heads(0, h), &cs, pre).unwrap(),
+                                rope(&heads(1, kv), &cs, 1.0).unwrap(),
+                                swap_heads(&heads(2, kv)).unwrap(),
+                            )
+                        }
+                    };
+                    let loss = (&q * &rs[0]).sum(Kind::Float)
+                        + (&k * &rs[1]).sum(Kind::Float)
+                        + (&v * &rs[2]).sum(Kind::Float);
+                    let g = Tensor::run_backward(&[loss], &[&qkv], false, false);
+                    ([q.detach(), k.detach(), v.detach()], g[0].shallow_clone())
+                };
+                let ((got, dgot), (want, dwant)) = (run(true), run(false));
+                for (name, x, y) in [
+                    ("q", &got[0], &want[0]),
+                    ("k", &got[1], &want[1]),
+                    ("v", &got[2], &want[2]),
+                ] {
+                    assert!(x.is_contiguous(), "{case}: {name} not contiguous");
+                    assert!(x.equal(y), "{case}: {name} differs");
+                }
+                assert!(dgot.equal(&dwant), "{case}: the gradient differs");
             }
         }
     }
@@ -1722,6 +1882,10 @@ pub(crate) mod tests {
         the_fused_geglu_matches_aten_on_cuda => geglu_against_aten;
         the_fused_rope_matches_aten_emulated,
         the_fused_rope_matches_aten_on_cuda => rope_against_aten;
+        the_scores_match_matmul_on_cpu,
+        the_scores_match_matmul_on_cuda => scores_against_matmul;
+        the_stacked_qkv_heads_match_their_parts_emulated,
+        the_stacked_qkv_heads_match_their_parts_on_cuda => qkv_heads_against_parts;
         the_head_swap_matches_aten_emulated,
         the_head_swap_matches_aten_on_cuda => swap_heads_against_aten;
     }

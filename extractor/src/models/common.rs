@@ -56,6 +56,17 @@ impl Linear {
         Ok(Linear(w.get(&format!("{name}.weight"), &[out, inp])?))
     }
 
+    /// The checkpoint's layers `p.{name}` (each `[out, in]`, the outs given) as one, their rows
+    /// stacked in that order: one product for inputs they share. Each part's outputs are the
+    /// same dot products as its own layer's, so float32 results agree to rounding.
+    pub fn stacked(w: &Weights, p: &str, parts: &[(&str, usize)], inp: usize) -> Result<Linear> {
+        let ws = parts
+            .iter()
+            .map(|(name, out)| w.get(&format!("{p}.{name}.weight"), &[*out, inp]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear(Tensor::f_cat(&ws, 0)?))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_linear::<Tensor>(&self.0, None)?)
     }
@@ -63,8 +74,9 @@ impl Linear {
 
 /// GeGLU: `down(gelu(gate(x)) * up(x))`.
 pub(crate) struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj over up_proj: one [tokens, d] x [d, 2 I] product where two read x, and the
+    /// input gradient one product where two were summed.
+    gate_up_proj: Linear,
     down_proj: Linear,
     approximate: &'static str,
 }
@@ -73,23 +85,22 @@ impl Mlp {
     pub fn new(cfg: &Config, w: &Weights, p: &str) -> Result<Mlp> {
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate_proj: Linear::new(w, &format!("{p}.gate_proj"), i, d)?,
-            up_proj: Linear::new(w, &format!("{p}.up_proj"), i, d)?,
+            gate_up_proj: Linear::stacked(w, p, &[("gate_proj", i), ("up_proj", i)], d)?,
             down_proj: Linear::new(w, &format!("{p}.down_proj"), d, i)?,
             approximate: if cfg.gelu_tanh { "tanh" } else { "none" },
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let h = match kernels::use_fused(&gate, &kernels::GEGLU) {
-            true => {
-                let up = self.up_proj.forward(x)?;
-                kernels::geglu(&gate, &up, self.approximate == "tanh").map_err(Error::Kernel)?
+        let gu = self.gate_up_proj.forward(x)?;
+        let h = match kernels::use_fused(&gu, &kernels::GEGLU) {
+            true => kernels::geglu(&gu, self.approximate == "tanh").map_err(Error::Kernel)?,
+            false => {
+                // split's backward is one cat of the two gradients.
+                let i = gu.size()[gu.dim() - 1] / 2;
+                let parts = gu.f_split_with_sizes([i, i], -1)?;
+                parts[0].f_gelu(self.approximate)?.f_mul(&parts[1])?
             }
-            false => gate
-                .f_gelu(self.approximate)?
-                .f_mul(&self.up_proj.forward(x)?)?,
         };
         self.down_proj.forward(&h)
     }
@@ -162,9 +173,9 @@ pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
 /// Grouped-query self-attention with optional tanh soft-cap on the scores (Gemma-2) and
 /// optional RMSNorm on queries and keys (Gemma-3).
 pub(crate) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked, [(H + 2 KV) Dh, d]: one product makes a token's query,
+    /// key and value heads, and the input gradient is one product where three were summed.
+    qkv_proj: Linear,
     o_proj: Linear,
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     heads: i64,
@@ -197,9 +208,12 @@ impl Attention {
             None
         };
         Ok(Attention {
-            q_proj: Linear::new(w, &format!("{p}.q_proj"), h * hd, d)?,
-            k_proj: Linear::new(w, &format!("{p}.k_proj"), kv * hd, d)?,
-            v_proj: Linear::new(w, &format!("{p}.v_proj"), kv * hd, d)?,
+            qkv_proj: Linear::stacked(
+                w,
+                p,
+                &[("q_proj", h * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)],
+                d,
+            )?,
             o_proj: Linear::new(w, &format!("{p}.o_proj"), d, h * hd)?,
             qk_norm,
             heads: h as i64,
@@ -213,40 +227,20 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &Ctx, lt: LayerType) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        // Heads split as [B, T, n, Dh], contiguous: the norms and RoPE are per (token, head),
-        // and the fused ones want rows; attention wants [B, n, T, Dh], which the fused RoPE
-        // writes.
-        let split = |y: Tensor, n: i64| y.f_view([b, t, n, hd]);
-        let mut q = split(self.q_proj.forward(x)?, h)?;
-        let mut k = split(self.k_proj.forward(x)?, kv)?;
-        let v = split(self.v_proj.forward(x)?, kv)?;
-        let fused_heads = kernels::use_fused(x, &kernels::ROPE);
-        let v = match fused_heads {
-            true => kernels::swap_heads(&v).map_err(Error::Kernel)?,
-            false => v.f_transpose(1, 2)?,
-        };
-        if let Some((qn, kn)) = &self.qk_norm {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
+        let qkv = self.qkv_proj.forward(x)?;
         // The scores' scaling (and the soft-cap's 1/c) on q, [B, H, T, Dh], rather than on the
         // [B, H, T, T] scores: a quarter of the traffic at T = 4 Dh. Gemma's 1/sqrt(256) is a
         // power of two, so without a soft-cap this is exact in any dtype.
         let pre = self.scaling / self.softcap.unwrap_or(1.0);
-        let (q, k) = match fused_heads {
-            true => {
+        let fused_heads = kernels::use_fused(x, &kernels::ROPE);
+        let (q, k, v) = match (fused_heads, &self.qk_norm) {
+            // Attention wants [B, n, T, Dh]: the kernels write q, k and v so from the product's
+            // rows, RoPE and the scaling on the way.
+            (true, None) => {
                 let cs = &ctx.cos_sin[lt as usize];
-                let rope = |y: &Tensor, pre: f64| kernels::rope(y, cs, pre).map_err(Error::Kernel);
-                (rope(&q, pre)?, rope(&k, 1.0)?)
+                kernels::qkv_heads(&qkv, cs, pre, h, kv).map_err(Error::Kernel)?
             }
-            false => {
-                let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
-                let (q, k) = (q.f_transpose(1, 2)?, k.f_transpose(1, 2)?);
-                (
-                    apply_rope(&q, cos, sin)?.f_mul_scalar(pre)?,
-                    apply_rope(&k, cos, sin)?,
-                )
-            }
+            _ => self.heads_of(&qkv, ctx, lt, pre, fused_heads)?,
         };
         // GQA as one product per KV head: its group's query heads, contiguous [B, H, T, Dh],
         // are the rows of one [G T, Dh] matrix. (A KV head broadcast over its group made matmul
@@ -254,9 +248,12 @@ impl Attention {
         let g = h / kv;
         let q = q.f_contiguous()?.f_view([b, kv, g * t, hd])?;
         let k = k.f_contiguous()?;
-        let mut s = q
-            .f_matmul(&k.f_transpose(-1, -2)?)?
-            .f_view([b, kv, g, t, t])?;
+        let s = match fused_heads {
+            // k's gradient as the fused RoPE reads it, with no transposing copy.
+            true => kernels::scores(&q, &k).map_err(Error::Kernel)?,
+            false => q.f_matmul(&k.f_transpose(-1, -2)?)?,
+        };
+        let mut s = s.f_view([b, kv, g, t, t])?;
         let mask = &ctx.mask[lt as usize];
         // Not for float32 on CUDA: there the kernel's capped score gradient came out 3.05e-5
         // from float64 where ATen's was 4.44e-6 (H200, the kernel test), a gap not yet
@@ -280,6 +277,52 @@ impl Attention {
             false => s.f_softmax(-1, None::<Kind>)?,
         };
         self.attend(&p, &v, b, t, fused_heads)
+    }
+
+    /// q, k and v as [B, n, T, Dh] from the product's rows `qkv` [B, T, (H + 2 KV) Dh], q and k
+    /// normed (Gemma-3) and under RoPE, q times `pre`: the path for QK-norm, and for ATen.
+    fn heads_of(
+        &self,
+        qkv: &Tensor,
+        ctx: &Ctx,
+        lt: LayerType,
+        pre: f64,
+        fused: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = (qkv.size()[0], qkv.size()[1]);
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        // Heads split as [B, T, n, Dh]: the norms and RoPE are per (token, head). split's
+        // backward is one cat of the three gradients; the fused norms and RoPE want rows.
+        let parts = qkv.f_split_with_sizes([h * hd, kv * hd, kv * hd], -1)?;
+        let heads = |i: usize, n: i64| -> Result<Tensor> {
+            let y = parts[i].f_view([b, t, n, hd])?;
+            Ok(if fused { y.f_contiguous()? } else { y })
+        };
+        let (mut q, mut k, v) = (heads(0, h)?, heads(1, kv)?, heads(2, kv)?);
+        let v = match fused {
+            true => kernels::swap_heads(&v).map_err(Error::Kernel)?,
+            false => v.f_transpose(1, 2)?,
+        };
+        if let Some((qn, kn)) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (q, k) = match fused {
+            true => {
+                let cs = &ctx.cos_sin[lt as usize];
+                let rope = |y: &Tensor, pre: f64| kernels::rope(y, cs, pre).map_err(Error::Kernel);
+                (rope(&q, pre)?, rope(&k, 1.0)?)
+            }
+            false => {
+                let (cos, sin) = (&ctx.cos[lt as usize], &ctx.sin[lt as usize]);
+                let (q, k) = (q.f_transpose(1, 2)?, k.f_transpose(1, 2)?);
+                (
+                    apply_rope(&q, cos, sin)?.f_mul_scalar(pre)?,
+                    apply_rope(&k, cos, sin)?,
+                )
+            }
+        };
+        Ok((q, k, v))
     }
 
     /// The output projection of the probabilities `p` [B, KV, G, T, T] applied to `v`
