@@ -144,17 +144,21 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
     return y;
   }
 
-  // d(loss)/dx from d(loss)/dy.
-  static at::Tensor input_grad(AutogradContext *ctx, const at::Tensor &grad) {
+  // d(loss)/dx from d(loss)/dy, plus `res_grad` where defined (x's gradient along the
+  // residual stream, for PreNorm).
+  static at::Tensor input_grad(AutogradContext *ctx, const at::Tensor &grad,
+                               const at::Tensor &res_grad = at::Tensor()) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &scale = saved[1], &rstd = saved[2];
     const at::Tensor dy = grad.to(x.scalar_type()).contiguous();
+    const at::Tensor dres =
+        res_grad.defined() ? res_grad.to(x.scalar_type()).contiguous() : at::Tensor();
     const int64_t d = x.size(-1), rows = x.numel() / d;
     auto dx = at::empty_like(x);
     void *px = x.data_ptr(), *pw = scale.data_ptr(), *pr = rstd.data_ptr(), *pdy = dy.data_ptr(),
-         *pdx = dx.data_ptr();
+         *pdres = dres.defined() ? dres.data_ptr() : nullptr, *pdx = dx.data_ptr();
     long long r = rows, n = d;
-    void *args[] = {&px, &pw, &pr, &pdy, &pdx, &r, &n};
+    void *args[] = {&px, &pw, &pr, &pdy, &pdres, &pdx, &r, &n};
     launch("rms_norm_bwd" + suffix(x), x, rows, args);
     return dx;
   }
@@ -166,6 +170,21 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     return {input_grad(ctx, grads[0]), at::Tensor(), at::Tensor()};
+  }
+};
+
+// A pre-norm: rms_norm(x) * scale, and x itself as the residual stream goes on with it. The
+// two outputs' gradients meet in the norm's backward kernel, which adds the stream's to its
+// own, where autograd summed the two gradients of x in a pass of its own.
+struct PreNorm : public torch::autograd::Function<PreNorm> {
+  static variable_list forward(AutogradContext *ctx, const at::Tensor &x,
+                               const at::Tensor &scale, double eps) {
+    // x returned unmodified: autograd hands it on as a view of itself with this node's edge.
+    return {RmsNorm::run(ctx, x, scale, at::Tensor(), eps), x};
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    return {RmsNorm::input_grad(ctx, grads[0], grads[1]), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -536,6 +555,17 @@ int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
 extern "C" int dmsae_rms_norm(at::Tensor *x, at::Tensor *scale, double eps, at::Tensor **out,
                               char *err, size_t err_len) {
   return guarded([&] { return RmsNorm::apply(*x, *scale, eps); }, out, err, err_len);
+}
+
+// PreNorm above: the norm into out[0], x's stream into out[1]; 0, or 1 with the message in err.
+extern "C" int dmsae_pre_norm(at::Tensor *x, at::Tensor *scale, double eps, at::Tensor **out,
+                              char *err, size_t err_len) {
+  return caught(
+      [&] {
+        const auto r = PreNorm::apply(*x, *scale, eps);
+        for (int i = 0; i < 2; i++) out[i] = new at::Tensor(r[i]);
+      },
+      err, err_len);
 }
 
 // res + the RMSNorm of x, differentiable in both; as dmsae_softcap_softmax below.

@@ -175,14 +175,16 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
   } else if (k == "rms_norm_bwd_bf16") {
     launch(grid, block, [=] {
       rms_norm_bwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1),
-                        arg<const float *>(a, 2), arg<const bf16 *>(a, 3), arg<bf16 *>(a, 4),
-                        arg<ll>(a, 5), arg<ll>(a, 6));
+                        arg<const float *>(a, 2), arg<const bf16 *>(a, 3),
+                        arg<const bf16 *>(a, 4), arg<bf16 *>(a, 5), arg<ll>(a, 6),
+                        arg<ll>(a, 7));
     });
   } else if (k == "rms_norm_bwd_f32") {
     launch(grid, block, [=] {
       rms_norm_bwd_f32(arg<const float *>(a, 0), arg<const float *>(a, 1),
-                       arg<const float *>(a, 2), arg<const float *>(a, 3), arg<float *>(a, 4),
-                       arg<ll>(a, 5), arg<ll>(a, 6));
+                       arg<const float *>(a, 2), arg<const float *>(a, 3),
+                       arg<const float *>(a, 4), arg<float *>(a, 5), arg<ll>(a, 6),
+                       arg<ll>(a, 7));
     });
   } else if (k == "geglu_fwd_bf16") {
     launch(grid, block, [=] {

@@ -2,8 +2,9 @@
 // * scale in float32 (scale = 1 + weight, float32), rounded once to the model dtype, where ATen
 // runs a cast to float32, its fused rms_norm and a cast back (16 bytes a bf16 element against
 // 4 here). The forward keeps each row's rsqrt for the backward, which is the same chain's:
-// dx = r (dy scale) - x r^3 mean(dy scale x), in float32, rounded once. The scale is frozen
-// (no gradient).
+// dx = r (dy scale) - x r^3 mean(dy scale x), in float32, rounded once; plus, where x is also
+// the residual stream's (a pre-norm), that stream's gradient, in the same rounding where
+// autograd's sum of the two took a pass of its own. The scale is frozen (no gradient).
 
 #include "common.cuh"
 
@@ -47,10 +48,11 @@ __device__ void rms_norm_fwd_row(const T *__restrict__ xr, const float *__restri
   if (lane == 0) *rstd = r;
 }
 
-template <typename T, int W>
+template <typename T, int W, bool RES>
 __device__ void rms_norm_bwd_row(const T *__restrict__ xr, const float *__restrict__ scale,
-                                 float r, const T *__restrict__ dyr, T *__restrict__ dxr,
-                                 long long d, int lane) {
+                                 float r, const T *__restrict__ dyr,
+                                 const T *__restrict__ dresr, T *__restrict__ dxr, long long d,
+                                 int lane) {
   float a = 0.f;
 #pragma unroll 3
   for (long long j = lane; j < d / W; j += 32) {
@@ -65,8 +67,16 @@ __device__ void rms_norm_bwd_row(const T *__restrict__ xr, const float *__restri
     const Pack<T, W> x = pack_at<T, W>(xr, j), dy = pack_at<T, W>(dyr, j);
     const Pack<float, W> s = pack_at<float, W>(scale, j);
     Pack<T, W> out;
+    float v[W];
 #pragma unroll
-    for (int k = 0; k < W; k++) put(&out.v[k], r * (to_f(dy.v[k]) * s.v[k]) - to_f(x.v[k]) * c);
+    for (int k = 0; k < W; k++) v[k] = r * (to_f(dy.v[k]) * s.v[k]) - to_f(x.v[k]) * c;
+    if (RES) {
+      const Pack<T, W> g = pack_at<T, W>(dresr, j);
+#pragma unroll
+      for (int k = 0; k < W; k++) v[k] += to_f(g.v[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < W; k++) put(&out.v[k], v[k]);
     store_pack<T, W>(dxr, j, out);
   }
 }
@@ -100,18 +110,26 @@ __device__ void rms_norm_fwd(const T *x, const float *scale, const T *res, T *y,
     rms_norm_fwd_row<T, 1, false>(xr, scale, rr, yr, rstd + row, d, eps, lane);
 }
 
+// dres: null, or the residual stream's gradient [rows, d] dx adds.
 template <typename T>
 __device__ void rms_norm_bwd(const T *x, const float *scale, const float *rstd, const T *dy,
-                             T *dx, long long rows, long long d) {
+                             const T *dres, T *dx, long long rows, long long d) {
   const long long row = warp_index();
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
-  const T *xr = x + row * d, *dyr = dy + row * d;
+  const T *xr = x + row * d, *dyr = dy + row * d, *gr = dres ? dres + row * d : dres;
   T *dxr = dx + row * d;
-  if (rows_in_packs(x, dy, scale, d) && aligned(dx, 16))
-    rms_norm_bwd_row<T, PackLen<T>::n>(xr, scale, rstd[row], dyr, dxr, d, lane);
+  const bool packed = rows_in_packs(x, dy, scale, d) && aligned(dx, 16) && aligned(dres, 16);
+  constexpr int P = PackLen<T>::n;
+  const float r = rstd[row];
+  if (packed && dres)
+    rms_norm_bwd_row<T, P, true>(xr, scale, r, dyr, gr, dxr, d, lane);
+  else if (packed)
+    rms_norm_bwd_row<T, P, false>(xr, scale, r, dyr, gr, dxr, d, lane);
+  else if (dres)
+    rms_norm_bwd_row<T, 1, true>(xr, scale, r, dyr, gr, dxr, d, lane);
   else
-    rms_norm_bwd_row<T, 1>(xr, scale, rstd[row], dyr, dxr, d, lane);
+    rms_norm_bwd_row<T, 1, false>(xr, scale, r, dyr, gr, dxr, d, lane);
 }
 
 extern "C" __global__ void rms_norm_fwd_bf16(const bf16 *x, const float *scale, const bf16 *res,
@@ -127,13 +145,15 @@ extern "C" __global__ void rms_norm_fwd_f32(const float *x, const float *scale, 
 }
 
 extern "C" __global__ void rms_norm_bwd_bf16(const bf16 *x, const float *scale,
-                                            const float *rstd, const bf16 *dy, bf16 *dx,
-                                            long long rows, long long d) {
-  rms_norm_bwd<bf16>(x, scale, rstd, dy, dx, rows, d);
+                                            const float *rstd, const bf16 *dy,
+                                            const bf16 *dres, bf16 *dx, long long rows,
+                                            long long d) {
+  rms_norm_bwd<bf16>(x, scale, rstd, dy, dres, dx, rows, d);
 }
 
 extern "C" __global__ void rms_norm_bwd_f32(const float *x, const float *scale,
-                                           const float *rstd, const float *dy, float *dx,
-                                           long long rows, long long d) {
-  rms_norm_bwd<float>(x, scale, rstd, dy, dx, rows, d);
+                                           const float *rstd, const float *dy,
+                                           const float *dres, float *dx, long long rows,
+                                           long long d) {
+  rms_norm_bwd<float>(x, scale, rstd, dy, dres, dx, rows, d);
 }

@@ -840,6 +840,14 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dmsae_pre_norm(
+        x: *mut torch_sys::C_tensor,
+        scale: *mut torch_sys::C_tensor,
+        eps: f64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dmsae_qkv_heads(
         qkv: *mut torch_sys::C_tensor,
         cs: *mut torch_sys::C_tensor,
@@ -1104,11 +1112,18 @@ pub fn pin_memory(t: &Tensor) -> Result<Tensor, String> {
 fn new_tensor(
     call: impl FnOnce(*mut *mut torch_sys::C_tensor, *mut c_char, usize) -> c_int,
 ) -> Result<Tensor, String> {
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    new_tensors(call).map(|[t]| t)
+}
+
+/// `new_tensor` for an entry point that makes N tensors, into out[0..N].
+fn new_tensors<const N: usize>(
+    call: impl FnOnce(*mut *mut torch_sys::C_tensor, *mut c_char, usize) -> c_int,
+) -> Result<[Tensor; N], String> {
+    let mut out: [*mut torch_sys::C_tensor; N] = [std::ptr::null_mut(); N];
     let mut err = [0u8; 1024];
-    match call(&mut out, err.as_mut_ptr().cast(), err.len()) {
-        // SAFETY: on success `out` is a new tensor handle, which the returned Tensor owns.
-        0 => Ok(unsafe { Tensor::from_ptr(out) }),
+    match call(out.as_mut_ptr(), err.as_mut_ptr().cast(), err.len()) {
+        // SAFETY: on success each is a new tensor handle, which its Tensor owns from here.
+        0 => Ok(out.map(|t| unsafe { Tensor::from_ptr(t) })),
         _ => Err(error_text(&err)),
     }
 }
@@ -1208,26 +1223,19 @@ pub fn qkv_heads(
     heads: i64,
     kv: i64,
 ) -> Result<(Tensor, Tensor, Tensor), String> {
-    let mut out: [*mut torch_sys::C_tensor; 3] = [std::ptr::null_mut(); 3];
-    let mut err = [0u8; 1024];
-    // SAFETY: live tch handles; on success out holds three new tensor handles.
-    let rc = unsafe {
+    // SAFETY: live tch handles, and the out and error pointers `new_tensors` hands over.
+    let [q, k, v] = new_tensors(|out, err, len| unsafe {
         dmsae_qkv_heads(
             qkv.as_ptr() as *mut _,
             cs.as_ptr() as *mut _,
             pre,
             heads,
             kv,
-            out.as_mut_ptr(),
-            err.as_mut_ptr().cast(),
-            err.len(),
+            out,
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        return Err(error_text(&err));
-    }
-    // SAFETY: each is a new handle, owned from here by its Tensor.
-    let [q, k, v] = out.map(|t| unsafe { Tensor::from_ptr(t) });
+    })?;
     Ok((q, k, v))
 }
 
@@ -1262,6 +1270,25 @@ pub fn swap_heads(x: &Tensor) -> Result<Tensor, String> {
 /// (kernels/rope.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
 pub fn rope(x: &Tensor, cs: &Tensor, pre: f64) -> Result<Tensor, String> {
     autograd_op(dmsae_rope, x, cs, pre)
+}
+
+/// `rms_norm(x, scale, eps)` and x itself, for a pre-norm whose input the residual stream carries
+/// on: the two outputs' gradients are summed in the norm's backward kernel (kernels/rms_norm.cu
+/// through csrc/autograd.cpp), not in a pass of autograd's own. CPU tensors are emulated
+/// (tests: slow).
+pub fn pre_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<(Tensor, Tensor), String> {
+    // SAFETY: live tch handles, and the out and error pointers `new_tensors` hands over.
+    let [y, x] = new_tensors(|out, err, len| unsafe {
+        dmsae_pre_norm(
+            x.as_ptr() as *mut _,
+            scale.as_ptr() as *mut _,
+            eps,
+            out,
+            err,
+            len,
+        )
+    })?;
+    Ok((y, x))
 }
 
 /// Gemma's RMSNorm of the last dimension of `x` (contiguous, bf16 or float32): in float32 with
@@ -1648,6 +1675,24 @@ pub(crate) mod tests {
                 g[1].equal(&r),
                 "{case}: the residual's gradient is not passed through"
             );
+            // As a pre-norm: the same norm, x handed on as the stream, and x's gradient the
+            // norm's plus the stream's, summed before the one rounding (ATen: each rounded,
+            // then their sum rounded).
+            let q = Tensor::randn([3, 7, d], (Kind::Float, device)).to_kind(kind);
+            let x = x32.to_kind(kind).set_requires_grad(true);
+            let (y2, stream) = pre_norm(&x, &scale, eps).unwrap();
+            assert!(y2.equal(&y), "{case}: the pre-norm's output differs");
+            assert!(stream.equal(&x), "{case}: the stream is not x");
+            let loss = (&y2 * &r).sum(Kind::Float) + (&stream * &q).sum(Kind::Float);
+            let g = Tensor::run_backward(&[loss], &[&x], false, false);
+            let sum = &want_dx.to_kind(Kind::Float) + q.to_kind(Kind::Float);
+            let dsum = rel_max(&g[0], &sum);
+            eprintln!("pre-norm {case}: input gradient {dsum:.2e} from ATen's two");
+            assert_eq!(g[0].kind(), kind, "{case}");
+            assert!(
+                dsum <= tol,
+                "{case}: the pre-norm's gradient differs by {dsum:e}"
+            );
         }
     }
 
@@ -1732,9 +1777,15 @@ pub(crate) mod tests {
             let ((s, dq, dk), (want_s, want_dq, want_dk)) = (run(true), run(false));
             assert!(s.equal(&want_s), "{case}: scores differ");
             let d = [rel_max(&dq, &want_dq), rel_max(&dk, &want_dk)];
-            assert!(d.iter().all(|&x| x <= tol), "{case}: gradients differ by {d:?}");
+            assert!(
+                d.iter().all(|&x| x <= tol),
+                "{case}: gradients differ by {d:?}"
+            );
             assert!(dk.is_contiguous(), "{case}: k's gradient not contiguous");
-            assert!(!want_dk.is_contiguous(), "{case}: autograd's k gradient is contiguous now");
+            assert!(
+                !want_dk.is_contiguous(),
+                "{case}: autograd's k gradient is contiguous now"
+            );
         }
     }
 

@@ -38,6 +38,16 @@ impl RmsNorm {
         Ok(y.f_to_kind(x.kind())?)
     }
 
+    /// `(forward(x), x)`: a pre-norm, and the residual stream that goes on from x. With the
+    /// kernel, x's two gradients (the norm's, the stream's) are summed inside the norm's
+    /// backward rather than by autograd in a pass of their own.
+    pub fn with_stream(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        if x.is_contiguous() && kernels::use_fused(x, &kernels::RMS_NORM) {
+            return kernels::pre_norm(x, &self.scale, self.eps).map_err(Error::Kernel);
+        }
+        Ok((self.forward(x)?, x.shallow_clone()))
+    }
+
     /// `res + forward(x)`: Gemma's post-norms onto the residual stream, one fused pass where
     /// the kernel applies.
     pub fn add_to(&self, res: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -374,13 +384,12 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let a = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, self.layer_type)?;
-        let x = self.post_attention_layernorm.add_to(x, &a)?;
-        let m = self
-            .mlp
-            .forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
+        let (xn, x) = self.input_layernorm.with_stream(x)?;
+        let a = self.self_attn.forward(&xn, ctx, self.layer_type)?;
+        let (xn, x) = self
+            .pre_feedforward_layernorm
+            .with_stream(&self.post_attention_layernorm.add_to(&x, &a)?)?;
+        let m = self.mlp.forward(&xn)?;
         self.post_feedforward_layernorm.add_to(&x, &m)
     }
 }
