@@ -103,29 +103,17 @@ __device__ void rope_bwd(const T *dout, const T *cs, T *dx, long long tokens, lo
     rope_bwd_w<T, 1>(dout, cs, dx, tokens, dh, heads, t_len, ld, pre);
 }
 
-extern "C" __global__ void rope_fwd_bf16(const bf16 *x, const bf16 *cs, bf16 *out,
-                                         long long tokens, long long dh, long long heads,
-                                         long long t_len, long long ld, float pre) {
-  rope_fwd<bf16>(x, cs, out, tokens, dh, heads, t_len, ld, pre);
-}
-
-extern "C" __global__ void rope_fwd_f32(const float *x, const float *cs, float *out,
-                                        long long tokens, long long dh, long long heads,
-                                        long long t_len, long long ld, float pre) {
-  rope_fwd<float>(x, cs, out, tokens, dh, heads, t_len, ld, pre);
-}
-
-extern "C" __global__ void rope_bwd_bf16(const bf16 *dout, const bf16 *cs, bf16 *dx,
-                                         long long tokens, long long dh, long long heads,
-                                         long long t_len, long long ld, float pre) {
-  rope_bwd<bf16>(dout, cs, dx, tokens, dh, heads, t_len, ld, pre);
-}
-
-extern "C" __global__ void rope_bwd_f32(const float *dout, const float *cs, float *dx,
-                                        long long tokens, long long dh, long long heads,
-                                        long long t_len, long long ld, float pre) {
-  rope_bwd<float>(dout, cs, dx, tokens, dh, heads, t_len, ld, pre);
-}
+// The four entry points: rope_fwd and rope_bwd in bf16 and float32.
+#define ROPE_KERNEL(NAME, FN, T)                                                            \
+  extern "C" __global__ void NAME(const T *in, const T *cs, T *out, long long tokens,       \
+                                  long long dh, long long heads, long long t_len,           \
+                                  long long ld, float pre) {                                \
+    FN<T>(in, cs, out, tokens, dh, heads, t_len, ld, pre);                                  \
+  }
+ROPE_KERNEL(rope_fwd_bf16, rope_fwd, bf16)
+ROPE_KERNEL(rope_fwd_f32, rope_fwd, float)
+ROPE_KERNEL(rope_bwd_bf16, rope_bwd, bf16)
+ROPE_KERNEL(rope_bwd_f32, rope_bwd, float)
 
 // v to heads first and the attention output back, with no RoPE: dst [B, C, A, D] = src
 // [B, A, C, D], rows of D moved whole, W elements at a time, dst rows in order. A row (b, ai)

@@ -816,118 +816,45 @@ type AutogradOp = unsafe extern "C" fn(
     usize,
 ) -> c_int;
 
-extern "C" {
-    // csrc/autograd.cpp
-    fn dmsae_softcap_softmax(
-        s: *mut torch_sys::C_tensor,
-        mask: *mut torch_sys::C_tensor,
-        cap: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_geglu(
-        gu: *mut torch_sys::C_tensor,
-        tanh_approx: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_scores(
-        q: *mut torch_sys::C_tensor,
-        k: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_pre_norm(
-        x: *mut torch_sys::C_tensor,
-        scale: *mut torch_sys::C_tensor,
-        eps: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_qkv_heads(
-        qkv: *mut torch_sys::C_tensor,
-        cs: *mut torch_sys::C_tensor,
-        pre: f64,
-        heads: i64,
-        kv: i64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_rope(
-        x: *mut torch_sys::C_tensor,
-        cs: *mut torch_sys::C_tensor,
-        pre: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_rms_norm_add(
-        res: *mut torch_sys::C_tensor,
-        x: *mut torch_sys::C_tensor,
-        scale: *mut torch_sys::C_tensor,
-        eps: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_encoder_entries(
-        w: *mut torch_sys::C_tensor,
-        bias: *mut torch_sys::C_tensor,
-        xc: *mut torch_sys::C_tensor,
-        vals: *mut torch_sys::C_tensor,
-        rows: *mut torch_sys::C_tensor,
-        cols: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_bag_decode(
-        w: *mut torch_sys::C_tensor,
-        vals: *mut torch_sys::C_tensor,
-        cols: *mut torch_sys::C_tensor,
-        bags: *mut torch_sys::C_tensor,
-        n_bags: i64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_matryoshka_l2(
-        x: *mut torch_sys::C_tensor,
-        b_dec: *mut torch_sys::C_tensor,
-        parts: *mut torch_sys::C_tensor,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn dmsae_rms_norm(
-        x: *mut torch_sys::C_tensor,
-        scale: *mut torch_sys::C_tensor,
-        eps: f64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
+/// csrc/autograd.cpp's entry points: each takes its arguments, then (out, err, err_len), and
+/// returns 0 with its tensors in out[..], or 1 with the error in err. Grouped by arguments.
+macro_rules! entry_points {
+    ($($args:tt => $($name:ident),*;)*) => {
+        $($(entry_point!($name $args);)*)*
+    };
 }
-
-// csrc/autograd.cpp's functions of one tensor: (t, out, err, err_len), 0 or 1 with the error.
-macro_rules! unary_ops {
-    ($($name:ident),*) => {
+macro_rules! entry_point {
+    ($name:ident ($($arg:ident: $ty:ty),*)) => {
         extern "C" {
-            $(fn $name(
-                t: *mut torch_sys::C_tensor,
+            fn $name(
+                $($arg: $ty,)*
                 out: *mut *mut torch_sys::C_tensor,
                 err: *mut c_char,
                 err_len: usize,
-            ) -> c_int;)*
+            ) -> c_int;
         }
     };
 }
-unary_ops!(dmsae_swap_heads, dmsae_empty_pinned, dmsae_pin_memory);
+type CTensor = *mut torch_sys::C_tensor;
+
+/// A tch tensor's handle as the entry points take it.
+fn ptr(t: &Tensor) -> CTensor {
+    t.as_ptr() as *mut _
+}
+
+entry_points! {
+    (t: CTensor) => dmsae_swap_heads, dmsae_empty_pinned, dmsae_pin_memory;
+    (a: CTensor, b: CTensor) => dmsae_scores;
+    (a: CTensor, x: f64) => dmsae_geglu;
+    (a: CTensor, b: CTensor, x: f64) =>
+        dmsae_softcap_softmax, dmsae_rope, dmsae_rms_norm, dmsae_pre_norm;
+    (res: CTensor, x: CTensor, scale: CTensor, eps: f64) => dmsae_rms_norm_add;
+    (qkv: CTensor, cs: CTensor, pre: f64, heads: i64, kv: i64) => dmsae_qkv_heads;
+    (x: CTensor, b_dec: CTensor, parts: CTensor) => dmsae_matryoshka_l2;
+    (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64) => dmsae_bag_decode;
+    (w: CTensor, bias: CTensor, xc: CTensor, vals: CTensor, rows: CTensor, cols: CTensor) =>
+        dmsae_encoder_entries;
+}
 
 type UnaryOp = unsafe extern "C" fn(
     *mut torch_sys::C_tensor,
@@ -939,15 +866,13 @@ type UnaryOp = unsafe extern "C" fn(
 /// One of csrc/autograd.cpp's functions of one tensor: a new tensor, or its error.
 fn unary_op(op: UnaryOp, t: &Tensor) -> Result<Tensor, String> {
     // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe { op(t.as_ptr() as *mut _, out, err, len) })
+    new_tensor(|out, err, len| unsafe { op(ptr(t), out, err, len) })
 }
 
 /// One of csrc/autograd.cpp's functions of two tensors and a number: a new tensor, or its error.
 fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor, String> {
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe {
-        op(a.as_ptr() as *mut _, b.as_ptr() as *mut _, x, out, err, len)
-    })
+    new_tensor(|out, err, len| unsafe { op(ptr(a), ptr(b), x, out, err, len) })
 }
 
 /// Per token of x [B, d], the sum over prefixes p >= 1 of |x - b_dec - parts[:, 0] - ... -
@@ -955,10 +880,9 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
 /// (kernels/matryoshka_l2.cu through csrc/autograd.cpp). Contiguous float32 on one device; CPU
 /// tensors are emulated (tests: slow).
 pub fn matryoshka_l2(x: &Tensor, b_dec: &Tensor, parts: &Tensor) -> Result<Tensor, String> {
-    let p = |t: &Tensor| t.as_ptr() as *mut _;
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
-        dmsae_matryoshka_l2(p(x), p(b_dec), p(parts), out, err, len)
+        dmsae_matryoshka_l2(ptr(x), ptr(b_dec), ptr(parts), out, err, len)
     })
 }
 
@@ -1148,16 +1072,15 @@ pub fn encoder_entries(
     rows: &Tensor,
     cols: &Tensor,
 ) -> Result<Tensor, String> {
-    let p = |t: &Tensor| t.as_ptr() as *mut _;
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
         dmsae_encoder_entries(
-            p(w),
-            p(bias),
-            p(xc),
-            p(vals),
-            p(rows),
-            p(cols),
+            ptr(w),
+            ptr(bias),
+            ptr(xc),
+            ptr(vals),
+            ptr(rows),
+            ptr(cols),
             out,
             err,
             len,
@@ -1179,10 +1102,10 @@ pub fn bag_decode(
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
         dmsae_bag_decode(
-            w.as_ptr() as *mut _,
-            vals.as_ptr() as *mut _,
-            cols.as_ptr() as *mut _,
-            bags.as_ptr() as *mut _,
+            ptr(w),
+            ptr(vals),
+            ptr(cols),
+            ptr(bags),
             n_bags,
             out,
             err,
@@ -1196,9 +1119,7 @@ pub fn bag_decode(
 /// (kernels/geglu.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
 pub fn geglu(gu: &Tensor, tanh: bool) -> Result<Tensor, String> {
     // SAFETY: a live tch handle, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe {
-        dmsae_geglu(gu.as_ptr() as *mut _, tanh as u8 as f64, out, err, len)
-    })
+    new_tensor(|out, err, len| unsafe { dmsae_geglu(ptr(gu), tanh as u8 as f64, out, err, len) })
 }
 
 /// `q.matmul(k^T)` over the last two dimensions, differentiable in both, k's gradient made
@@ -1206,9 +1127,7 @@ pub fn geglu(gu: &Tensor, tanh: bool) -> Result<Tensor, String> {
 /// csrc/autograd.cpp, ATen's products on any device).
 pub fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor, String> {
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
-    new_tensor(|out, err, len| unsafe {
-        dmsae_scores(q.as_ptr() as *mut _, k.as_ptr() as *mut _, out, err, len)
-    })
+    new_tensor(|out, err, len| unsafe { dmsae_scores(ptr(q), ptr(k), out, err, len) })
 }
 
 /// q, k and v heads first, each [B, n, T, Dh] contiguous, from `qkv` [B, T, (heads + 2 kv) Dh]
@@ -1225,37 +1144,18 @@ pub fn qkv_heads(
 ) -> Result<(Tensor, Tensor, Tensor), String> {
     // SAFETY: live tch handles, and the out and error pointers `new_tensors` hands over.
     let [q, k, v] = new_tensors(|out, err, len| unsafe {
-        dmsae_qkv_heads(
-            qkv.as_ptr() as *mut _,
-            cs.as_ptr() as *mut _,
-            pre,
-            heads,
-            kv,
-            out,
-            err,
-            len,
-        )
+        dmsae_qkv_heads(ptr(qkv), ptr(cs), pre, heads, kv, out, err, len)
     })?;
     Ok((q, k, v))
 }
 
-/// Rotary embedding of `x` [B, T, heads, Dh] (contiguous, bf16 or float32) with `cs` = cos and
-/// sin stacked [2, T, Dh] in x's dtype, times `pre` (1: none), each step rounded as
 /// `res + rms_norm(x, scale, eps)` with the norm rounded to x's dtype before the add, as the
 /// two ATen steps give it; differentiable in `res` and `x` (kernels/rms_norm.cu through
 /// csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
 pub fn rms_norm_add(res: &Tensor, x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor, String> {
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
-        dmsae_rms_norm_add(
-            res.as_ptr() as *mut _,
-            x.as_ptr() as *mut _,
-            scale.as_ptr() as *mut _,
-            eps,
-            out,
-            err,
-            len,
-        )
+        dmsae_rms_norm_add(ptr(res), ptr(x), ptr(scale), eps, out, err, len)
     })
 }
 
@@ -1266,6 +1166,8 @@ pub fn swap_heads(x: &Tensor) -> Result<Tensor, String> {
     unary_op(dmsae_swap_heads, x)
 }
 
+/// Rotary embedding of `x` [B, T, heads, Dh] (contiguous, bf16 or float32) with `cs` = cos and
+/// sin stacked [2, T, Dh] in x's dtype, times `pre` (1: none), each step rounded as
 /// `apply_rope` and the scaling round it, as [B, heads, T, Dh] contiguous; differentiable in x
 /// (kernels/rope.cu through csrc/autograd.cpp). CPU tensors are emulated (tests: slow).
 pub fn rope(x: &Tensor, cs: &Tensor, pre: f64) -> Result<Tensor, String> {
@@ -1279,14 +1181,7 @@ pub fn rope(x: &Tensor, cs: &Tensor, pre: f64) -> Result<Tensor, String> {
 pub fn pre_norm(x: &Tensor, scale: &Tensor, eps: f64) -> Result<(Tensor, Tensor), String> {
     // SAFETY: live tch handles, and the out and error pointers `new_tensors` hands over.
     let [y, x] = new_tensors(|out, err, len| unsafe {
-        dmsae_pre_norm(
-            x.as_ptr() as *mut _,
-            scale.as_ptr() as *mut _,
-            eps,
-            out,
-            err,
-            len,
-        )
+        dmsae_pre_norm(ptr(x), ptr(scale), eps, out, err, len)
     })?;
     Ok((y, x))
 }
