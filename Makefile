@@ -53,6 +53,7 @@ help:
 	@echo "make bench-train - dmsae's training step against an eager PyTorch step, same sizes (BENCH_TRAIN='--width 16384')"
 	@echo "make bench-extract - dmsae extract against transformers eager on the same contexts (Gemma-3-270M, CPU)"
 	@echo "make gpu-bundle - gpu/: the stripped binary and unit-test binaries scripts/gpu_checks.sh runs on a GPU machine"
+	@echo "               (GPU_BASE=REV also builds REV's binary as gpu/dmsae-base, for the checks' side-by-side step)"
 
 # The set-up needs Python 3.11 or newer (transformers 5.24's floor; scripts/demo.py's tomllib);
 # say so before pip's "no matching distribution".
@@ -107,6 +108,12 @@ gpu-bundle: build
 	done
 	cargo build $(CARGO_FLAGS) -p dmsae-store --example writer_rate --example stream_rate
 	for e in writer_rate stream_rate; do strip -o gpu/$$e target/release/examples/$$e || exit 1; done
+ifdef GPU_BASE
+	rm -rf target/gpu-base-src && git worktree prune && git worktree add -f --detach target/gpu-base-src $(GPU_BASE)
+	cd target/gpu-base-src && CARGO_TARGET_DIR=$(abspath target/gpu-base) cargo build $(CARGO_FLAGS) --bin dmsae
+	strip -o gpu/dmsae-base target/gpu-base/release/dmsae
+	git worktree remove --force target/gpu-base-src
+endif
 	@du -ch gpu/* | tail -1
 
 BENCH_EXTRACT ?=

@@ -9,9 +9,11 @@
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
-#   ONLY="env adam kernels model extract ab train trainauxk fvu" runs only the steps named (default: all; the
+#   ONLY="env adam kernels model extract base ab train trainauxk fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
 #   encoder run (default --encoder-f32), TRAIN_AB= its kernels-off runs.
+#   gpu/dmsae-base     (optional; make gpu-bundle GPU_BASE=REV) an earlier version's binary: the
+#                      `base` step times its extraction beside this one's, alternating, in one call
 #   gpu/writer_rate, gpu/stream_rate (store-format's examples, stripped): the `hostio` step, the
 #   store writer's and the training stream's rates on this host's CPUs, and its disk's.
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
@@ -97,6 +99,20 @@ run 300 "$PY" scripts/bench_extract.py --dmsae "$BIN" --model "$W/model" --data 
   --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --check 2 \
   --keep-store "$W/store-bf16"
 [ -d "$W/store-bf16" ] && run 30 "$BIN" store inspect "$W/store-bf16"
+fi
+
+if want base && [ -x "${BASE_BIN:-gpu/dmsae-base}" ]; then
+BASE=${BASE_BIN:-gpu/dmsae-base}
+step "extract, bf16: this build against $BASE, alternating, the same tokens (rates after the first batch)"
+for i in 1 2; do
+  for b in "$BIN" "$BASE"; do
+    echo "-- $b, run $i" | tee -a "$LOG"
+    rm -rf "$W/store-base"
+    timeout 120 "$b" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" --layer "$LAYER" \
+      --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-base" 2>&1 \
+      | grep -E "tokens/s" | tail -2 | tee -a "$LOG"
+  done
+done
 fi
 
 if want ab; then
