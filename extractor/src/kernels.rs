@@ -1027,8 +1027,25 @@ impl Drop for HostCopies {
 }
 
 /// A host tensor in page-locked memory, ready for a non-blocking upload (needs CUDA loaded).
-pub fn pin_memory(t: &Tensor) -> Result<Tensor, String> {
+fn pin_memory(t: &Tensor) -> Result<Tensor, String> {
     unary_op(dmsae_pin_memory, t)
+}
+
+/// The host tensor `t` on `device`. On CUDA the copy is queued on torch's stream from
+/// page-locked memory and the host goes on: from pageable memory the copy also waits for
+/// everything queued before it (torch synchronises the stream), which held extraction's next
+/// batch until the last one had finished, and took 2 ms of a 29 ms training step on an H100.
+/// Pageable if pinning fails (out of page-locked memory): slower, the same numbers.
+pub fn upload(t: &Tensor, device: Device) -> Result<Tensor, tch::TchError> {
+    if t.device() == device {
+        return Ok(t.shallow_clone());
+    }
+    match device {
+        Device::Cuda(_) => pin_memory(t)
+            .unwrap_or_else(|_| t.shallow_clone())
+            .f_to_device_(device, t.kind(), true, false),
+        _ => t.f_to_device(device),
+    }
 }
 
 /// The tensor a csrc/autograd.cpp entry point makes through `call(out, err, err_len)`, or its

@@ -306,17 +306,10 @@ pub(crate) fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tenso
         _ => unreachable!("stores hold acts and grads as floats (manifest check)"),
     };
     let host = Tensor::from_data_size(bytes, &[b.n as i64, width as i64], kind);
-    let on_device = match device {
-        // From pinned memory the copy runs at full PCIe speed and does not hold the host: from
-        // pageable memory it took 2 ms of a 29 ms step on an H100, the step's kernels waiting
-        // behind it on the stream (Kineto, width 65,536, batch 4,096).
-        // Pageable if pinning fails (out of page-locked memory): slower, the same numbers.
-        Device::Cuda(_) => dmsae_extractor::kernels::pin_memory(&host)
-            .unwrap_or(host)
-            .to_device_(device, kind, true, false),
-        _ => host.to_device(device),
-    };
-    on_device.to_kind(Kind::Float)
+    // From pinned memory the copy runs at full PCIe speed and does not hold the host.
+    dmsae_extractor::kernels::upload(&host, device)
+        .expect("a batch to the device")
+        .to_kind(Kind::Float)
 }
 
 /// One training batch on the device and where it leaves the stream.

@@ -508,7 +508,8 @@ impl Decoder {
             )));
         }
         let (b, t) = self.check_ids(ids)?;
-        let ids = ids.f_to_device(self.device)?;
+        // Without waiting for the device: the previous batch may still be running.
+        let ids = kernels::upload(ids, self.device)?;
         let ctx = Ctx::new_for(self, t)?;
         let resid = {
             let _g = tch::no_grad_guard();
