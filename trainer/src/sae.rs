@@ -325,38 +325,18 @@ impl Sae {
     /// [B, W] masks and copies that a GPU step would otherwise spend its memory bandwidth on.
     pub fn train_codes(&self, pre_bw: &Tensor) -> Codes {
         let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
-        let flat = pre_bw.narrow(1, c, w - c).reshape([-1]);
-        let keep = (self.k as i64 * b).min(flat.size()[0]);
-        let idx = match top_entries(&flat.detach(), keep) {
-            Top::Positive(idx) => idx,
-            // (A selection's size waits for the device: only this path needs one.)
-            Top::Any(top, idx) => idx.masked_select(&top.gt(0.0)),
-        };
+        let p = pre_bw.detach();
+        let keep = (self.k as i64 * b).min(b * (w - c));
+        let core_on = (c > 0).then(|| {
+            let pc = p.narrow(1, 0, c);
+            pc.gt_tensor(&self.core_threshold).logical_and(&pc.gt(0.0))
+        });
+        let (rows, cols) = train_entries(&p, c, core_on.as_ref(), keep);
         // Codes in the model's kind whatever the pre-activations' (bf16 with a bf16 encoder).
-        let kind = self.w_dec.kind();
-        let (rows, cols, vals) = (
-            idx.floor_divide_scalar(w - c),
-            idx.remainder(w - c) + c,
-            flat.index_select(0, &idx).to_kind(kind),
-        );
-        if c == 0 {
-            return Codes::sorted(rows, cols, vals, w, b);
-        }
-        let core_bc = pre_bw.narrow(1, 0, c);
-        let p = core_bc.detach();
-        let nz = p
-            .gt_tensor(&self.core_threshold)
-            .logical_and(&p.gt(0.0))
-            .nonzero();
-        let (rows_c, cols_c) = (nz.select(1, 0), nz.select(1, 1));
-        let vals_c = core_bc.index(&[Some(&rows_c), Some(&cols_c)]).to_kind(kind);
-        Codes::sorted(
-            Tensor::cat(&[rows_c, rows], 0),
-            Tensor::cat(&[cols_c, cols], 0),
-            Tensor::cat(&[vals_c, vals], 0),
-            w,
-            b,
-        )
+        let vals = pre_bw
+            .index(&[Some(&rows), Some(&cols)])
+            .to_kind(self.w_dec.kind());
+        Codes::sorted(rows, cols, vals, w, b)
     }
 
     /// Inference codes without batch statistics: the core is JumpReLU at its carried
@@ -484,45 +464,75 @@ impl Sae {
     }
 }
 
-/// `top_entries`' result.
-enum Top {
-    /// Indices of entries that are all positive.
-    Positive(Tensor),
-    /// (values, indices), some of which may not be positive.
-    Any(Tensor, Tensor),
-}
-
-/// The `keep` largest entries of the 1-D `flat`: the set `topk` gives, ties aside. A top-k
-/// over every 16th entry yields a cut that about 2 * keep entries reach; those go through the
-/// exact top-k. Over 16.7M entries (batch 1,024, width 16k) this took a quarter of the full
-/// top-k's time on the 2-core CPU. Falls back to the full top-k when the cut is not positive
-/// (fewer positive entries than needed) or fewer than `keep` entries reach it.
-fn top_entries(flat: &Tensor, keep: i64) -> Top {
+/// The training codes' entries of the pre-activations `p` [B, W] (rows, columns): the core
+/// latents' (columns 0..c) wherever `core_on` [B, c] holds, and the `keep` largest positive
+/// entries of the rest (BatchTopK: the set one top-k over them gives, ties aside).
+///
+/// A top-k over every 16th column yields a cut that about 2 * keep entries reach; those go
+/// through the exact top-k (over 16.7M entries, batch 1,024 and width 16k, a quarter of the
+/// full top-k's time on the 2-core CPU). The core's entries come out of the same `nonzero` and
+/// its count out of the same read as the cut: two waits for the device rather than three, and
+/// the non-core columns are never copied out (with a core they are not contiguous, and
+/// flattening them copied the batch's pre-activations). Falls back to the full top-k when the
+/// cut is not positive (fewer positive entries than needed) or fewer than `keep` reach it.
+fn train_entries(p: &Tensor, c: i64, core_on: Option<&Tensor>, keep: i64) -> (Tensor, Tensor) {
     const STRIDE: i64 = 16;
-    let n = flat.size()[0];
-    let full = || {
-        let (v, i) = flat.topk(keep, 0, true, false);
-        Top::Any(v, i)
-    };
-    if keep == 0 || n < 8 * STRIDE * keep {
-        return full();
+    let (b, w) = (p.size()[0], p.size()[1]);
+    let noncore = p.narrow(1, c, w - c);
+    if keep > 0 && b * (w - c) >= 8 * STRIDE * keep {
+        let sample = noncore.slice(1, 0, w - c, STRIDE).reshape([-1]);
+        let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
+        let n_core = match core_on {
+            Some(on) => on.sum(Kind::Int64),
+            None => Tensor::zeros([], (Kind::Int64, p.device())),
+        };
+        // The cut to the host (the size of `nonzero` below waits for the device anyway): a
+        // comparison with a number runs vectorised, one with a 0-d device tensor did not (0.6
+        // ms over 268M bf16 entries on the H200). The cut is one of p's values, so exact in its
+        // kind, and so is the core's count in float64.
+        let cut_count = Tensor::stack(
+            &[
+                sample.topk(m, 0, true, false).0.min().to_kind(Kind::Double),
+                n_core.to_kind(Kind::Double),
+            ],
+            0,
+        );
+        let [cut, n_core] = <[f64; 2]>::try_from(
+            Vec::<f64>::try_from(cut_count.to_device(Device::Cpu)).expect("f64"),
+        )
+        .expect("two values");
+        if cut > 0.0 {
+            let on = p.ge(cut);
+            if let Some(core) = core_on {
+                on.narrow(1, 0, c).copy_(core);
+            }
+            let nz = on.nonzero();
+            let n_core = n_core as i64;
+            if nz.size()[0] - n_core >= keep {
+                let (rows, cols) = (nz.select(1, 0), nz.select(1, 1));
+                // Core entries ahead of every candidate, then the largest candidates, all of
+                // which reach a positive cut.
+                let rank = p
+                    .index(&[Some(&rows), Some(&cols)])
+                    .masked_fill(&cols.lt(c), f64::INFINITY);
+                let (_, j) = rank.topk(keep + n_core, 0, true, false);
+                return (rows.index_select(0, &j), cols.index_select(0, &j));
+            }
+        }
     }
-    let sample = flat.slice(0, 0, n, STRIDE);
-    let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
-    // The cut to the host first (the size of `nonzero` below waits for the device anyway): a
-    // comparison with a number runs vectorised, one with a 0-d device tensor did not (0.6 ms
-    // over 268M bf16 entries on the H200). The cut is one of `flat`'s values, so exact in its kind.
-    let cut = sample.topk(m, 0, true, false).0.min().double_value(&[]);
-    if cut <= 0.0 {
-        return full();
+    let (v, i) = noncore.reshape([-1]).topk(keep, 0, true, false);
+    let i = i.masked_select(&v.gt(0.0));
+    let (rows, cols) = (i.floor_divide_scalar(w - c), i.remainder(w - c) + c);
+    match core_on {
+        None => (rows, cols),
+        Some(on) => {
+            let nz = on.nonzero();
+            (
+                Tensor::cat(&[nz.select(1, 0), rows], 0),
+                Tensor::cat(&[nz.select(1, 1), cols], 0),
+            )
+        }
     }
-    let at = flat.ge(cut).nonzero().squeeze_dim(1);
-    if at.size()[0] < keep {
-        return full();
-    }
-    // Every candidate reaches a positive cut.
-    let (_, j) = flat.index_select(0, &at).topk(keep, 0, true, false);
-    Top::Positive(at.index_select(0, &j))
 }
 
 /// What Adam divides the gradients by to clip their joint norm (a float64 scalar on the device)
@@ -1595,41 +1605,55 @@ mod tests {
         }
     }
 
-    /// The sampled-cut top-k picks the same entries as one top-k: on the fast path (every
-    /// entry positive), with fewer positive entries than `keep`, and with a heavy tail.
+    /// The sampled-cut top-k picks the same entries as one top-k over the non-core columns: on
+    /// the fast path (every entry positive), with fewer positive entries than `keep`, with a
+    /// heavy tail; without a core and with one (its entries wherever it is on, and never among
+    /// the top k).
     #[test]
-    fn top_entries_are_the_top_k() {
+    fn train_entries_are_the_core_and_the_top_k() {
         tch::manual_seed(0);
-        let n = 1 << 16;
-        let normal = Tensor::randn([n], (Kind::Float, Device::Cpu));
-        // (values, indices, whether the fast path said all are positive)
-        let top = |x: &Tensor, keep| match top_entries(x, keep) {
-            Top::Positive(i) => (x.index_select(0, &i), i, true),
-            Top::Any(v, i) => (v, i, false),
-        };
+        let (b, w) = (64, 1024);
+        let normal = Tensor::randn([b, w], (Kind::Float, Device::Cpu));
         let cases = [
-            (normal.exp(), 64, true),
-            ((&normal - 3.5).relu(), 64, false),
-            (normal.square().square(), 300, true),
+            (normal.exp(), 64),
+            ((&normal - 3.5).relu(), 64),
+            (normal.square().square(), 300),
+            // bf16, as the pre-activations come on a GPU: ties at the cut are common.
+            (normal.exp().to_kind(Kind::BFloat16), 64),
         ];
-        for (x, keep, fast) in cases {
-            let (v, i, positive) = top(&x, keep);
-            assert_eq!(positive, fast);
-            if positive {
-                assert!(bool::try_from(v.gt(0.0).all()).unwrap());
+        for (x, keep) in cases {
+            for c in [0, 37] {
+                let core_on = (c > 0).then(|| x.narrow(1, 0, c).gt(1.5));
+                let (rows, cols) = train_entries(&x, c, core_on.as_ref(), keep);
+                let is_core = cols.lt(c);
+                if let Some(on) = &core_on {
+                    let (r, cl) = (rows.masked_select(&is_core), cols.masked_select(&is_core));
+                    let got = (r * c + cl).sort(0, false).0;
+                    let nz = on.nonzero();
+                    let want = (nz.select(1, 0) * c + nz.select(1, 1)).sort(0, false).0;
+                    assert!(got.equal(&want), "core entries, c {c}");
+                }
+                let not_core = is_core.logical_not();
+                let (r, cl) = (rows.masked_select(&not_core), cols.masked_select(&not_core));
+                let v = x.index(&[Some(&r), Some(&cl)]);
+                let noncore = x.narrow(1, c, w - c).reshape([-1]);
+                let (vw, iw) = noncore.topk(keep, 0, true, false);
+                let positive = vw.gt(0.0);
+                let (vw, iw) = (vw.masked_select(&positive), iw.masked_select(&positive));
+                assert_eq!(v.size(), vw.size(), "c {c}: how many");
+                assert!(
+                    v.sort(0, false).0.equal(&vw.sort(0, false).0),
+                    "c {c}: values"
+                );
+                if x.kind() == Kind::Float {
+                    let idx = r * (w - c) + (cl - c);
+                    assert!(
+                        idx.sort(0, false).0.equal(&iw.sort(0, false).0),
+                        "c {c}: entries"
+                    );
+                }
             }
-            let (vw, iw) = x.topk(keep, 0, true, false);
-            assert_eq!(i.size(), [keep]);
-            assert!(i.sort(0, false).0.equal(&iw.sort(0, false).0));
-            assert!(v.sort(0, false).0.equal(&vw.sort(0, false).0));
         }
-        // bf16, as the pre-activations come on a GPU: ties at the cut are common, so the same
-        // values, each at an index that holds it.
-        let x = normal.exp().to_kind(Kind::BFloat16);
-        let (v, i, _) = top(&x, 64);
-        let (vw, _) = x.topk(64, 0, true, false);
-        assert!(v.sort(0, false).0.equal(&vw.sort(0, false).0));
-        assert!(x.index_select(0, &i).equal(&v));
     }
 
     /// The fused Adam against the textbook update, written out, over three steps with bias
