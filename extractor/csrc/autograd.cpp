@@ -333,37 +333,24 @@ struct QkvHeads : public torch::autograd::Function<QkvHeads> {
     swap_launch(qkv.narrow(2, (heads + kv) * dh, kv * dh), v, b, t, kv, dh, ld, t * dh);
     ctx->save_for_backward({cs});
     ctx->saved_data["pre"] = pre;
-    ctx->saved_data["heads"] = heads;
-    ctx->saved_data["kv"] = kv;
-    ctx->saved_data["b"] = b;
     return {q, k, v};
   }
 
+  // The three gradients come materialised (zeros for an output the loss did not use: torch's
+  // default for custom functions), heads first.
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const at::Tensor cs = ctx->get_saved_variables()[0];
-    const int64_t heads = ctx->saved_data["heads"].toInt(), kv = ctx->saved_data["kv"].toInt(),
-                  b = ctx->saved_data["b"].toInt(), t = cs.size(1), dh = cs.size(2),
-                  ld = (heads + 2 * kv) * dh;
+    const at::Tensor dq = grads[0].to(cs.scalar_type()).contiguous(),
+                     dk = grads[1].to(cs.scalar_type()).contiguous(),
+                     dv = grads[2].to(cs.scalar_type()).contiguous();
+    const int64_t heads = dq.size(1), kv = dk.size(1), b = dq.size(0), t = cs.size(1),
+                  dh = cs.size(2), ld = (heads + 2 * kv) * dh;
     auto dqkv = at::empty({b, t, ld}, cs.options());
     const auto part = [&](int64_t first, int64_t n) { return dqkv.narrow(2, first * dh, n * dh); };
-    // Heads first and in the model dtype, or, where an output took no part in the loss, none.
-    const auto grad = [&](int i) {
-      return grads[i].defined() ? grads[i].to(cs.scalar_type()).contiguous() : at::Tensor();
-    };
-    const at::Tensor dq = grad(0), dk = grad(1), dv = grad(2);
-    if (dq.defined())
-      rope_launch("rope_bwd", dq, cs, part(0, heads), b * t, heads, t, ld,
-                  ctx->saved_data["pre"].toDouble());
-    else
-      part(0, heads).zero_();
-    if (dk.defined())
-      rope_launch("rope_bwd", dk, cs, part(heads, kv), b * t, kv, t, ld, 1.0);
-    else
-      part(heads, kv).zero_();
-    if (dv.defined())
-      swap_launch(dv, part(heads + kv, kv), b, kv, t, dh, t * dh, ld);
-    else
-      part(heads + kv, kv).zero_();
+    rope_launch("rope_bwd", dq, cs, part(0, heads), b * t, heads, t, ld,
+                ctx->saved_data["pre"].toDouble());
+    rope_launch("rope_bwd", dk, cs, part(heads, kv), b * t, kv, t, ld, 1.0);
+    swap_launch(dv, part(heads + kv, kv), b, kv, t, dh, t * dh, ld);
     return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -548,6 +535,17 @@ template <typename F>
 int guarded(F f, at::Tensor **out, char *err, size_t err_len) {
   return caught([&] { *out = new at::Tensor(f()); }, err, err_len);
 }
+
+// Runs `f`, which makes the output tensors; 0 and out[0..] set, or 1 with the message in err.
+template <typename F>
+int guarded_list(F f, at::Tensor **out, char *err, size_t err_len) {
+  return caught(
+      [&] {
+        const variable_list r = f();
+        for (size_t i = 0; i < r.size(); i++) out[i] = new at::Tensor(r[i]);
+      },
+      err, err_len);
+}
 }  // namespace
 
 // RMSNorm of the last dimension of `x` with the float32 `scale` (1 + weight), differentiable in
@@ -560,12 +558,7 @@ extern "C" int dmsae_rms_norm(at::Tensor *x, at::Tensor *scale, double eps, at::
 // PreNorm above: the norm into out[0], x's stream into out[1]; 0, or 1 with the message in err.
 extern "C" int dmsae_pre_norm(at::Tensor *x, at::Tensor *scale, double eps, at::Tensor **out,
                               char *err, size_t err_len) {
-  return caught(
-      [&] {
-        const auto r = PreNorm::apply(*x, *scale, eps);
-        for (int i = 0; i < 2; i++) out[i] = new at::Tensor(r[i]);
-      },
-      err, err_len);
+  return guarded_list([&] { return PreNorm::apply(*x, *scale, eps); }, out, err, err_len);
 }
 
 // res + the RMSNorm of x, differentiable in both; as dmsae_softcap_softmax below.
@@ -585,12 +578,8 @@ extern "C" int dmsae_geglu(at::Tensor *gu, double tanh_approx, at::Tensor **out,
 // into out[0..3]; 0, or 1 with the message in err.
 extern "C" int dmsae_qkv_heads(at::Tensor *qkv, at::Tensor *cs, double pre, int64_t heads,
                                int64_t kv, at::Tensor **out, char *err, size_t err_len) {
-  return caught(
-      [&] {
-        const auto r = QkvHeads::apply(*qkv, *cs, pre, heads, kv);
-        for (int i = 0; i < 3; i++) out[i] = new at::Tensor(r[i]);
-      },
-      err, err_len);
+  return guarded_list([&] { return QkvHeads::apply(*qkv, *cs, pre, heads, kv); }, out, err,
+                      err_len);
 }
 
 // RoPE of x [B, T, heads, Dh] with cos and sin stacked as cs [2, T, Dh], times pre,

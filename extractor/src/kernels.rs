@@ -1756,6 +1756,19 @@ pub(crate) mod tests {
                     assert!(x.equal(y), "{case}: {name} differs");
                 }
                 assert!(dgot.equal(&dwant), "{case}: the gradient differs");
+                // A loss without k: its gradient comes to the backward as zeros (torch
+                // materialises it), so k's columns of the gradient are zero.
+                let qkv = qkv32.to_kind(kind).set_requires_grad(true);
+                let (q, _, v) = qkv_heads(&qkv, &cs, pre, h, kv).unwrap();
+                let loss = (&q * &rs[0]).sum(Kind::Float) + (&v * &rs[2]).sum(Kind::Float);
+                let g = Tensor::run_backward(&[loss], &[&qkv], false, false);
+                let g_k = g[0].narrow(2, h * dh, kv * dh);
+                assert!(g_k.eq(0.0).all().int64_value(&[]) == 1, "{case}: k unused");
+                let rest = |x: &Tensor| x.narrow(2, 0, h * dh);
+                assert!(
+                    rest(&g[0]).equal(&rest(&dgot)),
+                    "{case}: q's gradient without k"
+                );
             }
         }
     }
