@@ -6,7 +6,11 @@ use dmsae_store::{ArraySpec, Codec, DType, StoreWriter, WriterOptions};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    allocator::keep_freed_pages();
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::Path::new(&args[1]);
     let d: usize = args.get(2).map_or(2304, |s| s.parse().unwrap());

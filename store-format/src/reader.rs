@@ -18,6 +18,8 @@ pub struct Store {
     starts: Vec<u64>,
     /// Check every block's BLAKE3 before decoding it (default on).
     pub verify: bool,
+    /// Buffers its streams hand back for reuse (stream.rs).
+    pub(crate) buffers: std::sync::Arc<crate::stream::Buffers>,
 }
 
 /// A chunk's place in the store.
@@ -70,6 +72,7 @@ impl Store {
             shards,
             starts,
             verify: true,
+            buffers: Default::default(),
         })
     }
 

@@ -529,9 +529,22 @@ impl Shard {
 
     /// Decode one block to its rows (little-endian, row-major).
     pub fn read_block(&self, chunk: usize, array: usize, verify: bool) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_block_into(chunk, array, verify, &mut out)?;
+        Ok(out)
+    }
+
+    /// `read_block` into `out` (resized to the rows' bytes), whose memory is used again.
+    pub fn read_block_into(
+        &self,
+        chunk: usize,
+        array: usize,
+        verify: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let stored = self.stored_block(chunk, array, verify)?;
         let spec = &self.meta.header.arrays[array];
-        codec::decode(spec, stored, self.meta.chunks[chunk].n_tokens).map_err(|what| {
+        codec::decode_into(spec, stored, self.meta.chunks[chunk].n_tokens, out).map_err(|what| {
             StoreError::Decode {
                 path: self.path.clone(),
                 chunk,
