@@ -154,8 +154,16 @@ fi
 
 if want hostio; then
 step "the host side: the store writer as extract drives it, the training stream over the extracted store, the disk"
-[ -x gpu/writer_rate ] && run 60 gpu/writer_rate "$W/writer-rate" 2304 24 && rm -rf "$W/writer-rate"
-[ -x gpu/stream_rate ] && [ -d "$W/store-bf16" ] && run 60 gpu/stream_rate "$W/store-bf16" acts 4 4096
+[ -x gpu/writer_rate ] && run 60 gpu/writer_rate "$W/writer-rate" 2304 24
+if [ -x gpu/stream_rate ]; then
+  # The writer's store (d 2,304 bf16, 3 shuffle buffers) on 2, 4 and all threads: how the
+  # stream scales, and its CPU time a token; then the extracted store (with flags: BOS dropped).
+  for t in 2 4 0; do
+    [ -d "$W/writer-rate" ] && RAYON_NUM_THREADS=$t run 60 gpu/stream_rate "$W/writer-rate" acts 4 4096
+  done
+  [ -d "$W/store-bf16" ] && run 60 gpu/stream_rate "$W/store-bf16" acts 4 4096
+fi
+rm -rf "$W/writer-rate"
 run 60 dd if=/dev/zero of="$W/dd" bs=1M count=2048 conv=fsync && rm -f "$W/dd"
 fi
 
