@@ -189,13 +189,9 @@ impl ShardWriter {
     }
 
     fn put(&mut self, b: &[u8]) -> Result<()> {
-        // The file's hash runs on the writer's one thread: blocks of megabytes split across
-        // rayon's (the same hash either way).
-        if b.len() >= 1 << 17 {
-            self.hasher.update_rayon(b);
-        } else {
-            self.hasher.update(b);
-        }
+        // On the store writer's shard thread, beside rayon's threads encoding the next chunks:
+        // splitting the hash across rayon's queued it behind them.
+        self.hasher.update(b);
         self.bytes += b.len() as u64;
         self.out
             .write_all(b)

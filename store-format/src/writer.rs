@@ -43,9 +43,10 @@ pub struct StoreWriter {
     /// Raw rows waiting to be chunked, one buffer per array.
     pending: Vec<Vec<u8>>,
     pending_rows: usize,
-    current: Option<ShardWriter>,
+    /// Rows handed to the open shard, while one is open.
+    current: Option<u64>,
     next_seq: u64,
-    committer: Committer,
+    shards: ShardThread,
     /// Rows in this writer's shards already in the store when it was opened.
     resumed_rows: u64,
     adopted: Vec<String>,
@@ -132,7 +133,7 @@ impl StoreWriter {
             pending_rows: 0,
             current: None,
             next_seq,
-            committer: Committer::start(dir.to_path_buf()),
+            shards: ShardThread::start(dir.to_path_buf()),
             resumed_rows,
             adopted,
         })
@@ -188,7 +189,7 @@ impl StoreWriter {
     /// current shard's end; commits the shard when it is full.
     fn flush_chunks(&mut self, all: bool) -> Result<()> {
         let ct = self.header.chunk_tokens;
-        let room = self.shard_tokens - self.current.as_ref().map_or(0, |w| w.tokens());
+        let room = self.shard_tokens - self.current.unwrap_or(0);
         let rows = if all {
             self.pending_rows
         } else {
@@ -219,18 +220,19 @@ impl StoreWriter {
             let path = self
                 .dir
                 .join(format!("{}-{:06}.{SHARD_EXT}", h.writer, h.seq));
-            self.current = Some(ShardWriter::try_new(&path, h)?);
+            self.shards
+                .send(ToShards::Open(ShardWriter::try_new(&path, h)?))?;
+            self.current = Some(0);
             self.next_seq += 1;
         }
-        let w = self.current.as_mut().unwrap();
-        for c in &encoded {
-            w.write_chunk(c)?;
-        }
+        self.shards.send(ToShards::Chunks(encoded))?;
+        let written = self.current.insert(self.current.unwrap() + rows as u64);
+        let full = *written >= self.shard_tokens;
         for (a, p) in self.header.arrays.iter().zip(self.pending.iter_mut()) {
             p.drain(..rows * a.row_bytes());
         }
         self.pending_rows -= rows;
-        if w.tokens() >= self.shard_tokens || (all && self.pending_rows == 0) || rows % ct != 0 {
+        if full || (all && self.pending_rows == 0) || rows % ct != 0 {
             self.commit()?;
         }
         Ok(())
@@ -238,10 +240,10 @@ impl StoreWriter {
 
     /// Hand the current shard to the committer.
     fn commit(&mut self) -> Result<()> {
-        if let Some(w) = self.current.take() {
+        if self.current.take().is_some() {
             let mut h = self.header.clone();
             h.seq = self.next_seq - 1;
-            self.committer.send(w, h)?;
+            self.shards.send(ToShards::Commit(h))?;
         }
         Ok(())
     }
@@ -253,48 +255,90 @@ impl StoreWriter {
             self.flush_chunks(true)?;
         }
         self.commit()?;
-        self.committer.wait()
+        self.shards.wait()
     }
 }
 
-/// Commits finished shards in order on a thread of its own: footer, fsync, rename, manifest.
-/// The fsync of a 1.6 GB shard takes seconds on some disks, and on the writer's thread the
-/// extraction waited for it: 8.7 of 42.4 s over 1M tokens of Gemma-2-2B shapes on an H100
-/// host. At most one finished shard waits while another commits (memory stays bounded); the
-/// first error ends the thread and comes back from the next `send` or from `wait`.
-struct Committer {
-    tx: Option<crossbeam_channel::Sender<(ShardWriter, ShardHeader)>>,
+/// What the shard thread is handed, in order.
+enum ToShards {
+    /// The next shard, its file created (so a bad path fails at once, on the caller).
+    Open(ShardWriter),
+    /// Encoded chunks for the open shard.
+    Chunks(Vec<EncodedChunk>),
+    /// The open shard is complete: to the committer.
+    Commit(ShardHeader),
+}
+
+/// The shard thread writes encoded chunks into the open shard, so that the next chunks encode
+/// while these are written: on the caller, the writes (the kernel's copy into the page cache,
+/// the file's BLAKE3) held rayon's threads idle between groups of chunks, a quarter of
+/// `writer_rate`'s CPU time on the 2-core box and a part that did not shrink with more cores.
+/// It hands finished shards to the committer, a thread of its own: footer, fsync, rename,
+/// manifest. The fsync of a 1.6 GB shard takes seconds on some disks, and on the writer's
+/// thread the extraction waited for it: 8.7 of 42.4 s over 1M tokens of Gemma-2-2B shapes on
+/// an H100 host. One group of chunks waits while another is written, one finished shard while
+/// another commits, so memory stays bounded.
+type ShardThread = Worker<ToShards>;
+
+impl ShardThread {
+    fn start(dir: PathBuf) -> ShardThread {
+        Worker::spawn(move |rx| {
+            let mut committer = Worker::spawn(move |rx| {
+                let mut committed = Vec::new();
+                for (w, h) in rx {
+                    let info = ShardWriter::finish(w)?;
+                    manifest::commit_shard(&dir, &h, info.clone())?;
+                    committed.push(info);
+                }
+                Ok(committed)
+            });
+            let mut open = None;
+            for m in rx {
+                match m {
+                    ToShards::Open(w) => open = Some(w),
+                    ToShards::Chunks(chunks) => {
+                        let w = open.as_mut().expect("a shard is open before its chunks");
+                        chunks.iter().try_for_each(|c| w.write_chunk(c))?;
+                    }
+                    ToShards::Commit(h) => {
+                        let w = open.take().expect("a shard is open before its commit");
+                        committer.send((w, h))?;
+                    }
+                }
+            }
+            committer.wait()
+        })
+    }
+}
+
+/// A thread that takes messages in order through a queue of one; the first error ends it and
+/// comes back from the next `send` or from `wait`.
+struct Worker<M> {
+    tx: Option<crossbeam_channel::Sender<M>>,
     thread: Option<std::thread::JoinHandle<Result<Vec<ShardInfo>>>>,
 }
 
-impl Committer {
-    fn start(dir: PathBuf) -> Committer {
-        let (tx, rx) = crossbeam_channel::bounded::<(ShardWriter, ShardHeader)>(1);
-        let thread = std::thread::spawn(move || {
-            let mut committed = Vec::new();
-            for (w, h) in rx {
-                let info = w.finish()?;
-                manifest::commit_shard(&dir, &h, info.clone())?;
-                committed.push(info);
-            }
-            Ok(committed)
-        });
-        Committer {
+impl<M: Send + 'static> Worker<M> {
+    fn spawn(
+        work: impl FnOnce(crossbeam_channel::Receiver<M>) -> Result<Vec<ShardInfo>> + Send + 'static,
+    ) -> Worker<M> {
+        let (tx, rx) = crossbeam_channel::bounded::<M>(1);
+        Worker {
             tx: Some(tx),
-            thread: Some(thread),
+            thread: Some(std::thread::spawn(move || work(rx))),
         }
     }
 
-    fn send(&mut self, w: ShardWriter, h: ShardHeader) -> Result<()> {
-        let tx = self.tx.as_ref().expect("committer open until wait");
-        match tx.send((w, h)) {
+    fn send(&mut self, m: M) -> Result<()> {
+        let tx = self.tx.as_ref().expect("worker open until wait");
+        match tx.send(m) {
             Ok(()) => Ok(()),
             // The thread ended on an error: that error, not the failed send.
             Err(_) => self.wait().map(|_| ()),
         }
     }
 
-    /// Close the queue and wait for every commit; the shards committed, or the first error.
+    /// Close the queue and wait for the thread: what it returns, or its first error.
     fn wait(&mut self) -> Result<Vec<ShardInfo>> {
         drop(self.tx.take());
         match self.thread.take() {
@@ -306,9 +350,10 @@ impl Committer {
     }
 }
 
-impl Drop for Committer {
+impl<M> Drop for Worker<M> {
     /// A writer dropped without `finish` (an error upstream) still completes the shards it
-    /// handed over, so none is left half-committed by the process exiting under it.
+    /// handed over, so none is left half-committed by the process exiting under it; the open
+    /// one stays a `.tmp` file, which the next writer of this name removes.
     fn drop(&mut self) {
         drop(self.tx.take());
         if let Some(t) = self.thread.take() {
