@@ -335,6 +335,7 @@ impl Store {
                 decode.push(f);
             }
         }
+        let stream_rows: usize = chunks.iter().map(|&c| store.chunk_tokens(c)).sum();
         // Groups of chunks decode on a thread of their own, one group ahead of the shuffle.
         let groups = decoded_groups(&store, chunks, decode.clone(), opts.verify);
         std::thread::spawn(move || {
@@ -343,8 +344,8 @@ impl Store {
             } else {
                 opts.batch_tokens
             };
-            // It holds below `cap` rows when a chunk comes in.
-            let rows = cap + store.manifest.chunk_tokens;
+            // It holds below `cap` rows when a chunk comes in, and never more than the stream.
+            let rows = (cap + store.manifest.chunk_tokens).min(stream_rows);
             let mut pool = Pool::new(&specs, rows, store.buffers.clone());
             let send = |b: Batch| tx.send(Ok(b)).is_ok();
             for group in groups {
@@ -444,6 +445,54 @@ pub fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::dtype::Codec;
+
+    /// A stream whose buffers come from the store's stash (holding another stream's batches,
+    /// chunks and shuffle buffers, of other sizes, and their old bytes) gives the batches a
+    /// fresh store handle gives.
+    #[test]
+    fn streams_on_reused_buffers_give_the_same_batches() {
+        let tmp = tempfile::tempdir().unwrap();
+        let specs = vec![
+            ArraySpec::new("acts", DType::Bf16, 5, Codec::Expsplit),
+            ArraySpec::new("grads", DType::F32, 3, Codec::Bytesplit),
+        ];
+        let opts = crate::WriterOptions {
+            chunk_tokens: 16,
+            shard_tokens: 64,
+            ..Default::default()
+        };
+        let mut w = crate::StoreWriter::create(tmp.path(), specs, opts).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut bytes = |n: usize| (0..n).map(|_| rng.gen()).collect::<Vec<u8>>();
+        let (acts, grads) = (bytes(201 * 10), bytes(201 * 12));
+        w.append(&[&acts, &grads]).unwrap();
+        w.finish().unwrap();
+        let batches = |store: &Arc<Store>, arrays: &[&str], batch_tokens: usize, epoch: u64| {
+            let opts = StreamOptions {
+                arrays: arrays.iter().map(|a| a.to_string()).collect(),
+                batch_tokens,
+                epoch,
+                shuffle_tokens: 50,
+                ..Default::default()
+            };
+            store
+                .stream(opts)
+                .unwrap()
+                .map(|b| b.unwrap().arrays.iter().flat_map(|a| a.1.clone()).collect())
+                .collect::<Vec<Vec<u8>>>()
+        };
+        let fresh = |epoch| {
+            let store = Arc::new(Store::open(tmp.path()).unwrap());
+            batches(&store, &["acts", "grads"], 7, epoch)
+        };
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        for epoch in 0..3 {
+            batches(&store, &["grads"], 13, epoch + 10);
+            assert!(!store.buffers.0.lock().unwrap().is_empty());
+            assert_eq!(batches(&store, &["acts", "grads"], 7, epoch), fresh(epoch));
+        }
+        assert_ne!(fresh(0), fresh(1));
+    }
 
     /// The pool against the buffer it replaced, whose rows moved by swap-remove: the same rows
     /// in the same batches, through pushes of varied sizes (more than `scatter` splits), freed
