@@ -36,9 +36,10 @@ impl Stats {
         }
     }
 
-    /// Stats of `n` rows; rows holding a NaN or an infinity are left out. Each pass decodes
-    /// the rows again rather than keeping them as f64 (19 MB a chunk at Gemma-2-2B's width,
-    /// freshly faulted in each time): the same values in the same order, so the same sums.
+    /// Stats of `n` rows; rows holding a NaN or an infinity are left out. Two passes (norms and
+    /// means, then squared deviations), each decoding the rows again rather than keeping them
+    /// as f64 (19 MB a chunk at Gemma-2-2B's width, freshly faulted in each time): the same
+    /// values in the same order, so the same sums.
     pub fn of_rows(dtype: DType, width: usize, data: &[u8], n: usize) -> Stats {
         let mut s = Stats::empty(width);
         let mut row = vec![0f64; width];
@@ -53,17 +54,15 @@ impl Stats {
             s.sum_norm += sq.sqrt();
             s.sum_sq_norm += sq;
             finite.push(t);
+            // The mean's sums in the same pass: the same rows in the same order.
+            for (m, x) in s.mean.iter_mut().zip(&row) {
+                *m += x;
+            }
         }
         if s.count == 0 {
             return s;
         }
         let inv = 1.0 / s.count as f64;
-        for &t in &finite {
-            dtype.row_f64(data, t * width, &mut row);
-            for (m, x) in s.mean.iter_mut().zip(&row) {
-                *m += x;
-            }
-        }
         s.mean.iter_mut().for_each(|m| *m *= inv);
         for &t in &finite {
             dtype.row_f64(data, t * width, &mut row);
