@@ -221,7 +221,7 @@ impl StoreWriter {
                 .dir
                 .join(format!("{}-{:06}.{SHARD_EXT}", h.writer, h.seq));
             self.shards
-                .send(ToShards::Open(ShardWriter::try_new(&path, h)?))?;
+                .send(ToShards::Open(Box::new(ShardWriter::try_new(&path, h)?)))?;
             self.current = Some(0);
             self.next_seq += 1;
         }
@@ -262,7 +262,7 @@ impl StoreWriter {
 /// What the shard thread is handed, in order.
 enum ToShards {
     /// The next shard, its file created (so a bad path fails at once, on the caller).
-    Open(ShardWriter),
+    Open(Box<ShardWriter>),
     /// Encoded chunks for the open shard.
     Chunks(Vec<EncodedChunk>),
     /// The open shard is complete: to the committer.
@@ -302,7 +302,7 @@ impl ShardThread {
                     }
                     ToShards::Commit(h) => {
                         let w = open.take().expect("a shard is open before its commit");
-                        committer.send((w, h))?;
+                        committer.send((*w, h))?;
                     }
                 }
             }
