@@ -412,11 +412,11 @@ fn decoded_groups(
             let decoded: Result<Vec<Decoded>> = g
                 .par_iter()
                 .map(|&c| {
+                    let rows = store.chunk_tokens(c);
                     let cols = arrays
                         .iter()
                         .map(|&a| {
                             let spec = &store.manifest.arrays[a];
-                            let rows = store.chunk_tokens(c);
                             let mut buf = store.buffers.take(rows * spec.row_bytes());
                             store.shards[c.shard].read_block_into(c.chunk, a, verify, &mut buf)?;
                             Ok(buf)

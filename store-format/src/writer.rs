@@ -222,11 +222,11 @@ impl StoreWriter {
                 .join(format!("{}-{:06}.{SHARD_EXT}", h.writer, h.seq));
             self.shards
                 .send(ToShards::Open(Box::new(ShardWriter::try_new(&path, h)?)))?;
-            self.current = Some(0);
             self.next_seq += 1;
         }
         self.shards.send(ToShards::Chunks(encoded))?;
-        let written = self.current.insert(self.current.unwrap() + rows as u64);
+        let written = self.current.get_or_insert(0);
+        *written += rows as u64;
         let full = *written >= self.shard_tokens;
         for (a, p) in self.header.arrays.iter().zip(self.pending.iter_mut()) {
             p.drain(..rows * a.row_bytes());
@@ -238,7 +238,7 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Hand the current shard to the committer.
+    /// Close the current shard: the shard thread hands it to the committer.
     fn commit(&mut self) -> Result<()> {
         if self.current.take().is_some() {
             let mut h = self.header.clone();
