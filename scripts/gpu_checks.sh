@@ -9,7 +9,7 @@
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
-#   ONLY="env adam kernels model extract base ab train trainauxk fvu" runs only the steps named (default: all; the
+#   ONLY="env adam kernels model extract base knobs ab train trainauxk fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
 #   encoder run (default --encoder-f32), TRAIN_AB= its kernels-off runs.
 #   gpu/dmsae-base     (optional; make gpu-bundle GPU_BASE=REV) an earlier version's binary: the
@@ -110,6 +110,22 @@ for i in 1 2; do
     rm -rf "$W/store-base"
     timeout 120 "$b" extract --model "$W/model" --data "$W/text.txt" --tokens "$EXTRACT_AB" --layer "$LAYER" \
       --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 --out "$W/store-base" 2>&1 \
+      | grep -E "tokens/s" | tail -2 | tee -a "$LOG"
+  done
+done
+fi
+
+if want knobs; then
+# KNOBS="A=0 B=1 --flag=2 ..." (default below): each setting beside none, alternating, $ROUNDS rounds, on
+# $EXTRACT_KNOB tokens; an A=B item is an environment setting, a --flag=value item a CLI flag.
+step "extract, bf16: this build with each setting of KNOBS and with none, alternating, the same tokens (rates after the first batch)"
+for i in $(seq "${ROUNDS:-2}"); do
+  for k in "" ${KNOBS:-DMSAE_TRANSPOSED_BACKWARD=0 DMSAE_TRANSPOSED_HEAD=0 --ce-chunk=1024 --ce-chunk=8192}; do
+    echo "-- ${k:-as built}, run $i" | tee -a "$LOG"
+    env_k=; flag_k=; case "$k" in --*) flag_k=${k/=/ } ;; ?*) env_k=$k ;; esac
+    rm -rf "$W/store-knob"
+    timeout 120 env $env_k "$BIN" extract --model "$W/model" --data "$W/text.txt" --tokens "${EXTRACT_KNOB:-$EXTRACT_AB}" \
+      --layer "$LAYER" --context "$CTX" --batch "$BATCH" --device "$DEVICE" --dtype bf16 $flag_k --out "$W/store-knob" 2>&1 \
       | grep -E "tokens/s" | tail -2 | tee -a "$LOG"
   done
 done

@@ -372,6 +372,27 @@ struct Scores : public torch::autograd::Function<Scores> {
   }
 };
 
+// x w^T (a bias-free linear layer, w [out, in]) whose input gradient dy w is made as dy wt^T,
+// wt = w^T kept contiguous [in, out]: both products then read their weight along the summed
+// dimension, the layout cuBLAS runs fastest. On the H200 (Gemma-2-2B, batch 8 x 1,024) the
+// backward's dy w ran at 655-720 TFLOP/s against the forward's 770-820 for the same shapes.
+// No weight gradient: the weights are constants of the extraction.
+struct LinearT : public torch::autograd::Function<LinearT> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
+                            const at::Tensor &wt) {
+    TORCH_CHECK(w.dim() == 2 && wt.dim() == 2 && wt.size(0) == w.size(1) &&
+                    wt.size(1) == w.size(0) && wt.is_contiguous(),
+                "linear_t: wt must be w^T, contiguous");
+    ctx->save_for_backward({wt});
+    return at::linear(x, w);
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    const at::Tensor wt = ctx->get_saved_variables()[0];
+    return {at::matmul(grads[0], wt.t()), at::Tensor(), at::Tensor()};
+  }
+};
+
 // sum of vals[e] w[cols[e]] over each bag's entries, [n_bags, d], differentiable in w and vals;
 // `bags` gives each entry's bag, non-decreasing. Float32 (the trainer's parameters).
 struct BagDecode : public torch::autograd::Function<BagDecode> {
@@ -593,6 +614,13 @@ extern "C" int dmsae_rope(at::Tensor *x, at::Tensor *cs, double pre, at::Tensor 
 extern "C" int dmsae_scores(at::Tensor *q, at::Tensor *k, at::Tensor **out, char *err,
                             size_t err_len) {
   return guarded([&] { return Scores::apply(*q, *k); }, out, err, err_len);
+}
+
+// x w^T, differentiable in x, its gradient through wt = w^T (LinearT above); as
+// dmsae_softcap_softmax below.
+extern "C" int dmsae_linear_t(at::Tensor *x, at::Tensor *w, at::Tensor *wt, at::Tensor **out,
+                              char *err, size_t err_len) {
+  return guarded([&] { return LinearT::apply(*x, *w, *wt); }, out, err, err_len);
 }
 
 // x [B, A, C, D] as [B, C, A, D], differentiable; as dmsae_softcap_softmax below.

@@ -326,6 +326,16 @@ pub fn emulate_on_cpu(on: bool) {
     EMULATE.with(|e| e.set(on));
 }
 
+/// Whether input gradients on `device` are made from transposed copies of the weights (see
+/// `linear_t`), which the environment variable `off` = 0 turns off: on CUDA, and on the CPU
+/// while emulating, so that the model tests cover it.
+pub fn transposed_weights(device: Device, off: &str) -> bool {
+    match device {
+        Device::Cpu => EMULATE.with(|e| e.get()),
+        _ => !std::env::var(off).is_ok_and(|v| v == "0"),
+    }
+}
+
 /// Compiles and loads `src` for `device` (once); why not, if it cannot be.
 pub fn source_ready(src: &'static Source, device: Device) -> Result<(), String> {
     match device {
@@ -851,6 +861,7 @@ entry_points! {
     (res: CTensor, x: CTensor, scale: CTensor, eps: f64) => dmsae_rms_norm_add;
     (qkv: CTensor, cs: CTensor, pre: f64, heads: i64, kv: i64) => dmsae_qkv_heads;
     (x: CTensor, b_dec: CTensor, parts: CTensor) => dmsae_matryoshka_l2;
+    (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, xc: CTensor, vals: CTensor, rows: CTensor, cols: CTensor) =>
         dmsae_encoder_entries;
@@ -1145,6 +1156,14 @@ pub fn geglu(gu: &Tensor, tanh: bool) -> Result<Tensor, String> {
 pub fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor, String> {
     // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe { dmsae_scores(ptr(q), ptr(k), out, err, len) })
+}
+
+/// `x w^T` (w `[out, in]`), differentiable in x, its gradient made as `dy wt^T` from `wt`, w^T
+/// contiguous, so the backward's product reads its weight as the forward's does (csrc/autograd.cpp;
+/// ATen's products on any device).
+pub fn linear_t(x: &Tensor, w: &Tensor, wt: &Tensor) -> Result<Tensor, String> {
+    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    new_tensor(|out, err, len| unsafe { dmsae_linear_t(ptr(x), ptr(w), ptr(wt), out, err, len) })
 }
 
 /// q, k and v heads first, each [B, n, T, Dh] contiguous, from `qkv` [B, T, (heads + 2 kv) Dh]
@@ -1701,6 +1720,43 @@ pub(crate) mod tests {
         }
     }
 
+    /// `linear_t` against ATen's linear: the same forward bit for bit, the input gradient
+    /// within rounding (the same sums, the weight read the other way), none for the weight;
+    /// a wrong wt (w itself where w is square) must fail.
+    fn linear_t_against_linear(device: Device) {
+        tch::manual_seed(15);
+        let (x32, w32) = (
+            Tensor::randn([2, 5, 24], (Kind::Float, device)),
+            Tensor::randn([40, 24], (Kind::Float, device)),
+        );
+        let r32 = Tensor::randn([2, 5, 40], (Kind::Float, device));
+        for (kind, tol) in [(Kind::BFloat16, 1e-2), (Kind::Float, 1e-6)] {
+            let case = format!("{kind:?} on {device:?}");
+            let w = w32.to_kind(kind);
+            let wt = w.transpose(0, 1).contiguous();
+            let run = |ours: bool| {
+                let x = x32.to_kind(kind).set_requires_grad(true);
+                let y = match ours {
+                    true => linear_t(&x, &w, &wt).unwrap(),
+                    false => x.linear::<Tensor>(&w, None),
+                };
+                let loss = (&y * r32.to_kind(kind)).sum(Kind::Float);
+                let g = Tensor::run_backward(&[loss], &[&x], false, false);
+                (y.detach(), g[0].shallow_clone())
+            };
+            let ((y, dx), (want_y, want_dx)) = (run(true), run(false));
+            assert!(y.equal(&want_y), "{case}: outputs differ");
+            let d = rel_max(&dx, &want_dx);
+            assert!(d <= tol, "{case}: input gradients differ by {d}");
+        }
+        let sq = Tensor::randn([24, 24], (Kind::Float, device));
+        let x = Tensor::randn([3, 24], (Kind::Float, device)).set_requires_grad(true);
+        let y = linear_t(&x, &sq, &sq).unwrap();
+        let g = Tensor::run_backward(&[y.sum(Kind::Float)], &[&x], false, false);
+        let want = Tensor::ones([3, 24], (Kind::Float, device)).matmul(&sq);
+        assert!(rel_max(&g[0], &want) > 1e-2, "a wrong wt went unnoticed");
+    }
+
     /// q, k and v from one product's rows against the same heads split off, made contiguous
     /// and put through the fused RoPE and head swap one at a time (each checked against ATen
     /// by its own test): bit for bit forward, and the gradient laid out as the rows, bit for bit
@@ -1860,6 +1916,8 @@ pub(crate) mod tests {
         the_fused_rope_matches_aten_on_cuda => rope_against_aten;
         the_scores_match_matmul_on_cpu,
         the_scores_match_matmul_on_cuda => scores_against_matmul;
+        the_linear_t_matches_linear_on_cpu,
+        the_linear_t_matches_linear_on_cuda => linear_t_against_linear;
         the_stacked_qkv_heads_match_their_parts_emulated,
         the_stacked_qkv_heads_match_their_parts_on_cuda => qkv_heads_against_parts;
         the_head_swap_matches_aten_emulated,

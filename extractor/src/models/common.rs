@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::profile::Laps;
 use crate::weights::Weights;
+use std::cell::OnceCell;
 use tch::{Device, Kind, Tensor};
 
 /// RMSNorm computed in float32 with a `(1 + weight)` scale, cast back to the input dtype.
@@ -59,11 +60,18 @@ impl RmsNorm {
 }
 
 /// A bias-free linear layer, weight `[out, in]` as in the checkpoint.
-pub(crate) struct Linear(Tensor);
+pub(crate) struct Linear {
+    w: Tensor,
+    /// w^T contiguous, made when a CUDA input first needs a gradient (the layers above the
+    /// stored one): the input gradient's product then reads its weight along the summed
+    /// dimension, as the forward's does (`kernels::linear_t`). It costs the layer's weights
+    /// again, 2 GB at Gemma-2-2B's layer 12. `DMSAE_TRANSPOSED_BACKWARD=0` turns it off.
+    wt: OnceCell<Tensor>,
+}
 
 impl Linear {
     pub fn new(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear(w.get(&format!("{name}.weight"), &[out, inp])?))
+        Ok(Linear::of(w.get(&format!("{name}.weight"), &[out, inp])?))
     }
 
     /// The checkpoint's layers `p.{name}` (each `[out, in]`, the outs given) as one, their rows
@@ -74,12 +82,32 @@ impl Linear {
             .iter()
             .map(|(name, out)| w.get(&format!("{p}.{name}.weight"), &[*out, inp]))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Linear(Tensor::f_cat(&ws, 0)?))
+        Ok(Linear::of(Tensor::f_cat(&ws, 0)?))
+    }
+
+    fn of(w: Tensor) -> Linear {
+        Linear {
+            w,
+            wt: OnceCell::new(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear::<Tensor>(&self.0, None)?)
+        if x.requires_grad() && kernels::transposed_weights(x.device(), "DMSAE_TRANSPOSED_BACKWARD")
+        {
+            let wt = transposed(&self.wt, &self.w)?;
+            return kernels::linear_t(x, &self.w, wt).map_err(Error::Kernel);
+        }
+        Ok(x.f_linear::<Tensor>(&self.w, None)?)
     }
+}
+
+/// `w^T` made contiguous into `cell` the first time it is asked for.
+fn transposed<'a>(cell: &'a OnceCell<Tensor>, w: &Tensor) -> Result<&'a Tensor> {
+    if cell.get().is_none() {
+        let _ = cell.set(w.f_transpose(0, 1)?.f_contiguous()?);
+    }
+    Ok(cell.get().expect("set above"))
 }
 
 /// GeGLU: `down(gelu(gate(x)) * up(x))`.
@@ -429,6 +457,9 @@ pub(crate) struct Decoder {
     /// Positions per cross-entropy chunk are chosen so a chunk's logits hold about this many
     /// elements: full `[B*T, vocab]` float32 logits never exist at once.
     pub ce_chunk_elems: usize,
+    /// The head weight transposed, `[d, vocab]`, for the head's input gradient as `Linear.wt`
+    /// (1.2 GB at Gemma-2-2B). `DMSAE_TRANSPOSED_HEAD=0` turns it off.
+    pub head_wt: OnceCell<Tensor>,
 }
 
 impl Decoder {
@@ -606,6 +637,12 @@ impl Decoder {
         };
         let fused = kernels::use_fused(&flat, &kernels::SOFTCAP_CE)
             && self.final_softcap.is_none_or(|c| c <= kernels::CE_MAX_CAP);
+        // The gradient's product g w reads w along the vocabulary, which it sums over; from w^T
+        // it reads it as the forward does.
+        let w_back = match grad && kernels::transposed_weights(dev, "DMSAE_TRANSPOSED_HEAD") {
+            true => transposed(&self.head_wt, w)?.f_transpose(0, 1)?,
+            false => w.shallow_clone(),
+        };
         let (mut losses, mut grads) = (Vec::new(), Vec::new());
         let _g = tch::no_grad_guard();
         let mut s = 0;
@@ -622,7 +659,7 @@ impl Decoder {
                 false => ce_rows(z, &tg, &has_c, self.final_softcap, grad)?,
             };
             if let Some(g) = g {
-                grads.push(g.f_matmul(w)?);
+                grads.push(g.f_matmul(&w_back)?);
             }
             losses.push(ce);
             s += c;
@@ -753,9 +790,11 @@ impl Decoder {
             kind,
             // On a GPU the head's products re-read the whole [vocab, d] head once per chunk and
             // direction: Gemma-2-2B's is 1.2 GB in bf16, so 256-row chunks (2^26 logits) move
-            // 75 GB a batch of 8 x 1,024 for it; 1,024-row chunks, 19 GB in about 3 GB of chunk
-            // tensors.
-            ce_chunk_elems: if device.is_cuda() { 1 << 28 } else { 1 << 26 },
+            // 75 GB a batch of 8 x 1,024 for it. At 1,024 rows the input gradient's product
+            // ([rows, d] out) had 72 output tiles for the H200's 132 SMs and cuBLAS split its
+            // sum; 4,096-row chunks (2.1 GB of bf16 logits at 256k) give it 288.
+            ce_chunk_elems: if device.is_cuda() { 1 << 30 } else { 1 << 26 },
+            head_wt: OnceCell::new(),
         })
     }
 }
