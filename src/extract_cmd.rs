@@ -73,9 +73,9 @@ pub struct ExtractArgs {
     /// Rows per store chunk, the unit of random access and checksums [default: 1024].
     #[arg(long)]
     chunk_tokens: Option<usize>,
-    /// Positions per cross-entropy chunk, whose float32 logits exist at once (rounded down to a
-    /// multiple of 128 above 128) [default: as many as hold 2^26 logits on cpu, 2^28 (1 GiB)
-    /// on cuda].
+    /// Positions per cross-entropy chunk, whose logits exist at once (rounded down to a
+    /// multiple of 128 above 128) [default: as many as hold 2^26 logits on cpu, 2^30 on cuda
+    /// (4,096 positions, 2 GiB in bf16, at Gemma's 256k vocabulary); fewer save memory].
     #[arg(long)]
     ce_chunk: Option<usize>,
 }
