@@ -396,7 +396,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     }
     // Commit what was computed, also after an error in a later batch: no batch is half written.
     let shards = writer.finish()?;
-    let outcome = outcome?;
+    let outcome = outcome.map_err(|e| memory_hint(e.into(), a.batch))?;
     let rows: u64 = shards.iter().map(|s| s.tokens).sum();
     let secs = last.seconds.max(1e-9);
     println!(
@@ -425,5 +425,48 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
             eprintln!("dmsae: stopped by a signal; run the same command again to continue");
             Ok(ExitCode::from(3))
         }
+    }
+}
+
+/// An out-of-memory error, with what gives the device's memory back in front of it.
+fn memory_hint(e: anyhow::Error, batch: usize) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    // CUDA's caching allocator says the first, torch's CPU allocator the second.
+    match msg.contains("out of memory") || msg.contains("can't allocate memory") {
+        true => e.context(format!(
+            "out of device memory at --batch {batch} (what was written is kept): a smaller \
+             --batch, --ce-chunk 1024, or DMSAE_TRANSPOSED_BACKWARD=0 DMSAE_TRANSPOSED_HEAD=0 \
+             (the transposed weights, 3.2 GB at Gemma-2-2B layer 12) take less"
+        )),
+        false => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory_hint;
+    use dmsae_extractor::tch;
+
+    #[test]
+    fn an_allocation_failure_says_what_takes_less_memory() {
+        let oom = tch::Tensor::f_empty([1i64 << 60], (tch::Kind::Float, tch::Device::Cpu))
+            .map(|_| ())
+            .map_err(dmsae_extractor::Error::from)
+            .unwrap_err();
+        let msg = format!("{:#}", memory_hint(oom.into(), 8));
+        assert!(
+            msg.starts_with("out of device memory at --batch 8"),
+            "{msg}"
+        );
+        assert!(msg.contains("--ce-chunk 1024"), "{msg}");
+        // What main prints: libtorch's C++ frames cut off, one line.
+        let line = crate::one_line(&msg);
+        assert!(msg.contains("\nframe #") && !line.contains('\n'), "{line}");
+        assert!(line.ends_with("(Cannot allocate memory)"), "{line}");
+        let other = anyhow::anyhow!("data.jsonl: line 3: not valid JSON");
+        assert_eq!(
+            format!("{:#}", memory_hint(other, 8)),
+            "data.jsonl: line 3: not valid JSON"
+        );
     }
 }

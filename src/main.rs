@@ -137,8 +137,18 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("dmsae: error: {e:#}");
+            eprintln!("dmsae: error: {}", one_line(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error as one line: libtorch's messages go on with the C++ frames that raised them.
+fn one_line(msg: &str) -> String {
+    let cut = ["\nException raised from", "\nframe #"]
+        .iter()
+        .filter_map(|m| msg.find(m))
+        .min()
+        .unwrap_or(msg.len());
+    msg[..cut].split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -107,8 +107,9 @@ impl Decoder {
         .f_reshape([rows])?;
         let vocab = self.head_weight().size()[0];
         // About five chunk-sized float32 tensors live at once (clean log-probs, probs, the
-        // variant's log-probs and two temporaries): a quarter of the CE chunk each.
-        let chunk = (self.ce_chunk_elems as i64 / vocab / 4).max(1);
+        // variant's log-probs and two temporaries): a quarter of the CE chunk each, the chunk
+        // at most 2^28 logits (extraction's 2^30 on CUDA are bf16 and overwritten in place).
+        let chunk = (self.ce_chunk_elems.min(1 << 28) as i64 / vocab / 4).max(1);
         let flat = clean.hn.f_reshape([rows, d])?;
         let mut clean_ce = Vec::new();
         let mut ce: Vec<Vec<Tensor>> = variants.iter().map(|_| Vec::new()).collect();
