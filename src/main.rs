@@ -150,5 +150,5 @@ fn one_line(msg: &str) -> String {
         .filter_map(|m| msg.find(m))
         .min()
         .unwrap_or(msg.len());
-    msg[..cut].split_whitespace().collect::<Vec<_>>().join(" ")
+    msg[..cut].trim_end().replace('\n', " ")
 }
