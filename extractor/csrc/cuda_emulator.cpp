@@ -45,7 +45,7 @@ thread_local Dim3 thread_idx;
 Dim3 block_idx, block_dim, grid_dim;
 std::unique_ptr<Barrier> block_barrier;
 std::vector<std::unique_ptr<Barrier>> warp_barriers;
-std::vector<float> lanes;  // one slot per thread, for shuffles
+std::vector<unsigned long long> lanes;  // one slot per thread, for shuffles
 }  // namespace emu
 
 #define DMSAE_EMULATOR
@@ -73,13 +73,24 @@ static inline unsigned __float_as_uint(float f) {
 static inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline void __syncthreads() { emu::block_barrier->wait(); }
-static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+// Lane `src_of(lane)`'s v in every lane of the warp (all 32 call it, as on the GPU).
+template <typename T, typename F>
+static inline T exchange(T v, F src_of) {
+  static_assert(sizeof(T) <= sizeof(unsigned long long), "a shuffle moves 8 bytes at most");
   const unsigned t = threadIdx.x, warp = t / 32;
-  emu::lanes[t] = v;
+  std::memcpy(&emu::lanes[t], &v, sizeof(T));
   emu::warp_barriers[warp]->wait();
-  const float r = emu::lanes[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)];
+  T r;
+  std::memcpy(&r, &emu::lanes[(t & ~31u) | (src_of(t & 31u) & 31u)], sizeof(T));
   emu::warp_barriers[warp]->wait();
   return r;
+}
+static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  return exchange(v, [=](unsigned lane) { return lane ^ (unsigned)lane_mask; });
+}
+template <typename T>
+static inline T __shfl_sync(unsigned, T v, int src_lane) {
+  return exchange(v, [=](unsigned) { return (unsigned)src_lane; });
 }
 #include "../kernels/softcap_ce.cu"
 #include "../kernels/softcap_softmax.cu"
@@ -97,7 +108,7 @@ template <typename F>
 void launch(unsigned blocks, unsigned threads, F kernel) {
   emu::block_dim.x = threads;
   emu::grid_dim.x = blocks;
-  emu::lanes.assign(threads, 0.f);
+  emu::lanes.assign(threads, 0);
   emu::warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; w++) emu::warp_barriers.emplace_back(new emu::Barrier(32));
   for (unsigned b = 0; b < blocks; b++) {

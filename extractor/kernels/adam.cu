@@ -80,9 +80,6 @@ __device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
   return out;
 }
 
-// Floats a 16-byte pack holds.
-static const int kFloatPack = PackLen<float>::n;
-
 // Whether a row (or array) of n floats with moments of M goes in packs of kFloatPack.
 template <typename M>
 __device__ __forceinline__ bool adam_packs(const float *w, const float *g, const M *m,

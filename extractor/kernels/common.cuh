@@ -50,6 +50,9 @@ template <typename T> struct PackLen {
   static const int n = 16 / sizeof(T);
 };
 
+// Floats a 16-byte pack holds.
+static const int kFloatPack = PackLen<float>::n;
+
 // Pack j of W elements: elements W * j to W * j + W - 1.
 template <typename T, int W>
 __device__ __forceinline__ Pack<T, W> pack_at(const T *p, long long j) {
@@ -154,6 +157,11 @@ __device__ __forceinline__ MaxSum warp_merge(MaxSum a) {
     a = merge(a, b);
   }
   return a;
+}
+
+// Lane t's v, in every lane of the warp (all 32 take part).
+template <typename T> __device__ __forceinline__ T from_lane(T v, int t) {
+  return __shfl_sync(0xffffffffu, v, t);
 }
 
 __device__ __forceinline__ float warp_sum(float a) {

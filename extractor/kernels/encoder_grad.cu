@@ -28,22 +28,33 @@ extern "C" __global__ void encoder_grad(const float *xc, const float *dv, const 
   const long long k0 = (long long)blockIdx.x % chunks * kEncChunk;
   // A warp past the last latent still reaches every barrier.
   const long long lo = j < width ? col_offsets[j] : 0, hi = j < width ? col_offsets[j + 1] : 0;
-  if (k0 == 0 && lane == 0 && j < width) {
-    float s = 0.f;
-    for (long long i = lo; i < hi; i++) s += dv[perm[i]];
-    db[j] = s;
-  }
-  float acc[kEncChunk / 32];
+  // Entries 32 at a time, lane i reading entry i's row and value, each then taken from its lane
+  // (bag_decode.cu's read-ahead): no chain of perm, rows and then x reads an entry. Every lane
+  // sums the values in entry order for db, as lane 0 alone did: the same bits.
+  float acc[kEncChunk / 32], s = 0.f;
   for (int t = 0; t < kEncChunk / 32; t++) acc[t] = 0.f;
-  for (long long i = lo; i < hi; i++) {
-    const long long e = perm[i];
-    const float v = dv[e];
-    const float *x = xc + rows[e] * d + k0;
-    for (int t = 0; t < kEncChunk / 32; t++) {
-      const long long k = lane + 32 * t;
-      if (k0 + k < d) acc[t] += v * x[k];
+  for (long long i0 = lo; i0 < hi; i0 += 32) {
+    const int n = (int)(hi - i0 < 32 ? hi - i0 : 32);
+    float my_v = 0.f;
+    long long my_r = 0;
+    if (lane < n) {
+      const long long e = perm[i0 + lane];
+      my_v = dv[e];
+      my_r = rows[e];
+    }
+#pragma unroll 4
+    for (int u = 0; u < n; u++) {
+      const float v = from_lane(my_v, u);
+      const float *x = xc + from_lane(my_r, u) * d + k0;
+      s += v;
+#pragma unroll
+      for (int t = 0; t < kEncChunk / 32; t++) {
+        const long long k = lane + 32 * t;
+        if (k0 + k < d) acc[t] += v * x[k];
+      }
     }
   }
+  if (k0 == 0 && lane == 0 && j < width) db[j] = s;
   for (int t = 0; t < kEncChunk / 32; t++) tile[warp][lane + 32 * t] = acc[t];
   __syncthreads();
   // Warp w writes rows k0 + w, k0 + w + 32, ...; lane l the tile's latent l.

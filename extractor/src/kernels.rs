@@ -1922,6 +1922,116 @@ pub(crate) mod tests {
         the_stacked_qkv_heads_match_their_parts_on_cuda => qkv_heads_against_parts;
         the_head_swap_matches_aten_emulated,
         the_head_swap_matches_aten_on_cuda => swap_heads_against_aten;
+        the_trainers_sparse_kernels_match_float64_emulated,
+        the_trainers_sparse_kernels_match_float64_on_cuda => sparse_kernels_against_float64;
+    }
+
+    /// The trainer's sparse decoder (bag_decode) and encoder gradient (encoder_entries) against
+    /// float64 sums, both ways: bags and latents of more than 32 entries (the kernels read
+    /// entries 32 at a time), an empty bag and a latent that never fires, rows of 42 floats (one
+    /// at a time) and of 300 (16-byte packs; two spans of the W gradients).
+    fn sparse_kernels_against_float64(device: Device) {
+        tch::manual_seed(5);
+        let f64_ = (Kind::Double, device);
+        let (latents, n_bags) = (20i64, 5i64);
+        // Bag sizes 70, 0, 33, 1, 40; latent 3 takes every fifth entry (29 of 144) plus all
+        // of bag 4's, latent 19 none.
+        let bags: Vec<i64> = [(0, 70), (2, 33), (3, 1), (4, 40)]
+            .iter()
+            .flat_map(|&(b, n)| std::iter::repeat(b).take(n))
+            .collect();
+        let cols: Vec<i64> = (0..bags.len())
+            .map(|e| match (e % 5, bags[e]) {
+                (_, 4) | (0, _) => 3,
+                _ => (e as i64 * 7) % 19,
+            })
+            .collect();
+        let bags = Tensor::from_slice(&bags).to_device(device);
+        let cols = Tensor::from_slice(&cols).to_device(device);
+        let n = bags.size()[0];
+        for d in [42i64, 300] {
+            let case = format!("d {d} on {device:?}");
+            let w = Tensor::randn([latents, d], f64_);
+            let vals = Tensor::randn([n], f64_);
+            let r = Tensor::randn([n_bags, d], f64_);
+            // The decoder: out[b] = sum vals[e] w[cols[e]]; the projection r's gradients.
+            let w32 = w.to_kind(Kind::Float).set_requires_grad(true);
+            let v32 = vals.to_kind(Kind::Float).set_requires_grad(true);
+            let out = bag_decode(&w32, &v32, &cols, &bags, n_bags).unwrap();
+            let g = Tensor::run_backward(
+                &[(&out * r.to_kind(Kind::Float)).sum(None)],
+                &[&w32, &v32],
+                false,
+                false,
+            );
+            let rows_w = w.index_select(0, &cols);
+            let want = Tensor::zeros([n_bags, d], f64_).index_add(
+                0,
+                &bags,
+                &(&rows_w * vals.unsqueeze(1)),
+            );
+            let r_e = r.index_select(0, &bags);
+            let want_dw =
+                Tensor::zeros([latents, d], f64_).index_add(0, &cols, &(&r_e * vals.unsqueeze(1)));
+            let want_dv = (&rows_w * &r_e).sum_dim_intlist(1, false, None);
+            for (what, got, want) in [
+                ("decode", &out, &want),
+                ("W gradient", &g[0], &want_dw),
+                ("values' gradient", &g[1], &want_dv),
+            ] {
+                let rel = rel_max(&got.to_kind(Kind::Double), want);
+                assert!(
+                    rel <= 1e-5,
+                    "{case}: {what} differs by {rel:e} of its largest entry"
+                );
+            }
+            assert_eq!(
+                g[0].get(19).abs().max().double_value(&[]),
+                0.0,
+                "{case}: a quiet latent"
+            );
+            // The encoder: vals[e] = xc[bags[e]] . w_enc[:, cols[e]] + bias[cols[e]] in value
+            // (passed through), so its gradients are dw[:, j] = sum dv[e] xc[rows[e]] and
+            // db[j] = sum dv[e] over latent j's entries.
+            let xc = Tensor::randn([n_bags, d], f64_);
+            let w_enc = w
+                .tr()
+                .contiguous()
+                .to_kind(Kind::Float)
+                .set_requires_grad(true);
+            let bias = Tensor::zeros([latents], (Kind::Float, device)).set_requires_grad(true);
+            let ve = encoder_entries(
+                &w_enc,
+                &bias,
+                &xc.to_kind(Kind::Float),
+                &v32.detach(),
+                &bags,
+                &cols,
+            )
+            .unwrap();
+            let dv = vals.randn_like();
+            let g = Tensor::run_backward(
+                &[(&ve * dv.to_kind(Kind::Float)).sum(None)],
+                &[&w_enc, &bias],
+                false,
+                false,
+            );
+            let x_e = xc.index_select(0, &bags) * dv.unsqueeze(1);
+            let want_dw = Tensor::zeros([latents, d], f64_)
+                .index_add(0, &cols, &x_e)
+                .tr();
+            let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
+            for (what, got, want) in [
+                ("W_enc gradient", &g[0], &want_dw),
+                ("b_enc gradient", &g[1], &want_db),
+            ] {
+                let rel = rel_max(&got.to_kind(Kind::Double), want);
+                assert!(
+                    rel <= 1e-5,
+                    "{case}: {what} differs by {rel:e} of its largest entry"
+                );
+            }
+        }
     }
 
     /// The head swap against ATen's copy of the transposed view, bit for bit both ways: v's
