@@ -428,21 +428,19 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     const at::Tensor &w = saved[0], &vals = saved[1], &cols = saved[2], &bags = saved[3];
     const at::Tensor dout = grads[0].to(at::kFloat).contiguous();
     const int64_t rows = w.size(0), d = w.size(1), n = vals.numel();
-    long long r = rows, dd = d, nn = n;
-    void *pdout = dout.data_ptr(), *pv = vals.data_ptr(), *pb = bags.data_ptr(),
-         *pc = cols.data_ptr(), *pw = w.data_ptr();
     const auto [perm, col_offsets] = by_latent(cols, rows);
     auto dw = at::empty_like(w);
-    void *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr();
-    void *wargs[] = {&pdout, &pv, &pb, &pp, &pco, &pdw, &r, &dd};
-    // A warp a span of 256 columns of a row (bag_decode.cu's DW_SPAN).
-    launch("bag_decode_bwd_w", w, rows * ((d + 255) / 256), wargs);
-    auto dvals = at::empty_like(vals);
-    if (n > 0) {
-      void *pdv = dvals.data_ptr();
-      void *vargs[] = {&pw, &pdout, &pc, &pb, &pdv, &nn, &dd};
-      launch("bag_decode_bwd_vals", w, n, vargs);
-    }
+    // A warp a span of 256 columns of a row (bag_decode.cu's DW_SPAN), each writing its part
+    // of every one of the row's entries' value gradients.
+    const int64_t spans = (d + 255) / 256;
+    auto part = at::empty({spans, n}, vals.options());
+    long long r = rows, dd = d, nn = n;
+    void *pw = w.data_ptr(), *pdout = dout.data_ptr(), *pv = vals.data_ptr(),
+         *pb = bags.data_ptr(), *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(),
+         *pdw = dw.data_ptr(), *ppart = part.data_ptr();
+    void *args[] = {&pw, &pdout, &pv, &pb, &pp, &pco, &pdw, &ppart, &r, &dd, &nn};
+    launch("bag_decode_bwd", w, rows * spans, args);
+    const at::Tensor dvals = part.sum(0);
     return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -283,17 +283,12 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       bag_decode_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
                      arg<const ll *>(a, 3), arg<float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6));
     });
-  } else if (k == "bag_decode_bwd_w") {
+  } else if (k == "bag_decode_bwd") {
     launch(grid, block, [=] {
-      bag_decode_bwd_w(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
-                       arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
-                       arg<ll>(a, 6), arg<ll>(a, 7));
-    });
-  } else if (k == "bag_decode_bwd_vals") {
-    launch(grid, block, [=] {
-      bag_decode_bwd_vals(arg<const float *>(a, 0), arg<const float *>(a, 1),
-                          arg<const ll *>(a, 2), arg<const ll *>(a, 3), arg<float *>(a, 4),
-                          arg<ll>(a, 5), arg<ll>(a, 6));
+      bag_decode_bwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const float *>(a, 2),
+                     arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
+                     arg<float *>(a, 6), arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9),
+                     arg<ll>(a, 10));
     });
   } else if (k == "encoder_grad") {
     launch(grid, block, [=] {

@@ -101,7 +101,7 @@ pub const BAG_DECODE: Source = Source {
     name: "bag_decode.cu",
     off: "DMSAE_FUSED_DECODE",
     text: include_str!("../kernels/bag_decode.cu"),
-    kernels: &["bag_decode_fwd", "bag_decode_bwd_w", "bag_decode_bwd_vals"],
+    kernels: &["bag_decode_fwd", "bag_decode_bwd"],
 };
 /// The trainer's W_enc and b_enc gradients from the codes alone, through csrc/autograd.cpp
 /// (`encoder_entries`).
