@@ -492,11 +492,13 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
 
 // The codes' values `vals` (taken from pre-activations computed without a graph) made
 // differentiable again: as if vals[e] = xc[rows[e]] . w[:, cols[e]] + bias[cols[e]], with w
-// [d, W] and bias [W] float32. The backward never builds the dense [B, W] gradient
-// (kernels/encoder_grad.cu).
+// [d, W] and bias [W] float32, and xc = x - b_dec (given; b_dec [d] is its centre). The
+// backward never builds the dense [B, W] gradient (kernels/encoder_grad.cu), and b_dec's is
+// -w db, where the caller had added b_dec's zero term (b_dec.detach() - b_dec) w to the bias
+// for autograd to find it: a product over W_enc each forward, whose value was zero.
 struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &bias,
-                            const at::Tensor &xc, const at::Tensor &vals,
+                            const at::Tensor &b_dec, const at::Tensor &xc, const at::Tensor &vals,
                             const at::Tensor &rows, const at::Tensor &cols) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "encoder_entries: W must be a contiguous float32 [d, W]");
@@ -504,6 +506,9 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == width &&
                     bias.device() == w.device(),
                 "encoder_entries: bias must be float32 [W] beside W");
+    TORCH_CHECK(b_dec.scalar_type() == at::kFloat && b_dec.dim() == 1 && b_dec.size(0) == d &&
+                    b_dec.device() == w.device(),
+                "encoder_entries: b_dec must be float32 [d] beside W");
     TORCH_CHECK(xc.scalar_type() == at::kFloat && xc.dim() == 2 && xc.size(1) == d &&
                     xc.is_contiguous() && xc.device() == w.device(),
                 "encoder_entries: xc must be a contiguous float32 [B, d] beside W");
@@ -511,14 +516,14 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == n &&
                       t->is_contiguous() && t->device() == w.device(),
                   "encoder_entries: rows and cols must be contiguous int64 [n] beside W");
-    ctx->save_for_backward({xc, rows, cols});
+    ctx->save_for_backward({w, xc, rows, cols});
     ctx->saved_data["width"] = width;
     return vals.to(at::kFloat).clone();
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &xc = saved[0], &rows = saved[1], &cols = saved[2];
+    const at::Tensor &w_enc = saved[0], &xc = saved[1], &rows = saved[2], &cols = saved[3];
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
     const auto [perm, col_offsets] = by_latent(cols, width);
@@ -532,7 +537,9 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
     const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
     dispatch("encoder_grad", xc, (unsigned)blocks, 1024, args);
-    return {dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor d_b_dec =
+        ctx->needs_input_grad(2) ? at::mv(w_enc, db).neg() : at::Tensor();
+    return {dw, db, d_b_dec, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -628,11 +635,13 @@ extern "C" int dmsae_swap_heads(at::Tensor *x, at::Tensor **out, char *err, size
 }
 
 // EncoderEntries above; as dmsae_softcap_softmax below.
-extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor *xc,
-                                     at::Tensor *vals, at::Tensor *rows, at::Tensor *cols,
-                                     at::Tensor **out, char *err, size_t err_len) {
-  return guarded([&] { return EncoderEntries::apply(*w, *bias, *xc, *vals, *rows, *cols); },
-                 out, err, err_len);
+extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor *b_dec,
+                                     at::Tensor *xc, at::Tensor *vals, at::Tensor *rows,
+                                     at::Tensor *cols, at::Tensor **out, char *err,
+                                     size_t err_len) {
+  return guarded(
+      [&] { return EncoderEntries::apply(*w, *bias, *b_dec, *xc, *vals, *rows, *cols); }, out,
+      err, err_len);
 }
 
 // MatryoshkaL2 above; as dmsae_softcap_softmax below.

@@ -863,8 +863,8 @@ entry_points! {
     (x: CTensor, b_dec: CTensor, parts: CTensor) => dmsae_matryoshka_l2;
     (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64) => dmsae_bag_decode;
-    (w: CTensor, bias: CTensor, xc: CTensor, vals: CTensor, rows: CTensor, cols: CTensor) =>
-        dmsae_encoder_entries;
+    (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
+        cols: CTensor) => dmsae_encoder_entries;
 }
 
 type UnaryOp = unsafe extern "C" fn(
@@ -1088,13 +1088,14 @@ fn error_text(err: &[u8]) -> String {
 }
 
 /// `vals` (codes' values from pre-activations computed without a graph) as a function of `w`
-/// [d, W] and `bias` [W]: as if vals[e] = xc[rows[e]] . w[:, cols[e]] + bias[cols[e]], so the
-/// backward gives their gradients from the entries alone (kernels/encoder_grad.cu through
-/// csrc/autograd.cpp). Float32 values, int64 indices, contiguous on one device; CPU tensors are
-/// emulated (tests: slow).
+/// [d, W], `bias` [W] and `b_dec` [d]: as if vals[e] = xc[rows[e]] . w[:, cols[e]] +
+/// bias[cols[e]] with xc = x - b_dec, so the backward gives their gradients from the entries
+/// alone (kernels/encoder_grad.cu through csrc/autograd.cpp). Float32 values, int64 indices,
+/// contiguous on one device; CPU tensors are emulated (tests: slow).
 pub fn encoder_entries(
     w: &Tensor,
     bias: &Tensor,
+    b_dec: &Tensor,
     xc: &Tensor,
     vals: &Tensor,
     rows: &Tensor,
@@ -1105,6 +1106,7 @@ pub fn encoder_entries(
         dmsae_encoder_entries(
             ptr(w),
             ptr(bias),
+            ptr(b_dec),
             ptr(xc),
             ptr(vals),
             ptr(rows),
@@ -1991,8 +1993,8 @@ pub(crate) mod tests {
                 "{case}: a quiet latent"
             );
             // The encoder: vals[e] = xc[bags[e]] . w_enc[:, cols[e]] + bias[cols[e]] in value
-            // (passed through), so its gradients are dw[:, j] = sum dv[e] xc[rows[e]] and
-            // db[j] = sum dv[e] over latent j's entries.
+            // (passed through), xc = x - b_dec, so its gradients are dw[:, j] = sum dv[e]
+            // xc[rows[e]] and db[j] = sum dv[e] over latent j's entries, and b_dec's -w_enc db.
             let xc = Tensor::randn([n_bags, d], f64_);
             let w_enc = w
                 .tr()
@@ -2000,9 +2002,11 @@ pub(crate) mod tests {
                 .to_kind(Kind::Float)
                 .set_requires_grad(true);
             let bias = Tensor::zeros([latents], (Kind::Float, device)).set_requires_grad(true);
+            let b_dec = Tensor::zeros([d], (Kind::Float, device)).set_requires_grad(true);
             let ve = encoder_entries(
                 &w_enc,
                 &bias,
+                &b_dec,
                 &xc.to_kind(Kind::Float),
                 &v32.detach(),
                 &bags,
@@ -2012,7 +2016,7 @@ pub(crate) mod tests {
             let dv = vals.randn_like();
             let g = Tensor::run_backward(
                 &[(&ve * dv.to_kind(Kind::Float)).sum(None)],
-                &[&w_enc, &bias],
+                &[&w_enc, &bias, &b_dec],
                 false,
                 false,
             );
@@ -2021,9 +2025,11 @@ pub(crate) mod tests {
                 .index_add(0, &cols, &x_e)
                 .tr();
             let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
+            let want_d_b_dec = -w.tr().matmul(&want_db);
             for (what, got, want) in [
                 ("W_enc gradient", &g[0], &want_dw),
                 ("b_enc gradient", &g[1], &want_db),
+                ("b_dec gradient", &g[2], &want_d_b_dec),
             ] {
                 let rel = rel_max(&got.to_kind(Kind::Double), want);
                 assert!(

@@ -232,15 +232,16 @@ impl Sae {
 
     /// Pre-activations of the first `n` latents: the core's anchored to x, the rest to b_dec.
     pub fn pre_acts(&self, x_bd: &Tensor, n: usize) -> Tensor {
-        self.pre_acts_as(x_bd, n, false)
+        self.pre_acts_as(x_bd, n, false, true)
     }
 
     /// `pre_acts`; with `bf16`, the [B, d] x [d, n] product and the bias add run in bf16 and
     /// the result stays bf16 (autograd runs the backward products in bf16 too, as under
     /// autocast). On a GPU at the sizes each float32 pass over [B, n] is 1 GB: a cast
     /// of the product, the bias add, and the dense gradient's zeros and cast in the backward.
-    fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool) -> Tensor {
-        let (xc_bd, bias_n) = self.encoder_terms(x_bd, n);
+    /// `graph`: whether b_dec's gradient through the encoder is wanted (see `encoder_terms`).
+    fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool, graph: bool) -> Tensor {
+        let (xc_bd, bias_n) = self.encoder_terms(x_bd, n, graph);
         let w_dn = self.w_enc.narrow(1, 0, n as i64);
         match bf16 {
             // The bias goes into the product's epilogue (cuBLASLt's bias add on CUDA).
@@ -253,16 +254,22 @@ impl Sae {
     }
 
     /// The pre-activations of the first `n` latents are xc W_enc + bias: (xc [B, d], bias [n]).
-    /// b_dec reaches them only through the zero term in `bias`, so the product's backward
-    /// computes W_enc's gradient and skips d/d(x - b_dec), a second [B, n] x [n, d] product that
-    /// would only be summed over the batch for b_dec.
-    fn encoder_terms(&self, x_bd: &Tensor, n: usize) -> (Tensor, Tensor) {
+    /// b_dec reaches them only through the zero term in `bias` (with `zero_term`), so the
+    /// product's backward computes W_enc's gradient and skips d/d(x - b_dec), a second [B, n] x
+    /// [n, d] product that would only be summed over the batch for b_dec. Without it (no graph,
+    /// or `encoder_entries`, which makes b_dec's gradient itself) the bias skips a [d] x [d, n]
+    /// product whose value is zero (0.15 ms a step on the H200 at the paper's width).
+    fn encoder_terms(&self, x_bd: &Tensor, n: usize, zero_term: bool) -> (Tensor, Tensor) {
         let (n, c) = (n as i64, self.core as i64);
         let bd = self.b_dec.detach();
         let w_dn = self.w_enc.narrow(1, 0, n);
+        let bias_n = self.b_enc.narrow(0, 0, n);
         // Zero in value (bit for bit), -W_enc in gradient: b_dec's part, as one [n] x [n, d]
         // product of the batch-summed gradient.
-        let bias_n = self.b_enc.narrow(0, 0, n) + (&bd - &self.b_dec).matmul(&w_dn.detach());
+        let bias_n = match zero_term {
+            true => bias_n + (&bd - &self.b_dec).matmul(&w_dn.detach()),
+            false => bias_n.shallow_clone(),
+        };
         // The core is anchored to x: its entries gain back b_dec W_enc, in the bias vector
         // rather than in a [B, n] copy.
         let bias_n = match c {
@@ -281,10 +288,11 @@ impl Sae {
     /// backward never makes the dense [B, W] gradient of the pre-activations nor multiplies it
     /// out. Float32 parameters.
     fn codes_with_sparse_grad(&self, x_bd: &Tensor, codes: Codes) -> Codes {
-        let (xc_bd, bias_f) = self.encoder_terms(x_bd, self.width());
+        let (xc_bd, bias_f) = self.encoder_terms(x_bd, self.width(), false);
         let vals = kernels::encoder_entries(
             &self.w_enc,
             &bias_f,
+            &self.b_dec,
             &xc_bd.contiguous(),
             &codes.vals,
             &codes.rows,
@@ -706,8 +714,8 @@ impl Trainer {
             && s.w_enc.kind() == Kind::Float
             && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
         let pre_bf = match sparse_grad {
-            true => tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16)),
-            false => s.pre_acts_as(x_bd, s.width(), bf16),
+            true => tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16, false)),
+            false => s.pre_acts_as(x_bd, s.width(), bf16, true),
         };
         laps.lap(0);
         let codes = s.train_codes(&pre_bf);
