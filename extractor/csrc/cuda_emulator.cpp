@@ -85,7 +85,8 @@ static inline T exchange(T v, F src_of) {
   emu::warp_barriers[warp]->wait();
   return r;
 }
-static inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+template <typename T>
+static inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   return exchange(v, [=](unsigned lane) { return lane ^ (unsigned)lane_mask; });
 }
 template <typename T>

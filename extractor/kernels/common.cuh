@@ -164,7 +164,7 @@ template <typename T> __device__ __forceinline__ T from_lane(T v, int t) {
   return __shfl_sync(0xffffffffu, v, t);
 }
 
-__device__ __forceinline__ float warp_sum(float a) {
+template <typename T> __device__ __forceinline__ T warp_sum(T a) {
   for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
   return a;
 }
