@@ -75,7 +75,7 @@ TESTS=${DMSAE_TRAINER_TESTS:-gpu/trainer-tests}
 if [ -x "$TESTS" ]; then
   step "torch's fused Adam on CUDA against the textbook update (the CPU kernel is tested in CI)"
   DMSAE_TEST_CUDA=1 run 60 "$TESTS" --exact sae::tests::fused_adam_is_adam --nocapture
-  step "dmsae's trainer kernels (adam.cu, bag_decode.cu, encoder_grad.cu, matryoshka_l2.cu) on CUDA against the ATen sequences"
+  step "dmsae's trainer kernels (adam.cu, bag_decode.cu, encoder_grad.cu, matryoshka_l2.cu, select.cu) on CUDA against the ATen sequences"
   DMSAE_TEST_CUDA=1 run 60 "$TESTS" _on_cuda --nocapture --test-threads 1
 fi
 fi

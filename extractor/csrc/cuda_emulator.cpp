@@ -102,6 +102,7 @@ static inline T __shfl_sync(unsigned, T v, int src_lane) {
 #include "../kernels/bag_decode.cu"
 #include "../kernels/encoder_grad.cu"
 #include "../kernels/matryoshka_l2.cu"
+#include "../kernels/select.cu"
 
 namespace {
 // Launch `kernel` over `blocks` blocks of `threads` threads (a multiple of 32).
@@ -290,6 +291,26 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                      arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
                      arg<float *>(a, 6), arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9),
                      arg<ll>(a, 10));
+    });
+  } else if (k == "select_count_bf16" || k == "select_count_f32") {
+    const bool h = k == "select_count_bf16";
+    launch(grid, block, [=] {
+      const void *p = arg<const void *>(a, 0);
+      auto f = [&](auto *t) {
+        select_count(t, arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3), arg<const float *>(a, 4),
+                     arg<float>(a, 5), arg<ll *>(a, 6));
+      };
+      h ? f((const bf16 *)p) : f((const float *)p);
+    });
+  } else if (k == "select_write_bf16" || k == "select_write_f32") {
+    const bool h = k == "select_write_bf16";
+    launch(grid, block, [=] {
+      const void *p = arg<const void *>(a, 0);
+      auto f = [&](auto *t) {
+        select_write(t, arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3), arg<const float *>(a, 4),
+                     arg<float>(a, 5), arg<const ll *>(a, 6), arg<ll *>(a, 7), arg<ll *>(a, 8));
+      };
+      h ? f((const bf16 *)p) : f((const float *)p);
     });
   } else if (k == "encoder_grad") {
     launch(grid, block, [=] {

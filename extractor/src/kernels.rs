@@ -25,6 +25,19 @@ pub struct Source {
 /// below it by 2 c the exponentials would leave float32's normal range past c = 43.
 pub const CE_MAX_CAP: f64 = 40.0;
 
+/// The trainer's BatchTopK candidates without a [B, W] mask (`select_entries`).
+pub const SELECT: Source = Source {
+    name: "select.cu",
+    off: "DMSAE_FUSED_SELECT",
+    text: include_str!("../kernels/select.cu"),
+    kernels: &[
+        "select_count_bf16",
+        "select_count_f32",
+        "select_write_bf16",
+        "select_write_f32",
+    ],
+};
+
 /// The fused soft-cap cross-entropy, launched by `softcap_ce`.
 pub const SOFTCAP_CE: Source = Source {
     name: "softcap_ce.cu",
@@ -119,7 +132,7 @@ pub const MATRYOSHKA_L2: Source = Source {
     text: include_str!("../kernels/matryoshka_l2.cu"),
     kernels: &["matryoshka_l2_fwd", "matryoshka_l2_bwd"],
 };
-pub const SOURCES: [&Source; 9] = [
+pub const SOURCES: [&Source; 10] = [
     &SOFTCAP_CE,
     &SOFTCAP_SOFTMAX,
     &RMS_NORM,
@@ -129,6 +142,7 @@ pub const SOURCES: [&Source; 9] = [
     &BAG_DECODE,
     &ENCODER_GRAD,
     &MATRYOSHKA_L2,
+    &SELECT,
 ];
 
 /// Threads per block of the row kernels (a multiple of 32).
@@ -671,6 +685,11 @@ fn softcap_ce_in_blocks_of(
     Ok(loss)
 }
 
+/// A kernel argument as cuLaunchKernel (and `run`) takes it: a pointer to its value.
+pub fn addr<T>(x: &mut T) -> *mut c_void {
+    (x as *mut T).cast()
+}
+
 /// Runs `kernel` of `src` over `grid` blocks of `block` threads: launched on a CUDA `device`
 /// (see `launch`), emulated on the CPU (tests).
 ///
@@ -1142,6 +1161,93 @@ pub fn bag_decode(
             len,
         )
     })
+}
+
+/// The (rows, cols) of the kept entries of `p` [B, W] (contiguous, bf16 or float32), in
+/// row-major order (kernels/select.cu): columns below `c` where p > thr[j] and p > 0 (`thr`,
+/// [c], any float kind), the others where p >= `cut`. As `nonzero` of that mask, without the
+/// mask; like `nonzero`, it waits for the device (for the count). CPU tensors are emulated.
+pub fn select_entries(
+    p: &Tensor,
+    c: i64,
+    thr: Option<&Tensor>,
+    cut: f64,
+) -> Result<(Tensor, Tensor), String> {
+    let suffix = match p.kind() {
+        Kind::BFloat16 => "bf16",
+        Kind::Float => "f32",
+        k => return Err(format!("select: {k:?} pre-activations")),
+    };
+    if p.dim() != 2 || !p.is_contiguous() {
+        return Err("select: the pre-activations must be a contiguous [B, W]".into());
+    }
+    let (dev, width) = (p.device(), p.size()[1]);
+    let thr = match (c, thr) {
+        (0, _) => None,
+        (_, Some(t)) if t.size() == [c] => Some(t.to_kind(Kind::Float).contiguous()),
+        _ => return Err(format!("select: {c} core latents need {c} thresholds")),
+    };
+    // select.cu's SEL_THREADS, and SEL_RUN entries a thread.
+    const THREADS: i64 = 256;
+    let mut n = p.numel() as i64;
+    let blocks = ((n + THREADS * 32 - 1) / (THREADS * 32)).max(1);
+    let blocks_u = u32::try_from(blocks).map_err(|_| "select: too many entries".to_string())?;
+    let counts = Tensor::empty([blocks], (Kind::Int64, dev));
+    let (mut pp, mut w, mut cc) = (p.data_ptr(), width, c);
+    let mut tp = thr.as_ref().map_or(std::ptr::null_mut(), |t| t.data_ptr());
+    let mut cut = cut as f32;
+    let mut cp = counts.data_ptr();
+    // SAFETY: select_count(p, n, width, c, thr, cut, counts) over a live contiguous [n] of the
+    // kind the name says, c float32 thresholds (or none when c is 0) and [blocks] int64 counts.
+    unsafe {
+        run(
+            &SELECT,
+            &format!("select_count_{suffix}"),
+            dev,
+            blocks_u,
+            THREADS as c_uint,
+            &mut [
+                addr(&mut pp),
+                addr(&mut n),
+                addr(&mut w),
+                addr(&mut cc),
+                addr(&mut tp),
+                addr(&mut cut),
+                addr(&mut cp),
+            ],
+        )?;
+    }
+    let ends = counts.cumsum(0, Kind::Int64);
+    let total = ends.int64_value(&[blocks - 1]);
+    let starts = ends - &counts;
+    let (rows, cols) = (
+        Tensor::empty([total], (Kind::Int64, dev)),
+        Tensor::empty([total], (Kind::Int64, dev)),
+    );
+    let (mut sp, mut rp, mut cop) = (starts.data_ptr(), rows.data_ptr(), cols.data_ptr());
+    // SAFETY: select_write(p, n, width, c, thr, cut, starts, rows, cols) over the same inputs,
+    // [blocks] int64 places and [total] int64 outputs, total being what the counts sum to.
+    unsafe {
+        run(
+            &SELECT,
+            &format!("select_write_{suffix}"),
+            dev,
+            blocks_u,
+            THREADS as c_uint,
+            &mut [
+                addr(&mut pp),
+                addr(&mut n),
+                addr(&mut w),
+                addr(&mut cc),
+                addr(&mut tp),
+                addr(&mut cut),
+                addr(&mut sp),
+                addr(&mut rp),
+                addr(&mut cop),
+            ],
+        )?;
+    }
+    Ok((rows, cols))
 }
 
 /// gelu(gate) * up from `gu` [..., 2f] (contiguous, bf16 or float32; gate the first f columns,

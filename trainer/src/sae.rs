@@ -13,7 +13,7 @@
 
 use crate::config::TrainConfig;
 use crate::profile::Laps;
-use dmsae_extractor::kernels;
+use dmsae_extractor::kernels::{self, addr};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -335,11 +335,7 @@ impl Sae {
         let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
         let p = pre_bw.detach();
         let keep = (self.k as i64 * b).min(b * (w - c));
-        let core_on = (c > 0).then(|| {
-            let pc = p.narrow(1, 0, c);
-            pc.gt_tensor(&self.core_threshold).logical_and(&pc.gt(0.0))
-        });
-        let (rows, cols) = train_entries(&p, c, core_on.as_ref(), keep);
+        let (rows, cols) = train_entries(&p, c, (c > 0).then_some(&self.core_threshold), keep);
         // Codes in the model's kind whatever the pre-activations' (bf16 with a bf16 encoder).
         let vals = pre_bw
             .index(&[Some(&rows), Some(&cols)])
@@ -473,8 +469,9 @@ impl Sae {
 }
 
 /// The training codes' entries of the pre-activations `p` [B, W] (rows, columns): the core
-/// latents' (columns 0..c) wherever `core_on` [B, c] holds, and the `keep` largest positive
-/// entries of the rest (BatchTopK: the set one top-k over them gives, ties aside).
+/// latents' (columns 0..c) where they pass their JumpReLU (p > `core_thr` [c] and p > 0), and
+/// the `keep` largest positive entries of the rest (BatchTopK: the set one top-k over them
+/// gives, ties aside).
 ///
 /// A top-k over every 16th column yields a cut that about 2 * keep entries reach; those go
 /// through the exact top-k (over 16.7M entries, batch 1,024 and width 16k, a quarter of the
@@ -483,9 +480,14 @@ impl Sae {
 /// the non-core columns are never copied out (with a core they are not contiguous, and
 /// flattening them copied the batch's pre-activations). Falls back to the full top-k when the
 /// cut is not positive (fewer positive entries than needed) or fewer than `keep` reach it.
-fn train_entries(p: &Tensor, c: i64, core_on: Option<&Tensor>, keep: i64) -> (Tensor, Tensor) {
+fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> (Tensor, Tensor) {
     const STRIDE: i64 = 16;
     let (b, w) = (p.size()[0], p.size()[1]);
+    let core_on = core_thr.map(|t| {
+        let pc = p.narrow(1, 0, c);
+        pc.gt_tensor(t).logical_and(&pc.gt(0.0))
+    });
+    let core_on = core_on.as_ref();
     let noncore = p.narrow(1, c, w - c);
     if keep > 0 && b * (w - c) >= 8 * STRIDE * keep {
         let sample = noncore.slice(1, 0, w - c, STRIDE).reshape([-1]);
@@ -510,14 +512,22 @@ fn train_entries(p: &Tensor, c: i64, core_on: Option<&Tensor>, keep: i64) -> (Te
         )
         .expect("two values");
         if cut > 0.0 {
-            let on = p.ge(cut);
-            if let Some(core) = core_on {
-                on.narrow(1, 0, c).copy_(core);
-            }
-            let nz = on.nonzero();
+            // The candidates in row-major order; kernels/select.cu lists them without the
+            // [B, W] mask and its two passes in `nonzero`.
+            let (rows, cols) = match kernels::use_fused(p, &kernels::SELECT) && p.is_contiguous() {
+                true => kernels::select_entries(p, c, core_thr, cut)
+                    .unwrap_or_else(|e| panic!("BatchTopK candidates: {e}")),
+                false => {
+                    let on = p.ge(cut);
+                    if let Some(core) = core_on {
+                        on.narrow(1, 0, c).copy_(core);
+                    }
+                    let nz = on.nonzero();
+                    (nz.select(1, 0), nz.select(1, 1))
+                }
+            };
             let n_core = n_core as i64;
-            if nz.size()[0] - n_core >= keep {
-                let (rows, cols) = (nz.select(1, 0), nz.select(1, 1));
+            if rows.size()[0] - n_core >= keep {
                 // Core entries ahead of every candidate, then the largest candidates, all of
                 // which reach a positive cut.
                 let rank = p
@@ -573,11 +583,6 @@ struct AdamArgs {
     bc2_sqrt: f32,
     eps: f32,
     seed: u32,
-}
-
-/// A kernel argument as cuLaunchKernel takes it: a pointer to its value.
-fn addr<T>(x: &mut T) -> *mut std::ffi::c_void {
-    (x as *mut T).cast()
 }
 
 /// The bf16 moments' rounding stream of parameter `i` at `step`, fixed by the run's seed.
@@ -1632,7 +1637,19 @@ mod tests {
         for (x, keep) in cases {
             for c in [0, 37] {
                 let core_on = (c > 0).then(|| x.narrow(1, 0, c).gt(1.5));
-                let (rows, cols) = train_entries(&x, c, core_on.as_ref(), keep);
+                let thr = Tensor::full([c], 1.5, (Kind::Float, Device::Cpu));
+                let thr = (c > 0).then_some(&thr);
+                let (rows, cols) = train_entries(&x, c, thr, keep);
+                // The candidates from kernels/select.cu (emulated): the same entries in the
+                // same order.
+                kernels::emulate_on_cpu(true);
+                let (rows_k, cols_k) = train_entries(&x, c, thr, keep);
+                kernels::emulate_on_cpu(false);
+                assert!(
+                    rows_k.equal(&rows) && cols_k.equal(&cols),
+                    "c {c}, {:?}: select.cu's entries differ",
+                    x.kind()
+                );
                 let is_core = cols.lt(c);
                 if let Some(on) = &core_on {
                     let (r, cl) = (rows.masked_select(&is_core), cols.masked_select(&is_core));
@@ -1660,6 +1677,34 @@ mod tests {
                         "c {c}: entries"
                     );
                 }
+            }
+        }
+    }
+
+    /// select.cu on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh) against ATen's mask and
+    /// `nonzero`: the same entries in the same order, in bf16 (as training runs) and float32,
+    /// with and without a core, at 512 tokens of width 16,384.
+    #[test]
+    fn the_fused_candidates_match_aten_on_cuda() {
+        let Some(device) = test_cuda() else {
+            return;
+        };
+        tch::manual_seed(3);
+        let (b, w, keep) = (512, 16_384, 512 * 32);
+        let x = Tensor::randn([b, w], (Kind::Float, device));
+        for kind in [Kind::BFloat16, Kind::Float] {
+            let x = x.to_kind(kind);
+            for c in [0, 37] {
+                let thr = Tensor::full([c], 1.5, (Kind::Float, device));
+                let thr = (c > 0).then_some(&thr);
+                let run = |fused| {
+                    with_kernel(&kernels::SELECT, fused, || train_entries(&x, c, thr, keep))
+                };
+                let ((rows, cols), (want_rows, want_cols)) = (run(true), run(false));
+                assert!(
+                    rows.equal(&want_rows) && cols.equal(&want_cols),
+                    "{kind:?}, c {c}: select.cu's entries differ"
+                );
             }
         }
     }
