@@ -163,9 +163,11 @@ def main():
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     ap.add_argument("--kernels-ab", action="store_true",
                     help="also time dmsae with each of its trainer kernels off in turn "
-                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS = 0), all four off, the "
+                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS, _SELECT = 0), all five off, the "
                          "kernels without 16-byte packs (DMSAE_PACKS=0), and with bf16 Adam moments "
                          "(adam_bf16_moments = true); CUDA")
+    ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
+                                    "(two runs each)")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -195,13 +197,23 @@ def main():
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
         rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
+        if a.base:  # the same bench of an earlier version, alternating with this one
+            for r in (1, 2):
+                rows.append((f"base {a.base}, run {r}",
+                             dmsae_rate(a.base, store, work, width, k, batch, steps, warm,
+                                        a.device, a.threads, dead_tokens)[0]))
+                if r == 1:
+                    rows.append(("dmsae train, run 2",
+                                 dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
+                                            a.device, a.threads, dead_tokens)[0]))
         if a.encoder_f32:  # what the bf16 encoder product buys
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
                          dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
-        if a.kernels_ab:  # what dmsae's trainer kernels (adam.cu, bag_decode.cu, encoder_grad.cu) buy
+        if a.kernels_ab:  # what dmsae's trainer kernels buy
             off = {k: "0" for k in ("DMSAE_FUSED_ADAM", "DMSAE_FUSED_DECODE",
-                                    "DMSAE_FUSED_ENCODER_GRAD", "DMSAE_FUSED_LOSS")}
+                                    "DMSAE_FUSED_ENCODER_GRAD", "DMSAE_FUSED_LOSS",
+                                    "DMSAE_FUSED_SELECT")}
             for name, extra, env in (
                 ("dmsae train, ATen update (DMSAE_FUSED_ADAM=0)", "", {"DMSAE_FUSED_ADAM": "0"}),
                 ("dmsae train, embedding_bag decoder (DMSAE_FUSED_DECODE=0)", "",
@@ -210,7 +222,9 @@ def main():
                  {"DMSAE_FUSED_ENCODER_GRAD": "0"}),
                 ("dmsae train, ATen Matryoshka loss (DMSAE_FUSED_LOSS=0)", "",
                  {"DMSAE_FUSED_LOSS": "0"}),
-                ("dmsae train, all four off", "", off),
+                ("dmsae train, ATen's mask and nonzero for BatchTopK (DMSAE_FUSED_SELECT=0)", "",
+                 {"DMSAE_FUSED_SELECT": "0"}),
+                ("dmsae train, all five off", "", off),
                 ("dmsae train, no 16-byte packs (DMSAE_PACKS=0)", "", {"DMSAE_PACKS": "0"}),
                 ("dmsae train, bf16 Adam moments (adam_bf16_moments = true)",
                  "adam_bf16_moments = true\n", None),

@@ -13,7 +13,8 @@
 #   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
 #   encoder run (default --encoder-f32), TRAIN_AB= its kernels-off runs.
 #   gpu/dmsae-base     (optional; make gpu-bundle GPU_BASE=REV) an earlier version's binary: the
-#                      `base` step times its extraction beside this one's, alternating, in one call
+#                      `base` step times its extraction beside this one's, alternating, in one call,
+#                      and the `train` step its training (bench_train.py --base)
 #   gpu/writer_rate, gpu/stream_rate (store-format's examples, stripped): the `hostio` step, the
 #   store writer's and the training stream's rates on this host's CPUs, and its disk's.
 # Steps run in order of what the issues need most; each has its own time limit, a failed one is
@@ -197,7 +198,8 @@ fi
 if want train; then
 step "training step against eager PyTorch (the issue's anchor), AuxK idle; each trainer kernel off in turn"
 AB=${TRAIN_AB-$([ "$DEVICE" = cpu ] || echo --kernels-ab)}
-run 360 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET ${TRAIN_EXTRA---encoder-f32} $AB
+TBASE=$([ -x "${BASE_BIN:-gpu/dmsae-base}" ] && echo "--base ${BASE_BIN:-gpu/dmsae-base}")
+run 420 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET ${TRAIN_EXTRA---encoder-f32} $AB $TBASE
 fi
 
 if want trainauxk; then
