@@ -217,8 +217,8 @@ fvu() {
 }
 step "bf16 encoder product against float32, then bf16 Adam moments: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
 for seed in 1 2; do
-  fvu bf16 "encoder_bf16 = true"
-  fvu f32 "encoder_bf16 = false"
+  fvu bf16 $'encoder_bf16 = true\nadam_bf16_moments = false'
+  fvu f32 $'encoder_bf16 = false\nadam_bf16_moments = false'
   fvu moments "adam_bf16_moments = true"
 done
 fi

@@ -653,9 +653,12 @@ pub struct Trainer {
 impl Trainer {
     /// `core_given`: the core came from a file, so `cfg.core_frozen` applies to it.
     pub fn new(sae: Sae, cfg: TrainConfig, core_given: bool) -> Trainer {
-        let moments = match cfg.adam_bf16_moments {
-            Some(true) => Kind::BFloat16,
-            _ => sae.w_dec.kind(),
+        let bf16_moments = cfg.adam_bf16_moments.unwrap_or_else(|| {
+            sae.device().is_cuda() && kernels::use_fused(&sae.w_dec, &kernels::ADAM)
+        });
+        let moments = match bf16_moments {
+            true => Kind::BFloat16,
+            false => sae.w_dec.kind(),
         };
         let zeros = |p: &Tensor| Tensor::zeros(p.size(), (moments, p.device()));
         let (m, v) = (
@@ -1141,12 +1144,21 @@ impl Trainer {
             // A copy: Adam updates the moments in place, and `tensors` may share their memory.
             Ok(t.to_device(like.device()).copy())
         };
+        // Unset, the moments' kind is the checkpoint's (a run keeps what it started with, as
+        // the default may differ on this device or in this version); set, it must match.
+        let moments_like = |m: &Tensor| match self.cfg.adam_bf16_moments {
+            Some(_) => m.shallow_clone(),
+            None => tensors
+                .iter()
+                .find(|(n, _)| n == "adam_m.W_enc")
+                .map_or(m.shallow_clone(), |(_, t)| m.to_kind(t.kind())),
+        };
         let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
         for (i, n) in names.iter().enumerate() {
             let p = get(n, self.sae.params()[i])?;
             tch::no_grad(|| self.sae.params()[i].shallow_clone().copy_(&p));
-            self.m[i] = get(&format!("adam_m.{n}"), &self.m[i])?;
-            self.v[i] = get(&format!("adam_v.{n}"), &self.v[i])?;
+            self.m[i] = get(&format!("adam_m.{n}"), &moments_like(&self.m[i]))?;
+            self.v[i] = get(&format!("adam_v.{n}"), &moments_like(&self.v[i]))?;
         }
         self.since_fired_f = get("since_fired", &self.since_fired_f)?;
         self.recount_dead();
@@ -1163,7 +1175,7 @@ impl Trainer {
     /// update (`fused_update`), which runs on CUDA only.
     pub fn check_update(&self) -> Result<(), String> {
         let fused = kernels::use_fused(&self.sae.w_dec, &kernels::ADAM);
-        match self.m[0].kind() == Kind::BFloat16 && !fused {
+        match self.bf16_moments() && !fused {
             true => Err(format!(
                 "adam_bf16_moments needs dmsae's update kernels, which run on a CUDA device \
                  with NVRTC and {} not 0; this run is on {:?}",
@@ -1175,6 +1187,11 @@ impl Trainer {
     }
 
     /// Whether the training encoder product runs in bf16.
+    /// Whether Adam's moments are bf16 (`TrainConfig::adam_bf16_moments`, as resolved).
+    pub fn bf16_moments(&self) -> bool {
+        self.m[0].kind() == Kind::BFloat16
+    }
+
     pub fn encoder_bf16(&self) -> bool {
         self.bf16
     }
@@ -1870,7 +1887,8 @@ mod tests {
 
     /// A run with bf16 moments stopped after one step and resumed from `state()` ends where an
     /// uninterrupted one does, bit for bit: the moments round-trip in bf16 and the rounding
-    /// stream follows the step, not the process (whole steps, every kernel emulated).
+    /// stream follows the step, not the process (whole steps, every kernel emulated). The
+    /// resumed trainer has the key unset, so it keeps the checkpoint's kind of moments.
     #[test]
     fn bf16_moments_resume_exactly() {
         let d = 16;
@@ -1894,11 +1912,30 @@ mod tests {
         }
         let mut first = new();
         first.update(&xs[0]);
-        let mut resumed = new();
+        // Resumed with the key unset (float32 moments on the CPU): it keeps the checkpoint's
+        // bf16 ones. Set to float32, it refuses them.
+        let unset = TrainConfig {
+            adam_bf16_moments: None,
+            ..cfg.clone()
+        };
+        let sae = || Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+        let mut resumed = Trainer::new(sae(), unset, false);
+        assert_eq!(resumed.m[0].kind(), Kind::Float);
         let state = first.state();
         assert!(state
             .iter()
             .any(|(n, t)| n == "adam_v.W_enc" && t.kind() == Kind::BFloat16));
+        let f32_cfg = TrainConfig {
+            adam_bf16_moments: Some(false),
+            ..cfg.clone()
+        };
+        let err = Trainer::new(sae(), f32_cfg, false)
+            .load_state(&state, first.step, first.sae.threshold)
+            .unwrap_err();
+        assert!(
+            err.contains("adam_m.W_enc") && err.contains("BFloat16"),
+            "{err}"
+        );
         resumed
             .load_state(&state, first.step, first.sae.threshold)
             .unwrap();

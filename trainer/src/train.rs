@@ -620,6 +620,8 @@ impl Member {
         }
         if resume && out.join(CKPT).exists() {
             pos = load_checkpoint(out, &mut t, &identity)?;
+            // Its moments may be bf16, which only the CUDA update runs.
+            t.check_update().map_err(ConfigError::Invalid)?;
             // Keep the log up to the checkpoint; later lines came from the interrupted run.
             let old = std::fs::read_to_string(&log_path).unwrap_or_default();
             for l in old.lines() {
@@ -689,6 +691,7 @@ impl Member {
             "tokens": tokens,
             "train_config": cfg,
             "encoder_bf16": t.encoder_bf16(),
+            "adam_bf16_moments": t.bf16_moments(),
             "eval": eval,
             "store": {
                 "path": store_dir.display().to_string(),
