@@ -298,7 +298,7 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       const void *p = arg<const void *>(a, 0);
       auto f = [&](auto *t) {
         select_count(t, arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3), arg<const float *>(a, 4),
-                     arg<float>(a, 5), arg<ll *>(a, 6));
+                     arg<const float *>(a, 5), arg<ll *>(a, 6));
       };
       h ? f((const bf16 *)p) : f((const float *)p);
     });
@@ -308,7 +308,8 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       const void *p = arg<const void *>(a, 0);
       auto f = [&](auto *t) {
         select_write(t, arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3), arg<const float *>(a, 4),
-                     arg<float>(a, 5), arg<const ll *>(a, 6), arg<ll *>(a, 7), arg<ll *>(a, 8));
+                     arg<const float *>(a, 5), arg<const ll *>(a, 6), arg<ll *>(a, 7),
+                     arg<ll *>(a, 8));
       };
       h ? f((const bf16 *)p) : f((const float *)p);
     });

@@ -7,6 +7,7 @@
 //
 // Two passes over p, no mask: select_count, each block's count of kept entries; then, given
 // each block's first output place (the counts' exclusive sum), select_write puts them out.
+// The cut is read on the device, so the host reads it back with the count, in one wait.
 // A thread takes SEL_RUN consecutive entries (16-byte packs where p lines up), so a block's
 // entries come out in order from a scan of its threads' counts, and the whole in order from
 // the blocks' places: the same list every run, without atomics.
@@ -60,8 +61,9 @@ __device__ __forceinline__ int sel_count_run(const T *p, long long n, long long 
 
 template <typename T>
 __device__ void select_count(const T *p, long long n, long long width, long long c,
-                             const float *thr, float cut, long long *counts) {
+                             const float *thr, const float *cut_at, long long *counts) {
   __shared__ int warps[SEL_THREADS / 32];
+  const float cut = *cut_at;
   const int m = warp_sum(sel_count_run(p, n, width, c, thr, cut));
   if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = m;
   __syncthreads();
@@ -74,9 +76,10 @@ __device__ void select_count(const T *p, long long n, long long width, long long
 
 template <typename T>
 __device__ void select_write(const T *p, long long n, long long width, long long c,
-                             const float *thr, float cut, const long long *starts,
+                             const float *thr, const float *cut_at, const long long *starts,
                              long long *rows, long long *cols) {
   __shared__ int warps[SEL_THREADS / 32];
+  const float cut = *cut_at;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int m = sel_count_run(p, n, width, c, thr, cut);
   // Inclusive sum of m over the warp's lanes up to this one, then over the warps before.
@@ -100,26 +103,26 @@ __device__ void select_write(const T *p, long long n, long long width, long long
 }
 
 extern "C" __global__ void select_count_bf16(const bf16 *p, long long n, long long width,
-                                             long long c, const float *thr, float cut,
+                                             long long c, const float *thr, const float *cut,
                                              long long *counts) {
   select_count(p, n, width, c, thr, cut, counts);
 }
 
 extern "C" __global__ void select_count_f32(const float *p, long long n, long long width,
-                                            long long c, const float *thr, float cut,
+                                            long long c, const float *thr, const float *cut,
                                             long long *counts) {
   select_count(p, n, width, c, thr, cut, counts);
 }
 
 extern "C" __global__ void select_write_bf16(const bf16 *p, long long n, long long width,
-                                             long long c, const float *thr, float cut,
+                                             long long c, const float *thr, const float *cut,
                                              const long long *starts, long long *rows,
                                              long long *cols) {
   select_write(p, n, width, c, thr, cut, starts, rows, cols);
 }
 
 extern "C" __global__ void select_write_f32(const float *p, long long n, long long width,
-                                            long long c, const float *thr, float cut,
+                                            long long c, const float *thr, const float *cut,
                                             const long long *starts, long long *rows,
                                             long long *cols) {
   select_write(p, n, width, c, thr, cut, starts, rows, cols);

@@ -25,7 +25,7 @@ pub struct Source {
 /// below it by 2 c the exponentials would leave float32's normal range past c = 43.
 pub const CE_MAX_CAP: f64 = 40.0;
 
-/// The trainer's BatchTopK candidates without a [B, W] mask (`select_entries`).
+/// The trainer's BatchTopK candidates without a [B, W] mask (`Candidates`).
 pub const SELECT: Source = Source {
     name: "select.cu",
     off: "DMSAE_FUSED_SELECT",
@@ -1163,91 +1163,114 @@ pub fn bag_decode(
     })
 }
 
-/// The (rows, cols) of the kept entries of `p` [B, W] (contiguous, bf16 or float32), in
-/// row-major order (kernels/select.cu): columns below `c` where p > thr[j] and p > 0 (`thr`,
-/// [c], any float kind), the others where p >= `cut`. As `nonzero` of that mask, without the
-/// mask; like `nonzero`, it waits for the device (for the count). CPU tensors are emulated.
-pub fn select_entries(
-    p: &Tensor,
+/// BatchTopK's candidates without a [B, W] mask (kernels/select.cu): the kept entries of the
+/// pre-activations `p` [B, W] (contiguous, bf16 or float32) are, in columns below `c`, those
+/// where p > thr[j] and p > 0 (`thr` [c], any float kind), elsewhere those where p >= the cut
+/// (a float32 scalar on the device, so the host need not wait for it). `count` queues each
+/// block's count; the host reads their sum (`total`), and `write` lists the entries' (rows,
+/// cols) in row-major order, as `nonzero` of that mask would. CPU tensors are emulated.
+pub struct Candidates {
+    p: Tensor,
     c: i64,
-    thr: Option<&Tensor>,
-    cut: f64,
-) -> Result<(Tensor, Tensor), String> {
-    let suffix = match p.kind() {
-        Kind::BFloat16 => "bf16",
-        Kind::Float => "f32",
-        k => return Err(format!("select: {k:?} pre-activations")),
-    };
-    if p.dim() != 2 || !p.is_contiguous() {
-        return Err("select: the pre-activations must be a contiguous [B, W]".into());
+    thr: Option<Tensor>,
+    cut: Tensor,
+    counts: Tensor,
+    suffix: &'static str,
+}
+
+/// select.cu's SEL_THREADS, each thread a run of SEL_RUN entries.
+const SEL_THREADS: i64 = 256;
+const SEL_RUN: i64 = 32;
+
+impl Candidates {
+    pub fn count(p: &Tensor, c: i64, thr: Option<&Tensor>, cut: &Tensor) -> Result<Self, String> {
+        let suffix = match p.kind() {
+            Kind::BFloat16 => "bf16",
+            Kind::Float => "f32",
+            k => return Err(format!("select: {k:?} pre-activations")),
+        };
+        if p.dim() != 2 || !p.is_contiguous() {
+            return Err("select: the pre-activations must be a contiguous [B, W]".into());
+        }
+        if cut.numel() != 1 || cut.kind() != Kind::Float || cut.device() != p.device() {
+            return Err("select: the cut must be a float32 scalar beside p".into());
+        }
+        let thr = match (c, thr) {
+            (0, _) => None,
+            (_, Some(t)) if t.size() == [c] => Some(t.to_kind(Kind::Float).contiguous()),
+            _ => return Err(format!("select: {c} core latents need {c} thresholds")),
+        };
+        let blocks =
+            ((p.numel() as i64 + SEL_THREADS * SEL_RUN - 1) / (SEL_THREADS * SEL_RUN)).max(1);
+        let counts = Tensor::empty([blocks], (Kind::Int64, p.device()));
+        let s = Candidates {
+            p: p.shallow_clone(),
+            c,
+            thr,
+            cut: cut.shallow_clone(),
+            counts,
+            suffix,
+        };
+        s.launch("select_count", &[&s.counts])?;
+        Ok(s)
     }
-    let (dev, width) = (p.device(), p.size()[1]);
-    let thr = match (c, thr) {
-        (0, _) => None,
-        (_, Some(t)) if t.size() == [c] => Some(t.to_kind(Kind::Float).contiguous()),
-        _ => return Err(format!("select: {c} core latents need {c} thresholds")),
-    };
-    // select.cu's SEL_THREADS, and SEL_RUN entries a thread.
-    const THREADS: i64 = 256;
-    let mut n = p.numel() as i64;
-    let blocks = ((n + THREADS * 32 - 1) / (THREADS * 32)).max(1);
-    let blocks_u = u32::try_from(blocks).map_err(|_| "select: too many entries".to_string())?;
-    let counts = Tensor::empty([blocks], (Kind::Int64, dev));
-    let (mut pp, mut w, mut cc) = (p.data_ptr(), width, c);
-    let mut tp = thr.as_ref().map_or(std::ptr::null_mut(), |t| t.data_ptr());
-    let mut cut = cut as f32;
-    let mut cp = counts.data_ptr();
-    // SAFETY: select_count(p, n, width, c, thr, cut, counts) over a live contiguous [n] of the
-    // kind the name says, c float32 thresholds (or none when c is 0) and [blocks] int64 counts.
-    unsafe {
-        run(
-            &SELECT,
-            &format!("select_count_{suffix}"),
-            dev,
-            blocks_u,
-            THREADS as c_uint,
-            &mut [
-                addr(&mut pp),
-                addr(&mut n),
-                addr(&mut w),
-                addr(&mut cc),
-                addr(&mut tp),
-                addr(&mut cut),
-                addr(&mut cp),
-            ],
-        )?;
+
+    /// How many entries are kept, as an int64 scalar on the device.
+    pub fn total(&self) -> Tensor {
+        self.counts.sum(Kind::Int64)
     }
-    let ends = counts.cumsum(0, Kind::Int64);
-    let total = ends.int64_value(&[blocks - 1]);
-    let starts = ends - &counts;
-    let (rows, cols) = (
-        Tensor::empty([total], (Kind::Int64, dev)),
-        Tensor::empty([total], (Kind::Int64, dev)),
-    );
-    let (mut sp, mut rp, mut cop) = (starts.data_ptr(), rows.data_ptr(), cols.data_ptr());
-    // SAFETY: select_write(p, n, width, c, thr, cut, starts, rows, cols) over the same inputs,
-    // [blocks] int64 places and [total] int64 outputs, total being what the counts sum to.
-    unsafe {
-        run(
-            &SELECT,
-            &format!("select_write_{suffix}"),
-            dev,
-            blocks_u,
-            THREADS as c_uint,
-            &mut [
-                addr(&mut pp),
-                addr(&mut n),
-                addr(&mut w),
-                addr(&mut cc),
-                addr(&mut tp),
-                addr(&mut cut),
-                addr(&mut sp),
-                addr(&mut rp),
-                addr(&mut cop),
-            ],
-        )?;
+
+    /// The kept entries' (rows, cols); `total` is what `total()` read back.
+    pub fn write(self, total: i64) -> Result<(Tensor, Tensor), String> {
+        let starts = self.counts.cumsum(0, Kind::Int64) - &self.counts;
+        let dev = self.p.device();
+        let rows = Tensor::empty([total], (Kind::Int64, dev));
+        let cols = Tensor::empty([total], (Kind::Int64, dev));
+        self.launch("select_write", &[&starts, &rows, &cols])?;
+        Ok((rows, cols))
     }
-    Ok((rows, cols))
+
+    /// `kernel`(p, n, width, c, thr, cut, outs...).
+    fn launch(&self, kernel: &str, outs: &[&Tensor]) -> Result<(), String> {
+        let (mut pp, mut n, mut w, mut c) = (
+            self.p.data_ptr(),
+            self.p.numel() as i64,
+            self.p.size()[1],
+            self.c,
+        );
+        let mut tp = self
+            .thr
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |t| t.data_ptr());
+        let mut cp = self.cut.data_ptr();
+        let mut out_ptrs: Vec<*mut c_void> = outs.iter().map(|t| t.data_ptr()).collect();
+        let mut params = vec![
+            addr(&mut pp),
+            addr(&mut n),
+            addr(&mut w),
+            addr(&mut c),
+            addr(&mut tp),
+            addr(&mut cp),
+        ];
+        params.extend(out_ptrs.iter_mut().map(addr));
+        let blocks = u32::try_from(self.counts.numel())
+            .map_err(|_| "select: too many entries".to_string())?;
+        // SAFETY: select_count(p, n, width, c, thr, cut, counts) and select_write(p, n, width,
+        // c, thr, cut, starts, rows, cols) over live contiguous tensors on one device: p [n] of
+        // the kind the name says, c float32 thresholds (none when c is 0), the float32 cut,
+        // [blocks] int64 counts or places, and rows and cols of as many entries as the counts
+        // sum to; each held by `self` or the caller until the launch has run.
+        unsafe {
+            run(
+                &SELECT,
+                &format!("{kernel}_{}", self.suffix),
+                self.p.device(),
+                blocks,
+                SEL_THREADS as c_uint,
+                &mut params,
+            )
+        }
+    }
 }
 
 /// gelu(gate) * up from `gu` [..., 2f] (contiguous, bf16 or float32; gate the first f columns,
