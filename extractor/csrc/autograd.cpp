@@ -69,9 +69,26 @@ at::Tensor group_offsets(const at::Tensor &idx, int64_t n) {
 }
 
 // The entries grouped by latent for a W gradient: their order sorted by `cols` (stable, so
-// entry order within a latent) and where each of the n latents' groups starts.
+// entry order within a latent) and where each of the n latents' groups starts. The decoder's
+// backward and the encoder's ask for the same codes' grouping in one step, so the last one is
+// kept (with its `cols`, whose memory then cannot be reused while it is): one sort a step.
 std::pair<at::Tensor, at::Tensor> by_latent(const at::Tensor &cols, int64_t n) {
-  return {at::argsort(cols, /*stable=*/true), group_offsets(cols, n)};
+  struct Last {
+    at::Tensor cols, perm, offsets;
+    int64_t n = -1, version = 0;
+  };
+  // Never destroyed: tensors freed after the allocator's own teardown at exit would crash.
+  static thread_local Last &last = *new Last;
+  const bool same = last.cols.defined() && last.n == n &&
+                    last.cols.data_ptr() == cols.data_ptr() &&
+                    last.cols.sizes() == cols.sizes() && last.cols.strides() == cols.strides() &&
+                    last.cols.device() == cols.device() &&
+                    last.cols.dtype() == cols.dtype() && last.version == cols._version();
+  if (!same) {
+    last = {cols, at::argsort(cols, /*stable=*/true), group_offsets(cols, n), n,
+            (int64_t)cols._version()};
+  }
+  return {last.perm, last.offsets};
 }
 
 std::string suffix(const at::Tensor &t) {
