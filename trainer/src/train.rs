@@ -8,6 +8,7 @@
 use crate::config::{ConfigError, TrainConfig};
 use crate::export;
 use crate::sae::{err_stats, l0s, Core, Sae, StepStats, Trainer};
+use dmsae_extractor::kernels::Upload;
 use dmsae_store::{Batch, DType, Split, Store, StoreError, StreamOptions};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -294,6 +295,15 @@ fn mean_sq_norm_without_bos(store: &Arc<Store>) -> Result<f64, TrainError> {
 /// A batch's array as float32 [n, width] on `device`. 16-bit floats cross to the device as
 /// stored and widen there (exactly): half the bytes over PCIe and no pass on the host.
 pub(crate) fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tensor {
+    Upload::start(&host_rows(b, name, width, device), device)
+        .and_then(Upload::finish)
+        .expect("a batch to the device")
+        .to_kind(Kind::Float)
+}
+
+/// A batch's array [n, width] on the host, as stored; for CUDA a view of `b`'s bytes, which
+/// must be read (`Upload::start` copies it into page-locked memory) while `b` lives.
+fn host_rows(b: &Batch, name: &str, width: usize, device: Device) -> Tensor {
     let (a, bytes) = b
         .arrays
         .iter()
@@ -306,20 +316,15 @@ pub(crate) fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tenso
         _ => unreachable!("stores hold acts and grads as floats (manifest check)"),
     };
     let size = [b.n as i64, width as i64];
-    let host = match device {
-        // SAFETY: the view is read only inside `upload`, which copies it (into page-locked
-        // memory, or staged by CUDA) before returning; `b` outlives the call. Copying it into
-        // a tensor first was a second pass over the batch (19 MB at the paper's sizes) on
-        // the thread that feeds the steps.
+    match device {
+        // SAFETY: the callers copy the view before `b` goes (see above). Copying it into a
+        // tensor first was a second pass over the batch (19 MB at the paper's sizes) on the
+        // thread that feeds the steps.
         Device::Cuda(_) => unsafe {
             Tensor::from_blob(bytes.as_ptr(), &size, &[width as i64, 1], kind, Device::Cpu)
         },
         _ => Tensor::from_data_size(bytes, &size, kind),
-    };
-    // From pinned memory the copy runs at full PCIe speed and does not hold the host.
-    dmsae_extractor::kernels::upload(&host, device)
-        .expect("a batch to the device")
-        .to_kind(Kind::Float)
+    }
 }
 
 /// One training batch on the device and where it leaves the stream.
@@ -331,13 +336,23 @@ struct DeviceBatch {
     batches: u64,
 }
 
+/// A `DeviceBatch` as the batch thread sends it: its acts on their way to the device, as
+/// stored; `DeviceBatches::next` widens and scales them on torch's stream.
+struct Pending {
+    acts: Upload,
+    scale: f64,
+    n: usize,
+    epoch: u64,
+    batches: u64,
+}
+
 /// Training batches, scaled and on the device, prepared one ahead on a thread of their own so
 /// the host's copy of batch n+1 overlaps step n. On an H100 at the sizes the step
 /// proper took 40 ms and the loop 65 ms a step while the main thread made each batch itself
 /// (bench_train: 76k tokens/s before, 131k with this and `Sae::decode_parts`).
 /// Epochs roll over here; the consumer's wait is what the metrics log as data wait.
 struct DeviceBatches {
-    rx: Option<crossbeam_channel::Receiver<Result<DeviceBatch, TrainError>>>,
+    rx: Option<crossbeam_channel::Receiver<Result<Pending, TrainError>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     waited_ns: u64,
 }
@@ -378,9 +393,12 @@ impl DeviceBatches {
                     continue;
                 };
                 taken += 1;
-                let x_bd = rows(&b, "acts", d, device) * scale;
-                let item = DeviceBatch {
-                    x_bd,
+                // From page-locked memory on the copy stream, beside the step running now.
+                let acts = Upload::start(&host_rows(&b, "acts", d, device), device)
+                    .expect("a batch to the device");
+                let item = Pending {
+                    acts,
+                    scale,
                     n: b.n,
                     epoch,
                     batches: taken,
@@ -405,8 +423,16 @@ impl DeviceBatches {
     fn next(&mut self) -> Result<DeviceBatch, TrainError> {
         let t = Instant::now();
         let r = self.rx.as_ref().expect("open").recv();
+        let p = r.expect("the batch thread sends an error before it ends")?;
+        // Its copy ran during the last step; a wait here is a wait for data.
+        let acts = p.acts.finish().expect("a batch to the device");
         self.waited_ns += t.elapsed().as_nanos() as u64;
-        r.expect("the batch thread sends an error before it ends")
+        Ok(DeviceBatch {
+            x_bd: acts.to_kind(Kind::Float) * p.scale,
+            n: p.n,
+            epoch: p.epoch,
+            batches: p.batches,
+        })
     }
 }
 
