@@ -294,9 +294,10 @@ fn mean_sq_norm_without_bos(store: &Arc<Store>) -> Result<f64, TrainError> {
 
 /// A batch's array as float32 [n, width] on `device`. 16-bit floats cross to the device as
 /// stored and widen there (exactly): half the bytes over PCIe and no pass on the host.
+/// Queued on torch's stream (from page-locked memory), so the host goes on; the training loop
+/// uses `Upload` instead.
 pub(crate) fn rows(b: &Batch, name: &str, width: usize, device: Device) -> Tensor {
-    Upload::start(&host_rows(b, name, width, device), device)
-        .and_then(Upload::finish)
+    dmsae_extractor::kernels::upload(&host_rows(b, name, width, device), device)
         .expect("a batch to the device")
         .to_kind(Kind::Float)
 }
