@@ -685,6 +685,10 @@ extern "C" int dmsae_empty_pinned(at::Tensor *t, at::Tensor **out, char *err, si
       out, err, err_len);
 }
 
+// The version counter of `t`: how many in-place changes it has seen through ATen (a kernel
+// writing its memory directly leaves it as it was).
+extern "C" int64_t dmsae_tensor_version(at::Tensor *t) { return (int64_t)t->_version(); }
+
 // The host tensor `t` in page-locked memory, for a non-blocking upload: Tensor::pin_memory()
 // without the device argument, which torch 2.11 deprecates with a warning at every call.
 extern "C" int dmsae_pin_memory(at::Tensor *t, at::Tensor **out, char *err, size_t err_len) {

@@ -261,12 +261,12 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
   } else if (k == "adam_flat_f32") {
     launch(grid, block, [=] {
       adam_flat_f32(arg<float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
-                    arg<float *>(a, 3), arg<ll>(a, 4), arg<AdamArgs>(a, 5));
+                    arg<float *>(a, 3), arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<AdamArgs>(a, 6));
     });
   } else if (k == "adam_flat_bf16") {
     launch(grid, block, [=] {
       adam_flat_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
-                     arg<bf16 *>(a, 3), arg<ll>(a, 4), arg<AdamArgs>(a, 5));
+                     arg<bf16 *>(a, 3), arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<AdamArgs>(a, 6));
     });
   } else if (k == "matryoshka_l2_fwd") {
     launch(grid, block, [=] {

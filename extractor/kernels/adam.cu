@@ -167,23 +167,35 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
     decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
 }
 
+// shadow (may be null): each new parameter value in bf16 too, rounded to nearest as ATen's
+// cast rounds: the trainer's bf16 encoder product reads W_enc so, where a cast of its own read
+// the float32 W_enc each step (0.6 GB at the paper's width).
 template <typename M, int W>
-__device__ void adam_flat_packs(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
+__device__ void adam_flat_packs(float *p, const float *g, M *m, M *v, bf16 *shadow, long long n,
+                                AdamArgs a) {
   const float inv_div = *a.inv_div;
   FOR_EACH_ELEMENT(j, n / W) {
     Pack<float, W> gd = pack_at<float, W>(g, j);
 #pragma unroll
     for (int k = 0; k < W; k++) gd.v[k] *= inv_div;
-    store_pack<float, W>(p, j, adam_pack<M, W>(pack_at<float, W>(p, j), gd, m, v, j, 0, a));
+    const Pack<float, W> np = adam_pack<M, W>(pack_at<float, W>(p, j), gd, m, v, j, 0, a);
+    store_pack<float, W>(p, j, np);
+    if (shadow) {
+      Pack<bf16, W> h;
+#pragma unroll
+      for (int k = 0; k < W; k++) h.v[k] = bf16_of(np.v[k]);
+      store_pack<bf16, W>(shadow, j, h);
+    }
   }
 }
 
 template <typename M>
-__device__ void adam_flat(float *p, const float *g, M *m, M *v, long long n, AdamArgs a) {
-  if (adam_packs(p, g, m, v, n))
-    adam_flat_packs<M, kFloatPack>(p, g, m, v, n, a);
+__device__ void adam_flat(float *p, const float *g, M *m, M *v, bf16 *shadow, long long n,
+                          AdamArgs a) {
+  if (adam_packs(p, g, m, v, n) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16))))
+    adam_flat_packs<M, kFloatPack>(p, g, m, v, shadow, n, a);
   else
-    adam_flat_packs<M, 1>(p, g, m, v, n, a);
+    adam_flat_packs<M, 1>(p, g, m, v, shadow, n, a);
 }
 
 extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,
@@ -199,11 +211,11 @@ extern "C" __global__ void decoder_adam_bf16(float *w, const float *g, bf16 *m, 
 }
 
 extern "C" __global__ void adam_flat_f32(float *p, const float *g, float *m, float *v,
-                                         long long n, AdamArgs a) {
-  adam_flat<float>(p, g, m, v, n, a);
+                                         bf16 *shadow, long long n, AdamArgs a) {
+  adam_flat<float>(p, g, m, v, shadow, n, a);
 }
 
 extern "C" __global__ void adam_flat_bf16(float *p, const float *g, bf16 *m, bf16 *v,
-                                          long long n, AdamArgs a) {
-  adam_flat<bf16>(p, g, m, v, n, a);
+                                          bf16 *shadow, long long n, AdamArgs a) {
+  adam_flat<bf16>(p, g, m, v, shadow, n, a);
 }

@@ -716,6 +716,17 @@ pub unsafe fn run(
     }
 }
 
+/// How many in-place changes `t` has seen through ATen (its version counter); a kernel that
+/// writes its memory directly leaves the count as it was.
+pub fn version(t: &Tensor) -> i64 {
+    // SAFETY: a live tch handle.
+    unsafe { dmsae_tensor_version(ptr(t)) }
+}
+
+extern "C" {
+    fn dmsae_tensor_version(t: CTensor) -> i64;
+}
+
 extern "C" {
     // csrc/cuda_emulator.cpp: a kernel's own text run on the CPU, a thread per CUDA thread.
     fn dmsae_emulate(kernel: *const c_char, grid: c_uint, block: c_uint, args: *mut *mut c_void);

@@ -232,7 +232,7 @@ impl Sae {
 
     /// Pre-activations of the first `n` latents: the core's anchored to x, the rest to b_dec.
     pub fn pre_acts(&self, x_bd: &Tensor, n: usize) -> Tensor {
-        self.pre_acts_as(x_bd, n, false, true)
+        self.pre_acts_as(x_bd, n, false, true, None)
     }
 
     /// `pre_acts`; with `bf16`, the [B, d] x [d, n] product and the bias add run in bf16 and
@@ -240,14 +240,26 @@ impl Sae {
     /// autocast). On a GPU at the sizes each float32 pass over [B, n] is 1 GB: a cast
     /// of the product, the bias add, and the dense gradient's zeros and cast in the backward.
     /// `graph`: whether b_dec's gradient through the encoder is wanted (see `encoder_terms`).
-    fn pre_acts_as(&self, x_bd: &Tensor, n: usize, bf16: bool, graph: bool) -> Tensor {
+    /// `w_h`: W_enc already in bf16 (no graph: its gradient would not reach W_enc).
+    fn pre_acts_as(
+        &self,
+        x_bd: &Tensor,
+        n: usize,
+        bf16: bool,
+        graph: bool,
+        w_h: Option<&Tensor>,
+    ) -> Tensor {
         let (xc_bd, bias_n) = self.encoder_terms(x_bd, n, graph);
         let w_dn = self.w_enc.narrow(1, 0, n as i64);
         match bf16 {
             // The bias goes into the product's epilogue (cuBLASLt's bias add on CUDA).
             true => {
                 let h = Kind::BFloat16;
-                bias_n.to_kind(h).addmm(&xc_bd.to_kind(h), &w_dn.to_kind(h))
+                let w_dn = match w_h {
+                    Some(w) if !graph => w.narrow(1, 0, n as i64),
+                    _ => w_dn.to_kind(h),
+                };
+                bias_n.to_kind(h).addmm(&xc_bd.to_kind(h), &w_dn)
             }
             false => xc_bd.matmul(&w_dn) + bias_n,
         }
@@ -654,6 +666,10 @@ pub struct Trainer {
     /// The training encoder product in bf16 (`TrainConfig::encoder_bf16`; unset, it follows
     /// the device the run started on, and a checkpoint carries it to the resumed run).
     bf16: bool,
+    /// W_enc in bf16 as the fused update left it (adam.cu writes it beside the float32 values),
+    /// with W_enc's version then: the product without a graph reads it while no ATen op has
+    /// changed W_enc since, instead of casting W_enc each step.
+    w_enc_h: Option<(Tensor, i64)>,
 }
 
 impl Trainer {
@@ -679,6 +695,7 @@ impl Trainer {
             n_dead: 0,
             part_starts: sae.part_starts(),
             bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
+            w_enc_h: None,
             sae,
             cfg,
             step: 0,
@@ -728,8 +745,15 @@ impl Trainer {
             && s.w_enc.kind() == Kind::Float
             && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
         let pre_bf = match sparse_grad {
-            true => tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16, false)),
-            false => s.pre_acts_as(x_bd, s.width(), bf16, true),
+            true => {
+                let w_h = self
+                    .w_enc_h
+                    .as_ref()
+                    .filter(|(_, v)| *v == kernels::version(&s.w_enc))
+                    .map(|(w, _)| w);
+                tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16, false, w_h))
+            }
+            false => s.pre_acts_as(x_bd, s.width(), bf16, true, None),
         };
         laps.lap(0);
         let codes = s.train_codes(&pre_bf);
@@ -963,6 +987,16 @@ impl Trainer {
         };
         let bf16 = self.m[0].kind() == Kind::BFloat16;
         let suffix = if bf16 { "bf16" } else { "f32" };
+        // W_enc's bf16 copy for the next step's product, written by the update.
+        if self.bf16 && self.w_enc_h.is_none() {
+            let w = &self.sae.w_enc;
+            self.w_enc_h = Some((Tensor::empty(w.size(), (Kind::BFloat16, dev)), -1));
+        }
+        let mut shadow = self
+            .w_enc_h
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |(h, _)| h.data_ptr());
+        let mut no_shadow: *mut std::ffi::c_void = std::ptr::null_mut();
         for (i, (p, g)) in self.sae.params().into_iter().zip(g).enumerate() {
             let mut a = AdamArgs {
                 seed: rounding_seed(self.cfg.seed, self.step, i),
@@ -1004,6 +1038,10 @@ impl Trainer {
                             addr(&mut gp),
                             addr(&mut mp),
                             addr(&mut vp),
+                            match i {
+                                0 => addr(&mut shadow),
+                                _ => addr(&mut no_shadow),
+                            },
                             addr(&mut n),
                             addr(&mut a),
                         ],
@@ -1011,6 +1049,10 @@ impl Trainer {
                 }
             };
             r.unwrap_or_else(|e| panic!("fused update: {e}"));
+        }
+        // The kernel wrote W_enc directly, so its version is still what the copy goes with.
+        if let Some((_, v)) = self.w_enc_h.as_mut() {
+            *v = kernels::version(&self.sae.w_enc);
         }
         laps.lap(6);
         laps.lap(7);
@@ -1952,6 +1994,50 @@ mod tests {
         for ((n, a), (_, b)) in whole.state().iter().zip(&resumed.state()) {
             assert!(a.equal(b), "{n} differs after the resume");
         }
+    }
+
+    /// The fused update's bf16 copy of W_enc is W_enc cast to bf16, bit for bit, and the next
+    /// step's product reads it: steps with it end where steps that cast W_enc each time do.
+    /// After W_enc changes in place through ATen the copy is stale and goes unread.
+    #[test]
+    fn the_updates_bf16_w_enc_is_its_cast() {
+        let d = 40;
+        let cfg = TrainConfig {
+            encoder_bf16: Some(true),
+            ..small_cfg(5)
+        };
+        let new = || {
+            let sae = Sae::new(d, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+            Trainer::new(sae, cfg.clone(), false)
+        };
+        tch::manual_seed(4);
+        let xs: Vec<Tensor> = (0..2)
+            .map(|_| Tensor::randn([32, d as i64], (Kind::Float, Device::Cpu)))
+            .collect();
+        kernels::emulate_on_cpu(true);
+        let (mut with, mut without) = (new(), new());
+        for x in &xs {
+            with.update(x);
+            let (h, v) = with.w_enc_h.as_ref().expect("a bf16 W_enc");
+            assert_eq!(*v, kernels::version(&with.sae.w_enc));
+            assert!(
+                h.equal(&with.sae.w_enc.to_kind(Kind::BFloat16)),
+                "not W_enc's cast"
+            );
+            without.update(x);
+            without.w_enc_h = None;
+        }
+        for ((n, a), (_, b)) in with.state().iter().zip(&without.state()) {
+            assert!(a.equal(b), "{n} differs");
+        }
+        // Changed in place: the copy's version is behind, and the loss is the cast's.
+        tch::no_grad(|| {
+            let _ = with.sae.w_enc.shallow_clone().g_mul_scalar_(1.5);
+            let _ = without.sae.w_enc.shallow_clone().g_mul_scalar_(1.5);
+        });
+        let (a, b) = (with.loss(&xs[0]).loss, without.loss(&xs[0]).loss);
+        kernels::emulate_on_cpu(false);
+        assert!(a.equal(&b), "a stale copy was read");
     }
 
     /// Whole steps (`update`) with the fused update emulated against the ATen path, with a
