@@ -971,6 +971,59 @@ fn copy_stream(ordinal: usize) -> Result<(Handle, Handle), String> {
     Ok((ctx, s))
 }
 
+/// Runs `copies` (which queue their work on `stream`, the copy stream of context `ctx`) after
+/// everything already queued on torch's stream, and returns an event recorded after them.
+fn after_queued(
+    ctx: Handle,
+    stream: Handle,
+    copies: impl FnOnce(&Driver) -> Result<(), String>,
+) -> Result<Handle, String> {
+    let d = driver()?;
+    d.in_ctx(ctx, || {
+        const CU_EVENT_DISABLE_TIMING: c_uint = 2;
+        let (mut ready, mut done): (Handle, Handle) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: out-pointers into locals; the legacy default stream (null) is torch's.
+        unsafe {
+            d.check(
+                (d.event_create)(&mut ready, CU_EVENT_DISABLE_TIMING),
+                "cuEventCreate",
+            )?;
+            d.check(
+                (d.event_record)(ready, std::ptr::null_mut()),
+                "cuEventRecord",
+            )?;
+            d.check((d.stream_wait_event)(stream, ready, 0), "cuStreamWaitEvent")?;
+            d.check((d.event_destroy)(ready), "cuEventDestroy")?;
+        }
+        copies(d)?;
+        // SAFETY: as above.
+        unsafe {
+            d.check(
+                (d.event_create)(&mut done, CU_EVENT_DISABLE_TIMING),
+                "cuEventCreate",
+            )?;
+            d.check((d.event_record)(done, stream), "cuEventRecord")?;
+        }
+        Ok(done)
+    })
+}
+
+/// Waits for `*done` (from `after_queued`) and destroys it, leaving null; null: nothing to
+/// wait for.
+fn wait_event(ctx: Handle, done: &mut Handle) -> Result<(), String> {
+    if done.is_null() {
+        return Ok(());
+    }
+    let d = driver()?;
+    let done = std::mem::replace(done, std::ptr::null_mut());
+    d.in_ctx(ctx, || {
+        // SAFETY: an event recorded on the copy stream, destroyed once waited for.
+        let rc = unsafe { (d.event_sync)(done) };
+        unsafe { (d.event_destroy)(done) };
+        d.check(rc, "cuEventSynchronize")
+    })
+}
+
 impl HostCopies {
     /// Queue copies of `tensors` (all on one device) after the work queued on torch's stream.
     pub fn start(tensors: &[&Tensor]) -> Result<HostCopies, String> {
@@ -989,7 +1042,6 @@ impl HostCopies {
                 ctx: std::ptr::null_mut(),
             });
         };
-        let d = driver()?;
         let (ctx, stream) = copy_stream(ordinal)?;
         if held.iter().any(|t| t.device() != dev) {
             return Err("HostCopies: tensors on more than one device".into());
@@ -998,38 +1050,17 @@ impl HostCopies {
             .iter()
             .map(|t| unary_op(dmsae_empty_pinned, t))
             .collect::<Result<Vec<_>, _>>()?;
-        let done = d.in_ctx(ctx, || {
-            const CU_EVENT_DISABLE_TIMING: c_uint = 2;
-            let (mut ready, mut done): (Handle, Handle) =
-                (std::ptr::null_mut(), std::ptr::null_mut());
-            // SAFETY: out-pointers into locals; the legacy default stream (null) is torch's;
-            // source and destination are live contiguous tensors of the same byte size, held
-            // until `wait` has synchronised on `done`.
-            unsafe {
-                d.check(
-                    (d.event_create)(&mut ready, CU_EVENT_DISABLE_TIMING),
-                    "cuEventCreate",
-                )?;
-                d.check(
-                    (d.event_record)(ready, std::ptr::null_mut()),
-                    "cuEventRecord",
-                )?;
-                d.check((d.stream_wait_event)(stream, ready, 0), "cuStreamWaitEvent")?;
-                d.check((d.event_destroy)(ready), "cuEventDestroy")?;
-                for (h, t) in hosts.iter().zip(&held) {
-                    let n = t.numel() * t.kind().elt_size_in_bytes();
-                    if n > 0 {
-                        let rc = (d.copy_to_host)(h.data_ptr(), t.data_ptr() as u64, n, stream);
-                        d.check(rc, "cuMemcpyDtoHAsync")?;
-                    }
+        // SAFETY: source and destination are live contiguous tensors of the same byte size,
+        // held until `wait` has synchronised on `done`.
+        let done = after_queued(ctx, stream, |d| unsafe {
+            for (h, t) in hosts.iter().zip(&held) {
+                let n = t.numel() * t.kind().elt_size_in_bytes();
+                if n > 0 {
+                    let rc = (d.copy_to_host)(h.data_ptr(), t.data_ptr() as u64, n, stream);
+                    d.check(rc, "cuMemcpyDtoHAsync")?;
                 }
-                d.check(
-                    (d.event_create)(&mut done, CU_EVENT_DISABLE_TIMING),
-                    "cuEventCreate",
-                )?;
-                d.check((d.event_record)(done, stream), "cuEventRecord")?;
             }
-            Ok(done)
+            Ok(())
         })?;
         Ok(HostCopies {
             hosts,
@@ -1046,17 +1077,7 @@ impl HostCopies {
     }
 
     fn sync(&mut self) -> Result<(), String> {
-        if self.done.is_null() {
-            return Ok(());
-        }
-        let d = driver()?;
-        let done = std::mem::replace(&mut self.done, std::ptr::null_mut());
-        let r = d.in_ctx(self.ctx, || {
-            // SAFETY: an event recorded on the copy stream, destroyed once waited for.
-            let rc = unsafe { (d.event_sync)(done) };
-            unsafe { (d.event_destroy)(done) };
-            d.check(rc, "cuEventSynchronize")
-        });
+        let r = wait_event(self.ctx, &mut self.done);
         self.held.clear();
         r
     }
@@ -1125,39 +1146,17 @@ impl Upload {
         let host = pin_memory(&t.contiguous())?;
         let dev = Tensor::empty(t.size(), (t.kind(), device));
         let n = t.numel() * t.kind().elt_size_in_bytes();
-        let d = driver()?;
         let (ctx, stream) = copy_stream(ordinal)?;
-        let done = d.in_ctx(ctx, || {
-            const CU_EVENT_DISABLE_TIMING: c_uint = 2;
-            let (mut ready, mut done): (Handle, Handle) =
-                (std::ptr::null_mut(), std::ptr::null_mut());
-            // SAFETY: out-pointers into locals; the legacy default stream (null) is torch's.
-            // `dev` came from torch's allocator, which may hand back memory that work already
-            // queued on torch's stream still reads: the copy waits for that work first. Source
-            // and destination are live contiguous tensors of n bytes, held until `finish` has
-            // synchronised on `done`.
-            unsafe {
-                d.check(
-                    (d.event_create)(&mut ready, CU_EVENT_DISABLE_TIMING),
-                    "cuEventCreate",
-                )?;
-                d.check(
-                    (d.event_record)(ready, std::ptr::null_mut()),
-                    "cuEventRecord",
-                )?;
-                d.check((d.stream_wait_event)(stream, ready, 0), "cuStreamWaitEvent")?;
-                d.check((d.event_destroy)(ready), "cuEventDestroy")?;
-                if n > 0 {
-                    let rc = (d.copy_to_device)(dev.data_ptr() as u64, host.data_ptr(), n, stream);
-                    d.check(rc, "cuMemcpyHtoDAsync")?;
-                }
-                d.check(
-                    (d.event_create)(&mut done, CU_EVENT_DISABLE_TIMING),
-                    "cuEventCreate",
-                )?;
-                d.check((d.event_record)(done, stream), "cuEventRecord")?;
+        // SAFETY: `dev` came from torch's allocator, which may hand back memory that work
+        // already queued on torch's stream still reads: the copy follows that work. Source and
+        // destination are live contiguous tensors of n bytes, held until `finish` has
+        // synchronised on `done`.
+        let done = after_queued(ctx, stream, |d| unsafe {
+            if n > 0 {
+                let rc = (d.copy_to_device)(dev.data_ptr() as u64, host.data_ptr(), n, stream);
+                d.check(rc, "cuMemcpyHtoDAsync")?;
             }
-            Ok(done)
+            Ok(())
         })?;
         Ok(Upload {
             dev,
@@ -1174,17 +1173,7 @@ impl Upload {
     }
 
     fn sync(&mut self) -> Result<(), String> {
-        if self.done.is_null() {
-            return Ok(());
-        }
-        let d = driver()?;
-        let done = std::mem::replace(&mut self.done, std::ptr::null_mut());
-        let r = d.in_ctx(self.ctx, || {
-            // SAFETY: an event recorded on the copy stream, destroyed once waited for.
-            let rc = unsafe { (d.event_sync)(done) };
-            unsafe { (d.event_destroy)(done) };
-            d.check(rc, "cuEventSynchronize")
-        });
+        let r = wait_event(self.ctx, &mut self.done);
         self.host = None;
         r
     }
@@ -2210,6 +2199,16 @@ pub(crate) mod tests {
                 "d {d}{} on {device:?}",
                 if shift { ", cols shifted" } else { "" }
             );
+            // Each result against its float64 value, to 1e-5 of its largest entry.
+            let check = |results: &[(&str, &Tensor, &Tensor)]| {
+                for (what, got, want) in results {
+                    let rel = rel_max(&got.to_kind(Kind::Double), want);
+                    assert!(
+                        rel <= 1e-5,
+                        "{case}: {what} differs by {rel:e} of its largest entry"
+                    );
+                }
+            };
             let w = Tensor::randn([latents, d], f64_);
             let vals = Tensor::randn([n], f64_);
             let r = Tensor::randn([n_bags, d], f64_);
@@ -2233,17 +2232,11 @@ pub(crate) mod tests {
             let want_dw =
                 Tensor::zeros([latents, d], f64_).index_add(0, &cols, &(&r_e * vals.unsqueeze(1)));
             let want_dv = (&rows_w * &r_e).sum_dim_intlist(1, false, None);
-            for (what, got, want) in [
+            check(&[
                 ("decode", &out, &want),
                 ("W gradient", &g[0], &want_dw),
                 ("values' gradient", &g[1], &want_dv),
-            ] {
-                let rel = rel_max(&got.to_kind(Kind::Double), want);
-                assert!(
-                    rel <= 1e-5,
-                    "{case}: {what} differs by {rel:e} of its largest entry"
-                );
-            }
+            ]);
             assert_eq!(
                 g[0].get(if shift { 0 } else { 19 })
                     .abs()
@@ -2286,17 +2279,11 @@ pub(crate) mod tests {
                 .tr();
             let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
             let want_d_b_dec = -w.tr().matmul(&want_db);
-            for (what, got, want) in [
+            check(&[
                 ("W_enc gradient", &g[0], &want_dw),
                 ("b_enc gradient", &g[1], &want_db),
                 ("b_dec gradient", &g[2], &want_d_b_dec),
-            ] {
-                let rel = rel_max(&got.to_kind(Kind::Double), want);
-                assert!(
-                    rel <= 1e-5,
-                    "{case}: {what} differs by {rel:e} of its largest entry"
-                );
-            }
+            ]);
         }
     }
 
