@@ -16,9 +16,11 @@
 constexpr int kEncTile = 32;    // latents a block (warps)
 constexpr int kEncChunk = 256;  // rows of W_enc a block (8 a lane)
 
-extern "C" __global__ void encoder_grad(const float *xc, const float *dv, const long long *rows,
-                                        const long long *perm, const long long *col_offsets,
-                                        float *dw, float *db, long long width, long long d) {
+// Launched 1,024 threads a block: at most 64 registers a thread, or the launch would fail.
+extern "C" __global__ void __launch_bounds__(1024)
+    encoder_grad(const float *xc, const float *dv, const long long *rows, const long long *perm,
+                 const long long *col_offsets, float *dw, float *db, long long width,
+                 long long d) {
   __shared__ float tile[kEncTile][kEncChunk + 1];  // +1: a row's lanes fall in different banks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // Block b: latents tile b / chunks, rows chunk b % chunks. A core latent fires on most
