@@ -412,10 +412,14 @@ struct LinearT : public torch::autograd::Function<LinearT> {
 };
 
 // sum of vals[e] w[cols[e]] over each bag's entries, [n_bags, d], differentiable in w and vals;
-// `bags` gives each entry's bag, non-decreasing. Float32 (the trainer's parameters).
+// `bags` gives each entry's bag, non-decreasing. Float32 (the trainer's parameters). `stats`,
+// unless empty, is float64 [spans, 3, rows] (spans = ceil(d / 256)) that the backward fills with
+// each span's dw.dw, dw.w and w.w a row (bag_decode.cu): the W gradient's figures for the
+// update, while this is all that W's gradient comes from.
 struct BagDecode : public torch::autograd::Function<BagDecode> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &vals,
-                            const at::Tensor &cols, const at::Tensor &bags, int64_t n_bags) {
+                            const at::Tensor &cols, const at::Tensor &bags, int64_t n_bags,
+                            const at::Tensor &stats) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "bag_decode: W must be a contiguous float32 [rows, d]");
     const int64_t n = vals.numel();
@@ -436,6 +440,13 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
       void *args[] = {&pw, &pv, &pc, &po, &pout, &nb, &dd};
       launch("bag_decode_fwd", w, n_bags, args);
     }
+    if (stats.numel() > 0) {
+      TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
+                      stats.device() == w.device() &&
+                      stats.sizes() == at::IntArrayRef({(d + 255) / 256, 3, w.size(0)}),
+                  "bag_decode: stats must be a contiguous float64 [ceil(d / 256), 3, rows]");
+      ctx->saved_data["stats"] = stats;
+    }
     ctx->save_for_backward({w, vals, cols, bags});
     return out;
   }
@@ -455,10 +466,12 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     void *pw = w.data_ptr(), *pdout = dout.data_ptr(), *pv = vals.data_ptr(),
          *pb = bags.data_ptr(), *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(),
          *pdw = dw.data_ptr(), *ppart = part.data_ptr();
-    void *args[] = {&pw, &pdout, &pv, &pb, &pp, &pco, &pdw, &ppart, &r, &dd, &nn};
+    const auto stats = ctx->saved_data.find("stats");
+    void *pst = stats == ctx->saved_data.end() ? nullptr : stats->second.toTensor().data_ptr();
+    void *args[] = {&pw, &pdout, &pv, &pb, &pp, &pco, &pdw, &ppart, &r, &dd, &nn, &pst};
     launch("bag_decode_bwd", w, rows * spans, args);
     const at::Tensor dvals = part.sum(0);
-    return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -668,11 +681,17 @@ extern "C" int dmsae_matryoshka_l2(at::Tensor *x, at::Tensor *b_dec, at::Tensor 
 }
 
 // BagDecode above; as dmsae_softcap_softmax below.
+// `stats` may be null (none).
 extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *cols,
-                                at::Tensor *bags, int64_t n_bags, at::Tensor **out, char *err,
-                                size_t err_len) {
-  return guarded([&] { return BagDecode::apply(*w, *vals, *cols, *bags, n_bags); }, out, err,
-                 err_len);
+                                at::Tensor *bags, int64_t n_bags, at::Tensor *stats,
+                                at::Tensor **out, char *err, size_t err_len) {
+  return guarded(
+      [&] {
+        // None as an empty tensor: autograd's apply asks every tensor argument its device.
+        return BagDecode::apply(*w, *vals, *cols, *bags, n_bags,
+                                stats ? *stats : at::empty({0}, w->options().dtype(at::kDouble)));
+      },
+      out, err, err_len);
 }
 
 // An uninitialised page-locked host tensor shaped and typed as `t`, from torch's caching host

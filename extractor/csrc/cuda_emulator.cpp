@@ -290,7 +290,7 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       bag_decode_bwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const float *>(a, 2),
                      arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
                      arg<float *>(a, 6), arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9),
-                     arg<ll>(a, 10));
+                     arg<ll>(a, 10), arg<double *>(a, 11));
     });
   } else if (k == "select_count_bf16" || k == "select_count_f32") {
     const bool h = k == "select_count_bf16";

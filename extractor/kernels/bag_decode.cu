@@ -105,11 +105,16 @@ __device__ __forceinline__ float lanes_sum_each(float (&p)[32], int lane) {
   return p[0];
 }
 
-// part [spans, n]: part[s][e] = W[cols[e]] . dout[bags[e]] over span s's columns.
+// part [spans, n]: part[s][e] = W[cols[e]] . dout[bags[e]] over span s's columns. stats
+// (unless null) [spans, 3, rows], float64: span s's dw.dw, dw.w and w.w of each row, which the
+// update's projection and clip need (adam.cu's decoder_grad_stats otherwise reads W_dec and
+// its gradient once more). A row without entries has dw = 0 and leaves w unread: zeros, which
+// give its projected gradient 0 all the same.
 extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, const float *vals,
                                           const long long *bags, const long long *perm,
                                           const long long *col_offsets, float *dw, float *part,
-                                          long long rows, long long d, long long n_entries) {
+                                          long long rows, long long d, long long n_entries,
+                                          double *stats) {
   const long long spans = (d + DW_SPAN - 1) / DW_SPAN, warp = warp_index();
   const long long j = warp / spans, k0 = (warp % spans) * DW_SPAN;
   if (j >= rows) return;
@@ -159,5 +164,23 @@ extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, con
   for (int c = 0; c < DW_SPAN / 32; c++) {
     const long long k = k0 + 32 * c + lane;
     if (k < d) dw[j * d + k] = acc[c];
+  }
+  if (stats) {
+    double gg = 0.0, gw = 0.0, ww = 0.0;
+#pragma unroll
+    for (int c = 0; c < DW_SPAN / 32; c++) {
+      gg += (double)acc[c] * acc[c];
+      gw += (double)acc[c] * wj[c];
+      ww += (double)wj[c] * wj[c];
+    }
+    gg = warp_sum(gg);
+    gw = warp_sum(gw);
+    ww = warp_sum(ww);
+    if (lane == 0) {
+      double *st = stats + (warp % spans) * 3 * rows + j;
+      st[0] = gg;
+      st[rows] = gw;
+      st[2 * rows] = ww;
+    }
   }
 }

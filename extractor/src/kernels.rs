@@ -894,7 +894,8 @@ entry_points! {
     (qkv: CTensor, cs: CTensor, pre: f64, heads: i64, kv: i64) => dmsae_qkv_heads;
     (x: CTensor, b_dec: CTensor, parts: CTensor) => dmsae_matryoshka_l2;
     (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
-    (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64) => dmsae_bag_decode;
+    (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor) =>
+        dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
         cols: CTensor) => dmsae_encoder_entries;
 }
@@ -1248,15 +1249,19 @@ pub fn encoder_entries(
 /// The sum of vals[e] w[cols[e]] over each bag's entries, [n_bags, d], differentiable in `w`
 /// [rows, d] and `vals`; `bags` gives each entry's bag, non-decreasing (kernels/bag_decode.cu
 /// through csrc/autograd.cpp). Float32 values, int64 indices, all contiguous on one device;
-/// CPU tensors are emulated (tests: slow).
+/// CPU tensors are emulated (tests: slow). `stats` (`bag_decode_stats`), when given, is
+/// filled by the backward with W's gradient's figures for the update.
 pub fn bag_decode(
     w: &Tensor,
     vals: &Tensor,
     cols: &Tensor,
     bags: &Tensor,
     n_bags: i64,
+    stats: Option<&Tensor>,
 ) -> Result<Tensor, String> {
-    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    let stats = stats.map_or(std::ptr::null_mut(), ptr);
+    // SAFETY: live tch handles (or a null `stats`), and the out and error pointers
+    // `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
         dmsae_bag_decode(
             ptr(w),
@@ -1264,11 +1269,21 @@ pub fn bag_decode(
             ptr(cols),
             ptr(bags),
             n_bags,
+            stats,
             out,
             err,
             len,
         )
     })
+}
+
+/// For `bag_decode`'s backward to fill, float64 [ceil(d / 256), 3, rows] for W [rows, d]: each
+/// 256-column span's dw.dw, dw.w and w.w a row. Summed over the spans, they give each row's
+/// projected gradient (dw - (dw.w) w) and its squared norm, dw.dw - 2 c dw.w + c^2 w.w with
+/// c = dw.w, as adam.cu's decoder_grad_stats would from another pass over W and dw.
+pub fn bag_decode_stats(w: &Tensor) -> Tensor {
+    let (rows, d) = (w.size()[0], w.size()[1]);
+    Tensor::empty([(d + 255) / 256, 3, rows], (Kind::Double, w.device()))
 }
 
 /// BatchTopK's candidates without a [B, W] mask (kernels/select.cu): the kept entries of the
@@ -2215,7 +2230,8 @@ pub(crate) mod tests {
             // The decoder: out[b] = sum vals[e] w[cols[e]]; the projection r's gradients.
             let w32 = w.to_kind(Kind::Float).set_requires_grad(true);
             let v32 = vals.to_kind(Kind::Float).set_requires_grad(true);
-            let out = bag_decode(&w32, &v32, &cols, &bags, n_bags).unwrap();
+            let stats = bag_decode_stats(&w32);
+            let out = bag_decode(&w32, &v32, &cols, &bags, n_bags, Some(&stats)).unwrap();
             let g = Tensor::run_backward(
                 &[(&out * r.to_kind(Kind::Float)).sum(None)],
                 &[&w32, &v32],
@@ -2232,10 +2248,28 @@ pub(crate) mod tests {
             let want_dw =
                 Tensor::zeros([latents, d], f64_).index_add(0, &cols, &(&r_e * vals.unsqueeze(1)));
             let want_dv = (&rows_w * &r_e).sum_dim_intlist(1, false, None);
+            // The W gradient's figures: dw.dw, dw.w and w.w a row (w.w 0 where no entry is).
+            let fired = Tensor::zeros([latents], f64_)
+                .index_add(0, &cols, &vals.ones_like())
+                .gt(0.0);
+            let w_fired = &w * fired.unsqueeze(1);
+            let want_stats = Tensor::stack(
+                &[
+                    want_dw.square().sum_dim_intlist(1, false, None),
+                    (&want_dw * &w).sum_dim_intlist(1, false, None),
+                    w_fired.square().sum_dim_intlist(1, false, None),
+                ],
+                0,
+            );
             check(&[
                 ("decode", &out, &want),
                 ("W gradient", &g[0], &want_dw),
                 ("values' gradient", &g[1], &want_dv),
+                (
+                    "W gradient's figures",
+                    &stats.sum_dim_intlist(0, false, None),
+                    &want_stats,
+                ),
             ]);
             assert_eq!(
                 g[0].get(if shift { 0 } else { 19 })

@@ -370,22 +370,41 @@ impl Sae {
         Tensor::cat(&[post_bn.narrow(1, 0, c), nc_bn * on], 1)
     }
 
+    /// Whether the decoder runs as kernels/bag_decode.cu.
+    fn fused_decode(&self) -> bool {
+        self.w_dec.kind() == Kind::Float && kernels::use_fused(&self.w_dec, &kernels::BAG_DECODE)
+    }
+
     pub fn decode(&self, f_bf: &Tensor) -> Tensor {
         let codes = Codes::of(f_bf);
-        self.decode_bags(&codes, &codes.rows, codes.batch) + &self.b_dec
+        self.decode_bags(&codes, &codes.rows, codes.batch, None) + &self.b_dec
     }
 
     /// sum of f_j W_dec[j] over each bag's entries, [n_bags, d], touching only the active
     /// latents' rows: k*B of them, not B*width as a dense matmul would (64x fewer at k 1024
     /// of 65k). `bag` gives each entry's bag, non-decreasing (entries are in row-major order).
-    /// `embedding_bag` differentiates both the codes and the rows it reads.
-    fn decode_bags(&self, codes: &Codes, bag: &Tensor, n_bags: i64) -> Tensor {
+    /// `embedding_bag` differentiates both the codes and the rows it reads. `stats`: see
+    /// `kernels::bag_decode`, which alone fills them.
+    fn decode_bags(
+        &self,
+        codes: &Codes,
+        bag: &Tensor,
+        n_bags: i64,
+        stats: Option<&Tensor>,
+    ) -> Tensor {
         let w = &self.w_dec;
-        if w.kind() == Kind::Float && kernels::use_fused(w, &kernels::BAG_DECODE) {
+        if self.fused_decode() {
             // One pass a direction, and a W_dec gradient written once (kernels/bag_decode.cu).
             let c = |t: &Tensor| t.contiguous();
-            return kernels::bag_decode(w, &c(&codes.vals), &c(&codes.cols), &c(bag), n_bags)
-                .unwrap_or_else(|e| panic!("sparse decode: {e}"));
+            return kernels::bag_decode(
+                w,
+                &c(&codes.vals),
+                &c(&codes.cols),
+                &c(bag),
+                n_bags,
+                stats,
+            )
+            .unwrap_or_else(|e| panic!("sparse decode: {e}"));
         }
         let counts = counts(bag, n_bags);
         let offsets = counts.cumsum(0, Kind::Int64) - &counts;
@@ -449,17 +468,14 @@ impl Sae {
     /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
     /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
     /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
-    /// each and autograd summed them. `starts`: `part_starts`.
-    pub fn decode_parts(&self, codes: &Codes, starts: &Tensor) -> Tensor {
+    /// each and autograd summed them. `starts`: `part_starts`; `stats`: see `decode_bags`.
+    pub fn decode_parts(&self, codes: &Codes, starts: &Tensor, stats: Option<&Tensor>) -> Tensor {
         let parts = 1 + self.groups.len() as i64;
         let part = codes.cols.bucketize(starts, false, true);
         // Parts are column ranges, so within a token the bags stay in order.
         let bag = &codes.rows * parts + part;
-        self.decode_bags(codes, &bag, codes.batch * parts).view([
-            codes.batch,
-            parts,
-            self.d_in as i64,
-        ])
+        self.decode_bags(codes, &bag, codes.batch * parts, stats)
+            .view([codes.batch, parts, self.d_in as i64])
     }
 
     /// Per-latent threshold for a JumpReLU export (on the CPU): the carried thresholds for the
@@ -627,6 +643,9 @@ pub struct LossOut {
     pub auxk: Tensor,
     pub codes: Codes,
     pub x_hat_bd: Tensor,
+    /// Filled by the backward: W_dec's gradient's figures for the update
+    /// (`kernels::bag_decode_stats`), where the decoder's kernel makes all of that gradient.
+    pub dec_stats: Option<Tensor>,
 }
 
 /// Figures of one step, in normalised units.
@@ -763,7 +782,11 @@ impl Trainer {
         };
         laps.lap(1);
 
-        let parts_bgd = s.decode_parts(&codes, &self.part_starts);
+        // Without AuxK's rows, W_dec's gradient is the decoder kernel's alone, so its figures
+        // for the update come from that kernel's backward.
+        let dec_stats =
+            (auxk && n_dead == 0 && s.fused_decode()).then(|| kernels::bag_decode_stats(&s.w_dec));
+        let parts_bgd = s.decode_parts(&codes, &self.part_starts, dec_stats.as_ref());
         let l2 = s.matryoshka_l2(x_bd, &parts_bgd);
         let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
 
@@ -779,6 +802,7 @@ impl Trainer {
             auxk,
             codes,
             x_hat_bd,
+            dec_stats,
         }
     }
 
@@ -849,7 +873,7 @@ impl Trainer {
                 *t = t.contiguous();
             }
             match kernels::use_fused(&self.sae.w_dec, &kernels::ADAM) {
-                true => self.fused_update(&g, lr, &mut laps),
+                true => self.fused_update(&g, lr, out.dec_stats.as_ref(), &mut laps),
                 false => self.aten_update(&mut g, lr, &mut laps),
             }
         });
@@ -927,7 +951,15 @@ impl Trainer {
     /// `aten_update` in dmsae's kernels (extractor/kernels/adam.cu): two passes over the
     /// decoder, its gradient and moments, where ATen's sequence takes seven, and one over
     /// each other parameter. The moments may be bf16 (`TrainConfig::adam_bf16_moments`).
-    fn fused_update(&mut self, g: &[Tensor], lr: f64, laps: &mut Laps) -> Tensor {
+    /// `dec_stats`: W_dec's gradient's figures from the decoder's backward, if it made them
+    /// (`LossOut::dec_stats`); decoder_grad_stats reads the gradient for them otherwise.
+    fn fused_update(
+        &mut self,
+        g: &[Tensor],
+        lr: f64,
+        dec_stats: Option<&Tensor>,
+        laps: &mut Laps,
+    ) -> Tensor {
         let w = &self.sae.w_dec;
         let (dev, rows, d) = (w.device(), w.size()[0], w.size()[1]);
         // 8 warps a block, one decoder row each; emulated (tests), one warp, and one block
@@ -938,37 +970,48 @@ impl Trainer {
             true => (n as u32).div_ceil(threads).clamp(1, 1 << 16),
             false => 1,
         };
-        let dot = Tensor::empty([rows], (Kind::Float, dev));
-        let sq = Tensor::empty([rows], (Kind::Float, dev));
         let ptr = |t: &Tensor| t.data_ptr();
-        let (mut a0, mut a1, mut a2, mut a3) = (ptr(&g[2]), ptr(w), ptr(&dot), ptr(&sq));
         let (mut rows_a, mut d_a) = (rows, d);
-        // SAFETY: decoder_grad_stats(g, w, dot, sq, rows, d) over live contiguous float32
-        // tensors of those shapes on `dev`.
-        unsafe {
-            kernels::run(
-                &kernels::ADAM,
-                "decoder_grad_stats",
-                dev,
-                row_grid,
-                threads,
-                &mut [
-                    addr(&mut a0),
-                    addr(&mut a1),
-                    addr(&mut a2),
-                    addr(&mut a3),
-                    addr(&mut rows_a),
-                    addr(&mut d_a),
-                ],
-            )
-        }
-        .unwrap_or_else(|e| panic!("fused update: {e}"));
-        let norm = joint_norm(&[
-            g[0].norm(),
-            g[1].norm(),
-            sq.sum(Kind::Float).sqrt(),
-            g[3].norm(),
-        ]);
+        // Each row's g.w, and the projected gradient's squared norm summed over the rows.
+        let (dot, sq_sum) = match dec_stats {
+            // From the decoder's backward: per span [gg, gw, ww], summed here in float64.
+            Some(st) => {
+                let s3 = st.sum_dim_intlist(0, false, None);
+                let (gg, gw, ww) = (s3.get(0), s3.get(1), s3.get(2));
+                let q = (&gg - &gw * &gw * 2.0 + &gw * &gw * &ww).clamp_min(0.0);
+                (
+                    gw.to_kind(Kind::Float),
+                    q.sum(Kind::Double).to_kind(Kind::Float),
+                )
+            }
+            None => {
+                let dot = Tensor::empty([rows], (Kind::Float, dev));
+                let sq = Tensor::empty([rows], (Kind::Float, dev));
+                let (mut a0, mut a1, mut a2, mut a3) = (ptr(&g[2]), ptr(w), ptr(&dot), ptr(&sq));
+                // SAFETY: decoder_grad_stats(g, w, dot, sq, rows, d) over live contiguous
+                // float32 tensors of those shapes on `dev`.
+                unsafe {
+                    kernels::run(
+                        &kernels::ADAM,
+                        "decoder_grad_stats",
+                        dev,
+                        row_grid,
+                        threads,
+                        &mut [
+                            addr(&mut a0),
+                            addr(&mut a1),
+                            addr(&mut a2),
+                            addr(&mut a3),
+                            addr(&mut rows_a),
+                            addr(&mut d_a),
+                        ],
+                    )
+                }
+                .unwrap_or_else(|e| panic!("fused update: {e}"));
+                (dot, sq.sum(Kind::Float))
+            }
+        };
+        let norm = joint_norm(&[g[0].norm(), g[1].norm(), sq_sum.sqrt(), g[3].norm()]);
         laps.lap(5);
         let t = (self.step + 1) as i32;
         let (b1, b2) = (self.cfg.adam_beta1, self.cfg.adam_beta2);
@@ -1593,7 +1636,7 @@ mod tests {
         let run = |fused: bool| {
             let (codes, parts) = with_kernel(&kernels::BAG_DECODE, fused, || {
                 let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
-                let parts = sae.decode_parts(&codes, &sae.part_starts());
+                let parts = sae.decode_parts(&codes, &sae.part_starts(), None);
                 (codes, parts)
             });
             let loss = (&parts * &proj).sum(None);
@@ -1901,7 +1944,7 @@ mod tests {
                 .double_value(&[]);
             kernels::emulate_on_cpu(true);
             assert!(kernels::use_fused(&b.sae.w_dec, &kernels::ADAM));
-            let nb = tch::no_grad(|| b.fused_update(&copies(&g), 1e-2, &mut Laps::off()))
+            let nb = tch::no_grad(|| b.fused_update(&copies(&g), 1e-2, None, &mut Laps::off()))
                 .double_value(&[]);
             kernels::emulate_on_cpu(false);
             assert!(
@@ -2106,7 +2149,7 @@ mod tests {
             kernels::emulate_on_cpu(true);
             assert!(t.check_update().is_ok());
             for _ in 0..steps {
-                let _ = tch::no_grad(|| t.fused_update(&g, 1e-3, &mut Laps::off()));
+                let _ = tch::no_grad(|| t.fused_update(&g, 1e-3, None, &mut Laps::off()));
                 t.step += 1;
             }
             kernels::emulate_on_cpu(false);
