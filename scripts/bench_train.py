@@ -163,9 +163,9 @@ def main():
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     ap.add_argument("--kernels-ab", action="store_true",
                     help="also time dmsae with each of its trainer kernels off in turn "
-                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS, _SELECT = 0), all five off, the "
-                         "kernels without 16-byte packs (DMSAE_PACKS=0), and with float32 Adam moments "
-                         "(adam_bf16_moments = false); CUDA")
+                         "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS, _SELECT = 0), all "
+                         "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), and with "
+                         "float32 Adam moments (adam_bf16_moments = false); CUDA")
     ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
                                     "(two runs each)")
     for key in ("width", "k", "batch", "steps"):

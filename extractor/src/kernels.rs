@@ -724,10 +724,8 @@ pub fn version(t: &Tensor) -> i64 {
 }
 
 extern "C" {
+    // csrc/autograd.cpp.
     fn dmsae_tensor_version(t: CTensor) -> i64;
-}
-
-extern "C" {
     // csrc/cuda_emulator.cpp: a kernel's own text run on the CPU, a thread per CUDA thread.
     fn dmsae_emulate(kernel: *const c_char, grid: c_uint, block: c_uint, args: *mut *mut c_void);
 }
@@ -1138,12 +1136,10 @@ impl Upload {
             done: std::ptr::null_mut(),
             ctx: std::ptr::null_mut(),
         };
-        let Device::Cuda(ordinal) = device else {
-            return upload(t, device).map(plain).map_err(|e| e.to_string());
+        let ordinal = match device {
+            Device::Cuda(o) if !std::env::var("DMSAE_UPLOAD_STREAM").is_ok_and(|v| v == "0") => o,
+            _ => return upload(t, device).map(plain).map_err(|e| e.to_string()),
         };
-        if std::env::var("DMSAE_UPLOAD_STREAM").is_ok_and(|v| v == "0") {
-            return upload(t, device).map(plain).map_err(|e| e.to_string());
-        }
         let host = pin_memory(&t.contiguous())?;
         let dev = Tensor::empty(t.size(), (t.kind(), device));
         let n = t.numel() * t.kind().elt_size_in_bytes();

@@ -1028,8 +1028,7 @@ impl Trainer {
             eps: self.cfg.adam_eps as f32,
             seed: 0,
         };
-        let bf16 = self.m[0].kind() == Kind::BFloat16;
-        let suffix = if bf16 { "bf16" } else { "f32" };
+        let suffix = if self.bf16_moments() { "bf16" } else { "f32" };
         // W_enc's bf16 copy for the next step's product, written by the update.
         if self.bf16 && self.w_enc_h.is_none() {
             let w = &self.sae.w_enc;
@@ -1277,12 +1276,12 @@ impl Trainer {
         }
     }
 
-    /// Whether the training encoder product runs in bf16.
     /// Whether Adam's moments are bf16 (`TrainConfig::adam_bf16_moments`, as resolved).
     pub fn bf16_moments(&self) -> bool {
         self.m[0].kind() == Kind::BFloat16
     }
 
+    /// Whether the training encoder product runs in bf16.
     pub fn encoder_bf16(&self) -> bool {
         self.bf16
     }
