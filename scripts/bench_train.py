@@ -164,8 +164,9 @@ def main():
     ap.add_argument("--kernels-ab", action="store_true",
                     help="also time dmsae with each of its trainer kernels off in turn "
                          "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS, _SELECT = 0), all "
-                         "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), and with "
-                         "float32 Adam moments (adam_bf16_moments = false); CUDA")
+                         "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), with "
+                         "float32 Adam moments (adam_bf16_moments = false), and with the "
+                         "decoder's forward over float32 rows (decoder_bf16 = false); CUDA")
     ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
                                     "(two runs each)")
     for key in ("width", "k", "batch", "steps"):
@@ -228,6 +229,8 @@ def main():
                 ("dmsae train, no 16-byte packs (DMSAE_PACKS=0)", "", {"DMSAE_PACKS": "0"}),
                 ("dmsae train, float32 Adam moments (adam_bf16_moments = false)",
                  "adam_bf16_moments = false\n", None),
+                ("dmsae train, float32 decoder rows (decoder_bf16 = false)",
+                 "decoder_bf16 = false\n", None),
             ):
                 rows.append((name, dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
                                               a.device, a.threads, dead_tokens, extra, env)[0]))

@@ -415,11 +415,12 @@ struct LinearT : public torch::autograd::Function<LinearT> {
 // `bags` gives each entry's bag, non-decreasing. Float32 (the trainer's parameters). `stats`,
 // unless empty, is float64 [spans, 3, rows] (spans = ceil(d / 256)) that the backward fills with
 // each span's dw.dw, dw.w and w.w a row (bag_decode.cu): the W gradient's figures for the
-// update, while this is all that W's gradient comes from.
+// update, while this is all that W's gradient comes from. `wh`, unless empty, is W in bf16 (as
+// W rounds to nearest), which the forward reads instead of W; the backward reads W.
 struct BagDecode : public torch::autograd::Function<BagDecode> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &vals,
                             const at::Tensor &cols, const at::Tensor &bags, int64_t n_bags,
-                            const at::Tensor &stats) {
+                            const at::Tensor &stats, const at::Tensor &wh) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "bag_decode: W must be a contiguous float32 [rows, d]");
     const int64_t n = vals.numel();
@@ -431,14 +432,18 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
                     bags.scalar_type() == at::kLong,
                 "bag_decode: vals float32, cols and bags int64");
     const int64_t d = w.size(1);
+    const bool half = wh.numel() > 0;
+    TORCH_CHECK(!half || (wh.scalar_type() == at::kBFloat16 && wh.sizes() == w.sizes() &&
+                          wh.is_contiguous() && wh.device() == w.device()),
+                "bag_decode: W's bf16 copy must be contiguous bf16 shaped as W, beside it");
     auto out = at::empty({n_bags, d}, w.options());
     if (n_bags > 0) {
       const auto offsets = group_offsets(bags, n_bags);
-      void *pw = w.data_ptr(), *pv = vals.data_ptr(), *pc = cols.data_ptr(),
-           *po = offsets.data_ptr(), *pout = out.data_ptr();
+      void *pw = half ? wh.data_ptr() : w.data_ptr(), *pv = vals.data_ptr(),
+           *pc = cols.data_ptr(), *po = offsets.data_ptr(), *pout = out.data_ptr();
       long long nb = n_bags, dd = d;
       void *args[] = {&pw, &pv, &pc, &po, &pout, &nb, &dd};
-      launch("bag_decode_fwd", w, n_bags, args);
+      launch(half ? "bag_decode_fwd_bf16" : "bag_decode_fwd", w, n_bags, args);
     }
     if (stats.numel() > 0) {
       TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
@@ -471,7 +476,7 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     void *args[] = {&pw, &pdout, &pv, &pb, &pp, &pco, &pdw, &ppart, &r, &dd, &nn, &pst};
     launch("bag_decode_bwd", w, rows * spans, args);
     const at::Tensor dvals = part.sum(0);
-    return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -681,15 +686,18 @@ extern "C" int dmsae_matryoshka_l2(at::Tensor *x, at::Tensor *b_dec, at::Tensor 
 }
 
 // BagDecode above; as dmsae_softcap_softmax below.
-// `stats` may be null (none).
+// `stats` and `wh` may be null (none).
 extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *cols,
                                 at::Tensor *bags, int64_t n_bags, at::Tensor *stats,
-                                at::Tensor **out, char *err, size_t err_len) {
+                                at::Tensor *wh, at::Tensor **out, char *err, size_t err_len) {
   return guarded(
       [&] {
         // None as an empty tensor: autograd's apply asks every tensor argument its device.
-        return BagDecode::apply(*w, *vals, *cols, *bags, n_bags,
-                                stats ? *stats : at::empty({0}, w->options().dtype(at::kDouble)));
+        const auto none = [&](at::Tensor *t, at::ScalarType k) {
+          return t ? *t : at::empty({0}, w->options().dtype(k));
+        };
+        return BagDecode::apply(*w, *vals, *cols, *bags, n_bags, none(stats, at::kDouble),
+                                none(wh, at::kBFloat16));
       },
       out, err, err_len);
 }

@@ -249,14 +249,14 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
   } else if (k == "decoder_adam_f32") {
     launch(grid, block, [=] {
       decoder_adam_f32(arg<float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
-                       arg<float *>(a, 3), arg<const float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6),
-                       arg<AdamArgs>(a, 7));
+                       arg<float *>(a, 3), arg<const float *>(a, 4), arg<bf16 *>(a, 5),
+                       arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
     });
   } else if (k == "decoder_adam_bf16") {
     launch(grid, block, [=] {
       decoder_adam_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
-                        arg<bf16 *>(a, 3), arg<const float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6),
-                        arg<AdamArgs>(a, 7));
+                        arg<bf16 *>(a, 3), arg<const float *>(a, 4), arg<bf16 *>(a, 5),
+                        arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
     });
   } else if (k == "adam_flat_f32") {
     launch(grid, block, [=] {
@@ -284,6 +284,12 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     launch(grid, block, [=] {
       bag_decode_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
                      arg<const ll *>(a, 3), arg<float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6));
+    });
+  } else if (k == "bag_decode_fwd_bf16") {
+    launch(grid, block, [=] {
+      bag_decode_fwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1),
+                          arg<const ll *>(a, 2), arg<const ll *>(a, 3), arg<float *>(a, 4),
+                          arg<ll>(a, 5), arg<ll>(a, 6));
     });
   } else if (k == "bag_decode_bwd") {
     launch(grid, block, [=] {

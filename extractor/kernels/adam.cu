@@ -5,7 +5,8 @@
 //
 // decoder_grad_stats, one warp a row r of W_dec: dot_r = g_r . w_r and ||g_r - dot_r w_r||^2
 // (the clip needs the norm of the projected gradient before any row is updated), in one pass.
-// decoder_adam, one warp a row: g = (g_r - dot_r w_r) / div, Adam, then w_r / ||w_r||.
+// decoder_adam, one warp a row: g = (g_r - dot_r w_r) / div, Adam, then w_r / ||w_r||, and
+// (shadow) the row in bf16 for the next step's decoder (bag_decode.cu's bag_decode_fwd_bf16).
 // adam_flat, grid-stride: Adam on the other parameters.
 // Each moves 16-byte packs (4 floats; bf16 moments 4 at a time) where its rows line up, an
 // element at a time otherwise.
@@ -130,8 +131,9 @@ extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, fl
 }
 
 template <typename M, int W>
-__device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, float c, long long at,
-                                 long long d, int lane, const AdamArgs &a, float inv_div) {
+__device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, bf16 *sr, float c,
+                                 long long at, long long d, int lane, const AdamArgs &a,
+                                 float inv_div) {
   float ss = 0.f;
   for (long long j = lane; j < d / W; j += 32) {
     const Pack<float, W> w = pack_at<float, W>(wr, j), g = pack_at<float, W>(gr, j);
@@ -150,21 +152,29 @@ __device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, float
 #pragma unroll
     for (int k = 0; k < W; k++) w.v[k] *= inv;
     store_pack<float, W>(wr, j, w);
+    if (sr) {
+      Pack<bf16, W> h;
+#pragma unroll
+      for (int k = 0; k < W; k++) h.v[k] = bf16_of(w.v[k]);
+      store_pack<bf16, W>(sr, j, h);
+    }
   }
 }
 
 template <typename M>
 __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *dot,
-                             long long rows, long long d, AdamArgs a) {
+                             bf16 *shadow, long long rows, long long d, AdamArgs a) {
   const long long row = warp_index();
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
   const long long at = row * d;
   const float c = dot[row], inv_div = *a.inv_div;
-  if (adam_packs(w, g, m, v, d))
-    decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
+  bf16 *sr = shadow ? shadow + at : nullptr;
+  if (adam_packs(w, g, m, v, d) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16))))
+    decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
+                                    inv_div);
   else
-    decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, c, at, d, lane, a, inv_div);
+    decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div);
 }
 
 // shadow (may be null): each new parameter value in bf16 too, rounded to nearest as ATen's
@@ -199,15 +209,15 @@ __device__ void adam_flat(float *p, const float *g, M *m, M *v, bf16 *shadow, lo
 }
 
 extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,
-                                            const float *dot, long long rows, long long d,
-                                            AdamArgs a) {
-  decoder_adam<float>(w, g, m, v, dot, rows, d, a);
+                                            const float *dot, bf16 *shadow, long long rows,
+                                            long long d, AdamArgs a) {
+  decoder_adam<float>(w, g, m, v, dot, shadow, rows, d, a);
 }
 
 extern "C" __global__ void decoder_adam_bf16(float *w, const float *g, bf16 *m, bf16 *v,
-                                             const float *dot, long long rows, long long d,
-                                             AdamArgs a) {
-  decoder_adam<bf16>(w, g, m, v, dot, rows, d, a);
+                                             const float *dot, bf16 *shadow, long long rows,
+                                             long long d, AdamArgs a) {
+  decoder_adam<bf16>(w, g, m, v, dot, shadow, rows, d, a);
 }
 
 extern "C" __global__ void adam_flat_f32(float *p, const float *g, float *m, float *v,

@@ -4,7 +4,9 @@
 // weights, whose backward sorts the indices, writes a zeroed dense W gradient, scatters into
 // it, and computes the weights' gradient in a pass of its own.
 //
-// bag_decode_fwd, one warp a bag; bag_decode_bwd, one warp a span of 256 columns of a row of
+// bag_decode_fwd, one warp a bag (bag_decode_fwd_bf16 the same over a bf16 copy of W, the
+// sums in float32: half the bytes of the forward's row reads, 2.4 GB a step at the paper's
+// sizes in float32); bag_decode_bwd, one warp a span of 256 columns of a row of
 // W: the row's gradient from its entries (grouped by column through `perm`, in entry order),
 // written once, zeros for a latent that did not fire; and, from the same reads of dout, each
 // entry's part of W[cols[e]] . dout[b] over the span, which the caller sums over the spans
@@ -25,9 +27,11 @@
 // the same bits.
 #define DEC_COLS 8
 #define DEC_PACKS 6
+// A bf16 pack holds 8 columns, so 3 cover the same 768 columns a pass as 6 float packs.
+#define DEC_PACKS_BF16 3
 
-template <int W, int C>
-__device__ void bag_decode_bag(const float *w, const float *vals, const long long *cols,
+template <typename T, int W, int C>
+__device__ void bag_decode_bag(const T *w, const float *vals, const long long *cols,
                                long long lo, long long hi, float *out, long long d, int lane) {
   for (long long k0 = 0; k0 < d; k0 += 32 * W * C) {
     float acc[C][W];
@@ -42,14 +46,14 @@ __device__ void bag_decode_bag(const float *w, const float *vals, const long lon
 #pragma unroll 4
       for (int t = 0; t < n; t++) {
         const float v = from_lane(my_v, t);
-        const float *row = w + from_lane(my_c, t) * d;
+        const T *row = w + from_lane(my_c, t) * d;
 #pragma unroll
         for (int i = 0; i < C; i++) {
           const long long k = k0 + W * (32 * i + lane);
           if (k < d) {
-            const Pack<float, W> p = pack_at<float, W>(row, k / W);
+            const Pack<T, W> p = pack_at<T, W>(row, k / W);
 #pragma unroll
-            for (int q = 0; q < W; q++) acc[i][q] += v * p.v[q];
+            for (int q = 0; q < W; q++) acc[i][q] += v * to_f(p.v[q]);
           }
         }
       }
@@ -58,10 +62,15 @@ __device__ void bag_decode_bag(const float *w, const float *vals, const long lon
     for (int i = 0; i < C; i++) {
       const long long k = k0 + W * (32 * i + lane);
       if (k < d) {
-        Pack<float, W> p;
+        // In packs of at most 16 bytes: a bf16 pack's 8 columns go out as two.
+        const int O = W < kFloatPack ? W : kFloatPack;
 #pragma unroll
-        for (int q = 0; q < W; q++) p.v[q] = acc[i][q];
-        store_pack<float, W>(out, k / W, p);
+        for (int h = 0; h < W / O; h++) {
+          Pack<float, O> p;
+#pragma unroll
+          for (int q = 0; q < O; q++) p.v[q] = acc[i][h * O + q];
+          store_pack<float, O>(out, (k + h * O) / O, p);
+        }
       }
     }
   }
@@ -75,9 +84,23 @@ extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
   const int lane = threadIdx.x & 31;
   const long long lo = offsets[b], hi = offsets[b + 1];
   if (packs_fit<float>(w, d) && aligned(out, 16))
-    bag_decode_bag<kFloatPack, DEC_PACKS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+    bag_decode_bag<float, kFloatPack, DEC_PACKS>(w, vals, cols, lo, hi, out + b * d, d, lane);
   else
-    bag_decode_bag<1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+    bag_decode_bag<float, 1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+}
+
+extern "C" __global__ void bag_decode_fwd_bf16(const bf16 *w, const float *vals,
+                                               const long long *cols, const long long *offsets,
+                                               float *out, long long n_bags, long long d) {
+  const long long b = warp_index();
+  if (b >= n_bags) return;  // the whole warp
+  const int lane = threadIdx.x & 31;
+  const long long lo = offsets[b], hi = offsets[b + 1];
+  if (packs_fit<bf16>(w, d) && aligned(out, 16))
+    bag_decode_bag<bf16, PackLen<bf16>::n, DEC_PACKS_BF16>(w, vals, cols, lo, hi, out + b * d, d,
+                                                           lane);
+  else
+    bag_decode_bag<bf16, 1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
 }
 
 // Rows of dw a warp writes: a core latent fires on most tokens, and its thousands of entries

@@ -114,7 +114,7 @@ pub const BAG_DECODE: Source = Source {
     name: "bag_decode.cu",
     off: "DMSAE_FUSED_DECODE",
     text: include_str!("../kernels/bag_decode.cu"),
-    kernels: &["bag_decode_fwd", "bag_decode_bwd"],
+    kernels: &["bag_decode_fwd", "bag_decode_fwd_bf16", "bag_decode_bwd"],
 };
 /// The trainer's W_enc and b_enc gradients from the codes alone, through csrc/autograd.cpp
 /// (`encoder_entries`).
@@ -892,8 +892,8 @@ entry_points! {
     (qkv: CTensor, cs: CTensor, pre: f64, heads: i64, kv: i64) => dmsae_qkv_heads;
     (x: CTensor, b_dec: CTensor, parts: CTensor) => dmsae_matryoshka_l2;
     (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
-    (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor) =>
-        dmsae_bag_decode;
+    (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
+        wh: CTensor) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
         cols: CTensor) => dmsae_encoder_entries;
 }
@@ -1246,7 +1246,8 @@ pub fn encoder_entries(
 /// [rows, d] and `vals`; `bags` gives each entry's bag, non-decreasing (kernels/bag_decode.cu
 /// through csrc/autograd.cpp). Float32 values, int64 indices, all contiguous on one device;
 /// CPU tensors are emulated (tests: slow). `stats` (`bag_decode_stats`), when given, is
-/// filled by the backward with W's gradient's figures for the update.
+/// filled by the backward with W's gradient's figures for the update. `wh`, when given, is W
+/// in bf16 (contiguous, as a cast rounds), which the forward reads in W's place.
 pub fn bag_decode(
     w: &Tensor,
     vals: &Tensor,
@@ -1254,9 +1255,11 @@ pub fn bag_decode(
     bags: &Tensor,
     n_bags: i64,
     stats: Option<&Tensor>,
+    wh: Option<&Tensor>,
 ) -> Result<Tensor, String> {
     let stats = stats.map_or(std::ptr::null_mut(), ptr);
-    // SAFETY: live tch handles (or a null `stats`), and the out and error pointers
+    let wh = wh.map_or(std::ptr::null_mut(), ptr);
+    // SAFETY: live tch handles (or null `stats` and `wh`), and the out and error pointers
     // `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
         dmsae_bag_decode(
@@ -1266,6 +1269,7 @@ pub fn bag_decode(
             ptr(bags),
             n_bags,
             stats,
+            wh,
             out,
             err,
             len,
@@ -2179,7 +2183,9 @@ pub(crate) mod tests {
     /// The trainer's sparse decoder (bag_decode) and encoder gradient (encoder_entries) against
     /// float64 sums, both ways: bags and latents of more than 32 entries (the kernels read
     /// entries 32 at a time), an empty bag and a latent that never fires, rows of 42 floats (one
-    /// at a time) and of 300 (16-byte packs; two spans of the W gradients).
+    /// at a time) and of 304 (16-byte packs of floats and of bf16; two spans of the W
+    /// gradients). The decoder's forward also over W's bf16 copy, against the float64 sums of
+    /// its rounded rows.
     fn sparse_kernels_against_float64(device: Device) {
         tch::manual_seed(5);
         let f64_ = (Kind::Double, device);
@@ -2202,7 +2208,7 @@ pub(crate) mod tests {
         // The second and third rounds find the first one's grouping of `cols` kept
         // (csrc/autograd.cpp's `by_latent`); the third changes `cols` in place first, which
         // must not.
-        for (d, shift) in [(42i64, false), (300, false), (42, true)] {
+        for (d, shift) in [(42i64, false), (304, false), (42, true)] {
             if shift {
                 let _ = cols.copy_(&((&cols + 1).remainder(latents)));
             }
@@ -2227,7 +2233,7 @@ pub(crate) mod tests {
             let w32 = w.to_kind(Kind::Float).set_requires_grad(true);
             let v32 = vals.to_kind(Kind::Float).set_requires_grad(true);
             let stats = bag_decode_stats(&w32);
-            let out = bag_decode(&w32, &v32, &cols, &bags, n_bags, Some(&stats)).unwrap();
+            let out = bag_decode(&w32, &v32, &cols, &bags, n_bags, Some(&stats), None).unwrap();
             let g = Tensor::run_backward(
                 &[(&out * r.to_kind(Kind::Float)).sum(None)],
                 &[&w32, &v32],
@@ -2267,6 +2273,19 @@ pub(crate) mod tests {
                     &want_stats,
                 ),
             ]);
+            // Over the bf16 copy: its rounded rows, not W's (which differ by about 2^-9).
+            let wh = w32.detach().to_kind(Kind::BFloat16);
+            let out_h = bag_decode(&w32, &v32, &cols, &bags, n_bags, None, Some(&wh)).unwrap();
+            let want_h = Tensor::zeros([n_bags, d], f64_).index_add(
+                0,
+                &bags,
+                &(wh.to_kind(Kind::Double).index_select(0, &cols) * vals.unsqueeze(1)),
+            );
+            check(&[("decode over bf16 rows", &out_h, &want_h)]);
+            assert!(
+                rel_max(&out_h.to_kind(Kind::Double), &want) > 1e-4,
+                "{case}: W read"
+            );
             assert_eq!(
                 g[0].get(if shift { 0 } else { 19 })
                     .abs()

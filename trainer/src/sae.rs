@@ -377,20 +377,22 @@ impl Sae {
 
     pub fn decode(&self, f_bf: &Tensor) -> Tensor {
         let codes = Codes::of(f_bf);
-        self.decode_bags(&codes, &codes.rows, codes.batch, None) + &self.b_dec
+        self.decode_bags(&codes, &codes.rows, codes.batch, None, None) + &self.b_dec
     }
 
     /// sum of f_j W_dec[j] over each bag's entries, [n_bags, d], touching only the active
     /// latents' rows: k*B of them, not B*width as a dense matmul would (64x fewer at k 1024
     /// of 65k). `bag` gives each entry's bag, non-decreasing (entries are in row-major order).
     /// `embedding_bag` differentiates both the codes and the rows it reads. `stats`: see
-    /// `kernels::bag_decode`, which alone fills them.
+    /// `kernels::bag_decode`, which alone fills them. `w_h`: W_dec in bf16 (its cast), which
+    /// the forward reads instead (`TrainConfig::decoder_bf16`); the gradients are W_dec's.
     fn decode_bags(
         &self,
         codes: &Codes,
         bag: &Tensor,
         n_bags: i64,
         stats: Option<&Tensor>,
+        w_h: Option<&Tensor>,
     ) -> Tensor {
         let w = &self.w_dec;
         if self.fused_decode() {
@@ -403,22 +405,32 @@ impl Sae {
                 &c(bag),
                 n_bags,
                 stats,
+                w_h,
             )
             .unwrap_or_else(|e| panic!("sparse decode: {e}"));
         }
         let counts = counts(bag, n_bags);
         let offsets = counts.cumsum(0, Kind::Int64) - &counts;
-        let (x_nd, _, _, _) = Tensor::embedding_bag(
-            &self.w_dec,
-            &codes.cols,
-            &offsets,
-            false,
-            0, // sum
-            false,
-            Some(&codes.vals),
-            false,
-        );
-        x_nd
+        let bags = |w: &Tensor| {
+            Tensor::embedding_bag(
+                w,
+                &codes.cols,
+                &offsets,
+                false,
+                0, // sum
+                false,
+                Some(&codes.vals),
+                false,
+            )
+            .0
+        };
+        let x_nd = bags(w);
+        match w_h {
+            // The rounded rows' sums forward, W_dec's own backward, as the kernel's (a second
+            // gather, on the CPU only).
+            Some(h) => &x_nd + (bags(&h.to_kind(w.kind())) - &x_nd).detach(),
+            None => x_nd,
+        }
     }
 
     /// The Matryoshka loss: the mean over the batch and the prefixes p = 1..=G of
@@ -468,13 +480,20 @@ impl Sae {
     /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
     /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
     /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
-    /// each and autograd summed them. `starts`: `part_starts`; `stats`: see `decode_bags`.
-    pub fn decode_parts(&self, codes: &Codes, starts: &Tensor, stats: Option<&Tensor>) -> Tensor {
+    /// each and autograd summed them. `starts`: `part_starts`; `stats` and `w_h`: see
+    /// `decode_bags`.
+    pub fn decode_parts(
+        &self,
+        codes: &Codes,
+        starts: &Tensor,
+        stats: Option<&Tensor>,
+        w_h: Option<&Tensor>,
+    ) -> Tensor {
         let parts = 1 + self.groups.len() as i64;
         let part = codes.cols.bucketize(starts, false, true);
         // Parts are column ranges, so within a token the bags stay in order.
         let bag = &codes.rows * parts + part;
-        self.decode_bags(codes, &bag, codes.batch * parts, stats)
+        self.decode_bags(codes, &bag, codes.batch * parts, stats, w_h)
             .view([codes.batch, parts, self.d_in as i64])
     }
 
@@ -689,6 +708,11 @@ pub struct Trainer {
     /// with W_enc's version then: the product without a graph reads it while no ATen op has
     /// changed W_enc since, instead of casting W_enc each step.
     w_enc_h: Option<(Tensor, i64)>,
+    /// The training decoder's forward reads W_dec in bf16 (`TrainConfig::decoder_bf16`, as
+    /// resolved; a checkpoint carries it to the resumed run).
+    dec_bf16: bool,
+    /// W_dec in bf16 as the fused update left it, with W_dec's version then (as `w_enc_h`).
+    w_dec_h: Option<(Tensor, i64)>,
 }
 
 impl Trainer {
@@ -715,6 +739,10 @@ impl Trainer {
             part_starts: sae.part_starts(),
             bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
             w_enc_h: None,
+            dec_bf16: cfg.decoder_bf16.unwrap_or_else(|| {
+                sae.device().is_cuda() && kernels::use_fused(&sae.w_dec, &kernels::BAG_DECODE)
+            }),
+            w_dec_h: None,
             sae,
             cfg,
             step: 0,
@@ -786,7 +814,26 @@ impl Trainer {
         // for the update come from that kernel's backward.
         let dec_stats =
             (auxk && n_dead == 0 && s.fused_decode()).then(|| kernels::bag_decode_stats(&s.w_dec));
-        let parts_bgd = s.decode_parts(&codes, &self.part_starts, dec_stats.as_ref());
+        // Training's decoder over W_dec's bf16 copy: the update's, while no ATen op has
+        // changed W_dec since, else a cast.
+        let cast;
+        let w_dec_h = match auxk && self.dec_bf16 {
+            true => Some(
+                match self
+                    .w_dec_h
+                    .as_ref()
+                    .filter(|(_, v)| *v == kernels::version(&s.w_dec))
+                {
+                    Some((h, _)) => h,
+                    None => {
+                        cast = s.w_dec.detach().to_kind(Kind::BFloat16);
+                        &cast
+                    }
+                },
+            ),
+            false => None,
+        };
+        let parts_bgd = s.decode_parts(&codes, &self.part_starts, dec_stats.as_ref(), w_dec_h);
         let l2 = s.matryoshka_l2(x_bd, &parts_bgd);
         let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
 
@@ -1038,6 +1085,14 @@ impl Trainer {
             .w_enc_h
             .as_ref()
             .map_or(std::ptr::null_mut(), |(h, _)| h.data_ptr());
+        // And W_dec's for the next step's decoder.
+        if self.dec_bf16 && self.w_dec_h.is_none() {
+            self.w_dec_h = Some((Tensor::empty([rows, d], (Kind::BFloat16, dev)), -1));
+        }
+        let mut dec_shadow = self
+            .w_dec_h
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |(h, _)| h.data_ptr());
         let mut no_shadow: *mut std::ffi::c_void = std::ptr::null_mut();
         for (i, (p, g)) in self.sae.params().into_iter().zip(g).enumerate() {
             let mut a = AdamArgs {
@@ -1047,9 +1102,10 @@ impl Trainer {
             let (mut pp, mut gp) = (ptr(p), ptr(g));
             let (mut mp, mut vp, mut dp) = (ptr(&self.m[i]), ptr(&self.v[i]), ptr(&dot));
             let mut n = p.numel() as i64;
-            // SAFETY: decoder_adam(w, g, m, v, dot, rows, d, args) and adam_flat(p, g, m, v,
-            // n, args) over live contiguous tensors on `dev`: float32 parameters and
-            // gradients, moments of the kind the name says; `AdamArgs` is laid out as in C.
+            // SAFETY: decoder_adam(w, g, m, v, dot, shadow, rows, d, args) and adam_flat(p,
+            // g, m, v, shadow, n, args) over live contiguous tensors on `dev`: float32
+            // parameters and gradients, moments of the kind the name says, bf16 shadows of
+            // their parameters' shapes (or null); `AdamArgs` is laid out as in C.
             let r = unsafe {
                 match i {
                     2 => kernels::run(
@@ -1064,6 +1120,7 @@ impl Trainer {
                             addr(&mut mp),
                             addr(&mut vp),
                             addr(&mut dp),
+                            addr(&mut dec_shadow),
                             addr(&mut rows_a),
                             addr(&mut d_a),
                             addr(&mut a),
@@ -1092,9 +1149,13 @@ impl Trainer {
             };
             r.unwrap_or_else(|e| panic!("fused update: {e}"));
         }
-        // The kernel wrote W_enc directly, so its version is still what the copy goes with.
+        // The kernels wrote W_enc and W_dec directly, so their versions are still what the
+        // copies go with.
         if let Some((_, v)) = self.w_enc_h.as_mut() {
             *v = kernels::version(&self.sae.w_enc);
+        }
+        if let Some((_, v)) = self.w_dec_h.as_mut() {
+            *v = kernels::version(&self.sae.w_dec);
         }
         laps.lap(6);
         laps.lap(7);
@@ -1202,10 +1263,9 @@ impl Trainer {
             out.push((format!("adam_v.{n}"), cpu(&self.v[i])));
         }
         out.push(("since_fired".into(), cpu(&self.since_fired_f)));
-        out.push((
-            "encoder_bf16".into(),
-            Tensor::from_slice(&[self.bf16 as i64]),
-        ));
+        for (n, on) in [("encoder_bf16", self.bf16), ("decoder_bf16", self.dec_bf16)] {
+            out.push((n.into(), Tensor::from_slice(&[on as i64])));
+        }
         out
     }
 
@@ -1254,9 +1314,14 @@ impl Trainer {
         self.recount_dead();
         // A run resumed on another device keeps the product it started with. Checkpoints from
         // before this entry resume with the current device's default.
-        if let Some((_, t)) = tensors.iter().find(|(n, _)| n == "encoder_bf16") {
-            self.bf16 = t.int64_value(&[0]) != 0;
-        }
+        let saved = |name: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.int64_value(&[0]) != 0)
+        };
+        self.bf16 = saved("encoder_bf16").unwrap_or(self.bf16);
+        self.dec_bf16 = saved("decoder_bf16").unwrap_or(self.dec_bf16);
         (self.step, self.sae.threshold) = (step, threshold);
         Ok(())
     }
@@ -1284,6 +1349,11 @@ impl Trainer {
     /// Whether the training encoder product runs in bf16.
     pub fn encoder_bf16(&self) -> bool {
         self.bf16
+    }
+
+    /// Whether the training decoder's forward reads W_dec in bf16.
+    pub fn decoder_bf16(&self) -> bool {
+        self.dec_bf16
     }
 
     /// Whether AuxK reconstructs with a dense product (`TrainConfig::auxk_dense`).
@@ -1635,7 +1705,7 @@ mod tests {
         let run = |fused: bool| {
             let (codes, parts) = with_kernel(&kernels::BAG_DECODE, fused, || {
                 let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
-                let parts = sae.decode_parts(&codes, &sae.part_starts(), None);
+                let parts = sae.decode_parts(&codes, &sae.part_starts(), None, None);
                 (codes, parts)
             });
             let loss = (&parts * &proj).sum(None);
@@ -2082,6 +2152,73 @@ mod tests {
         assert!(a.equal(&b), "a stale copy was read");
     }
 
+    /// `decoder_bf16`: the fused update's bf16 W_dec is W_dec's cast, bit for bit, and steps
+    /// that read it end where steps that cast each time do; after an in-place change of W_dec
+    /// the copy is not read. The ATen path (the CPU's) ends within float32 rounding of the
+    /// emulated kernels', and the copy is read at all: the loss is not float32's.
+    #[test]
+    fn the_updates_bf16_w_dec_is_its_cast() {
+        let d = 40;
+        let cfg = TrainConfig {
+            decoder_bf16: Some(true),
+            ..small_cfg(5)
+        };
+        let new = |cfg: &TrainConfig| {
+            let sae = Sae::new(d, None, cfg, Kind::Float, Device::Cpu).unwrap();
+            Trainer::new(sae, cfg.clone(), false)
+        };
+        tch::manual_seed(4);
+        let xs: Vec<Tensor> = (0..2)
+            .map(|_| Tensor::randn([32, d as i64], (Kind::Float, Device::Cpu)))
+            .collect();
+        let mut aten = new(&cfg);
+        for x in &xs {
+            aten.update(x);
+        }
+        kernels::emulate_on_cpu(true);
+        let (mut with, mut without) = (new(&cfg), new(&cfg));
+        for x in &xs {
+            with.update(x);
+            let (h, v) = with.w_dec_h.as_ref().expect("a bf16 W_dec");
+            assert_eq!(*v, kernels::version(&with.sae.w_dec));
+            assert!(
+                h.equal(&with.sae.w_dec.to_kind(Kind::BFloat16)),
+                "not W_dec's cast"
+            );
+            without.update(x);
+            without.w_dec_h = None;
+        }
+        for (((n, a), (_, b)), (_, c)) in
+            with.state().iter().zip(&without.state()).zip(&aten.state())
+        {
+            assert!(a.equal(b), "{n} differs");
+            let diff = (a - c).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "{n}: max |diff| {diff} from ATen's");
+        }
+        let f32_loss = new(&TrainConfig {
+            decoder_bf16: Some(false),
+            ..cfg.clone()
+        })
+        .loss(&xs[0])
+        .loss;
+        let bf16_loss = new(&cfg).loss(&xs[0]).loss;
+        // Changed in place: the copy's version is behind, and the loss is the cast's.
+        tch::no_grad(|| {
+            let _ = with.sae.w_dec.shallow_clone().g_mul_scalar_(1.5);
+            let _ = without.sae.w_dec.shallow_clone().g_mul_scalar_(1.5);
+        });
+        let (a, b) = (with.loss(&xs[0]).loss, without.loss(&xs[0]).loss);
+        kernels::emulate_on_cpu(false);
+        assert!(a.equal(&b), "a stale copy was read");
+        let rel = ((&f32_loss - &bf16_loss) / &f32_loss)
+            .abs()
+            .double_value(&[]);
+        assert!(
+            rel > 1e-7 && rel < 1e-2,
+            "bf16 rows moved the loss by {rel:e}"
+        );
+    }
+
     /// Whole steps (`update`) with the fused update emulated against the ATen path, with a
     /// frozen core: the wiring around the kernels (the core's zeroed gradient, contiguity, the
     /// clip). The weights agree to float32 rounding and the core's encoder columns stay put.
@@ -2265,10 +2402,12 @@ mod tests {
             diff > 0.0 && diff < 0.05,
             "bf16 vs f32 W_enc: max |diff| {diff}"
         );
-        // Resumed where the unset key means f32 (the CPU), a bf16 run stays bf16: the
-        // checkpoint carries the product, and the continuation matches the bf16 run's.
+        // Resumed where the unset keys mean f32 (the CPU), a bf16 run stays bf16: the
+        // checkpoint carries the product and the decoder's rows, and the continuation matches
+        // the bf16 run's.
         let unset = TrainConfig {
             encoder_bf16: None,
+            decoder_bf16: None,
             ..cfg.clone()
         };
         let mut r = Trainer::new(
@@ -2276,21 +2415,23 @@ mod tests {
             unset,
             false,
         );
-        assert!(!r.encoder_bf16());
+        assert!(!r.encoder_bf16() && !r.decoder_bf16());
         // Resumed before the last step, where the learning rate is not yet 0.
         let bf16 = TrainConfig {
             encoder_bf16: Some(true),
+            decoder_bf16: Some(true),
             ..cfg.clone()
         };
         let mut e = train(&bf16, &x, 16, 39);
         r.load_state(&e.state(), e.step, e.sae.threshold).unwrap();
-        assert!(r.encoder_bf16());
+        assert!(r.encoder_bf16() && r.decoder_bf16());
         let x_bd = tensor(&x[..cfg.batch_tokens * 16], cfg.batch_tokens, Kind::Float);
         let before = e.sae.w_enc.copy();
         e.update(&x_bd);
         r.update(&x_bd);
         assert!(!e.sae.w_enc.equal(&before));
         assert!(r.sae.w_enc.equal(&e.sae.w_enc));
+        assert!(r.sae.w_dec.equal(&e.sae.w_dec));
     }
 
     #[test]

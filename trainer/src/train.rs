@@ -718,6 +718,7 @@ impl Member {
             "tokens": tokens,
             "train_config": cfg,
             "encoder_bf16": t.encoder_bf16(),
+            "decoder_bf16": t.decoder_bf16(),
             "adam_bf16_moments": t.bf16_moments(),
             "eval": eval,
             "store": {
