@@ -6,7 +6,8 @@
 // decoder_grad_stats, one warp a row r of W_dec: dot_r = g_r . w_r and ||g_r - dot_r w_r||^2
 // (the clip needs the norm of the projected gradient before any row is updated), in one pass.
 // decoder_adam, one warp a row: g = (g_r - dot_r w_r) / div, Adam, then w_r / ||w_r||, and
-// (shadow) the row in bf16 for the next step's decoder (bag_decode.cu's bag_decode_fwd_bf16).
+// (shadow) the row in bf16 for the next step's decoder (bag_decode.cu's bag_decode_fwd_bf16);
+// rows of up to 2,304 floats wait in shared memory for their norm, longer ones are read back.
 // adam_flat, grid-stride: Adam on the other parameters.
 // Each moves 16-byte packs (4 floats; bf16 moments 4 at a time) where its rows line up, an
 // element at a time otherwise.
@@ -55,16 +56,15 @@ __device__ __forceinline__ void store_moment(bf16 *p, float x, unsigned bits) {
   *p = bf16_stochastic(x, bits);
 }
 
-// Adam on pack j of the moments m and v, elements W j to W j + W - 1 (g already divided): the
-// parameters' new values; updates both moments. `base` + W j + k is element k's index in its
-// parameter, which seeds its rounding bits: each element's arithmetic and bits are the same
-// whatever W.
+// Adam on pack j of the moments, elements W j to W j + W - 1, given as loaded (mp, vp; g already
+// divided): the parameters' new values; mp and vp become the new moments, to be stored. `base`
+// + W j + k is element k's index in its parameter, which seeds its rounding bits: each
+// element's arithmetic and bits are the same whatever W.
 template <typename M, int W>
-__device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
-                                                    const Pack<float, W> &g, M *m, M *v,
-                                                    long long j, long long base,
-                                                    const AdamArgs &a) {
-  Pack<M, W> mp = pack_at<M, W>(m, j), vp = pack_at<M, W>(v, j);
+__device__ __forceinline__ Pack<float, W> adam_loaded(const Pack<float, W> &p,
+                                                      const Pack<float, W> &g, Pack<M, W> &mp,
+                                                      Pack<M, W> &vp, long long j,
+                                                      long long base, const AdamArgs &a) {
   Pack<float, W> out;
 #pragma unroll
   for (int k = 0; k < W; k++) {
@@ -76,6 +76,17 @@ __device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
     store_moment(&vp.v[k], vi, mix(a.seed, 2 * i + 1));
     out.v[k] = p.v[k] - a.step_size * mi / (sqrtf(vi) / a.bc2_sqrt + a.eps);
   }
+  return out;
+}
+
+// adam_loaded on pack j of the moments m and v, read and written here.
+template <typename M, int W>
+__device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
+                                                    const Pack<float, W> &g, M *m, M *v,
+                                                    long long j, long long base,
+                                                    const AdamArgs &a) {
+  Pack<M, W> mp = pack_at<M, W>(m, j), vp = pack_at<M, W>(v, j);
+  const Pack<float, W> out = adam_loaded<M, W>(p, g, mp, vp, j, base, a);
   store_pack<M, W>(m, j, mp);
   store_pack<M, W>(v, j, vp);
   return out;
@@ -161,20 +172,109 @@ __device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, bf16 
   }
 }
 
+// Rows of up to DEC_HELD floats, DEC_HELD_WARPS rows a block (trainer/src/sae.rs launches
+// decoder_adam with that many warps a block; more fall back to decoder_adam_row).
+#define DEC_HELD 2304
+#define DEC_HELD_WARPS 4
+
+// What decoder_adam_row_held reads of pack j of a row.
+template <typename M, int W> struct RowPack {
+  Pack<float, W> w, g;
+  Pack<M, W> m, v;
+};
+
+template <typename M, int W>
+__device__ __forceinline__ RowPack<M, W> row_pack(const float *wr, const float *gr, const M *mr,
+                                                  const M *vr, long long j) {
+  RowPack<M, W> r;
+  r.w = pack_at<float, W>(wr, j);
+  r.g = pack_at<float, W>(gr, j);
+  r.m = pack_at<M, W>(mr, j);
+  r.v = pack_at<M, W>(vr, j);
+  return r;
+}
+
+// The update of pack j (read as r): Adam's new values into `held`, the new moments stored; adds
+// their squares to ss.
+template <typename M, int W>
+__device__ __forceinline__ void held_update(RowPack<M, W> &r, M *mr, M *vr, float *held,
+                                            float c, long long j, long long at,
+                                            const AdamArgs &a, float inv_div, float &ss) {
+  Pack<float, W> gd;
+#pragma unroll
+  for (int k = 0; k < W; k++) gd.v[k] = (r.g.v[k] - c * r.w.v[k]) * inv_div;
+  const Pack<float, W> p = adam_loaded<M, W>(r.w, gd, r.m, r.v, j, at, a);
+  store_pack<M, W>(mr, j, r.m);
+  store_pack<M, W>(vr, j, r.v);
+  store_pack<float, W>(held, j, p);
+#pragma unroll
+  for (int k = 0; k < W; k++) ss += p.v[k] * p.v[k];
+}
+
+// decoder_adam_row with the row's new values held in shared memory until its norm is known, so
+// the rescale reads them there and writes each value once: decoder_adam_row writes the row,
+// then reads it back and writes it again, 1.2 GB more a step at the paper's sizes, and with
+// 32 warps on each SM some 40 MB of rows in flight, close to the whole L2; the same bytes of
+// W_enc (adam_flat) took 1.00 ms on the H200 where this pass took 1.30. Each lane reads two
+// packs before it stores either (the compiler will not move a load above a store it cannot
+// prove apart, and this kernel has fewer warps an SM: 4 a block, 6 blocks by shared memory).
+// The same sums in the same order: the same bits as decoder_adam_row.
+template <typename M, int W>
+__device__ void decoder_adam_row_held(float *wr, const float *gr, M *mr, M *vr, bf16 *sr,
+                                      float c, long long at, long long d, int lane,
+                                      const AdamArgs &a, float inv_div, float *held) {
+  const long long n = d / W;
+  float ss = 0.f;
+  for (long long j = lane; j < n; j += 64) {
+    const bool two = j + 32 < n;
+    RowPack<M, W> r0 = row_pack<M, W>(wr, gr, mr, vr, j), r1;
+    if (two) r1 = row_pack<M, W>(wr, gr, mr, vr, j + 32);
+    held_update<M, W>(r0, mr, vr, held, c, j, at, a, inv_div, ss);
+    if (two) held_update<M, W>(r1, mr, vr, held, c, j + 32, at, a, inv_div, ss);
+  }
+  // Each lane reads back what it wrote itself: no barrier.
+  const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+  for (long long j = lane; j < n; j += 32) {
+    Pack<float, W> w = pack_at<float, W>(held, j);
+#pragma unroll
+    for (int k = 0; k < W; k++) w.v[k] *= inv;
+    store_pack<float, W>(wr, j, w);
+    if (sr) {
+      Pack<bf16, W> h;
+#pragma unroll
+      for (int k = 0; k < W; k++) h.v[k] = bf16_of(w.v[k]);
+      store_pack<bf16, W>(sr, j, h);
+    }
+  }
+}
+
 template <typename M>
 __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *dot,
                              bf16 *shadow, long long rows, long long d, AdamArgs a) {
+  // Packs, so that a row's floats line up for 16-byte access at any d.
+  __shared__ Pack<float, kFloatPack> held_rows[DEC_HELD_WARPS][DEC_HELD / kFloatPack];
   const long long row = warp_index();
   if (row >= rows) return;
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long at = row * d;
   const float c = dot[row], inv_div = *a.inv_div;
   bf16 *sr = shadow ? shadow + at : nullptr;
-  if (adam_packs(w, g, m, v, d) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16))))
-    decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
-                                    inv_div);
-  else
+  float *held = d <= DEC_HELD && blockDim.x <= 32 * DEC_HELD_WARPS
+                    ? (float *)held_rows[warp]
+                    : nullptr;
+  if (adam_packs(w, g, m, v, d) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16)))) {
+    if (held)
+      decoder_adam_row_held<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane,
+                                           a, inv_div, held);
+    else
+      decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
+                                      inv_div);
+  } else if (held) {
+    decoder_adam_row_held<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div,
+                                held);
+  } else {
     decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div);
+  }
 }
 
 // shadow (may be null): each new parameter value in bf16 too, rounded to nearest as ATen's

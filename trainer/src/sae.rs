@@ -1013,6 +1013,10 @@ impl Trainer {
         // for the flat kernel, which strides over its elements: each thread is an OS thread.
         let threads: u32 = if dev.is_cuda() { 256 } else { 32 };
         let row_grid = (rows as u32).div_ceil(threads / 32);
+        // decoder_adam: 4 warps a block, each row waiting in the block's shared memory for its
+        // norm (adam.cu's DEC_HELD_WARPS).
+        let held_threads = threads.min(128);
+        let held_grid = (rows as u32).div_ceil(held_threads / 32);
         let flat_grid = |n: i64| match dev.is_cuda() {
             true => (n as u32).div_ceil(threads).clamp(1, 1 << 16),
             false => 1,
@@ -1112,8 +1116,8 @@ impl Trainer {
                         &kernels::ADAM,
                         &format!("decoder_adam_{suffix}"),
                         dev,
-                        row_grid,
-                        threads,
+                        held_grid,
+                        held_threads,
                         &mut [
                             addr(&mut pp),
                             addr(&mut gp),
@@ -2222,9 +2226,94 @@ mod tests {
     /// Whole steps (`update`) with the fused update emulated against the ATen path, with a
     /// frozen core: the wiring around the kernels (the core's zeroed gradient, contiguity, the
     /// clip). The weights agree to float32 rounding and the core's encoder columns stay put.
+    /// Rows of 24 floats (16-byte packs) and of 301 (one at a time).
     #[test]
     fn steps_with_the_fused_update_match_aten() {
-        let d = 24;
+        for d in [24, 301] {
+            steps_with_the_fused_update_match_aten_at(d);
+        }
+    }
+
+    /// decoder_adam's two forms give the same bits: rows held in shared memory for their norm
+    /// (a block of at most 4 warps) and rows read back (more warps, or rows over 2,304
+    /// floats), with bf16 and float32 moments, in packs (65 a row: a lane takes two at once)
+    /// and one at a time, the bf16 copy too.
+    #[test]
+    fn the_decoders_held_update_is_the_read_back_one() {
+        kernels::emulate_on_cpu(true);
+        for (d, moments) in [
+            (260i64, Kind::BFloat16),
+            (301, Kind::BFloat16),
+            (260, Kind::Float),
+        ] {
+            tch::manual_seed(d);
+            let rows = 6i64;
+            let f = (Kind::Float, Device::Cpu);
+            let w0 = unit_rows(&Tensor::randn([rows, d], f));
+            let g = Tensor::randn([rows, d], f) * 0.1;
+            let m0 = (Tensor::randn([rows, d], f) * 0.01).to_kind(moments);
+            let v0 = (Tensor::rand([rows, d], f) * 0.01).to_kind(moments);
+            let dot = (&g * &w0).sum_dim_intlist(1, false, None);
+            let inv_div = Tensor::from_slice(&[0.5f32]);
+            let update = |block: u32| {
+                let (w, m, v) = (w0.copy(), m0.copy(), v0.copy());
+                let shadow = Tensor::empty([rows, d], (Kind::BFloat16, Device::Cpu));
+                let mut a = AdamArgs {
+                    inv_div: inv_div.data_ptr() as *const f32,
+                    step_size: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    bc2_sqrt: 0.05,
+                    eps: 1e-8,
+                    seed: 77,
+                };
+                let [mut pw, mut pg, mut pm, mut pv, mut pd, mut ps] =
+                    [&w, &g, &m, &v, &dot, &shadow].map(|t| t.data_ptr());
+                let (mut r, mut dd) = (rows, d);
+                let name = match moments {
+                    Kind::BFloat16 => "decoder_adam_bf16",
+                    _ => "decoder_adam_f32",
+                };
+                // SAFETY: decoder_adam(w, g, m, v, dot, shadow, rows, d, args) over live
+                // contiguous CPU tensors of those shapes and kinds.
+                unsafe {
+                    kernels::run(
+                        &kernels::ADAM,
+                        name,
+                        Device::Cpu,
+                        (rows as u32).div_ceil(block / 32),
+                        block,
+                        &mut [
+                            addr(&mut pw),
+                            addr(&mut pg),
+                            addr(&mut pm),
+                            addr(&mut pv),
+                            addr(&mut pd),
+                            addr(&mut ps),
+                            addr(&mut r),
+                            addr(&mut dd),
+                            addr(&mut a),
+                        ],
+                    )
+                }
+                .unwrap();
+                [w, m, v, shadow]
+            };
+            // A block of 5 warps is over the held rows' 4.
+            let (held, read_back) = (update(32), update(160));
+            assert!(!held[0].equal(&w0), "d {d}: no update");
+            for (what, (x, y)) in ["W", "m", "v", "bf16 W"]
+                .iter()
+                .zip(held.iter().zip(&read_back))
+            {
+                assert!(x.equal(y), "d {d}, {moments:?} moments: {what} differs");
+            }
+            assert!(held[3].equal(&held[0].to_kind(Kind::BFloat16)));
+        }
+        kernels::emulate_on_cpu(false);
+    }
+
+    fn steps_with_the_fused_update_match_aten_at(d: usize) {
         let cfg = small_cfg(4);
         let (core_w, _) = sparse_dictionary(d, 3, 1, 1, 0.0, 5);
         let new = || {
@@ -2249,7 +2338,7 @@ mod tests {
         }
         for (x, y) in a.sae.params().into_iter().zip(b.sae.params()) {
             let diff = (x - y).abs().max().double_value(&[]);
-            assert!(diff <= 1e-5, "max |diff| {diff}");
+            assert!(diff <= 1e-5, "d {d}: max |diff| {diff}");
         }
         assert!(b.sae.w_enc.narrow(1, 0, 3).equal(&w0.narrow(1, 0, 3)));
         assert!(!b.sae.w_enc.narrow(1, 3, 8).equal(&w0.narrow(1, 3, 8)));
