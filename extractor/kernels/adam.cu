@@ -141,43 +141,13 @@ extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, fl
     grad_stats_row<1>(gr, wr, d, lane, dot + row, sq + row);
 }
 
-template <typename M, int W>
-__device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, bf16 *sr, float c,
-                                 long long at, long long d, int lane, const AdamArgs &a,
-                                 float inv_div) {
-  float ss = 0.f;
-  for (long long j = lane; j < d / W; j += 32) {
-    const Pack<float, W> w = pack_at<float, W>(wr, j), g = pack_at<float, W>(gr, j);
-    Pack<float, W> gd;
-#pragma unroll
-    for (int k = 0; k < W; k++) gd.v[k] = (g.v[k] - c * w.v[k]) * inv_div;
-    const Pack<float, W> p = adam_pack<M, W>(w, gd, mr, vr, j, at, a);
-    store_pack<float, W>(wr, j, p);
-#pragma unroll
-    for (int k = 0; k < W; k++) ss += p.v[k] * p.v[k];
-  }
-  // Each lane rescales what it wrote itself, so no barrier is needed between the passes.
-  const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
-  for (long long j = lane; j < d / W; j += 32) {
-    Pack<float, W> w = pack_at<float, W>(wr, j);
-#pragma unroll
-    for (int k = 0; k < W; k++) w.v[k] *= inv;
-    store_pack<float, W>(wr, j, w);
-    if (sr) {
-      Pack<bf16, W> h;
-#pragma unroll
-      for (int k = 0; k < W; k++) h.v[k] = bf16_of(w.v[k]);
-      store_pack<bf16, W>(sr, j, h);
-    }
-  }
-}
-
-// Rows of up to DEC_HELD floats, DEC_HELD_WARPS rows a block (trainer/src/sae.rs launches
-// decoder_adam with that many warps a block; more fall back to decoder_adam_row).
+// Rows of up to DEC_HELD floats are held in shared memory, DEC_HELD_WARPS rows a block
+// (trainer/src/sae.rs launches decoder_adam with that many warps a block); longer rows, or
+// larger blocks, are read back.
 #define DEC_HELD 2304
 #define DEC_HELD_WARPS 4
 
-// What decoder_adam_row_held reads of pack j of a row.
+// What decoder_adam_row reads of pack j of a row.
 template <typename M, int W> struct RowPack {
   Pack<float, W> w, g;
   Pack<M, W> m, v;
@@ -211,18 +181,18 @@ __device__ __forceinline__ void held_update(RowPack<M, W> &r, M *mr, M *vr, floa
   for (int k = 0; k < W; k++) ss += p.v[k] * p.v[k];
 }
 
-// decoder_adam_row with the row's new values held in shared memory until its norm is known, so
-// the rescale reads them there and writes each value once: decoder_adam_row writes the row,
-// then reads it back and writes it again, 1.2 GB more a step at the paper's sizes, and with
-// 32 warps on each SM some 40 MB of rows in flight, close to the whole L2; the same bytes of
-// W_enc (adam_flat) took 1.00 ms on the H200 where this pass took 1.30. Each lane reads two
-// packs before it stores either (the compiler will not move a load above a store it cannot
-// prove apart, and this kernel has fewer warps an SM: 4 a block, 6 blocks by shared memory).
-// The same sums in the same order: the same bits as decoder_adam_row.
+// One row's update: Adam's new values go to `held` until the row's norm is known, then are
+// rescaled into wr. `held` is shared memory for rows of up to DEC_HELD floats, so each value is
+// written once; for longer rows it is wr itself, which is then written, read back and written
+// again (1.2 GB more a step at the paper's sizes: with the rows held, the decoder's update
+// should come near adam_flat's over the same bytes of W_enc, 1.00 ms against its 1.30 on the
+// H200). Each lane reads two packs before storing either: the compiler keeps a pack's loads
+// after the previous pack's stores, and this kernel has fewer warps an SM (4 a block, 6 blocks
+// by shared memory). The same sums in the same order whatever `held`: the same bits.
 template <typename M, int W>
-__device__ void decoder_adam_row_held(float *wr, const float *gr, M *mr, M *vr, bf16 *sr,
-                                      float c, long long at, long long d, int lane,
-                                      const AdamArgs &a, float inv_div, float *held) {
+__device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, bf16 *sr, float c,
+                                 long long at, long long d, int lane, const AdamArgs &a,
+                                 float inv_div, float *held) {
   const long long n = d / W;
   float ss = 0.f;
   for (long long j = lane; j < n; j += 64) {
@@ -261,20 +231,13 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
   bf16 *sr = shadow ? shadow + at : nullptr;
   float *held = d <= DEC_HELD && blockDim.x <= 32 * DEC_HELD_WARPS
                     ? (float *)held_rows[warp]
-                    : nullptr;
-  if (adam_packs(w, g, m, v, d) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16)))) {
-    if (held)
-      decoder_adam_row_held<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane,
-                                           a, inv_div, held);
-    else
-      decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
-                                      inv_div);
-  } else if (held) {
-    decoder_adam_row_held<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div,
-                                held);
-  } else {
-    decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div);
-  }
+                    : w + at;
+  if (adam_packs(w, g, m, v, d) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16))))
+    decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
+                                    inv_div, held);
+  else
+    decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div,
+                           held);
 }
 
 // shadow (may be null): each new parameter value in bf16 too, rounded to nearest as ATen's

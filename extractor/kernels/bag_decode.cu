@@ -76,31 +76,32 @@ __device__ void bag_decode_bag(const T *w, const float *vals, const long long *c
   }
 }
 
-extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
-                                          const long long *cols, const long long *offsets,
-                                          float *out, long long n_bags, long long d) {
+// One warp a bag, over W's rows in T: 16-byte packs where they line up (768 columns a pass
+// either way: 6 packs of 4 floats, 3 of 8 bf16), a column at a time otherwise.
+template <typename T, int C>
+__device__ void bag_decode_rows(const T *w, const float *vals, const long long *cols,
+                                const long long *offsets, float *out, long long n_bags,
+                                long long d) {
   const long long b = warp_index();
   if (b >= n_bags) return;  // the whole warp
   const int lane = threadIdx.x & 31;
   const long long lo = offsets[b], hi = offsets[b + 1];
-  if (packs_fit<float>(w, d) && aligned(out, 16))
-    bag_decode_bag<float, kFloatPack, DEC_PACKS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+  if (packs_fit<T>(w, d) && aligned(out, 16))
+    bag_decode_bag<T, PackLen<T>::n, C>(w, vals, cols, lo, hi, out + b * d, d, lane);
   else
-    bag_decode_bag<float, 1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+    bag_decode_bag<T, 1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+}
+
+extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
+                                          const long long *cols, const long long *offsets,
+                                          float *out, long long n_bags, long long d) {
+  bag_decode_rows<float, DEC_PACKS>(w, vals, cols, offsets, out, n_bags, d);
 }
 
 extern "C" __global__ void bag_decode_fwd_bf16(const bf16 *w, const float *vals,
                                                const long long *cols, const long long *offsets,
                                                float *out, long long n_bags, long long d) {
-  const long long b = warp_index();
-  if (b >= n_bags) return;  // the whole warp
-  const int lane = threadIdx.x & 31;
-  const long long lo = offsets[b], hi = offsets[b + 1];
-  if (packs_fit<bf16>(w, d) && aligned(out, 16))
-    bag_decode_bag<bf16, PackLen<bf16>::n, DEC_PACKS_BF16>(w, vals, cols, lo, hi, out + b * d, d,
-                                                           lane);
-  else
-    bag_decode_bag<bf16, 1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
+  bag_decode_rows<bf16, DEC_PACKS_BF16>(w, vals, cols, offsets, out, n_bags, d);
 }
 
 // Rows of dw a warp writes: a core latent fires on most tokens, and its thousands of entries
