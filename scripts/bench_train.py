@@ -165,8 +165,9 @@ def main():
                     help="also time dmsae with each of its trainer kernels off in turn "
                          "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS, _SELECT = 0), all "
                          "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), with "
-                         "float32 Adam moments (adam_bf16_moments = false), and with the "
-                         "decoder's forward over float32 rows (decoder_bf16 = false); CUDA")
+                         "float32 Adam moments (adam_bf16_moments = false), with the "
+                         "decoder's forward over float32 rows (decoder_bf16 = false), and with "
+                         "its update reading each row back (DMSAE_DECODER_HELD=0); CUDA")
     ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
                                     "(two runs each)")
     for key in ("width", "k", "batch", "steps"):
@@ -231,6 +232,8 @@ def main():
                  "adam_bf16_moments = false\n", None),
                 ("dmsae train, float32 decoder rows (decoder_bf16 = false)",
                  "decoder_bf16 = false\n", None),
+                ("dmsae train, decoder's update reading its rows back (DMSAE_DECODER_HELD=0)",
+                 "", {"DMSAE_DECODER_HELD": "0"}),
             ):
                 rows.append((name, dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
                                               a.device, a.threads, dead_tokens, extra, env)[0]))

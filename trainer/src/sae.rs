@@ -1014,8 +1014,12 @@ impl Trainer {
         let threads: u32 = if dev.is_cuda() { 256 } else { 32 };
         let row_grid = (rows as u32).div_ceil(threads / 32);
         // decoder_adam: 4 warps a block, each row waiting in the block's shared memory for its
-        // norm (adam.cu's DEC_HELD_WARPS).
-        let held_threads = threads.min(128);
+        // norm (adam.cu's DEC_HELD_WARPS); DMSAE_DECODER_HELD=0 launches 8, which read each
+        // row back instead (to time one against the other).
+        let held_threads = match std::env::var("DMSAE_DECODER_HELD").is_ok_and(|v| v == "0") {
+            true => threads,
+            false => threads.min(128),
+        };
         let held_grid = (rows as u32).div_ceil(held_threads / 32);
         let flat_grid = |n: i64| match dev.is_cuda() {
             true => (n as u32).div_ceil(threads).clamp(1, 1 << 16),
