@@ -606,6 +606,23 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> (T
     }
 }
 
+/// A parameter's bf16 copy (`Trainer::w_enc_h`, `w_dec_h`), if no ATen op has changed the
+/// parameter since the update wrote it: the version counter is still the one recorded then.
+fn current_copy<'a>(copy: &'a Option<(Tensor, i64)>, of: &Tensor) -> Option<&'a Tensor> {
+    copy.as_ref()
+        .filter(|(_, v)| *v == kernels::version(of))
+        .map(|(h, _)| h)
+}
+
+/// Where the update writes `of`'s bf16 copy (made on first use), or null when `on` is false.
+fn copy_to_write(copy: &mut Option<(Tensor, i64)>, on: bool, of: &Tensor) -> *mut std::ffi::c_void {
+    if on && copy.is_none() {
+        *copy = Some((Tensor::empty(of.size(), (Kind::BFloat16, of.device())), -1));
+    }
+    copy.as_ref()
+        .map_or(std::ptr::null_mut(), |(h, _)| h.data_ptr())
+}
+
 /// What Adam divides the gradients by to clip their joint norm (a float64 scalar on the device)
 /// to `clip`: norm / clip over it, 1 under it. Float64 on the device, so no step waits for it.
 fn clip_divisor(norm: &Tensor, clip: f64) -> Tensor {
@@ -793,11 +810,7 @@ impl Trainer {
             && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
         let pre_bf = match sparse_grad {
             true => {
-                let w_h = self
-                    .w_enc_h
-                    .as_ref()
-                    .filter(|(_, v)| *v == kernels::version(&s.w_enc))
-                    .map(|(w, _)| w);
+                let w_h = current_copy(&self.w_enc_h, &s.w_enc);
                 tch::no_grad(|| s.pre_acts_as(x_bd, s.width(), bf16, false, w_h))
             }
             false => s.pre_acts_as(x_bd, s.width(), bf16, true, None),
@@ -814,26 +827,19 @@ impl Trainer {
         // for the update come from that kernel's backward.
         let dec_stats =
             (auxk && n_dead == 0 && s.fused_decode()).then(|| kernels::bag_decode_stats(&s.w_dec));
-        // Training's decoder over W_dec's bf16 copy: the update's, while no ATen op has
-        // changed W_dec since, else a cast.
-        let cast;
-        let w_dec_h = match auxk && self.dec_bf16 {
-            true => Some(
-                match self
-                    .w_dec_h
-                    .as_ref()
-                    .filter(|(_, v)| *v == kernels::version(&s.w_dec))
-                {
-                    Some((h, _)) => h,
-                    None => {
-                        cast = s.w_dec.detach().to_kind(Kind::BFloat16);
-                        &cast
-                    }
-                },
-            ),
-            false => None,
-        };
-        let parts_bgd = s.decode_parts(&codes, &self.part_starts, dec_stats.as_ref(), w_dec_h);
+        // Training's decoder over W_dec's bf16 copy: the update's, while current, else a cast.
+        let w_dec_h = (auxk && self.dec_bf16).then(|| {
+            current_copy(&self.w_dec_h, &s.w_dec).map_or_else(
+                || s.w_dec.detach().to_kind(Kind::BFloat16),
+                Tensor::shallow_clone,
+            )
+        });
+        let parts_bgd = s.decode_parts(
+            &codes,
+            &self.part_starts,
+            dec_stats.as_ref(),
+            w_dec_h.as_ref(),
+        );
         let l2 = s.matryoshka_l2(x_bd, &parts_bgd);
         let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
 
@@ -1084,23 +1090,10 @@ impl Trainer {
             seed: 0,
         };
         let suffix = if self.bf16_moments() { "bf16" } else { "f32" };
-        // W_enc's bf16 copy for the next step's product, written by the update.
-        if self.bf16 && self.w_enc_h.is_none() {
-            let w = &self.sae.w_enc;
-            self.w_enc_h = Some((Tensor::empty(w.size(), (Kind::BFloat16, dev)), -1));
-        }
-        let mut shadow = self
-            .w_enc_h
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |(h, _)| h.data_ptr());
-        // And W_dec's for the next step's decoder.
-        if self.dec_bf16 && self.w_dec_h.is_none() {
-            self.w_dec_h = Some((Tensor::empty([rows, d], (Kind::BFloat16, dev)), -1));
-        }
-        let mut dec_shadow = self
-            .w_dec_h
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |(h, _)| h.data_ptr());
+        // W_enc's bf16 copy for the next step's product and W_dec's for its decoder, written
+        // by the update.
+        let mut shadow = copy_to_write(&mut self.w_enc_h, self.bf16, &self.sae.w_enc);
+        let mut dec_shadow = copy_to_write(&mut self.w_dec_h, self.dec_bf16, &self.sae.w_dec);
         let mut no_shadow: *mut std::ffi::c_void = std::ptr::null_mut();
         for (i, (p, g)) in self.sae.params().into_iter().zip(g).enumerate() {
             let mut a = AdamArgs {
@@ -1159,11 +1152,13 @@ impl Trainer {
         }
         // The kernels wrote W_enc and W_dec directly, so their versions are still what the
         // copies go with.
-        if let Some((_, v)) = self.w_enc_h.as_mut() {
-            *v = kernels::version(&self.sae.w_enc);
-        }
-        if let Some((_, v)) = self.w_dec_h.as_mut() {
-            *v = kernels::version(&self.sae.w_dec);
+        for (copy, p) in [
+            (&mut self.w_enc_h, &self.sae.w_enc),
+            (&mut self.w_dec_h, &self.sae.w_dec),
+        ] {
+            if let Some((_, v)) = copy.as_mut() {
+                *v = kernels::version(p);
+            }
         }
         laps.lap(6);
         laps.lap(7);
