@@ -2194,7 +2194,7 @@ pub(crate) mod tests {
         // of bag 4's, latent 19 none.
         let bags: Vec<i64> = [(0, 70), (2, 33), (3, 1), (4, 40)]
             .iter()
-            .flat_map(|&(b, n)| std::iter::repeat(b).take(n))
+            .flat_map(|&(b, n)| std::iter::repeat_n(b, n))
             .collect();
         let cols: Vec<i64> = (0..bags.len())
             .map(|e| match (e % 5, bags[e]) {
@@ -2210,7 +2210,7 @@ pub(crate) mod tests {
         // must not.
         for (d, shift) in [(42i64, false), (304, false), (42, true)] {
             if shift {
-                let _ = cols.copy_(&((&cols + 1).remainder(latents)));
+                cols.copy_(&((&cols + 1).remainder(latents)));
             }
             let case = format!(
                 "d {d}{} on {device:?}",

@@ -698,7 +698,24 @@ pub struct StepStats {
     pub l0_noncore: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// `Trainer::step` after this update (figures may be read a step late: `Trainer::queue`).
+    pub step: u64,
 }
+
+/// A queued step's figures on their way to the host (`Trainer::queue`), with what turns them
+/// into `StepStats`.
+struct Pending {
+    copy: kernels::HostCopies,
+    step: u64,
+    lr: f64,
+    batch: i64,
+    numel: i64,
+}
+
+// Where the figures vector (`Trainer::queue`) keeps the values the trainer itself reads.
+const F_DEAD: usize = 8;
+const F_SINCE_MAX: usize = 9;
+const F_KEPT_MIN: usize = 10;
 
 pub struct Trainer {
     pub sae: Sae,
@@ -713,7 +730,14 @@ pub struct Trainer {
     since_fired_f: Tensor,
     /// How many latents `dead_f` marks, read back with the last step's figures: the next step
     /// chooses its graph (AuxK's dense one or the sparse one) without waiting for the device.
+    /// Meaningless while `pending` holds the last step's figures (`queue` decides anew).
     n_dead: i64,
+    /// An upper bound on the largest non-core `since_fired_f`: exact when read back, plus the
+    /// tokens of each step queued since. Below `dead_tokens`, no latent is dead, and the next
+    /// step needs no figures from the last one.
+    since_max: i64,
+    /// The last queued step's figures, not yet read.
+    pending: Option<Pending>,
     /// `Sae::part_starts`, made once: a copy from the host waits for the device.
     part_starts: Tensor,
     /// Tokens on which each latent fired in the last step.
@@ -753,6 +777,8 @@ impl Trainer {
             since_fired_f: Tensor::zeros([sae.width() as i64], (Kind::Int64, sae.device())),
             fired_f: Tensor::zeros([sae.width() as i64], (Kind::Int64, sae.device())),
             n_dead: 0,
+            since_max: 0,
+            pending: None,
             part_starts: sae.part_starts(),
             bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
             w_enc_h: None,
@@ -783,9 +809,21 @@ impl Trainer {
         self.dead_f().sum(Kind::Int64)
     }
 
-    /// `n_dead` from the counters, where they were set other than by a step.
+    /// `n_dead` and `since_max` from the counters, where they were set other than by a step.
     fn recount_dead(&mut self) {
-        self.n_dead = self.count_dead().int64_value(&[]);
+        self.pending = None;
+        let both = Tensor::stack(&[self.count_dead(), self.noncore_since_max()], 0);
+        let both = Vec::<i64>::try_from(both.to_device(Device::Cpu)).expect("i64");
+        (self.n_dead, self.since_max) = (both[0], both[1]);
+    }
+
+    /// The largest non-core `since_fired_f` (0 without non-core latents), on the device.
+    fn noncore_since_max(&self) -> Tensor {
+        let (c, w) = (self.sae.core as i64, self.sae.width() as i64);
+        match w > c {
+            true => self.since_fired_f.narrow(0, c, w - c).max(),
+            false => Tensor::zeros([], (Kind::Int64, self.since_fired_f.device())),
+        }
     }
 
     /// Matryoshka loss: the mean over prefixes p = 1..=G (core + first p non-core groups) of
@@ -902,10 +940,28 @@ impl Trainer {
         (err / var).nan_to_num(0.0, 0.0, 0.0)
     }
 
+    /// One update and its figures: `queue`, then `settle`.
+    pub fn update(&mut self, x_bd: &Tensor) -> StepStats {
+        let _ = self.queue(x_bd);
+        self.settle().expect("the update just queued")
+    }
+
     /// One update, stages in order: b_dec init (step 0), loss and backward, frozen core,
     /// drop the gradient parallel to decoder rows, clip, Adam, renormalise the decoder,
-    /// dead-latent and threshold bookkeeping.
-    pub fn update(&mut self, x_bd: &Tensor) -> StepStats {
+    /// dead-latent and threshold bookkeeping. Its figures are read on the next call (or by
+    /// `settle`), so the host queues the next step while the device finishes this one; what
+    /// the next step needs of them, whether any latent is dead, comes from `since_max` unless
+    /// a latent may have just died. Returns the figures read during this call: the previous
+    /// step's (`DMSAE_DEFER_FIGURES=0`: this step's, read at its end, one wait more a step).
+    /// Either way the steps and the threshold are those of reading each step's figures at once.
+    pub fn queue(&mut self, x_bd: &Tensor) -> Option<StepStats> {
+        let mut read = None;
+        if self.pending.is_some() {
+            match self.since_max < self.cfg.dead_tokens as i64 {
+                true => self.n_dead = 0,
+                false => read = self.settle(),
+            }
+        }
         if self.step == 0 {
             // Ours: the batch mean (dictionary_learning uses the geometric median).
             tch::no_grad(|| self.sae.b_dec.copy_(&x_bd.mean_dim(0, false, None)));
@@ -931,17 +987,24 @@ impl Trainer {
             }
         });
         let kept_min = tch::no_grad(|| self.bookkeep(&out.codes));
-        // The step's figures, the dead count and the threshold's new input in one read back
-        // to the host, the step's only wait for the device besides the codes' selection:
-        // while the host waits, the device has nothing queued behind.
+        self.since_max += out.codes.batch;
+        if let Some(p) = self.pending.take() {
+            // The device is on this step by now: the previous one's copy has long finished.
+            let (stats, f) = self.read(p);
+            self.since_max = f[F_SINCE_MAX] as i64 + out.codes.batch;
+            read = Some(stats);
+        }
+        // The step's figures, the dead counts and the threshold's new input as one copy to
+        // the host, started behind the step's work on the device.
         let (c, w) = (self.sae.core as i64, self.sae.width() as i64);
-        let f = tch::no_grad(|| {
+        let copy = tch::no_grad(|| {
             let (err, var) = err_sums(x_bd, &out.x_hat_bd);
             let terms = [&out.loss, &out.l2, &out.auxk].map(|t| t.detach().to_kind(Kind::Double));
             let counts = [
                 out.codes.count_in_t(0, c),
                 out.codes.count_in_t(c, w),
                 self.count_dead(),
+                self.noncore_since_max(),
             ]
             .map(|t| t.to_kind(Kind::Double));
             let all: Vec<&Tensor> = terms
@@ -950,27 +1013,61 @@ impl Trainer {
                 .chain(&counts)
                 .chain(&kept_min)
                 .collect();
-            Vec::<f64>::try_from(Tensor::stack(&all, 0).to_device(Device::Cpu)).expect("f64")
+            let f = Tensor::stack(&all, 0);
+            kernels::HostCopies::start(&[&f])
+                .or_else(|_| kernels::HostCopies::start(&[&f.to_device(Device::Cpu)]))
+                .expect("a CPU tensor's copy")
         });
-        self.n_dead = f[8] as i64;
-        if let Some(&min) = f.get(9) {
-            self.update_threshold(min);
-        }
         self.step += 1;
+        self.pending = Some(Pending {
+            copy,
+            step: self.step,
+            lr,
+            batch: out.codes.batch,
+            numel: x_bd.numel() as i64,
+        });
+        if std::env::var("DMSAE_DEFER_FIGURES").is_ok_and(|v| v == "0") {
+            read = self.settle();
+        }
         laps.lap(8);
         laps.end();
-        let per_token = |n: f64| n / (out.codes.batch.max(1)) as f64;
-        StepStats {
+        read
+    }
+
+    /// The last queued step's figures (waiting for the device if they are not in yet), with
+    /// its dead count and threshold applied; None if they were read already.
+    pub fn settle(&mut self) -> Option<StepStats> {
+        let p = self.pending.take()?;
+        let (stats, f) = self.read(p);
+        (self.n_dead, self.since_max) = (f[F_DEAD] as i64, f[F_SINCE_MAX] as i64);
+        Some(stats)
+    }
+
+    /// `p`'s figures, its threshold input applied (steps are read in order, so the EMA sees
+    /// them in order).
+    fn read(&mut self, p: Pending) -> (StepStats, Vec<f64>) {
+        let host = p
+            .copy
+            .wait()
+            .unwrap_or_else(|e| panic!("step figures: {e}"));
+        let f = Vec::<f64>::try_from(&host[0]).expect("f64");
+        if let Some(&min) = f.get(F_KEPT_MIN) {
+            self.update_threshold(min);
+        }
+        let per_token = |n: f64| n / (p.batch.max(1)) as f64;
+        let stats = StepStats {
             loss: f[0],
             l2: f[1],
             auxk: f[2],
-            mse: f[3] / x_bd.numel() as f64,
+            mse: f[3] / p.numel as f64,
             fvu: f[3] / f[4].max(f64::MIN_POSITIVE),
             grad_norm: f[5],
             l0_core: per_token(f[6]),
             l0_noncore: per_token(f[7]),
-            lr,
-        }
+            lr: p.lr,
+            step: p.step,
+        };
+        (stats, f)
     }
 
     /// The update in ATen: the gradient along each decoder row removed, the clip, Adam
@@ -1254,6 +1351,11 @@ impl Trainer {
     /// Everything a resumed run needs besides `step` and the threshold, on the CPU: weights,
     /// Adam moments, dead-latent counters, the encoder product.
     pub fn state(&self) -> Vec<(String, Tensor)> {
+        // The threshold would miss the last step's input.
+        assert!(
+            self.pending.is_none(),
+            "Trainer::state with a step's figures unread"
+        );
         let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
         let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
         let mut out: Vec<(String, Tensor)> = names
@@ -2524,6 +2626,93 @@ mod tests {
         assert!(!e.sae.w_enc.equal(&before));
         assert!(r.sae.w_enc.equal(&e.sae.w_enc));
         assert!(r.sae.w_dec.equal(&e.sae.w_dec));
+    }
+
+    /// Steps whose figures are read during the next step (`queue`) are the steps that read
+    /// them at once (`update`): the weights, the moments, the threshold and every step's
+    /// figures, bit for bit, across the steps where latents die. Whether the next step needs
+    /// AuxK is then known from `since_max`, and latents die exactly at a step's end here
+    /// (`dead_tokens` a multiple of the batch), so a bound one token short, or one missing a
+    /// step's tokens, gives a step without AuxK's rows that should have had them.
+    #[test]
+    fn steps_read_a_step_late_are_the_steps_read_at_once() {
+        steps_read_late_against_at_once(Device::Cpu);
+    }
+
+    /// The same on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh), where the figures cross
+    /// on the copy stream: equal to float32 summation order (the kernels' atomics), the same
+    /// step for AuxK's start.
+    #[test]
+    fn steps_read_a_step_late_are_the_steps_read_at_once_on_cuda() {
+        if let Some(device) = test_cuda() {
+            steps_read_late_against_at_once(device);
+        }
+    }
+
+    fn steps_read_late_against_at_once(device: Device) {
+        let (_, x) = sparse_dictionary(16, 24, 3, 2048, 0.05, 1);
+        let cfg = TrainConfig {
+            width: 96,
+            k: 2,
+            steps: 40,
+            warmup_steps: 4,
+            dead_tokens: 256 * 2,
+            ..small_cfg(3)
+        };
+        let (d, b) = (16, cfg.batch_tokens);
+        let new = || {
+            let sae = Sae::new(d, None, &cfg, Kind::Float, device).unwrap();
+            Trainer::new(sae, cfg.clone(), false)
+        };
+        let batch = |s: usize| {
+            let lo = (s % (x.len() / d / b)) * b * d;
+            tensor(&x[lo..lo + b * d], b, Kind::Float).to_device(device)
+        };
+        // Exact on the CPU; on a GPU, to a relative 1e-3.
+        let tol = if device.is_cuda() { 1e-3 } else { 0.0 };
+        let close = |a: f64, b: f64| (a - b).abs() <= tol * a.abs().max(b.abs());
+        let (mut now, mut late) = (new(), new());
+        let (mut read_now, mut read_late) = (Vec::new(), Vec::new());
+        for s in 0..cfg.steps as usize {
+            read_now.push(now.update(&batch(s)));
+            read_late.extend(late.queue(&batch(s)));
+        }
+        read_late.extend(late.settle());
+        assert!(late.settle().is_none());
+        // Latents died during the run, not before it: AuxK starts part-way.
+        let first_auxk = read_now.iter().position(|s| s.auxk > 0.0);
+        assert!(
+            matches!(first_auxk, Some(i) if i > 1),
+            "AuxK from step {first_auxk:?}"
+        );
+        assert_eq!(read_now.len(), read_late.len());
+        for (a, b) in read_now.iter().zip(&read_late) {
+            let figures = |s: &StepStats| [s.loss, s.auxk, s.fvu, s.grad_norm, s.l0_noncore, s.lr];
+            assert!(
+                a.step == b.step
+                    && figures(a)
+                        .into_iter()
+                        .zip(figures(b))
+                        .all(|(p, q)| close(p, q)),
+                "at once {a:?}, a step late {b:?}"
+            );
+        }
+        let tensors = |t: &Trainer| {
+            let mut all: Vec<Tensor> = t.sae.params().into_iter().map(|p| p.copy()).collect();
+            all.extend(t.m.iter().chain(&t.v).map(|m| m.copy()));
+            all.push(t.since_fired_f.copy());
+            all
+        };
+        for (p, q) in tensors(&now).iter().zip(tensors(&late)) {
+            let (p, q) = (p.to_kind(Kind::Double), q.to_kind(Kind::Double));
+            let diff = (&p - &q).abs().max().double_value(&[]);
+            assert!(diff <= tol * p.abs().max().double_value(&[]));
+        }
+        assert!(now.sae.threshold > 0.0);
+        assert!(close(now.sae.threshold, late.sae.threshold));
+        if !device.is_cuda() {
+            assert_eq!((now.n_dead, now.since_max), (late.n_dead, late.since_max));
+        }
     }
 
     #[test]

@@ -807,13 +807,23 @@ pub(crate) fn train_members(
     let mut batches = DeviceBatches::start(store, store_dir, opts, pos, (d, scale, device));
     let (mut win_tokens, mut win_wait_ns, mut last_wait, mut win_start) =
         (0u64, 0u64, 0u64, Instant::now());
+    // Each member's newest figures read back: a step's are read during the next (`queue`),
+    // and all of them before a checkpoint, a log line or the end.
+    let mut last = vec![StepStats::default(); members.len()];
     while step < total {
         let pos = Position {
             epoch,
             batches: epoch_batches,
             tokens,
         };
-        if stop.load(Ordering::SeqCst) {
+        let stopping = stop.load(Ordering::SeqCst);
+        let checkpoint = cfg.checkpoint_every > 0
+            && step > last_ckpt
+            && step.is_multiple_of(cfg.checkpoint_every);
+        if stopping || checkpoint {
+            settle(members, &mut last)?;
+        }
+        if stopping {
             for m in members.iter_mut() {
                 m.checkpoint(pos)?;
             }
@@ -823,8 +833,7 @@ pub(crate) fn train_members(
                 seconds: start.elapsed().as_secs_f64(),
             });
         }
-        if cfg.checkpoint_every > 0 && step > last_ckpt && step.is_multiple_of(cfg.checkpoint_every)
-        {
+        if checkpoint {
             for m in members.iter_mut() {
                 m.checkpoint(pos)?;
             }
@@ -835,31 +844,19 @@ pub(crate) fn train_members(
         win_wait_ns += batches.waited_ns - last_wait;
         last_wait = batches.waited_ns;
         let x_bd = batch.x_bd;
-        let stats: Vec<StepStats> = members
-            .iter_mut()
-            .map(|m| {
-                let s = m.t.update(&x_bd);
-                m.fires_f += m.t.last_fired_counts();
-                s
-            })
-            .collect();
-        for (m, s) in members.iter().zip(&stats) {
-            // Caught before any checkpoint holds the poisoned weights. (A NaN pre-activation
-            // never passes BatchTopK's `> 0`, so the loss alone could stay finite.)
-            if !(s.loss.is_finite() && s.grad_norm.is_finite()) {
-                return Err(TrainError::Diverged {
-                    path: m.out.clone(),
-                    step: m.t.step,
-                    msg: format!(
-                        "loss {}, gradient norm {}; lower lr (now {}) or check the store",
-                        s.loss, s.grad_norm, cfg.lr
-                    ),
-                });
+        for (m, l) in members.iter_mut().zip(&mut last) {
+            if let Some(s) = m.t.queue(&x_bd) {
+                *l = checked(m, s)?;
             }
+            m.fires_f += m.t.last_fired_counts();
         }
         step = members[0].t.step;
         tokens += batch.n as u64;
         win_tokens += batch.n as u64;
+        let log = step.is_multiple_of(cfg.log_every.max(1)) || step == total;
+        if log {
+            settle(members, &mut last)?;
+        }
         progress(&Progress {
             step,
             total_steps: total,
@@ -867,12 +864,12 @@ pub(crate) fn train_members(
             run_steps: step - start_step,
             run_tokens: tokens - start_tokens,
             elapsed_s: start.elapsed().as_secs_f64(),
-            stats: &stats[0],
+            stats: &last[0],
         });
-        if step.is_multiple_of(cfg.log_every.max(1)) || step == total {
+        if log {
             let frac = |m: Tensor| m.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
             let tokens_per_s = win_tokens as f64 / win_start.elapsed().as_secs_f64();
-            for (m, s) in members.iter_mut().zip(&stats) {
+            for (m, s) in members.iter_mut().zip(&last) {
                 let rate = m.fires_f.to_kind(Kind::Double) / win_tokens.max(1) as f64;
                 let t = &m.t;
                 let line = json!({
@@ -890,6 +887,7 @@ pub(crate) fn train_members(
             (win_tokens, win_wait_ns, win_start) = (0, 0, Instant::now());
         }
     }
+    settle(members, &mut last)?;
     crate::profile::report();
     Ok(LoopEnd {
         pos: Position {
@@ -900,6 +898,33 @@ pub(crate) fn train_members(
         interrupted: false,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Every member's last step's figures, read (`Trainer::settle`) and checked, into `last`.
+fn settle(members: &mut [Member], last: &mut [StepStats]) -> Result<(), TrainError> {
+    for (m, l) in members.iter_mut().zip(last) {
+        if let Some(s) = m.t.settle() {
+            *l = checked(m, s)?;
+        }
+    }
+    Ok(())
+}
+
+/// `s`, unless its step diverged. Checked before any checkpoint holds the poisoned weights
+/// (the loop settles first). A NaN pre-activation never passes BatchTopK's `> 0`, so the loss
+/// alone could stay finite.
+fn checked(m: &Member, s: StepStats) -> Result<StepStats, TrainError> {
+    match s.loss.is_finite() && s.grad_norm.is_finite() {
+        true => Ok(s),
+        false => Err(TrainError::Diverged {
+            path: m.out.clone(),
+            step: s.step,
+            msg: format!(
+                "loss {}, gradient norm {}; lower lr (now {}) or check the store",
+                s.loss, s.grad_norm, m.t.cfg.lr
+            ),
+        }),
+    }
 }
 
 /// Metrics on up to `eval_tokens` held-out tokens; None when the store holds none.
