@@ -86,16 +86,21 @@ impl ModelFlags {
     /// The progress line on stderr, at most twice a second, prefixed by `label`.
     pub fn progress(&self, label: String) -> impl FnMut(&Progress) + '_ {
         progress_line(self.quiet, label.clone(), move |p, rate, eta| {
+            let s = p.stats;
+            // The figures are the newest read back, usually the step before (step 0: none yet).
+            let figures = match s.step {
+                0 => String::new(),
+                _ => format!(
+                    "  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}",
+                    s.loss, s.fvu, s.l0_core, s.l0_noncore
+                ),
+            };
             format!(
-                "{label}step {}/{} ({:.0}%)  {:.0} tokens/s  loss {:.4}  FVU {:.4}  L0 {:.1}+{:.1}  ETA {:.0}s",
+                "{label}step {}/{} ({:.0}%)  {:.0} tokens/s{figures}  ETA {:.0}s",
                 p.step,
                 p.total_steps,
                 100.0 * p.step as f64 / p.total_steps as f64,
                 rate,
-                p.stats.loss,
-                p.stats.fvu,
-                p.stats.l0_core,
-                p.stats.l0_noncore,
                 eta
             )
         })
