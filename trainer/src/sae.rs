@@ -829,6 +829,11 @@ impl Trainer {
     /// Matryoshka loss: the mean over prefixes p = 1..=G (core + first p non-core groups) of
     /// sum_d (x - x_hat_p)^2, averaged over the batch; plus auxk_alpha * AuxK.
     pub fn loss(&self, x_bd: &Tensor) -> LossOut {
+        // AuxK's dead count is the last read's.
+        assert!(
+            self.pending.is_none(),
+            "Trainer::loss with a step's figures unread"
+        );
         self.loss_timed(x_bd, self.bf16, true, &mut Laps::off())
     }
 
@@ -942,8 +947,9 @@ impl Trainer {
 
     /// One update and its figures: `queue`, then `settle`.
     pub fn update(&mut self, x_bd: &Tensor) -> StepStats {
-        let _ = self.queue(x_bd);
-        self.settle().expect("the update just queued")
+        let read = self.queue(x_bd);
+        // With DMSAE_DEFER_FIGURES=0, `queue` has read this step's already.
+        self.settle().or(read).expect("the update just queued")
     }
 
     /// One update, stages in order: b_dec init (step 0), loss and backward, frozen core,
