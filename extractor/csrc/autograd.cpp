@@ -530,11 +530,14 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
 // [d, W] and bias [W] float32, and xc = x - b_dec (given; b_dec [d] is its centre). The
 // backward never builds the dense [B, W] gradient (kernels/encoder_grad.cu), and b_dec's is
 // -w db, where the caller had added b_dec's zero term (b_dec.detach() - b_dec) w to the bias
-// for autograd to find it: a product over W_enc each forward, whose value was zero.
+// for autograd to find it: a product over W_enc each forward, whose value was zero. `sq`, when
+// not empty, gets each encoder_grad block's sum of squares of W's gradient, columns from
+// `sq_from` on.
 struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &bias,
                             const at::Tensor &b_dec, const at::Tensor &xc, const at::Tensor &vals,
-                            const at::Tensor &rows, const at::Tensor &cols) {
+                            const at::Tensor &rows, const at::Tensor &cols,
+                            const at::Tensor &sq, int64_t sq_from) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "encoder_entries: W must be a contiguous float32 [d, W]");
     const int64_t d = w.size(0), width = w.size(1), n = vals.numel();
@@ -551,6 +554,15 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
       TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == n &&
                       t->is_contiguous() && t->device() == w.device(),
                   "encoder_entries: rows and cols must be contiguous int64 [n] beside W");
+    if (sq.numel() > 0) {
+      TORCH_CHECK(sq.scalar_type() == at::kFloat && sq.is_contiguous() &&
+                      sq.device() == w.device() &&
+                      sq.numel() == (width + 31) / 32 * ((d + 255) / 256),
+                  "encoder_entries: sq must be a contiguous float32 [ceil(W / 32) * "
+                  "ceil(d / 256)]");
+      ctx->saved_data["sq"] = sq;
+      ctx->saved_data["sq_from"] = sq_from;
+    }
     ctx->save_for_backward({w, xc, rows, cols});
     ctx->saved_data["width"] = width;
     return vals.to(at::kFloat).clone();
@@ -568,13 +580,17 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
          *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr(),
          *pdb = db.data_ptr();
     long long w = width, dd = d;
-    void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd};
+    const auto sq = ctx->saved_data.find("sq");
+    void *psq = sq == ctx->saved_data.end() ? nullptr : sq->second.toTensor().data_ptr();
+    long long from = psq ? ctx->saved_data["sq_from"].toInt() : 0;
+    void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd, &psq, &from};
     // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
     const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
     dispatch("encoder_grad", xc, (unsigned)blocks, 1024, args);
     const at::Tensor d_b_dec =
         ctx->needs_input_grad(2) ? at::mv(w_enc, db).neg() : at::Tensor();
-    return {dw, db, d_b_dec, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dw,           db,           d_b_dec,      at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -670,13 +686,18 @@ extern "C" int dmsae_swap_heads(at::Tensor *x, at::Tensor **out, char *err, size
 }
 
 // EncoderEntries above; as dmsae_softcap_softmax below.
+// `sq` may be null (none).
 extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor *b_dec,
                                      at::Tensor *xc, at::Tensor *vals, at::Tensor *rows,
-                                     at::Tensor *cols, at::Tensor **out, char *err,
-                                     size_t err_len) {
+                                     at::Tensor *cols, at::Tensor *sq, int64_t sq_from,
+                                     at::Tensor **out, char *err, size_t err_len) {
   return guarded(
-      [&] { return EncoderEntries::apply(*w, *bias, *b_dec, *xc, *vals, *rows, *cols); }, out,
-      err, err_len);
+      [&] {
+        const at::Tensor none = at::empty({0}, w->options());
+        return EncoderEntries::apply(*w, *bias, *b_dec, *xc, *vals, *rows, *cols,
+                                     sq ? *sq : none, sq_from);
+      },
+      out, err, err_len);
 }
 
 // MatryoshkaL2 above; as dmsae_softcap_softmax below.

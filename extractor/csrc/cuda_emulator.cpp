@@ -323,7 +323,8 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     launch(grid, block, [=] {
       encoder_grad(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
                    arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
-                   arg<float *>(a, 6), arg<ll>(a, 7), arg<ll>(a, 8));
+                   arg<float *>(a, 6), arg<ll>(a, 7), arg<ll>(a, 8), arg<float *>(a, 9),
+                   arg<ll>(a, 10));
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -10,6 +10,10 @@
 // line.
 // Entries are grouped by latent through `perm` (col_offsets[j]..col_offsets[j + 1]) and summed
 // in entry order: no atomics, the same bits every run.
+// `sq` (may be null): each block writes its tile's sum of squares there, latents from `sq_from`
+// on, so the update's clip has ||dW|| without a pass that reads the 0.6 GB gradient back (the
+// trainer sums the blocks, and adds the columns below `sq_from`: the core's, which gain a term
+// through the bias outside this kernel).
 
 #include "common.cuh"
 
@@ -20,7 +24,7 @@ constexpr int kEncChunk = 256;  // rows of W_enc a block (8 a lane)
 extern "C" __global__ void __launch_bounds__(1024)
     encoder_grad(const float *xc, const float *dv, const long long *rows, const long long *perm,
                  const long long *col_offsets, float *dw, float *db, long long width,
-                 long long d) {
+                 long long d, float *sq, long long sq_from) {
   __shared__ float tile[kEncTile][kEncChunk + 1];  // +1: a row's lanes fall in different banks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // Block b: latents tile b / chunks, rows chunk b % chunks. A core latent fires on most
@@ -58,6 +62,20 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
   if (k0 == 0 && lane == 0 && j < width) db[j] = s;
   for (int t = 0; t < kEncChunk / 32; t++) tile[warp][lane + 32 * t] = acc[t];
+  if (sq != nullptr) {
+    // Rows past d and latents past W summed nothing: their zeros add nothing.
+    __shared__ float warp_sq[kEncTile];
+    float s2 = 0.f;
+    if (j >= sq_from)
+      for (int t = 0; t < kEncChunk / 32; t++) s2 += acc[t] * acc[t];
+    s2 = warp_sum(s2);
+    if (lane == 0) warp_sq[warp] = s2;
+    __syncthreads();
+    if (warp == 0) {
+      const float all = warp_sum(warp_sq[lane]);
+      if (lane == 0) sq[blockIdx.x] = all;
+    }
+  }
   __syncthreads();
   // Warp w writes rows k0 + w, k0 + w + 32, ...; lane l the tile's latent l.
   for (int t = 0; t < kEncChunk / 32; t++) {

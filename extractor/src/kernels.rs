@@ -895,7 +895,7 @@ entry_points! {
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
         wh: CTensor) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
-        cols: CTensor) => dmsae_encoder_entries;
+        cols: CTensor, sq: CTensor, sq_from: i64) => dmsae_encoder_entries;
 }
 
 type UnaryOp = unsafe extern "C" fn(
@@ -1215,7 +1215,10 @@ fn error_text(err: &[u8]) -> String {
 /// [d, W], `bias` [W] and `b_dec` [d]: as if vals[e] = xc[rows[e]] . w[:, cols[e]] +
 /// bias[cols[e]] with xc = x - b_dec, so the backward gives their gradients from the entries
 /// alone (kernels/encoder_grad.cu through csrc/autograd.cpp). Float32 values, int64 indices,
-/// contiguous on one device; CPU tensors are emulated (tests: slow).
+/// contiguous on one device; CPU tensors are emulated (tests: slow). `sq` (`encoder_grad_sq`),
+/// when given, is filled by the backward with the squared norm of W's gradient's columns from
+/// `sq_from` on, in parts.
+#[allow(clippy::too_many_arguments)]
 pub fn encoder_entries(
     w: &Tensor,
     bias: &Tensor,
@@ -1224,8 +1227,12 @@ pub fn encoder_entries(
     vals: &Tensor,
     rows: &Tensor,
     cols: &Tensor,
+    sq: Option<&Tensor>,
+    sq_from: i64,
 ) -> Result<Tensor, String> {
-    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+    let sq = sq.map_or(std::ptr::null_mut(), ptr);
+    // SAFETY: live tch handles (or a null `sq`), and the out and error pointers `new_tensor`
+    // hands over.
     new_tensor(|out, err, len| unsafe {
         dmsae_encoder_entries(
             ptr(w),
@@ -1235,6 +1242,8 @@ pub fn encoder_entries(
             ptr(vals),
             ptr(rows),
             ptr(cols),
+            sq,
+            sq_from,
             out,
             err,
             len,
@@ -1284,6 +1293,18 @@ pub fn bag_decode(
 pub fn bag_decode_stats(w: &Tensor) -> Tensor {
     let (rows, d) = (w.size()[0], w.size()[1]);
     Tensor::empty([(d + 255) / 256, 3, rows], (Kind::Double, w.device()))
+}
+
+/// `encoder_entries`' `sq` for W [d, W]: one float32 per encoder_grad block (a tile of 32
+/// latents and 256 rows), each its part of the gradient's squared norm; their sum in float64
+/// is that of the columns it covers, as the update's clip wants it, without a pass over the
+/// gradient.
+pub fn encoder_grad_sq(w: &Tensor) -> Tensor {
+    let (d, width) = (w.size()[0], w.size()[1]);
+    Tensor::empty(
+        [(width + 31) / 32 * ((d + 255) / 256)],
+        (Kind::Float, w.device()),
+    )
 }
 
 /// BatchTopK's candidates without a [B, W] mask (kernels/select.cu): the kept entries of the
@@ -2305,6 +2326,7 @@ pub(crate) mod tests {
                 .set_requires_grad(true);
             let bias = Tensor::zeros([latents], (Kind::Float, device)).set_requires_grad(true);
             let b_dec = Tensor::zeros([d], (Kind::Float, device)).set_requires_grad(true);
+            let sq = encoder_grad_sq(&w_enc);
             let ve = encoder_entries(
                 &w_enc,
                 &bias,
@@ -2313,6 +2335,8 @@ pub(crate) mod tests {
                 &v32.detach(),
                 &bags,
                 &cols,
+                Some(&sq),
+                2,
             )
             .unwrap();
             let dv = vals.randn_like();
@@ -2333,6 +2357,20 @@ pub(crate) mod tests {
                 ("b_enc gradient", &g[1], &want_db),
                 ("b_dec gradient", &g[2], &want_d_b_dec),
             ]);
+            // The blocks' squares sum to ||dW||^2 over latents 2.. (latent 3 is the busiest; a
+            // block's or a row's squares missing, or columns 0 and 1 in, fail it).
+            let (got, want) = (
+                sq.sum(Kind::Double).double_value(&[]),
+                want_dw
+                    .narrow(1, 2, latents - 2)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[]),
+            );
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "{case}: W_enc gradient's squared norm {got} against {want}"
+            );
         }
     }
 
