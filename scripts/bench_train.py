@@ -9,6 +9,8 @@ the threshold EMA. It reads its batches from memory; dmsae streams them from a s
 AuxK is idle on both sides by default: no latent can be dead within a benchmark's few steps.
 `--auxk` counts every latent dead (dead_tokens = 0), so AuxK takes its full k_aux = d/2
 (METHOD.md) every step on both sides: a step of a long run with at least d/2 dead latents.
+`--dead-tokens N` counts a latent dead after N tokens without firing instead: a few steps' worth
+leaves some latents dead each step, as a long run has (how many depends on the run).
 
 Run with a Python that has torch (`.venv-model/bin/python`, or the GPU machine's):
     python scripts/bench_train.py --dmsae target/release/dmsae --preset cpu
@@ -159,6 +161,9 @@ def main():
     ap.add_argument("--work", help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--auxk", action="store_true",
                     help="every latent counts as dead: full AuxK every step, both sides")
+    ap.add_argument("--dead-tokens", type=int,
+                    help="a latent is dead after this many tokens without firing, both sides "
+                         "(default: 10M, none within a bench; --auxk: 0)")
     ap.add_argument("--encoder-f32", action="store_true",
                     help="also time dmsae with a float32 encoder product (encoder_bf16 = false)")
     ap.add_argument("--kernels-ab", action="store_true",
@@ -174,6 +179,8 @@ def main():
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
+    if a.auxk and a.dead_tokens is not None:
+        ap.error("--auxk is --dead-tokens 0; give one of them")
     if a.kernels_ab and not a.device.startswith("cuda"):
         ap.error("--kernels-ab needs --device cuda (the kernels run on CUDA only)")
     d, width, k, batch, steps, n_tokens = PRESETS[a.preset]
@@ -195,7 +202,8 @@ def main():
         )
         os.remove(acts)
         xt = xt.float()  # the same values as the store
-        dead_tokens = 0 if a.auxk else 10_000_000  # METHOD.md's 10M: never within a bench
+        # METHOD.md's 10M: never within a bench.
+        dead_tokens = 0 if a.auxk else a.dead_tokens if a.dead_tokens is not None else 10_000_000
         ours, wait = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""

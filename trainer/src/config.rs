@@ -53,13 +53,14 @@ pub struct TrainConfig {
     /// between seeds, and at the sizes it made the step 1.9x faster (2.8x with AuxK).
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub encoder_bf16: Option<bool>,
-    /// AuxK's reconstruction as one dense [B, width] x [width, d] product (bf16 when the
-    /// encoder product is) instead of gathering each token's k_aux decoder rows; None: when
-    /// the encoder product is bf16 and k_aux >= width / 256. Ours: at the paper's sizes
-    /// (k_aux 1,152, width 65,536, batch 4,096) the gathers and their backward move ~130 GB a
-    /// step and the products cost ~3.7 TFLOP (estimates for an H100, not measured); on the
-    /// 2-core CPU, at k_aux 320 and width 4,096, the gathers measured cheaper (369 against 508
-    /// ms a step, float32).
+    /// AuxK's reconstruction as one dense [B, n_dead] x [n_dead, d] product over the dead
+    /// latents (bf16 when the encoder product is) instead of gathering each token's k_aux
+    /// decoder rows; None: when the encoder product is bf16 and k_aux >= width / 256. Ours: at
+    /// the paper's sizes (k_aux 1,152, width 65,536, batch 4,096) with every latent dead the
+    /// gathers and their backward move ~130 GB a step and the products cost ~3.7 TFLOP
+    /// (estimates for an H100, not measured); on the 2-core CPU, at k_aux 320 and width 4,096,
+    /// the gathers measured cheaper (369 against 508 ms a step, float32; the product was then
+    /// over every latent).
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub auxk_dense: Option<bool>,
     /// The training decoder's forward reads W_dec's rows in bf16 (a copy the fused update

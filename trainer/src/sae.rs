@@ -235,6 +235,25 @@ impl Sae {
         self.pre_acts_as(x_bd, n, false, true, None)
     }
 
+    /// The pre-activations of the non-core latents `cols` [n] alone, [B, n], with their graph:
+    /// (x - b_dec) W_enc[:, cols] + b_enc[cols], in bf16 with `bf16` (as `pre_acts_as`). b_dec's
+    /// gradient comes through a zero term in the bias, as in `encoder_terms`, so the backward's
+    /// one product is W's gradient.
+    fn noncore_pre_acts(&self, x_bd: &Tensor, cols: &Tensor, bf16: bool) -> Tensor {
+        let bd = self.b_dec.detach();
+        let xc_bd = x_bd - &bd;
+        let w_dn = self.w_enc.index_select(1, cols);
+        let zero_n = (&bd - &self.b_dec).matmul(&w_dn.detach());
+        let bias_n = self.b_enc.index_select(0, cols) + zero_n;
+        match bf16 {
+            true => {
+                let h = Kind::BFloat16;
+                bias_n.to_kind(h).addmm(&xc_bd.to_kind(h), &w_dn.to_kind(h))
+            }
+            false => xc_bd.matmul(&w_dn) + bias_n,
+        }
+    }
+
     /// `pre_acts`; with `bf16`, the [B, d] x [d, n] product and the bias add run in bf16 and
     /// the result stays bf16 (autograd runs the backward products in bf16 too, as under
     /// autocast). On a GPU at the sizes each float32 pass over [B, n] is 1 GB: a cast
@@ -735,7 +754,8 @@ pub struct Trainer {
     /// Training tokens since each latent last fired (AuxK's dead set).
     since_fired_f: Tensor,
     /// How many latents `dead_f` marks, read back with the last step's figures: the next step
-    /// chooses its graph (AuxK's dense one or the sparse one) without waiting for the device.
+    /// sizes AuxK's columns (and, with none, takes W_enc's gradient norm and W_dec's figures
+    /// from the kernels) without waiting for the device.
     /// Meaningless while `pending` holds the last step's figures (`queue` decides anew).
     n_dead: i64,
     /// An upper bound on the largest non-core `since_fired_f`: exact when read back, plus the
@@ -852,9 +872,11 @@ impl Trainer {
 
     fn loss_timed(&self, x_bd: &Tensor, bf16: bool, auxk: bool, laps: &mut Laps) -> LossOut {
         let s = &self.sae;
-        // AuxK reads every dead latent's pre-activation, so it needs their dense graph.
         let n_dead = if auxk { self.n_dead } else { 0 };
-        let sparse_grad = n_dead == 0
+        // AuxK reads the dead latents' pre-activations: a few from a product of their own
+        // beside the sparse path; many (a quarter of the latents: a guess, not timed) from the
+        // dense graph, whose product over all latents then costs less than two over most.
+        let sparse_grad = n_dead * 4 <= s.width() as i64
             && s.w_enc.kind() == Kind::Float
             && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
         let pre_bf = match sparse_grad {
@@ -866,7 +888,8 @@ impl Trainer {
         };
         laps.lap(0);
         let codes = s.train_codes(&pre_bf);
-        let enc_sq = sparse_grad.then(|| kernels::encoder_grad_sq(&s.w_enc));
+        // AuxK's gradient reaches W_enc's dead columns outside the kernel.
+        let enc_sq = (sparse_grad && n_dead == 0).then(|| kernels::encoder_grad_sq(&s.w_enc));
         let codes = match sparse_grad {
             true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref()),
             false => codes,
@@ -895,7 +918,12 @@ impl Trainer {
 
         laps.lap(2);
         let auxk = match auxk {
-            true => self.auxk(&(x_bd - &x_hat_bd).detach(), &pre_bf, n_dead),
+            true => {
+                let e_bd = (x_bd - &x_hat_bd).detach();
+                // Without a graph on the pre-activations, the dead latents' are made again.
+                let pre = (!sparse_grad).then_some(&pre_bf);
+                self.auxk(x_bd, &e_bd, pre, bf16, n_dead)
+            }
             false => x_bd.zeros_like().sum(None),
         };
         laps.lap(3);
@@ -910,30 +938,55 @@ impl Trainer {
         }
     }
 
-    /// AuxK (Gao et al.): the top k_aux dead latents of each token reconstruct the residual,
-    /// without b_dec; the error is divided by the residual's variance about its batch mean.
-    /// `n_dead`: how many latents `dead_f` marks.
-    fn auxk(&self, e_bd: &Tensor, pre_bf: &Tensor, n_dead: i64) -> Tensor {
-        let dead_f = self.dead_f();
+    /// AuxK (Gao et al.): the top k_aux dead latents of each token reconstruct the residual
+    /// `e_bd`, without b_dec; the error is divided by the residual's variance about its batch
+    /// mean. `n_dead`: how many latents `dead_f` marks. Only their columns are read: from
+    /// `pre_bf` (the pre-activations with their graph) or, without it, from their own product
+    /// (in bf16 with `bf16`), so a few dead latents cost a few columns, not a dense graph over
+    /// all W.
+    fn auxk(
+        &self,
+        x_bd: &Tensor,
+        e_bd: &Tensor,
+        pre_bf: Option<&Tensor>,
+        bf16: bool,
+        n_dead: i64,
+    ) -> Tensor {
         if n_dead == 0 {
             return e_bd.zeros_like().sum(None);
         }
-        let dead_bf = pre_bf.relu() * dead_f.to_kind(pre_bf.kind()).unsqueeze(0);
-        let (acts_bk, idx_bk) = dead_bf.topk((self.k_aux as i64).min(n_dead), -1, true, false);
-        let kind = self.sae.w_dec.kind();
+        let s = &self.sae;
+        let dead_f = self.dead_f();
+        // The n_dead marked latents in order, without `nonzero`'s wait for its size.
+        let dead = dead_f
+            .to_kind(Kind::Float)
+            .topk(n_dead, 0, true, false)
+            .1
+            .sort(0, false)
+            .0;
+        let pre_bn = match pre_bf {
+            Some(p) => p.index_select(1, &dead),
+            None => s.noncore_pre_acts(x_bd, &dead, bf16),
+        };
+        // A count behind the marks (never, if `n_dead` is current) picks no live latent.
+        let on = dead_f.index_select(0, &dead).to_kind(pre_bn.kind());
+        let dead_bn = pre_bn.relu() * on.unsqueeze(0);
+        let (acts_bk, at_bk) = dead_bn.topk((self.k_aux as i64).min(n_dead), -1, true, false);
+        let kind = s.w_dec.kind();
         let e_hat_bd = if self.auxk_dense() {
             // In the pre-activations' kind: bf16 with a bf16 encoder.
-            let a_bf = dead_bf.zeros_like().scatter(1, &idx_bk, &acts_bk);
-            a_bf.matmul(&self.sae.w_dec.to_kind(a_bf.kind()))
-                .to_kind(kind)
+            let a_bn = dead_bn.zeros_like().scatter(1, &at_bk, &acts_bk);
+            let w_nd = s.w_dec.index_select(0, &dead).to_kind(a_bn.kind());
+            a_bn.matmul(&w_nd).to_kind(kind)
         } else {
             let acts_bk = acts_bk.to_kind(kind);
             // Each token's k_aux rows, as one bag each.
-            let (b, k) = (idx_bk.size()[0], idx_bk.size()[1]);
+            let (b, k) = (at_bk.size()[0], at_bk.size()[1]);
+            let idx = dead.index_select(0, &at_bk.reshape([-1]));
             Tensor::embedding_bag(
-                &self.sae.w_dec,
-                &idx_bk.reshape([-1]),
-                &Tensor::arange_start_step(0, b * k, k, (Kind::Int64, idx_bk.device())),
+                &s.w_dec,
+                &idx,
+                &Tensor::arange_start_step(0, b * k, k, (Kind::Int64, idx.device())),
                 false,
                 0,
                 false,
@@ -1570,7 +1623,8 @@ mod tests {
         let e0_bd = (&x_bd - &out.x_hat_bd).detach();
         let loss = || {
             let n_dead = t.dead_f().sum(Kind::Int64).int64_value(&[]);
-            let aux = t.auxk(&e0_bd, &t.sae.pre_acts(&x_bd, 12), n_dead);
+            let pre = t.sae.pre_acts(&x_bd, 12);
+            let aux = t.auxk(&x_bd, &e0_bd, Some(&pre), false, n_dead);
             (t.loss(&x_bd).l2 + aux * t.cfg.auxk_alpha).double_value(&[])
         };
         assert!((loss() - out.loss.double_value(&[])).abs() < 1e-12);
@@ -1939,6 +1993,70 @@ mod tests {
             // NaN (never under the bound) where both are all zero: the gradient must reach it.
             let rel = rel_max(a, w);
             assert!(rel <= 1e-5, "param {i}: {rel:e} of its largest entry");
+        }
+    }
+
+    /// The kernels' path (encoder_grad.cu and the others, emulated) with dead latents gives the
+    /// dense definition's loss and gradients, float32, a trained core with thresholds: with
+    /// every fifth non-core latent dead, AuxK over their own product beside the sparse encoder
+    /// gradient; with every other one, over the dense graph. Both AuxK reconstructions
+    /// (gathered rows, and the product over the dead latents).
+    #[test]
+    fn the_sparse_path_with_dead_latents_matches_the_dense_definition() {
+        for (every, n_dead) in [(5, 9), (2, 22)] {
+            kernels_path_with_dead_latents(every, n_dead);
+        }
+    }
+
+    fn kernels_path_with_dead_latents(every: i64, n_dead: i64) {
+        let (d, w, b) = (24usize, 48usize, 64usize);
+        let cfg = TrainConfig {
+            width: w,
+            k: 3,
+            dead_tokens: 1,
+            k_aux: Some(5),
+            core_frozen: false,
+            seed: 5,
+            encoder_bf16: Some(false),
+            decoder_bf16: Some(false),
+            ..Default::default()
+        };
+        let (core_w, _) = sparse_dictionary(d, 4, 1, 1, 0.0, 2);
+        let core = Core {
+            w_enc_dc: tensor(&core_w, 4, Kind::Float).tr(),
+            b_enc_c: Tensor::from_slice(&[0.3f32, -0.1, 0.0, 0.2]),
+            threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.05, 0.2, 0.4])),
+        };
+        let mut sae = Sae::new(d, Some(core), &cfg, Kind::Float, Device::Cpu).unwrap();
+        tch::no_grad(|| sae.b_dec.copy_(&(sae.b_dec.ones_like() * 0.2)));
+        let mut t = Trainer::new(sae, cfg, true);
+        let dead = Tensor::arange(44, (Kind::Int64, Device::Cpu))
+            .remainder(every)
+            .eq(0)
+            .to_kind(Kind::Int64);
+        t.since_fired_f.narrow(0, 4, 44).copy_(&dead);
+        t.recount_dead();
+        assert_eq!(t.n_dead, n_dead);
+        let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
+        let x_bd = tensor(&x, b, Kind::Float);
+        let reference = dense_reference_loss(&t, &x_bd);
+        let lr = reference.double_value(&[]);
+        let g_ref = Tensor::run_backward(&[&reference], &t.sae.params(), false, false);
+        for dense in [false, true] {
+            t.cfg.auxk_dense = Some(dense);
+            let out = with_kernel(&kernels::ENCODER_GRAD, true, || t.loss(&x_bd));
+            assert!(out.auxk.double_value(&[]) > 0.0, "AuxK idle");
+            // AuxK's gradient reaches W_enc outside the kernel, so the kernel's squares are
+            // not the norm.
+            assert!(out.enc_sq.is_none(), "squares kept with {n_dead} dead");
+            let lo = out.loss.double_value(&[]);
+            let case = format!("{n_dead} dead, dense AuxK {dense}");
+            assert!((lo - lr).abs() <= 1e-5 * lr, "{case}: loss {lo} vs {lr}");
+            let g = Tensor::run_backward(&[&out.loss], &t.sae.params(), false, false);
+            for (i, (a, r)) in g.iter().zip(&g_ref).enumerate() {
+                let rel = rel_max(a, r);
+                assert!(rel <= 1e-5, "{case}, param {i}: {rel:e} of its largest");
+            }
         }
     }
 
