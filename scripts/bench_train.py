@@ -129,8 +129,9 @@ def sync(device):
 
 def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens, extra="",
                env=None):
-    """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up);
-    `extra`: more config lines; `env`: more environment variables."""
+    """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up), the
+    seconds it waited for data and the mean dead fraction at their ends; `extra`: more config
+    lines; `env`: more environment variables."""
     cfg = os.path.join(work, "bench.toml")
     with open(cfg, "w") as f:
         f.write(
@@ -149,7 +150,8 @@ def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads
     train = [l for l in lines if l.get("kind") == "train"][1:]
     tokens = sum(l["tokens_per_s"] for l in train) / len(train)
     wait = sum(l["data_wait_s"] for l in train)
-    return tokens, wait
+    dead = sum(l["dead_fraction"] for l in train) / len(train)
+    return tokens, wait, dead
 
 
 def main():
@@ -204,7 +206,7 @@ def main():
         xt = xt.float()  # the same values as the store
         # METHOD.md's 10M: never within a bench.
         dead_tokens = 0 if a.auxk else a.dead_tokens if a.dead_tokens is not None else 10_000_000
-        ours, wait = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+        ours, wait, dead = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
         rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
@@ -258,14 +260,18 @@ def main():
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
     dev = torch.cuda.get_device_name() if a.device != "cpu" else f"CPU, {a.threads} threads"
+    aux = (f"on every latent (k_aux {min(d // 2, width)})" if a.auxk
+           else f"on latents dead after {dead_tokens:,} tokens" if a.dead_tokens is not None
+           else "idle")
     print(f"training step, d {d}, width {width}, k {k}, batch {batch}, METHOD.md groups, "
           f"{steps} timed steps after {warm}; "
-          f"AuxK {f'on every latent (k_aux {min(d // 2, width)})' if a.auxk else 'idle'}; {dev}; "
+          f"AuxK {aux}; {dev}; "
           f"torch {torch.__version__}")
     print("| implementation | tokens/s | dmsae / this |\n|---|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:,.0f} | {ours / rate:.2f} |")
-    print(f"dmsae waited {wait:.3f} s for data over its timed windows")
+    print(f"dmsae waited {wait:.3f} s for data over its timed windows" +
+          (f"; {dead:.1%} of its latents dead at their ends" if a.dead_tokens is not None else ""))
 
 
 if __name__ == "__main__":
