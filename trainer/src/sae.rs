@@ -1751,19 +1751,19 @@ mod tests {
         l2 + err / var * t.cfg.auxk_alpha
     }
 
-    /// The sparse training path (codes as entries, decoder rows gathered) gives the loss and
-    /// every gradient of the dense definition: a trained core with thresholds, half the
-    /// non-core latents dead, f64.
-    #[test]
-    fn sparse_training_loss_matches_the_dense_definition() {
-        let (d, w, b) = (8usize, 48usize, 64usize);
+    /// A trainer of width 48 over `d` inputs, k 3, k_aux 5: a trained core of 4 latents under
+    /// JumpReLU thresholds, b_dec at 0.2, and non-core latent i (of 44) dead where i % `every`
+    /// is 0.
+    fn core_and_dead_trainer(d: usize, kind: Kind, device: Device, every: i64) -> Trainer {
         let cfg = TrainConfig {
-            width: w,
+            width: 48,
             k: 3,
             dead_tokens: 1,
             k_aux: Some(5),
             core_frozen: false,
             seed: 5,
+            encoder_bf16: Some(false),
+            decoder_bf16: Some(false),
             ..Default::default()
         };
         let (core_w, _) = sparse_dictionary(d, 4, 1, 1, 0.0, 2);
@@ -1772,14 +1772,27 @@ mod tests {
             b_enc_c: Tensor::from_slice(&[0.3f32, -0.1, 0.0, 0.2]),
             threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.05, 0.2, 0.4])),
         };
-        let mut sae = Sae::new(d, Some(core), &cfg, Kind::Double, Device::Cpu).unwrap();
-        tch::no_grad(|| sae.b_dec.copy_(&Tensor::from_slice(&[0.2f64; 8])));
+        let mut sae = Sae::new(d, Some(core), &cfg, kind, device).unwrap();
+        tch::no_grad(|| sae.b_dec.copy_(&(sae.b_dec.ones_like() * 0.2)));
         let mut t = Trainer::new(sae, cfg, true);
-        // Every other non-core latent dead.
+        let dead = Tensor::arange(44, (Kind::Int64, Device::Cpu))
+            .remainder(every)
+            .eq(0)
+            .to_kind(Kind::Int64);
         t.since_fired_f
             .narrow(0, 4, 44)
-            .copy_(&Tensor::arange(44, (Kind::Int64, Device::Cpu)).remainder(2));
+            .copy_(&dead.to_device(device));
         t.recount_dead();
+        t
+    }
+
+    /// The sparse training path (codes as entries, decoder rows gathered) gives the loss and
+    /// every gradient of the dense definition: a trained core with thresholds, half the
+    /// non-core latents dead, f64.
+    #[test]
+    fn sparse_training_loss_matches_the_dense_definition() {
+        let (d, b) = (8usize, 64usize);
+        let mut t = core_and_dead_trainer(d, Kind::Double, Device::Cpu, 2);
         assert_eq!(t.n_dead, 22);
         let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
         let x_bd = tensor(&x, b, Kind::Double);
@@ -2069,35 +2082,8 @@ mod tests {
     }
 
     fn kernels_path_with_dead_latents(device: Device, every: i64, n_dead: i64, tol: f64) {
-        let (d, w, b) = (24usize, 48usize, 64usize);
-        let cfg = TrainConfig {
-            width: w,
-            k: 3,
-            dead_tokens: 1,
-            k_aux: Some(5),
-            core_frozen: false,
-            seed: 5,
-            encoder_bf16: Some(false),
-            decoder_bf16: Some(false),
-            ..Default::default()
-        };
-        let (core_w, _) = sparse_dictionary(d, 4, 1, 1, 0.0, 2);
-        let core = Core {
-            w_enc_dc: tensor(&core_w, 4, Kind::Float).tr(),
-            b_enc_c: Tensor::from_slice(&[0.3f32, -0.1, 0.0, 0.2]),
-            threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.05, 0.2, 0.4])),
-        };
-        let mut sae = Sae::new(d, Some(core), &cfg, Kind::Float, device).unwrap();
-        tch::no_grad(|| sae.b_dec.copy_(&(sae.b_dec.ones_like() * 0.2)));
-        let mut t = Trainer::new(sae, cfg, true);
-        let dead = Tensor::arange(44, (Kind::Int64, Device::Cpu))
-            .remainder(every)
-            .eq(0)
-            .to_kind(Kind::Int64);
-        t.since_fired_f
-            .narrow(0, 4, 44)
-            .copy_(&dead.to_device(device));
-        t.recount_dead();
+        let (d, b) = (24usize, 64usize);
+        let mut t = core_and_dead_trainer(d, Kind::Float, device, every);
         assert_eq!(t.n_dead, n_dead);
         let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
         let x_bd = tensor(&x, b, Kind::Float).to_device(device);
