@@ -237,9 +237,9 @@ impl Sae {
 
     /// The pre-activations of the non-core latents `cols` [n] alone, [B, n], with their graph:
     /// (x - b_dec) w_dn + b_enc[cols], where `w_dn` holds W_enc[:, cols] (a leaf of its own,
-    /// `Trainer::auxk`), in bf16 with `bf16` (as `pre_acts_as`). b_dec's
-    /// gradient comes through a zero term in the bias, as in `encoder_terms`, so the backward's
-    /// one product is W's gradient.
+    /// `Trainer::auxk`), in bf16 with `bf16` (as `pre_acts_as`). b_dec's gradient comes
+    /// through a zero term in the bias, as in `encoder_terms`, so the backward's one product
+    /// is W's gradient.
     fn noncore_pre_acts(&self, x_bd: &Tensor, cols: &Tensor, w_dn: &Tensor, bf16: bool) -> Tensor {
         let bd = self.b_dec.detach();
         let xc_bd = x_bd - &bd;
@@ -659,6 +659,14 @@ fn counts(idx: &Tensor, n: i64) -> Tensor {
     Tensor::zeros([n], (Kind::Int64, idx.device())).index_add(0, idx, &ones)
 }
 
+/// ||dW_enc||^2 (a float64 scalar on the device) from `sq`, the encoder kernel's squares of its
+/// non-core columns (`LossOut::enc_sq`), and the core's `core` columns read from `g_enc` itself
+/// (a frozen core's zeroed by then).
+fn w_enc_grad_sq(sq: &Tensor, g_enc: &Tensor, core: usize) -> Tensor {
+    let core = g_enc.narrow(1, 0, core as i64).square().sum(Kind::Double);
+    sq.sum(Kind::Double) + core
+}
+
 /// The norm of all parameters' gradients from each one's norm: a float64 scalar on the device.
 fn joint_norm(norms: &[Tensor]) -> Tensor {
     Tensor::stack(norms, 0).to_kind(Kind::Double).norm()
@@ -1004,14 +1012,13 @@ impl Trainer {
         // through `index_select` the backward would make a zeroed [W, d] gradient for a few
         // rows and then add it to the kernels' (about 2.4 GB a parameter at the paper's sizes).
         let leaf = |t: Tensor| t.detach().set_requires_grad(true);
-        let w_enc_dn = pre_bf
-            .is_none()
-            .then(|| leaf(s.w_enc.index_select(1, &dead)));
         let w_dec_nd = leaf(s.w_dec.index_select(0, &dead));
-        let pre_bn = match (pre_bf, &w_enc_dn) {
-            (Some(p), _) => p.index_select(1, &dead),
-            (None, Some(w)) => s.noncore_pre_acts(x_bd, &dead, w, bf16),
-            (None, None) => unreachable!("the columns are made without pre_bf"),
+        let (pre_bn, w_enc_dn) = match pre_bf {
+            Some(p) => (p.index_select(1, &dead), None),
+            None => {
+                let w_dn = leaf(s.w_enc.index_select(1, &dead));
+                (s.noncore_pre_acts(x_bd, &dead, &w_dn, bf16), Some(w_dn))
+            }
         };
         // A count behind the marks (never, if `n_dead` is current) picks no live latent.
         let on = dead_f.index_select(0, &dead).to_kind(pre_bn.kind());
@@ -1097,9 +1104,9 @@ impl Trainer {
             for t in g.iter_mut().filter(|t| !t.is_contiguous()) {
                 *t = t.contiguous();
             }
-            let enc_sq = out.enc_sq.as_ref();
+            let (dec_stats, enc_sq) = (out.dec_stats.as_ref(), out.enc_sq.as_ref());
             match kernels::use_fused(&self.sae.w_dec, &kernels::ADAM) {
-                true => self.fused_update(&g, lr, out.dec_stats.as_ref(), enc_sq, &mut laps),
+                true => self.fused_update(&g, lr, dec_stats, enc_sq, &mut laps),
                 false => self.aten_update(&mut g, lr, &mut laps),
             }
         });
@@ -1289,13 +1296,12 @@ impl Trainer {
                 (dot, sq.sum(Kind::Float))
             }
         };
-        // The core's columns (a frozen core's zeroed by now) from the gradient itself.
-        let c = self.sae.core as i64;
         let enc_norm = enc_sq.map_or_else(
             || g[0].norm(),
             |sq| {
-                let core = g[0].narrow(1, 0, c).square().sum(Kind::Double);
-                (sq.sum(Kind::Double) + core).sqrt().to_kind(Kind::Float)
+                w_enc_grad_sq(sq, &g[0], self.sae.core)
+                    .sqrt()
+                    .to_kind(Kind::Float)
             },
         );
         let norm = joint_norm(&[enc_norm, g[1].norm(), sq_sum.sqrt(), g[3].norm()]);
@@ -2028,12 +2034,10 @@ mod tests {
         let grads = |fused: bool| {
             let out = with_kernel(&kernels::ENCODER_GRAD, fused, || t.loss(&x));
             let g = out.gradients(t.sae.params());
-            // The sparse path's blocks' squares, its non-core columns', with the core's added as
-            // the update adds them.
-            let sq = out.enc_sq.map(|sq| {
-                let core = g[0].narrow(1, 0, 3).square().sum(Kind::Double);
-                (sq.sum(Kind::Double) + core).double_value(&[])
-            });
+            // The sparse path's blocks' squares, its non-core columns', with the core's added.
+            let sq = out
+                .enc_sq
+                .map(|sq| w_enc_grad_sq(&sq, &g[0], t.sae.core).double_value(&[]));
             (out.loss.double_value(&[]), out.codes.count_in(0, 3), g, sq)
         };
         let (want, core_entries, g_want, no_sq) = grads(false);
