@@ -174,8 +174,10 @@ def main():
                          "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), with "
                          "float32 Adam moments (adam_bf16_moments = false), with the "
                          "decoder's forward over float32 rows (decoder_bf16 = false), and with "
-                         "its update reading each row back (DMSAE_DECODER_HELD=0), and each "
-                         "step's figures read at its end (DMSAE_DEFER_FIGURES=0); CUDA")
+                         "its update reading each row back (DMSAE_DECODER_HELD=0), each "
+                         "step's figures read at its end (DMSAE_DEFER_FIGURES=0), and "
+                         "BatchTopK's cut and count read by the host (DMSAE_HOSTLESS_SELECT=0); "
+                         "CUDA")
     ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
                                     "(two runs each)")
     for key in ("width", "k", "batch", "steps"):
@@ -247,6 +249,8 @@ def main():
                  "", {"DMSAE_DECODER_HELD": "0"}),
                 ("dmsae train, each step's figures read at its end (DMSAE_DEFER_FIGURES=0)",
                  "", {"DMSAE_DEFER_FIGURES": "0"}),
+                ("dmsae train, BatchTopK's cut and count read by the host "
+                 "(DMSAE_HOSTLESS_SELECT=0)", "", {"DMSAE_HOSTLESS_SELECT": "0"}),
             ):
                 rows.append((name, dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
                                               a.device, a.threads, dead_tokens, extra, env)[0]))

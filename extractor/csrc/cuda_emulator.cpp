@@ -93,6 +93,13 @@ template <typename T>
 static inline T __shfl_sync(unsigned, T v, int src_lane) {
   return exchange(v, [=](unsigned) { return (unsigned)src_lane; });
 }
+// Integer sums only (select.cu's histograms), the same whatever the order.
+static inline unsigned atomicAdd(unsigned *a, unsigned v) {
+  return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
+}
+static inline unsigned long long atomicAdd(unsigned long long *a, unsigned long long v) {
+  return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
+}
 #include "../kernels/softcap_ce.cu"
 #include "../kernels/softcap_softmax.cu"
 #include "../kernels/rms_norm.cu"
@@ -318,6 +325,30 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                      arg<ll *>(a, 8));
       };
       h ? f((const bf16 *)p) : f((const float *)p);
+    });
+  } else if (k == "select_top_init") {
+    launch(grid, block, [=] {
+      select_top_init(arg<const float *>(a, 0), arg<ll *>(a, 1), arg<unsigned long long *>(a, 2));
+    });
+  } else if (k == "select_top_hist") {
+    launch(grid, block, [=] {
+      select_top_hist(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<const ll *>(a, 2),
+                      arg<unsigned long long *>(a, 3));
+    });
+  } else if (k == "select_top_find") {
+    launch(grid, block, [=] {
+      select_top_find(arg<ll>(a, 0), arg<ll *>(a, 1), arg<unsigned long long *>(a, 2));
+    });
+  } else if (k == "select_top_count") {
+    launch(grid, block, [=] {
+      select_top_count(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<const ll *>(a, 2),
+                       arg<ll *>(a, 3), arg<ll *>(a, 4));
+    });
+  } else if (k == "select_top_write") {
+    launch(grid, block, [=] {
+      select_top_write(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2),
+                       arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
+                       arg<ll *>(a, 6), arg<ll *>(a, 7));
     });
   } else if (k == "encoder_grad") {
     launch(grid, block, [=] {

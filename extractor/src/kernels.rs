@@ -35,6 +35,11 @@ pub const SELECT: Source = Source {
         "select_count_f32",
         "select_write_bf16",
         "select_write_f32",
+        "select_top_init",
+        "select_top_hist",
+        "select_top_find",
+        "select_top_count",
+        "select_top_write",
     ],
 };
 
@@ -1416,6 +1421,113 @@ impl Candidates {
         }
     }
 }
+
+/// BatchTopK with no core, without the host: the `keep` largest entries of the bf16
+/// pre-activations `p` [B, W] (contiguous; on CUDA, or emulated on the CPU) as (rows, cols)
+/// [keep] in row-major order, ties at the smallest kept value taken in row-major order
+/// (kernels/select.cu's `select_top_*`). Every size is known beforehand, so nothing is read
+/// back. `cut` (a float32 scalar beside p, one of p's values) should have a little over `keep`
+/// entries at or above it: the trainer's sampled cut; 0, or one too high or too low, costs
+/// one or two more passes over p, not the answer. Non-positive entries count as one value
+/// below every positive one: they are listed only when fewer than `keep` entries are positive.
+pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tensor), String> {
+    if p.kind() != Kind::BFloat16 || p.dim() != 2 || !p.is_contiguous() {
+        return Err("select_top: the pre-activations must be a contiguous bf16 [B, W]".into());
+    }
+    if cut.numel() != 1 || cut.kind() != Kind::Float || cut.device() != p.device() {
+        return Err("select_top: the cut must be a float32 scalar beside p".into());
+    }
+    let (mut n, mut width, mut keep_) = (p.numel() as i64, p.size()[1], keep);
+    if keep < 1 || keep > n {
+        return Err(format!("select_top: keep {keep} of {n} entries"));
+    }
+    let dev = p.device();
+    let st = Tensor::empty([8], (Kind::Int64, dev));
+    let hist = Tensor::empty([TOP_BINS + 1], (Kind::Int64, dev));
+    let blocks = (n + SEL_THREADS * SEL_RUN - 1) / (SEL_THREADS * SEL_RUN);
+    let gt = Tensor::empty([blocks], (Kind::Int64, dev));
+    let eq = Tensor::empty([blocks], (Kind::Int64, dev));
+    let (rows, cols) = (
+        Tensor::empty([keep], (Kind::Int64, dev)),
+        Tensor::empty([keep], (Kind::Int64, dev)),
+    );
+    let blocks = u32::try_from(blocks).map_err(|_| "select_top: too many entries".to_string())?;
+    let (mut pp, mut sp, mut hp, mut cp) =
+        (p.data_ptr(), st.data_ptr(), hist.data_ptr(), cut.data_ptr());
+    let (mut gp, mut ep, mut rp, mut lp) = (
+        gt.data_ptr(),
+        eq.data_ptr(),
+        rows.data_ptr(),
+        cols.data_ptr(),
+    );
+    let go = |kernel: &str, grid: u32, block: i64, params: &mut [*mut c_void]| {
+        // SAFETY: the select_top_* kernels over live contiguous tensors on one device, each
+        // held here until the launches have run: p [n] bf16, the float32 cut, st [8] int64,
+        // hist [TOP_BINS + 1] (int64, read as unsigned), gt and eq [blocks] int64 (counts,
+        // then places), rows and cols [keep] int64; keep <= n, so the places stay within them.
+        unsafe { run(&SELECT, kernel, dev, grid, block as c_uint, params) }
+    };
+    go(
+        "select_top_init",
+        1,
+        TOP_THREADS,
+        &mut [addr(&mut cp), addr(&mut sp), addr(&mut hp)],
+    )?;
+    // One round with the cut, and the two of the whole range that finding t can take without.
+    // (Emulated, two blocks: the tests' inputs then take several turns of the loop.)
+    let grid = blocks.min(if dev.is_cuda() { TOP_HIST_BLOCKS } else { 2 });
+    for _ in 0..3 {
+        go(
+            "select_top_hist",
+            grid,
+            SEL_THREADS,
+            &mut [addr(&mut pp), addr(&mut n), addr(&mut sp), addr(&mut hp)],
+        )?;
+        go(
+            "select_top_find",
+            1,
+            TOP_THREADS,
+            &mut [addr(&mut keep_), addr(&mut sp), addr(&mut hp)],
+        )?;
+    }
+    go(
+        "select_top_count",
+        blocks,
+        SEL_THREADS,
+        &mut [
+            addr(&mut pp),
+            addr(&mut n),
+            addr(&mut sp),
+            addr(&mut gp),
+            addr(&mut ep),
+        ],
+    )?;
+    let starts = |t: &Tensor| t.cumsum(0, Kind::Int64) - t;
+    let (gt_starts, eq_starts) = (starts(&gt), starts(&eq));
+    let (mut gsp, mut esp) = (gt_starts.data_ptr(), eq_starts.data_ptr());
+    go(
+        "select_top_write",
+        blocks,
+        SEL_THREADS,
+        &mut [
+            addr(&mut pp),
+            addr(&mut n),
+            addr(&mut width),
+            addr(&mut sp),
+            addr(&mut gsp),
+            addr(&mut esp),
+            addr(&mut rp),
+            addr(&mut lp),
+        ],
+    )?;
+    Ok((rows, cols))
+}
+
+/// select.cu's TOP_BINS and TOP_THREADS; the histogram rounds' grid (a grid-stride loop: each
+/// block adds its counts to the total once).
+const TOP_BINS: i64 = 4096;
+const TOP_THREADS: i64 = 256;
+const TOP_HIST_BLOCKS: u32 = 1024;
 
 /// gelu(gate) * up from `gu` [..., 2f] (contiguous, bf16 or float32; gate the first f columns,
 /// up the last), gelu's tanh form if `tanh`: [..., f], differentiable in gu

@@ -68,6 +68,10 @@ pub struct Codes {
     cols: Tensor,
     vals: Tensor,
     batch: i64,
+    /// Which entries are codes, where some may be zeros that hold a place (`train_entries`'
+    /// fixed-size list): counts and the threshold's input skip the others, and no gradient
+    /// flows through them. None: every entry is a code.
+    live: Option<Tensor>,
 }
 
 impl Codes {
@@ -80,6 +84,7 @@ impl Codes {
             cols,
             vals,
             batch: f_bf.size()[0],
+            live: None,
         }
     }
 
@@ -91,6 +96,7 @@ impl Codes {
             cols: cols.index_select(0, &order),
             vals: vals.index_select(0, &order),
             batch,
+            live: None,
         }
     }
 
@@ -102,10 +108,12 @@ impl Codes {
 
     /// `count_in` as a device scalar.
     fn count_in_t(&self, lo: i64, hi: i64) -> Tensor {
-        self.cols
-            .ge(lo)
-            .logical_and(&self.cols.lt(hi))
-            .sum(Kind::Int64)
+        let on = self.cols.ge(lo).logical_and(&self.cols.lt(hi));
+        match &self.live {
+            Some(live) => on.logical_and(live),
+            None => on,
+        }
+        .sum(Kind::Int64)
     }
 }
 
@@ -333,6 +341,11 @@ impl Sae {
             self.core as i64,
         )
         .unwrap_or_else(|e| panic!("sparse encoder gradient: {e}"));
+        // A place held passes no gradient back, as the ReLU of the dense path would not.
+        let vals = match &codes.live {
+            Some(live) => vals * live.to_kind(Kind::Float),
+            None => vals,
+        };
         Codes { vals, ..codes }
     }
 
@@ -369,12 +382,23 @@ impl Sae {
         let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
         let p = pre_bw.detach();
         let keep = (self.k as i64 * b).min(b * (w - c));
-        let (rows, cols) = train_entries(&p, c, (c > 0).then_some(&self.core_threshold), keep);
+        let (rows, cols, padded) =
+            train_entries(&p, c, (c > 0).then_some(&self.core_threshold), keep);
         // Codes in the model's kind whatever the pre-activations' (bf16 with a bf16 encoder).
         let vals = pre_bw
             .index(&[Some(&rows), Some(&cols)])
             .to_kind(self.w_dec.kind());
-        Codes::sorted(rows, cols, vals, w, b)
+        match padded {
+            // Row-major already; a place held (a non-positive entry) becomes a zero code.
+            true => Codes {
+                rows,
+                cols,
+                live: Some(vals.detach().gt(0.0)),
+                vals: vals.relu(),
+                batch: b,
+            },
+            false => Codes::sorted(rows, cols, vals, w, b),
+        }
     }
 
     /// Inference codes without batch statistics: the core is JumpReLU at its carried
@@ -551,18 +575,49 @@ impl Sae {
 /// core they are not contiguous, and flattening them copied the batch's pre-activations). Falls
 /// back to the full top-k when the cut is not positive (fewer positive entries than needed) or
 /// fewer than `keep` reach it.
-fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> (Tensor, Tensor) {
+///
+/// The third value: whether the list is `kernels::top_entries`' (no core, bf16, on CUDA): the
+/// host reads nothing back, so the step is queued whole while the device works. Its `keep`
+/// entries are in row-major order (ties taken in that order too) and may end in non-positive
+/// entries, when fewer than `keep` are positive: places that the codes hold at zero.
+fn train_entries(
+    p: &Tensor,
+    c: i64,
+    core_thr: Option<&Tensor>,
+    keep: i64,
+) -> (Tensor, Tensor, bool) {
     const STRIDE: i64 = 16;
     let (b, w) = (p.size()[0], p.size()[1]);
+    let sampled = keep > 0 && b * (w - c) >= 8 * STRIDE * keep;
+    let cut_of = |sample: &Tensor| {
+        let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
+        sample.topk(m, 0, true, false).0.min()
+    };
+    // DMSAE_HOSTLESS_SELECT=0: the candidates' path below, with its wait (for timing).
+    if c == 0
+        && keep > 0
+        && p.kind() == Kind::BFloat16
+        && p.is_contiguous()
+        && kernels::use_fused(p, &kernels::SELECT)
+        && !std::env::var("DMSAE_HOSTLESS_SELECT").is_ok_and(|v| v == "0")
+        && !tests_hostless_off()
+    {
+        let cut = match sampled {
+            true => cut_of(&p.slice(0, 0, b, STRIDE).reshape([-1])).to_kind(Kind::Float),
+            false => Tensor::zeros([], (Kind::Float, p.device())),
+        };
+        let (rows, cols) = kernels::top_entries(p, &cut, keep)
+            .unwrap_or_else(|e| panic!("BatchTopK entries: {e}"));
+        return (rows, cols, true);
+    }
     let core_on = core_thr.map(|t| {
         let pc = p.narrow(1, 0, c);
         pc.gt_tensor(t).logical_and(&pc.gt(0.0))
     });
     let core_on = core_on.as_ref();
     let noncore = p.narrow(1, c, w - c);
-    if keep > 0 && b * (w - c) >= 8 * STRIDE * keep {
+    if sampled {
         let sample = noncore.slice(0, 0, b, STRIDE).reshape([-1]);
-        let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
         let n_core = match core_on {
             Some(on) => on.sum(Kind::Int64),
             None => Tensor::zeros([], (Kind::Int64, p.device())),
@@ -573,7 +628,7 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> (T
         // kind, and so is the core's count in float64. kernels/select.cu reads the cut on the
         // device and counts its candidates before the host waits, so the count comes back in
         // the same read and the host waits once, not twice.
-        let cut_t = sample.topk(m, 0, true, false).0.min();
+        let cut_t = cut_of(&sample);
         let candidates =
             (kernels::use_fused(p, &kernels::SELECT) && p.is_contiguous()).then(|| {
                 kernels::Candidates::count(p, c, core_thr, &cut_t.to_kind(Kind::Float))
@@ -609,7 +664,7 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> (T
                     .index(&[Some(&rows), Some(&cols)])
                     .masked_fill(&cols.lt(c), f64::INFINITY);
                 let (_, j) = rank.topk(keep + n_core, 0, true, false);
-                return (rows.index_select(0, &j), cols.index_select(0, &j));
+                return (rows.index_select(0, &j), cols.index_select(0, &j), false);
             }
         }
     }
@@ -617,15 +672,30 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> (T
     let i = i.masked_select(&v.gt(0.0));
     let (rows, cols) = (i.floor_divide_scalar(w - c), i.remainder(w - c) + c);
     match core_on {
-        None => (rows, cols),
+        None => (rows, cols, false),
         Some(on) => {
             let nz = on.nonzero();
             (
                 Tensor::cat(&[nz.select(1, 0), rows], 0),
                 Tensor::cat(&[nz.select(1, 1), cols], 0),
+                false,
             )
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: `train_entries` without `top_entries` on this thread only (the environment
+    /// variable would reach the tests running beside it).
+    static HOSTLESS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn tests_hostless_off() -> bool {
+    #[cfg(test)]
+    return HOSTLESS_OFF.with(|o| o.get());
+    #[cfg(not(test))]
+    false
 }
 
 /// A parameter's bf16 copy (`Trainer::w_enc_h`, `w_dec_h`), if no ATen op has changed the
@@ -1449,7 +1519,13 @@ impl Trainer {
     /// float64 scalar on the device (+inf if none), for `update_threshold`.
     fn bookkeep(&mut self, codes: &Codes) -> Option<Tensor> {
         let b = codes.batch;
-        self.fired_f = counts(&codes.cols, self.sae.width() as i64);
+        self.fired_f = match &codes.live {
+            Some(live) => {
+                let n = Tensor::zeros([self.sae.width() as i64], (Kind::Int64, live.device()));
+                n.index_add(0, &codes.cols, &live.to_kind(Kind::Int64))
+            }
+            None => counts(&codes.cols, self.sae.width() as i64),
+        };
         self.since_fired_f = (&self.since_fired_f + b) * self.fired_f.eq(0).to_kind(Kind::Int64);
         let c = self.sae.core as i64;
         // (Runs shorter than two warm-ups start at half-way, so every export has a threshold.)
@@ -1460,9 +1536,11 @@ impl Trainer {
         // The core's entries masked rather than selected out: a selection's size waits for
         // the device.
         let vals = codes.vals.detach();
-        let min = vals
-            .where_scalarother(&codes.cols.ge(c), f64::INFINITY)
-            .min();
+        let kept = match &codes.live {
+            Some(live) => codes.cols.ge(c).logical_and(live),
+            None => codes.cols.ge(c),
+        };
+        let min = vals.where_scalarother(&kept, f64::INFINITY).min();
         Some(min.to_kind(Kind::Double))
     }
 
@@ -2133,17 +2211,23 @@ mod tests {
                 let core_on = (c > 0).then(|| x.narrow(1, 0, c).gt(1.5));
                 let thr = Tensor::full([c], 1.5, (Kind::Float, Device::Cpu));
                 let thr = (c > 0).then_some(&thr);
-                let (rows, cols) = train_entries(&x, c, thr, keep);
+                let (rows, cols, padded) = train_entries(&x, c, thr, keep);
+                assert!(!padded, "ATen's entries");
                 // The candidates from kernels/select.cu (emulated): the same entries in the
-                // same order.
+                // same order; bf16 without a core, the device's own top-k, by its definition.
                 kernels::emulate_on_cpu(true);
-                let (rows_k, cols_k) = train_entries(&x, c, thr, keep);
+                let (rows_k, cols_k, padded) = train_entries(&x, c, thr, keep);
                 kernels::emulate_on_cpu(false);
-                assert!(
-                    rows_k.equal(&rows) && cols_k.equal(&cols),
-                    "c {c}, {:?}: select.cu's entries differ",
-                    x.kind()
-                );
+                if padded {
+                    assert_eq!((x.kind(), c), (Kind::BFloat16, 0), "top_entries' case");
+                    assert!((rows_k * w + cols_k).equal(&top_reference(&x, keep)));
+                } else {
+                    assert!(
+                        rows_k.equal(&rows) && cols_k.equal(&cols),
+                        "c {c}, {:?}: select.cu's entries differ",
+                        x.kind()
+                    );
+                }
                 let is_core = cols.lt(c);
                 if let Some(on) = &core_on {
                     let (r, cl) = (rows.masked_select(&is_core), cols.masked_select(&is_core));
@@ -2175,6 +2259,79 @@ mod tests {
         }
     }
 
+    /// `kernels::top_entries`' definition, for a bf16 [B, W] `x` on the CPU: the flat places
+    /// of the `keep` entries with the largest keys (a positive value's bits; 0 for zero,
+    /// negative and NaN), ties taken in row-major order, listed in that order.
+    fn top_reference(x: &Tensor, keep: i64) -> Tensor {
+        let bits = x
+            .reshape([-1])
+            .view_dtype(Kind::Int16)
+            .to_kind(Kind::Int64)
+            .bitwise_and(0xffff);
+        let key = bits.where_scalarother(&x.reshape([-1]).gt(0.0), 0);
+        let (_, order) = key.sort_stable(true, 0, true);
+        order.narrow(0, 0, keep).sort(0, false).0
+    }
+
+    /// BatchTopK without the host (select.cu's select_top_*, emulated) against its definition:
+    /// whatever the cut (the sampled one; none; one above every entry; one so low that its bins
+    /// end below the answer; NaN), with ties everywhere, with fewer positive entries than
+    /// `keep` and with none, at keep 1 and all entries, and over rows whose packs do not line
+    /// up. A wrong round (the cut's, the 256s', the keys') or a place off by one fails it.
+    #[test]
+    fn top_entries_are_the_top_keep_in_row_major_order() {
+        tch::manual_seed(5);
+        // Four blocks of select_top_count's 8,192 entries, the histograms' two emulated blocks
+        // taking two turns each (the emulator spawns a thread per CUDA thread, so every launch
+        // costs; the cases are picked, not crossed).
+        let normal = Tensor::randn([32, 1024], (Kind::Float, Device::Cpu));
+        let bf = |t: Tensor| t.to_kind(Kind::BFloat16);
+        let x = bf(normal.shallow_clone());
+        let n = x.numel();
+        let (near, big, zero, nan) = (-1.0, f64::INFINITY, 0.0, f64::NAN);
+        let cases = [
+            // (what, x, keep, cut): near is the value about 2 keep entries reach, the aim of
+            // the trainer's sample; big, twice the largest entry.
+            ("the cut's bins", &x, 2048, near),
+            ("the cut's bins, keep 1", &x, 1, near),
+            ("the cut's bins, all entries", &x, n, near),
+            ("no cut", &x, 2048, zero),
+            ("no cut, all entries", &x, n, zero),
+            ("NaN cut", &x, 2048, nan),
+            ("cut above every entry", &x, 2048, big),
+            ("bins ending below the answer", &x, 2048, 1e-30),
+            ("ties", &bf((&normal * 2.0).round()), 2048, near),
+            ("ties, no cut", &bf((&normal * 2.0).round()), 5000, zero),
+            ("few positive", &bf(&normal - 3.0), 2048, big),
+            ("few positive, no cut", &bf(&normal - 3.0), 2048, zero),
+            ("none positive", &bf(-normal.abs()), 2048, zero),
+            ("heavy tail", &bf(normal.square().square()), 2048, near),
+            (
+                "unaligned rows",
+                &bf(Tensor::randn([13, 515], (Kind::Float, Device::Cpu))),
+                777,
+                near,
+            ),
+        ];
+        kernels::emulate_on_cpu(true);
+        for (what, x, keep, cut) in cases {
+            let keep = keep as i64;
+            let xf = x.to_kind(Kind::Float).reshape([-1]);
+            let sorted = xf.sort(0, true).0;
+            let cut = match cut {
+                c if c == -1.0 => sorted.double_value(&[(2 * keep).min(xf.numel() as i64) - 1]),
+                c if c == f64::INFINITY => 2.0 * sorted.double_value(&[0]).abs() + 1.0,
+                c => c,
+            };
+            let (rows, cols) = kernels::top_entries(x, &Tensor::from(cut as f32), keep).unwrap();
+            assert!(
+                (rows * x.size()[1] + cols).equal(&top_reference(x, keep)),
+                "{what}: keep {keep}, cut {cut}"
+            );
+        }
+        kernels::emulate_on_cpu(false);
+    }
+
     /// select.cu on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh) against ATen's mask and
     /// `nonzero`: the same entries in the same order, in bf16 (as training runs) and float32,
     /// with and without a core, at 512 tokens of width 16,384.
@@ -2194,7 +2351,15 @@ mod tests {
                 let run = |fused| {
                     with_kernel(&kernels::SELECT, fused, || train_entries(&x, c, thr, keep))
                 };
-                let ((rows, cols), (want_rows, want_cols)) = (run(true), run(false));
+                let ((rows, cols, padded), (want_rows, want_cols, _)) = (run(true), run(false));
+                if padded {
+                    let got = (rows * w + cols).to_device(Device::Cpu);
+                    assert!(
+                        got.equal(&top_reference(&x.to_device(Device::Cpu), keep)),
+                        "{kind:?}: top_entries differs from its definition"
+                    );
+                    continue;
+                }
                 assert!(
                     rows.equal(&want_rows) && cols.equal(&want_cols),
                     "{kind:?}, c {c}: select.cu's entries differ"
@@ -2426,6 +2591,82 @@ mod tests {
         kernels::emulate_on_cpu(false);
         for ((n, a), (_, b)) in whole.state().iter().zip(&resumed.state()) {
             assert!(a.equal(b), "{n} differs after the resume");
+        }
+    }
+
+    /// BatchTopK without the host (`kernels::top_entries`: bf16 pre-activations, no core;
+    /// emulated) steps as ATen's top-k does (weights, moments, counters, threshold and figures
+    /// after two steps: float32 bit for bit, float64 to 1e-14), where b_enc is lowered until
+    /// fewer than k*B entries are positive: its list then ends in zero codes that must not
+    /// count, fire, set the threshold or pass a gradient (each of those left out fails it),
+    /// through the sparse encoder gradient and through the dense graph (float64 here; also the
+    /// path of many dead latents). Both keep every positive entry there; with more, each
+    /// breaks bf16's ties its own way, so the entries are
+    /// `top_entries_are_the_top_keep_in_row_major_order`'s to check.
+    #[test]
+    fn hostless_batchtopk_steps_as_atens() {
+        let d = 24;
+        let cfg = TrainConfig {
+            encoder_bf16: Some(true),
+            warmup_steps: 1,
+            ..small_cfg(6)
+        };
+        tch::manual_seed(8);
+        let xs: Vec<Tensor> = (0..2)
+            .map(|_| Tensor::randn([32, d as i64], (Kind::Float, Device::Cpu)))
+            .collect();
+        // float32 parameters: every kernel (emulated), the sparse encoder gradient among them;
+        // float64: ATen's, the dense graph, all but the selection (bf16 pre-activations).
+        let run = |hostless: bool, kind: Kind| {
+            let sae = Sae::new(d, None, &cfg, kind, Device::Cpu).unwrap();
+            tch::no_grad(|| {
+                let _ = sae.b_enc.shallow_clone().g_add_scalar_(-2.5);
+            });
+            let mut t = Trainer::new(sae, cfg.clone(), false);
+            kernels::emulate_on_cpu(true);
+            HOSTLESS_OFF.with(|o| o.set(!hostless));
+            let stats: Vec<StepStats> = xs.iter().map(|x| t.update(&x.to_kind(kind))).collect();
+            HOSTLESS_OFF.with(|o| o.set(false));
+            kernels::emulate_on_cpu(false);
+            (t, stats)
+        };
+        for kind in [Kind::Float, Kind::Double] {
+            let ((a, sa), (b, sb)) = (run(true, kind), run(false, kind));
+            let path = if kind == Kind::Float {
+                "encoder_grad.cu"
+            } else {
+                "the dense graph"
+            };
+            assert!(
+                sa.iter()
+                    .all(|s| s.l0_noncore > 0.0 && s.l0_noncore < cfg.k as f64),
+                "{path}: fewer positive entries than k*B, and some"
+            );
+            for ((n, x), (_, y)) in a.state().iter().zip(&b.state()) {
+                // (float64: embedding_bag's backward groups W_dec's sums otherwise with the
+                // zero codes among them, 7e-18 apart here.)
+                let diff = (x - y).abs().max().double_value(&[]);
+                let tol = match kind {
+                    Kind::Double => 1e-14 * y.abs().max().double_value(&[]),
+                    _ => 0.0,
+                };
+                assert!(diff <= tol, "{path}: {n} differs by {diff:e}");
+            }
+            assert!(a.sae.threshold > 0.0, "{path}: the threshold was set");
+            assert_eq!(a.sae.threshold, b.sae.threshold, "{path}: threshold");
+            for (x, y) in sa.iter().zip(&sb) {
+                assert_eq!(
+                    (x.loss, x.fvu, x.l0_noncore, x.l0_core),
+                    (y.loss, y.fvu, y.l0_noncore, y.l0_core),
+                    "{path}: step {}",
+                    x.step
+                );
+                assert!(
+                    (x.grad_norm - y.grad_norm).abs() <= 1e-14 * y.grad_norm,
+                    "{path}: step {}, gradient norm",
+                    x.step
+                );
+            }
         }
     }
 
