@@ -152,11 +152,11 @@ extern "C" __global__ void select_write_f32(const float *p, long long n, long lo
 // and NaN entries share key 0, the bottom: BatchTopK keeps positive entries only, so these are
 // taken (their values clamped to 0 by the trainer) only when fewer than `keep` are positive.
 //
-// t in at most three histogram rounds, each a pass over p, each round's later ones returning at
-// once once t is known: TOP_BINS keys up from the sampled cut (the trainer's top-k over every
-// 16th row: about 2 * keep entries reach it, so t is almost always there); failing that, keys
-// by 256s, then the 256 keys of the chosen one. Integer counts summed by atomics: the same
-// totals whatever their order, so the same entries every run.
+// t in at most three histogram rounds, each a pass over p; the rounds after t is found return
+// at once. First TOP_BINS keys up from the sampled cut (the trainer's top-k over every 16th
+// row: about 2 * keep entries reach it, so t is almost always there); failing that, keys by
+// 256s, then the 256 keys of the chosen one. Integer counts summed by atomics: the same totals
+// whatever their order, so the same entries every run.
 
 #define TOP_BINS 4096
 #define TOP_KEYS 0x8000u  // every key is below this
@@ -185,7 +185,8 @@ extern "C" __global__ void select_top_init(const float *cut, long long *st,
 }
 
 // This round's histogram: keys in [lo, hi) by bins of 2^shift, keys >= hi in the last slot,
-// key 0 nowhere (its count is what the rest leave). A grid-stride loop over p's entries.
+// key 0 nowhere (its count is what the rest leave; counted, about half of all entries would
+// meet at one bin's atomics). A grid-stride loop over p's entries.
 extern "C" __global__ void select_top_hist(const bf16 *p, long long n, const long long *st,
                                            unsigned long long *hist) {
   __shared__ unsigned h[TOP_BINS + 1];
