@@ -58,7 +58,8 @@ __device__ __forceinline__ void sel_run(const T *p, long long n, long long width
   });
 }
 
-// The sum of m over the block's threads before this one; `warps` a __shared__ int per warp.
+// The sum of m over the block's threads before this one; `warps` a __shared__ int per warp,
+// read after the barrier here with none after it: a second call needs arrays of its own.
 __device__ __forceinline__ long long block_before(int m, int *warps) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // Inclusive sum of m over the warp's lanes up to this one, then over the warps before.

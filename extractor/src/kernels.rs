@@ -1462,7 +1462,8 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
     );
     let go = |kernel: &str, grid: u32, block: i64, params: &mut [*mut c_void]| {
         // SAFETY: the select_top_* kernels over live contiguous tensors on one device, each
-        // held here until the launches have run: p [n] bf16, the float32 cut, st [8] int64,
+        // held here until the launches are queued on torch's stream, whose allocator reuses
+        // their memory only behind them: p [n] bf16, the float32 cut, st [8] int64,
         // hist [TOP_BINS + 1] (int64, read as unsigned), gt and eq [blocks] int64 (counts,
         // then places), rows and cols [keep] int64; keep <= n, so the places stay within them.
         unsafe { run(&SELECT, kernel, dev, grid, block as c_uint, params) }

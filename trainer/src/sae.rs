@@ -341,9 +341,9 @@ impl Sae {
             self.core as i64,
         )
         .unwrap_or_else(|e| panic!("sparse encoder gradient: {e}"));
-        // A place held passes no gradient back, as the ReLU of the dense path would not.
+        // A place held passes no gradient back, as in `train_codes`.
         let vals = match &codes.live {
-            Some(live) => vals * live.to_kind(Kind::Float),
+            Some(live) => vals.where_scalarother(live, 0.0),
             None => vals,
         };
         Codes { vals, ..codes }
@@ -389,14 +389,18 @@ impl Sae {
             .index(&[Some(&rows), Some(&cols)])
             .to_kind(self.w_dec.kind());
         match padded {
-            // Row-major already; a place held (a non-positive entry) becomes a zero code.
-            true => Codes {
-                rows,
-                cols,
-                live: Some(vals.detach().gt(0.0)),
-                vals: vals.relu(),
-                batch: b,
-            },
+            // Row-major already; a place held (a non-positive or NaN entry) becomes a zero
+            // code, which passes no gradient back.
+            true => {
+                let live = vals.detach().gt(0.0);
+                Codes {
+                    rows,
+                    cols,
+                    vals: vals.where_scalarother(&live, 0.0),
+                    live: Some(live),
+                    batch: b,
+                }
+            }
             false => Codes::sorted(rows, cols, vals, w, b),
         }
     }
