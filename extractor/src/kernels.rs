@@ -1331,6 +1331,16 @@ pub struct Candidates {
 const SEL_THREADS: i64 = 256;
 const SEL_RUN: i64 = 32;
 
+/// The blocks of select.cu's count and write kernels over n entries.
+fn select_blocks(n: i64) -> i64 {
+    ((n + SEL_THREADS * SEL_RUN - 1) / (SEL_THREADS * SEL_RUN)).max(1)
+}
+
+/// Each block's first place in the list from the blocks' counts (their exclusive sum).
+fn places(counts: &Tensor) -> Tensor {
+    counts.cumsum(0, Kind::Int64) - counts
+}
+
 impl Candidates {
     pub fn count(p: &Tensor, c: i64, thr: Option<&Tensor>, cut: &Tensor) -> Result<Self, String> {
         let suffix = match p.kind() {
@@ -1349,8 +1359,7 @@ impl Candidates {
             (_, Some(t)) if t.size() == [c] => Some(t.to_kind(Kind::Float).contiguous()),
             _ => return Err(format!("select: {c} core latents need {c} thresholds")),
         };
-        let blocks =
-            ((p.numel() as i64 + SEL_THREADS * SEL_RUN - 1) / (SEL_THREADS * SEL_RUN)).max(1);
+        let blocks = select_blocks(p.numel() as i64);
         let counts = Tensor::empty([blocks], (Kind::Int64, p.device()));
         let s = Candidates {
             p: p.shallow_clone(),
@@ -1371,7 +1380,7 @@ impl Candidates {
 
     /// The kept entries' (rows, cols); `total` is what `total()` read back.
     pub fn write(self, total: i64) -> Result<(Tensor, Tensor), String> {
-        let starts = self.counts.cumsum(0, Kind::Int64) - &self.counts;
+        let starts = places(&self.counts);
         let dev = self.p.device();
         let rows = Tensor::empty([total], (Kind::Int64, dev));
         let cols = Tensor::empty([total], (Kind::Int64, dev));
@@ -1444,7 +1453,7 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
     let dev = p.device();
     let st = Tensor::empty([8], (Kind::Int64, dev));
     let hist = Tensor::empty([TOP_BINS + 1], (Kind::Int64, dev));
-    let blocks = (n + SEL_THREADS * SEL_RUN - 1) / (SEL_THREADS * SEL_RUN);
+    let blocks = select_blocks(n);
     let gt = Tensor::empty([blocks], (Kind::Int64, dev));
     let eq = Tensor::empty([blocks], (Kind::Int64, dev));
     let (rows, cols) = (
@@ -1503,8 +1512,7 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
             addr(&mut ep),
         ],
     )?;
-    let starts = |t: &Tensor| t.cumsum(0, Kind::Int64) - t;
-    let (gt_starts, eq_starts) = (starts(&gt), starts(&eq));
+    let (gt_starts, eq_starts) = (places(&gt), places(&eq));
     let (mut gsp, mut esp) = (gt_starts.data_ptr(), eq_starts.data_ptr());
     go(
         "select_top_write",

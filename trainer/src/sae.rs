@@ -108,12 +108,16 @@ impl Codes {
 
     /// `count_in` as a device scalar.
     fn count_in_t(&self, lo: i64, hi: i64) -> Tensor {
-        let on = self.cols.ge(lo).logical_and(&self.cols.lt(hi));
+        self.live_and(self.cols.ge(lo).logical_and(&self.cols.lt(hi)))
+            .sum(Kind::Int64)
+    }
+
+    /// `mask` [entries] without the places held (`live`).
+    fn live_and(&self, mask: Tensor) -> Tensor {
         match &self.live {
-            Some(live) => on.logical_and(live),
-            None => on,
+            Some(live) => mask.logical_and(live),
+            None => mask,
         }
-        .sum(Kind::Int64)
     }
 }
 
@@ -592,8 +596,10 @@ fn train_entries(
 ) -> (Tensor, Tensor, bool) {
     const STRIDE: i64 = 16;
     let (b, w) = (p.size()[0], p.size()[1]);
+    let noncore = p.narrow(1, c, w - c);
     let sampled = keep > 0 && b * (w - c) >= 8 * STRIDE * keep;
-    let cut_of = |sample: &Tensor| {
+    let sampled_cut = || {
+        let sample = noncore.slice(0, 0, b, STRIDE).reshape([-1]);
         let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
         sample.topk(m, 0, true, false).0.min()
     };
@@ -607,7 +613,7 @@ fn train_entries(
         && !tests_hostless_off()
     {
         let cut = match sampled {
-            true => cut_of(&p.slice(0, 0, b, STRIDE).reshape([-1])).to_kind(Kind::Float),
+            true => sampled_cut().to_kind(Kind::Float),
             false => Tensor::zeros([], (Kind::Float, p.device())),
         };
         let (rows, cols) = kernels::top_entries(p, &cut, keep)
@@ -619,9 +625,7 @@ fn train_entries(
         pc.gt_tensor(t).logical_and(&pc.gt(0.0))
     });
     let core_on = core_on.as_ref();
-    let noncore = p.narrow(1, c, w - c);
     if sampled {
-        let sample = noncore.slice(0, 0, b, STRIDE).reshape([-1]);
         let n_core = match core_on {
             Some(on) => on.sum(Kind::Int64),
             None => Tensor::zeros([], (Kind::Int64, p.device())),
@@ -632,7 +636,7 @@ fn train_entries(
         // kind, and so is the core's count in float64. kernels/select.cu reads the cut on the
         // device and counts its candidates before the host waits, so the count comes back in
         // the same read and the host waits once, not twice.
-        let cut_t = cut_of(&sample);
+        let cut_t = sampled_cut();
         let candidates =
             (kernels::use_fused(p, &kernels::SELECT) && p.is_contiguous()).then(|| {
                 kernels::Candidates::count(p, c, core_thr, &cut_t.to_kind(Kind::Float))
@@ -729,7 +733,12 @@ fn clip_divisor(norm: &Tensor, clip: f64) -> Tensor {
 /// of ones, because CUDA's bincount reads the input's extremes back to the host first and so
 /// stalls the step's queue.
 fn counts(idx: &Tensor, n: i64) -> Tensor {
-    let ones = Tensor::ones_like(idx);
+    counts_of(idx, n, None)
+}
+
+/// `counts` of the places where `on` [entries] (bool) holds; everywhere without it.
+fn counts_of(idx: &Tensor, n: i64, on: Option<&Tensor>) -> Tensor {
+    let ones = on.map_or_else(|| Tensor::ones_like(idx), |m| m.to_kind(Kind::Int64));
     Tensor::zeros([n], (Kind::Int64, idx.device())).index_add(0, idx, &ones)
 }
 
@@ -1523,13 +1532,7 @@ impl Trainer {
     /// float64 scalar on the device (+inf if none), for `update_threshold`.
     fn bookkeep(&mut self, codes: &Codes) -> Option<Tensor> {
         let b = codes.batch;
-        self.fired_f = match &codes.live {
-            Some(live) => {
-                let n = Tensor::zeros([self.sae.width() as i64], (Kind::Int64, live.device()));
-                n.index_add(0, &codes.cols, &live.to_kind(Kind::Int64))
-            }
-            None => counts(&codes.cols, self.sae.width() as i64),
-        };
+        self.fired_f = counts_of(&codes.cols, self.sae.width() as i64, codes.live.as_ref());
         self.since_fired_f = (&self.since_fired_f + b) * self.fired_f.eq(0).to_kind(Kind::Int64);
         let c = self.sae.core as i64;
         // (Runs shorter than two warm-ups start at half-way, so every export has a threshold.)
@@ -1540,10 +1543,7 @@ impl Trainer {
         // The core's entries masked rather than selected out: a selection's size waits for
         // the device.
         let vals = codes.vals.detach();
-        let kept = match &codes.live {
-            Some(live) => codes.cols.ge(c).logical_and(live),
-            None => codes.cols.ge(c),
-        };
+        let kept = codes.live_and(codes.cols.ge(c));
         let min = vals.where_scalarother(&kept, f64::INFINITY).min();
         Some(min.to_kind(Kind::Double))
     }
