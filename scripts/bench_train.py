@@ -11,6 +11,9 @@ AuxK is idle on both sides by default: no latent can be dead within a benchmark'
 (METHOD.md) every step on both sides: a step of a long run with at least d/2 dead latents.
 `--dead-tokens N` counts a latent dead after N tokens without firing instead: a few steps' worth
 leaves some latents dead each step, as a long run has (how many depends on the run).
+`--core C` gives both sides a trained core of C latents (random unit encoder columns, zero bias,
+plain ReLU: each fires on about half the tokens), exempt from BatchTopK: a later cycle's step,
+or a sweep's (METHOD.md's distilled core: 197).
 
 Run with a Python that has torch (`.venv-model/bin/python`, or the GPU machine's):
     python scripts/bench_train.py --dmsae target/release/dmsae --preset cpu
@@ -18,6 +21,7 @@ Run with a Python that has torch (`.venv-model/bin/python`, or the GPU machine's
 """
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -44,12 +48,37 @@ def groups(width):
     return sizes + [width - sum(sizes)]
 
 
-def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens):
-    """Tokens/s of the eager PyTorch step over `steps` timed steps after `warm` untimed ones."""
+def core_columns(d, c):
+    """The bench's core encoder columns [d, c]: random unit vectors."""
+    w = torch.randn(d, c, generator=torch.Generator().manual_seed(1))
+    return w / w.norm(dim=0, keepdim=True)
+
+
+def write_core(path, d, c):
+    """A core file (`dmsae train --core`): W_enc [d, c] and b_enc [c], float32 safetensors."""
+    tensors = {"W_enc": core_columns(d, c), "b_enc": torch.zeros(c)}
+    header, at = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for t in tensors.values():
+            f.write(tensor_bytes(t))
+
+
+def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens, core=0):
+    """Tokens/s of the eager PyTorch step over `steps` timed steps after `warm` untimed ones.
+    `core`: the first latents are a core (ReLU, anchored to x, exempt from BatchTopK)."""
     d = x_all.shape[1]
     g = torch.Generator().manual_seed(0)
     w_dec = torch.randn(width, d, generator=g)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
+    if core:
+        w_dec[:core] = core_columns(d, core).t()
     params = {
         "W_dec": w_dec.clone().to(device).requires_grad_(),
         "W_enc": w_dec.t().contiguous().to(device).requires_grad_(),
@@ -57,7 +86,8 @@ def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens):
         "b_dec": torch.zeros(d, device=device, requires_grad=True),
     }
     opt = torch.optim.Adam(params.values(), lr=3e-4, betas=(0.9, 0.999))
-    bounds = list(itertools.accumulate([0] + groups(width)))
+    bounds = list(itertools.accumulate([0] + groups(width - core)))
+    bounds = [0] + [core + b for b in bounds[1:]] if core else bounds
     fired_since = torch.zeros(width, dtype=torch.long, device=device)
     threshold = -1.0
     x_all = x_all.to(device)
@@ -68,10 +98,15 @@ def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens):
         x = x_all[(i % n_batches) * batch : (i % n_batches + 1) * batch]
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+            if core:  # anchored to x: b_dec W_enc added back on the core's columns
+                pre = torch.cat([pre[:, :core] + params["b_dec"] @ params["W_enc"][:, :core],
+                                 pre[:, core:]], 1)
             post = torch.relu(pre).float()
-            flat = post.flatten()
+            flat = post[:, core:].flatten()
             vals, idx = flat.topk(k * batch, sorted=False)
-            f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(post)
+            f = torch.zeros_like(flat).scatter(0, idx, vals).view(batch, width - core)
+            if core:
+                f = torch.cat([post[:, :core], f], 1)
             x_hat = params["b_dec"].expand_as(x)
             loss = 0.0
             for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -98,6 +133,7 @@ def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens):
             opt.step()
             wd /= wd.norm(dim=1, keepdim=True)
             fired = (f > 0).any(0)
+            fired[:core] = True  # the core is exempt from AuxK
             fired_since = torch.where(fired, 0, fired_since + batch)
             kept_min = vals[vals > 0].min().item()
             threshold = kept_min if threshold < 0 else 0.999 * threshold + 0.001 * kept_min
@@ -128,21 +164,22 @@ def sync(device):
 
 
 def dmsae_rate(dmsae, store, work, width, k, batch, steps, warm, device, threads, dead_tokens, extra="",
-               env=None):
+               env=None, core=None):
     """Tokens/s of `dmsae train` over its metrics windows after the first (its warm-up), the
     seconds it waited for data and the mean dead fraction at their ends; `extra`: more config
-    lines; `env`: more environment variables."""
+    lines; `env`: more environment variables; `core`: a core file, trained."""
     cfg = os.path.join(work, "bench.toml")
     with open(cfg, "w") as f:
         f.write(
             f"width = {width}\nk = {k}\nbatch_tokens = {batch}\nsteps = {warm + steps}\n"
             f"log_every = {warm}\nwarmup_steps = {warm}\neval_fraction = 0.01\n"
             f"eval_tokens = {batch}\ncheckpoint_every = 0\ncpu_threads = {threads}\n"
-            f"dead_tokens = {dead_tokens}\n{extra}"
+            f"dead_tokens = {dead_tokens}\n{extra}" + ("core_frozen = false\n" if core else "")
         )
     out = os.path.join(work, "run")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [dmsae, "train", "--shards", store, "--config", cfg, "--device", device, "--quiet", "--out", out]
+    cmd += ["--core", core] if core else []
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{r.stdout}{r.stderr}")
@@ -180,6 +217,9 @@ def main():
                          "CUDA")
     ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
                                     "(two runs each)")
+    ap.add_argument("--core", type=int, default=0,
+                    help="a trained core of this many latents on both sides (ReLU, exempt from "
+                         "BatchTopK): a later cycle's or a sweep's step")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -206,24 +246,29 @@ def main():
         )
         os.remove(acts)
         xt = xt.float()  # the same values as the store
+        core_file = None
+        if a.core:
+            core_file = os.path.join(work, "core.safetensors")
+            write_core(core_file, d, a.core)
+        rate = functools.partial(dmsae_rate, core=core_file)
         # METHOD.md's 10M: never within a bench.
         dead_tokens = 0 if a.auxk else a.dead_tokens if a.dead_tokens is not None else 10_000_000
-        ours, wait, dead = dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+        ours, wait, dead = rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
         rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
         if a.base:  # the same bench of an earlier version, alternating with this one
             for r in (1, 2):
                 rows.append((f"base {a.base}, run {r}",
-                             dmsae_rate(a.base, store, work, width, k, batch, steps, warm,
+                             rate(a.base, store, work, width, k, batch, steps, warm,
                                         a.device, a.threads, dead_tokens)[0]))
                 if r == 1:
                     rows.append(("dmsae train, run 2",
-                                 dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
+                                 rate(a.dmsae, store, work, width, k, batch, steps, warm,
                                             a.device, a.threads, dead_tokens)[0]))
         if a.encoder_f32:  # what the bf16 encoder product buys
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
-                         dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                         rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
         if a.kernels_ab:  # what dmsae's trainer kernels buy
             off = {k: "0" for k in ("DMSAE_FUSED_ADAM", "DMSAE_FUSED_DECODE",
@@ -252,14 +297,16 @@ def main():
                 ("dmsae train, BatchTopK's cut and count read by the host "
                  "(DMSAE_HOSTLESS_SELECT=0)", "", {"DMSAE_HOSTLESS_SELECT": "0"}),
             ):
-                rows.append((name, dmsae_rate(a.dmsae, store, work, width, k, batch, steps, warm,
+                rows.append((name, rate(a.dmsae, store, work, width, k, batch, steps, warm,
                                               a.device, a.threads, dead_tokens, extra, env)[0]))
         torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
         rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
-                     anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens)))
+                     anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens,
+                                 a.core)))
         if a.device != "cpu":
             rows.append(("eager PyTorch, bf16 autocast",
-                         anchor_rate(xt, width, k, batch, steps, warm, a.device, True, dead_tokens)))
+                         anchor_rate(xt, width, k, batch, steps, warm, a.device, True, dead_tokens,
+                                 a.core)))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -267,13 +314,14 @@ def main():
     aux = (f"on every latent (k_aux {min(d // 2, width)})" if a.auxk
            else f"on latents dead after {dead_tokens:,} tokens" if a.dead_tokens is not None
            else "idle")
-    print(f"training step, d {d}, width {width}, k {k}, batch {batch}, METHOD.md groups, "
+    core = f", a trained core of {a.core} (ReLU)" if a.core else ""
+    print(f"training step, d {d}, width {width}{core}, k {k}, batch {batch}, METHOD.md groups, "
           f"{steps} timed steps after {warm}; "
           f"AuxK {aux}; {dev}; "
           f"torch {torch.__version__}")
     print("| implementation | tokens/s | dmsae / this |\n|---|---|---|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {ours / rate:.2f} |")
+    for name, r in rows:
+        print(f"| {name} | {r:,.0f} | {ours / r:.2f} |")
     print(f"dmsae waited {wait:.3f} s for data over its timed windows" +
           (f"; {dead:.1%} of its latents dead at their ends" if a.dead_tokens is not None else ""))
 

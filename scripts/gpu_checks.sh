@@ -9,7 +9,7 @@
 #   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
 #                      for the bf16-encoder FVU check
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
-#   ONLY="env adam kernels model extract base knobs ab train trainauxk traindead fvu" runs only the steps named (default: all; the
+#   ONLY="env adam kernels model extract base knobs ab train trainauxk traindead traincore fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
 #   encoder run (default --encoder-f32), TRAIN_AB= its kernels-off runs.
 #   gpu/dmsae-base     (optional; make gpu-bundle GPU_BASE=REV) an earlier version's binary: the
@@ -211,6 +211,12 @@ if want traindead; then
 step "training step against eager PyTorch with some latents dead (a latent dead after two steps without firing)"
 TBASE=$([ -x "${BASE_BIN:-gpu/dmsae-base}" ] && echo "--base ${BASE_BIN:-gpu/dmsae-base}")
 run 240 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --dead-tokens "${DEAD_TOKENS:-8192}" $TBASE
+fi
+
+if want traincore; then
+step "training step against eager PyTorch with a trained core (METHOD.md's distilled core, 197): a later cycle's or a sweep's step"
+TBASE=$([ -x "${BASE_BIN:-gpu/dmsae-base}" ] && echo "--base ${BASE_BIN:-gpu/dmsae-base}")
+run 240 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --core "${CORE:-197}" $TBASE
 fi
 
 if want fvu; then

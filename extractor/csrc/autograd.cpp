@@ -480,20 +480,27 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
   }
 };
 
-// Per token, the sum over prefixes p >= 1 of |x - b_dec - part_0 - ... - part_p|^2, with
-// parts [B, P, d]: the Matryoshka loss before its mean (kernels/matryoshka_l2.cu), float32,
-// differentiable in b_dec and parts (x is data).
+// Per token, the sum over prefixes p >= 1 of |x - core - b_dec - part_0 - ... - part_p|^2,
+// with parts [B, P, d]: the Matryoshka loss before its mean (kernels/matryoshka_l2.cu),
+// float32, differentiable in b_dec, parts and core (x is data). `core` [B, d] (empty: none) is
+// the core's part where the trainer decodes it as a dense block: it enters where part_0 does,
+// so its gradient is part_0's.
 struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
-  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &b_dec,
-                            const at::Tensor &parts) {
-    TORCH_CHECK(parts.dim() == 3 && x.dim() == 2 && b_dec.dim() == 1 &&
-                    x.size(0) == parts.size(0) && x.size(1) == parts.size(2) &&
-                    b_dec.size(0) == x.size(1),
-                "matryoshka_l2: x [B, d], b_dec [d], parts [B, P, d]");
-    for (const at::Tensor *t : {&x, &b_dec, &parts})
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x_in, const at::Tensor &b_dec,
+                            const at::Tensor &parts, const at::Tensor &core) {
+    TORCH_CHECK(parts.dim() == 3 && x_in.dim() == 2 && b_dec.dim() == 1 &&
+                    x_in.size(0) == parts.size(0) && x_in.size(1) == parts.size(2) &&
+                    b_dec.size(0) == x_in.size(1) &&
+                    (core.numel() == 0 ||
+                     (core.sizes() == x_in.sizes() && core.scalar_type() == at::kFloat)),
+                "matryoshka_l2: x [B, d], b_dec [d], parts [B, P, d], core [B, d] or none");
+    for (const at::Tensor *t : {&x_in, &b_dec, &parts})
       TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                      t->device() == x.device(),
+                      t->device() == x_in.device(),
                   "matryoshka_l2: contiguous float32 tensors on one device");
+    const bool has_core = core.numel() > 0;
+    const at::Tensor x = has_core ? x_in.sub(core).contiguous() : x_in;
+    ctx->saved_data["core"] = has_core;
     const int64_t n = x.size(0);
     auto sq = at::empty({n}, x.options());
     if (n > 0) {
@@ -520,8 +527,10 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
       void *args[] = {&px, &pb, &pp, &pd, &pg, &nn, &np, &d};
       launch("matryoshka_l2_bwd", x, n, args);
     }
-    // b_dec enters every residual where part_0 does.
-    return {at::Tensor(), dparts.select(1, 0).sum(0), dparts};
+    // b_dec (and the core) enter every residual where part_0 does.
+    const at::Tensor d0 = dparts.select(1, 0);
+    return {at::Tensor(), d0.sum(0), dparts,
+            ctx->saved_data["core"].toBool() ? d0 : at::Tensor()};
   }
 };
 
@@ -701,9 +710,16 @@ extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor
 }
 
 // MatryoshkaL2 above; as dmsae_softcap_softmax below.
+// `core` may be null (none).
 extern "C" int dmsae_matryoshka_l2(at::Tensor *x, at::Tensor *b_dec, at::Tensor *parts,
-                                   at::Tensor **out, char *err, size_t err_len) {
-  return guarded([&] { return MatryoshkaL2::apply(*x, *b_dec, *parts); }, out, err, err_len);
+                                   at::Tensor *core, at::Tensor **out, char *err,
+                                   size_t err_len) {
+  return guarded(
+      [&] {
+        const at::Tensor none = at::empty({0}, x->options());
+        return MatryoshkaL2::apply(*x, *b_dec, *parts, core ? *core : none);
+      },
+      out, err, err_len);
 }
 
 // BagDecode above; as dmsae_softcap_softmax below.

@@ -332,8 +332,8 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     });
   } else if (k == "select_top_hist") {
     launch(grid, block, [=] {
-      select_top_hist(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<const ll *>(a, 2),
-                      arg<unsigned long long *>(a, 3));
+      select_top_hist(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                      arg<const ll *>(a, 4), arg<unsigned long long *>(a, 5));
     });
   } else if (k == "select_top_find") {
     launch(grid, block, [=] {
@@ -341,14 +341,14 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     });
   } else if (k == "select_top_count") {
     launch(grid, block, [=] {
-      select_top_count(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<const ll *>(a, 2),
-                       arg<ll *>(a, 3), arg<ll *>(a, 4));
+      select_top_count(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                       arg<const ll *>(a, 4), arg<ll *>(a, 5), arg<ll *>(a, 6));
     });
   } else if (k == "select_top_write") {
     launch(grid, block, [=] {
-      select_top_write(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2),
-                       arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
-                       arg<ll *>(a, 6), arg<ll *>(a, 7));
+      select_top_write(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
+                       arg<const ll *>(a, 4), arg<const ll *>(a, 5), arg<const ll *>(a, 6),
+                       arg<ll *>(a, 7), arg<ll *>(a, 8));
     });
   } else if (k == "encoder_grad") {
     launch(grid, block, [=] {

@@ -145,8 +145,9 @@ extern "C" __global__ void select_write_f32(const float *p, long long n, long lo
 }
 
 // ---- BatchTopK without a wait for the host (`kernels::top_entries`) ----
-// With no core and bf16 pre-activations, the kept entries are exactly `keep` (the k*B of
+// With bf16 pre-activations, the kept non-core entries are exactly `keep` (the k*B of
 // BatchTopK), so the host knows every size and queues the step without reading anything back.
+// The core's columns (j < c) are skipped: the trainer takes the core as a dense block.
 // The keep-th largest key t comes from histograms on the device, then the entries with key > t
 // and the first (keep - #(key > t)) with key == t in row-major order are written in row-major
 // order. A key is a positive bf16's bits (1..0x7f80, ordered as the values); zero, negative
@@ -171,6 +172,18 @@ __device__ __forceinline__ unsigned top_key(bf16 x) {
   return x >= 1u && x <= 0x7f80u ? (unsigned)x : 0u;
 }
 
+// f(i, j, key) for each entry of this thread's run i0.. outside the core's columns, in order.
+template <typename F>
+__device__ __forceinline__ void top_run(const bf16 *p, long long n, long long width, long long c,
+                                        long long i0, F f) {
+  if (c > 0)
+    run_entries(p, n, width, i0, [&](long long i, long long j, bf16 x) {
+      if (j >= c) f(i, j, top_key(x));
+    });
+  else  // no column tested: where f reads none either, the compiler drops their count
+    run_entries(p, n, width, i0, [&](long long i, long long j, bf16 x) { f(i, j, top_key(x)); });
+}
+
 // The first round's range (keys from the cut up, or the whole range by 256s where the cut is
 // not positive) and a zero histogram: hist [TOP_BINS + 1], its last slot the count above.
 extern "C" __global__ void select_top_init(const float *cut, long long *st,
@@ -188,7 +201,8 @@ extern "C" __global__ void select_top_init(const float *cut, long long *st,
 // This round's histogram: keys in [lo, hi) by bins of 2^shift, keys >= hi in the last slot,
 // key 0 nowhere (its count is what the rest leave; counted, about half of all entries would
 // meet at one bin's atomics). A grid-stride loop over p's entries.
-extern "C" __global__ void select_top_hist(const bf16 *p, long long n, const long long *st,
+extern "C" __global__ void select_top_hist(const bf16 *p, long long n, long long width,
+                                           long long c, const long long *st,
                                            unsigned long long *hist) {
   __shared__ unsigned h[TOP_BINS + 1];
   if (st[ST_DONE]) return;  // the same in every thread
@@ -202,8 +216,7 @@ extern "C" __global__ void select_top_hist(const bf16 *p, long long n, const lon
   const long long stride = (long long)gridDim.x * blockDim.x * SEL_RUN;
   for (long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * SEL_RUN; i0 < n;
        i0 += stride)
-    run_entries(p, n, 1, i0, [&](long long, long long, bf16 x) {
-      const unsigned k = top_key(x);
+    top_run(p, n, width, c, i0, [&](long long, long long, unsigned k) {
       if (k >= hi)
         above++;
       else if (k >= lo && k != 0)
@@ -293,25 +306,26 @@ extern "C" __global__ void select_top_find(long long keep, long long *st,
 }
 
 // This thread's run's counts of entries with key > t (mg) and with key == t (me).
-__device__ __forceinline__ void top_run_counts(const bf16 *p, long long n, long long i0,
-                                               unsigned t, int &mg, int &me) {
+__device__ __forceinline__ void top_run_counts(const bf16 *p, long long n, long long width,
+                                               long long c, long long i0, unsigned t, int &mg,
+                                               int &me) {
   mg = me = 0;
   if (i0 < n)
-    run_entries(p, n, 1, i0, [&](long long, long long, bf16 x) {
-      const unsigned k = top_key(x);
+    top_run(p, n, width, c, i0, [&](long long, long long, unsigned k) {
       mg += k > t;
       me += k == t;
     });
 }
 
 // Each block's count of entries with key > t and with key == t (blocks as select_count's).
-extern "C" __global__ void select_top_count(const bf16 *p, long long n, const long long *st,
-                                            long long *gt, long long *eq) {
+extern "C" __global__ void select_top_count(const bf16 *p, long long n, long long width,
+                                            long long c, const long long *st, long long *gt,
+                                            long long *eq) {
   __shared__ int wg[SEL_THREADS / 32], we[SEL_THREADS / 32];
   const unsigned t = (unsigned)st[ST_T];
   const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * SEL_RUN;
   int mg, me;
-  top_run_counts(p, n, i0, t, mg, me);
+  top_run_counts(p, n, width, c, i0, t, mg, me);
   mg = warp_sum(mg);
   me = warp_sum(me);
   if ((threadIdx.x & 31) == 0) {
@@ -334,7 +348,8 @@ extern "C" __global__ void select_top_count(const bf16 *p, long long n, const lo
 // the entries with key > t and among those with key == t: an entry's place is the count of
 // the first before it plus the count of the second, up to the quota.
 extern "C" __global__ void select_top_write(const bf16 *p, long long n, long long width,
-                                            const long long *st, const long long *gt_starts,
+                                            long long c, const long long *st,
+                                            const long long *gt_starts,
                                             const long long *eq_starts, long long *rows,
                                             long long *cols) {
   __shared__ int wg[SEL_THREADS / 32], we[SEL_THREADS / 32];
@@ -342,12 +357,11 @@ extern "C" __global__ void select_top_write(const bf16 *p, long long n, long lon
   const long long quota = st[ST_QUOTA];
   const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * SEL_RUN;
   int mg, me;
-  top_run_counts(p, n, i0, t, mg, me);
+  top_run_counts(p, n, width, c, i0, t, mg, me);
   long long ng = gt_starts[blockIdx.x] + block_before(mg, wg);
   long long ne = eq_starts[blockIdx.x] + block_before(me, we);
   if (i0 < n)
-    run_entries(p, n, width, i0, [&](long long i, long long j, bf16 x) {
-      const unsigned k = top_key(x);
+    top_run(p, n, width, c, i0, [&](long long i, long long j, unsigned k) {
       long long at = -1;
       if (k > t) {
         at = ng + (ne < quota ? ne : quota);

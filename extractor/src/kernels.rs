@@ -895,7 +895,7 @@ entry_points! {
         dmsae_softcap_softmax, dmsae_rope, dmsae_rms_norm, dmsae_pre_norm;
     (res: CTensor, x: CTensor, scale: CTensor, eps: f64) => dmsae_rms_norm_add;
     (qkv: CTensor, cs: CTensor, pre: f64, heads: i64, kv: i64) => dmsae_qkv_heads;
-    (x: CTensor, b_dec: CTensor, parts: CTensor) => dmsae_matryoshka_l2;
+    (x: CTensor, b_dec: CTensor, parts: CTensor, core: CTensor) => dmsae_matryoshka_l2;
     (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
         wh: CTensor) => dmsae_bag_decode;
@@ -922,14 +922,22 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
     new_tensor(|out, err, len| unsafe { op(ptr(a), ptr(b), x, out, err, len) })
 }
 
-/// Per token of x [B, d], the sum over prefixes p >= 1 of |x - b_dec - parts[:, 0] - ... -
-/// parts[:, p]|^2 (parts [B, P, d]), differentiable in b_dec and parts
-/// (kernels/matryoshka_l2.cu through csrc/autograd.cpp). Contiguous float32 on one device; CPU
-/// tensors are emulated (tests: slow).
-pub fn matryoshka_l2(x: &Tensor, b_dec: &Tensor, parts: &Tensor) -> Result<Tensor, String> {
-    // SAFETY: live tch handles, and the out and error pointers `new_tensor` hands over.
+/// Per token of x [B, d], the sum over prefixes p >= 1 of |x - core - b_dec - parts[:, 0] -
+/// ... - parts[:, p]|^2 (parts [B, P, d]; `core` [B, d], the core's part decoded apart, or
+/// none), differentiable in b_dec, parts and core (kernels/matryoshka_l2.cu through
+/// csrc/autograd.cpp). Contiguous float32 on one device; CPU tensors are emulated (tests:
+/// slow).
+pub fn matryoshka_l2(
+    x: &Tensor,
+    b_dec: &Tensor,
+    parts: &Tensor,
+    core: Option<&Tensor>,
+) -> Result<Tensor, String> {
+    let core = core.map_or(std::ptr::null_mut(), ptr);
+    // SAFETY: live tch handles (or a null `core`), and the out and error pointers
+    // `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
-        dmsae_matryoshka_l2(ptr(x), ptr(b_dec), ptr(parts), out, err, len)
+        dmsae_matryoshka_l2(ptr(x), ptr(b_dec), ptr(parts), core, out, err, len)
     })
 }
 
@@ -1431,24 +1439,33 @@ impl Candidates {
     }
 }
 
-/// BatchTopK with no core, without the host: the `keep` largest entries of the bf16
-/// pre-activations `p` [B, W] (contiguous; on CUDA, or emulated on the CPU) as (rows, cols)
-/// [keep] in row-major order, ties at the smallest kept value taken in row-major order
-/// (kernels/select.cu's `select_top_*`). Every size is known beforehand, so nothing is read
-/// back. `cut` (a float32 scalar beside p, one of p's values) should have a little over `keep`
-/// entries at or above it: the trainer's sampled cut; 0, or one too high or too low, costs
-/// one or two more passes over p, not the answer. Non-positive entries count as one value
-/// below every positive one: they are listed only when fewer than `keep` entries are positive.
-pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tensor), String> {
+/// BatchTopK without the host: the `keep` largest entries of the bf16 pre-activations `p`
+/// [B, W] (contiguous; on CUDA, or emulated on the CPU) outside the core's first `c` columns,
+/// as (rows, cols) [keep] in row-major order, ties at the smallest kept value taken in
+/// row-major order (kernels/select.cu's `select_top_*`). Every size is known beforehand, so
+/// nothing is read back. `cut` (a float32 scalar beside p, one of p's values) should have a
+/// little over `keep` such entries at or above it: the trainer's sampled cut; 0, or one too
+/// high or too low, costs one or two more passes over p, not the answer. Non-positive entries
+/// count as one value below every positive one: they are listed only when fewer than `keep`
+/// entries are positive.
+pub fn top_entries(
+    p: &Tensor,
+    c: i64,
+    cut: &Tensor,
+    keep: i64,
+) -> Result<(Tensor, Tensor), String> {
     if p.kind() != Kind::BFloat16 || p.dim() != 2 || !p.is_contiguous() {
         return Err("select_top: the pre-activations must be a contiguous bf16 [B, W]".into());
     }
     if cut.numel() != 1 || cut.kind() != Kind::Float || cut.device() != p.device() {
         return Err("select_top: the cut must be a float32 scalar beside p".into());
     }
-    let (mut n, mut width, mut keep_) = (p.numel() as i64, p.size()[1], keep);
-    if keep < 1 || keep > n {
-        return Err(format!("select_top: keep {keep} of {n} entries"));
+    let (mut n, mut width, mut c_, mut keep_) = (p.numel() as i64, p.size()[1], c, keep);
+    let eligible = p.size()[0] * (width - c);
+    if c < 0 || c > width || keep < 1 || keep > eligible {
+        return Err(format!(
+            "select_top: keep {keep} of {eligible} entries outside a core of {c}"
+        ));
     }
     let dev = p.device();
     let st = Tensor::empty([8], (Kind::Int64, dev));
@@ -1474,7 +1491,8 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
         // held here until the launches are queued on torch's stream, whose allocator reuses
         // their memory only behind them: p [n] bf16, the float32 cut, st [8] int64,
         // hist [TOP_BINS + 1] (int64, read as unsigned), gt and eq [blocks] int64 (counts,
-        // then places), rows and cols [keep] int64; keep <= n, so the places stay within them.
+        // then places), rows and cols [keep] int64; keep is at most the entries outside the
+        // core's c <= width columns, so the places stay within them.
         unsafe { run(&SELECT, kernel, dev, grid, block as c_uint, params) }
     };
     go(
@@ -1491,7 +1509,14 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
             "select_top_hist",
             grid,
             SEL_THREADS,
-            &mut [addr(&mut pp), addr(&mut n), addr(&mut sp), addr(&mut hp)],
+            &mut [
+                addr(&mut pp),
+                addr(&mut n),
+                addr(&mut width),
+                addr(&mut c_),
+                addr(&mut sp),
+                addr(&mut hp),
+            ],
         )?;
         go(
             "select_top_find",
@@ -1507,6 +1532,8 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
         &mut [
             addr(&mut pp),
             addr(&mut n),
+            addr(&mut width),
+            addr(&mut c_),
             addr(&mut sp),
             addr(&mut gp),
             addr(&mut ep),
@@ -1522,6 +1549,7 @@ pub fn top_entries(p: &Tensor, cut: &Tensor, keep: i64) -> Result<(Tensor, Tenso
             addr(&mut pp),
             addr(&mut n),
             addr(&mut width),
+            addr(&mut c_),
             addr(&mut sp),
             addr(&mut gsp),
             addr(&mut esp),

@@ -72,6 +72,19 @@ pub struct Codes {
     /// fixed-size list): counts and the threshold's input skip the others, and no gradient
     /// flows through them. None: every entry is a code.
     live: Option<Tensor>,
+    /// The core's codes as a dense block, where the entries list the non-core latents alone
+    /// (`train_entries` without the host, with a core); None: the entries hold the core's too.
+    core: Option<CoreCodes>,
+}
+
+/// The core's training codes as a block: a core latent fires on most tokens, so as entries
+/// the core's could outnumber BatchTopK's k*B and wait for their count, where as a block they
+/// cost [B, c] x [c, d] products.
+struct CoreCodes {
+    /// [B, c]: the values, zero where `on` is false (differentiable through the kept ones).
+    vals: Tensor,
+    /// [B, c] bool: where the core's JumpReLU passes.
+    on: Tensor,
 }
 
 impl Codes {
@@ -85,6 +98,7 @@ impl Codes {
             vals,
             batch: f_bf.size()[0],
             live: None,
+            core: None,
         }
     }
 
@@ -97,6 +111,7 @@ impl Codes {
             vals: vals.index_select(0, &order),
             batch,
             live: None,
+            core: None,
         }
     }
 
@@ -108,8 +123,16 @@ impl Codes {
 
     /// `count_in` as a device scalar.
     fn count_in_t(&self, lo: i64, hi: i64) -> Tensor {
-        self.live_and(self.cols.ge(lo).logical_and(&self.cols.lt(hi)))
-            .sum(Kind::Int64)
+        let n = self
+            .live_and(self.cols.ge(lo).logical_and(&self.cols.lt(hi)))
+            .sum(Kind::Int64);
+        match &self.core {
+            Some(k) if lo < k.on.size()[1] => {
+                let hi = hi.min(k.on.size()[1]);
+                n + k.on.narrow(1, lo, hi - lo).sum(Kind::Int64)
+            }
+            _ => n,
+        }
     }
 
     /// `mask` [entries] without the places held (`live`).
@@ -330,8 +353,15 @@ impl Sae {
     /// encoder_grad.cu): `codes` came from pre-activations computed without a graph, so the
     /// backward never makes the dense [B, W] gradient of the pre-activations nor multiplies it
     /// out. Float32 parameters. `sq`: see `kernels::encoder_entries` (its columns are the
-    /// non-core latents': the core's gain a term through the bias's shift).
-    fn codes_with_sparse_grad(&self, x_bd: &Tensor, codes: Codes, sq: Option<&Tensor>) -> Codes {
+    /// non-core latents': the core's gain a term through the bias's shift). A core block's
+    /// values come from their own [B, d] x [d, c] product, through W_enc's core columns as a
+    /// leaf (returned) whose gradient `LossOut::gradients` adds into W_enc's.
+    fn codes_with_sparse_grad(
+        &self,
+        x_bd: &Tensor,
+        codes: Codes,
+        sq: Option<&Tensor>,
+    ) -> (Codes, Option<Leaf>) {
         let (xc_bd, bias_f) = self.encoder_terms(x_bd, self.width(), false);
         let vals = kernels::encoder_entries(
             &self.w_enc,
@@ -350,7 +380,25 @@ impl Sae {
             Some(live) => vals.where_scalarother(live, 0.0),
             None => vals,
         };
-        Codes { vals, ..codes }
+        let Some(k) = codes.core else {
+            return (Codes { vals, ..codes }, None);
+        };
+        let c = self.core as i64;
+        let w_dc = Leaf::first(0, 1, &self.w_enc, c);
+        // Anchored to x (`encoder_terms`). The values stay those of the product (bf16 with a
+        // bf16 encoder), as the entries' do; the gradient is this product's: pre - pre is 0.
+        let pre_bc = x_bd.matmul(&w_dc.t) + self.b_enc.narrow(0, 0, c);
+        let core_vals = k.vals.detach() + (&pre_bc - pre_bc.detach());
+        let core = CoreCodes {
+            vals: core_vals.where_scalarother(&k.on, 0.0),
+            on: k.on,
+        };
+        let codes = Codes {
+            vals,
+            core: Some(core),
+            ..codes
+        };
+        (codes, Some(w_dc))
     }
 
     /// b_enc in SAELens' form, (x - b_dec) W_enc + b_enc for every latent (for export): the
@@ -386,26 +434,32 @@ impl Sae {
         let (b, w, c) = (pre_bw.size()[0], pre_bw.size()[1], self.core as i64);
         let p = pre_bw.detach();
         let keep = (self.k as i64 * b).min(b * (w - c));
-        let (rows, cols, padded) =
-            train_entries(&p, c, (c > 0).then_some(&self.core_threshold), keep);
+        let e = train_entries(&p, c, (c > 0).then_some(&self.core_threshold), keep);
         // Codes in the model's kind whatever the pre-activations' (bf16 with a bf16 encoder).
-        let vals = pre_bw
-            .index(&[Some(&rows), Some(&cols)])
-            .to_kind(self.w_dec.kind());
-        match padded {
+        let kind = self.w_dec.kind();
+        let vals = pre_bw.index(&[Some(&e.rows), Some(&e.cols)]).to_kind(kind);
+        match e.padded {
             // Row-major already; a place held (a non-positive or NaN entry) becomes a zero
             // code, which passes no gradient back.
             true => {
                 let live = vals.detach().gt(0.0);
+                let core = e.core_on.map(|on| CoreCodes {
+                    vals: pre_bw
+                        .narrow(1, 0, c)
+                        .to_kind(kind)
+                        .where_scalarother(&on, 0.0),
+                    on,
+                });
                 Codes {
-                    rows,
-                    cols,
+                    rows: e.rows,
+                    cols: e.cols,
                     vals: vals.where_scalarother(&live, 0.0),
                     live: Some(live),
                     batch: b,
+                    core,
                 }
             }
-            false => Codes::sorted(rows, cols, vals, w, b),
+            false => Codes::sorted(e.rows, e.cols, vals, w, b),
         }
     }
 
@@ -488,24 +542,33 @@ impl Sae {
     }
 
     /// The Matryoshka loss: the mean over the batch and the prefixes p = 1..=G of
-    /// sum_d (x - x_hat_p)^2, from `decode_parts`' [B, 1 + G, d]. Prefix p's reconstruction is
-    /// b_dec + core + groups 1..=p, so its error is the residual after the core with groups
-    /// 1..=p taken off in turn.
-    pub fn matryoshka_l2(&self, x_bd: &Tensor, parts_bgd: &Tensor) -> Tensor {
+    /// sum_d (x - x_hat_p)^2, from `decode_parts`' [B, 1 + G, d] (and `core_bd`, the core's
+    /// part where it was decoded as a block). Prefix p's reconstruction is b_dec + core +
+    /// groups 1..=p, so its error is the residual after the core with groups 1..=p taken off
+    /// in turn.
+    pub fn matryoshka_l2(
+        &self,
+        x_bd: &Tensor,
+        parts_bgd: &Tensor,
+        core_bd: Option<&Tensor>,
+    ) -> Tensor {
         let g = self.groups.len() as i64;
         let n = x_bd.size()[0] as f64;
         let (x, b) = (x_bd, &self.b_dec);
         if x.kind() == Kind::Float && kernels::use_fused(x, &kernels::MATRYOSHKA_L2) {
             // One pass each way (kernels/matryoshka_l2.cu), where the chain below is about 20.
             let c = |t: &Tensor| t.contiguous();
-            return kernels::matryoshka_l2(&c(x), b, &c(parts_bgd))
+            return kernels::matryoshka_l2(&c(x), b, &c(parts_bgd), core_bd.map(c).as_ref())
                 .unwrap_or_else(|e| panic!("matryoshka loss: {e}"))
                 .sum(None)
                 / (n * g as f64);
         }
         // G passes over [B, d], where a cumsum over the parts cost a cat, a scan and, in the
         // backward, two flips (a fifth of a CPU step at width 1,024).
-        let mut r_bd = x - parts_bgd.select(1, 0) - b;
+        let mut r_bd = match core_bd {
+            Some(core) => x - core - parts_bgd.select(1, 0) - b,
+            None => x - parts_bgd.select(1, 0) - b,
+        };
         let mut l2 = x.zeros_like().sum(None);
         // Not `-=`/`+=`: tch's are in place, and autograd keeps each residual for its square.
         #[allow(clippy::assign_op_pattern)]
@@ -584,16 +647,12 @@ impl Sae {
 /// back to the full top-k when the cut is not positive (fewer positive entries than needed) or
 /// fewer than `keep` reach it.
 ///
-/// The third value: whether the list is `kernels::top_entries`' (no core, bf16, on CUDA): the
-/// host reads nothing back, so the step is queued whole while the device works. Its `keep`
-/// entries are in row-major order (ties taken in that order too) and may end in non-positive
-/// entries, when fewer than `keep` are positive: places that the codes hold at zero.
-fn train_entries(
-    p: &Tensor,
-    c: i64,
-    core_thr: Option<&Tensor>,
-    keep: i64,
-) -> (Tensor, Tensor, bool) {
+/// Without the host (`Entries::padded`: bf16, on CUDA or emulated) the list is
+/// `kernels::top_entries`': nothing is read back, so the step is queued whole while the device
+/// works. Its `keep` entries are in row-major order (ties taken in that order too) and may end
+/// in non-positive entries, when fewer than `keep` are positive: places that the codes hold at
+/// zero. The core is then left out of the list, its JumpReLU a [B, c] mask beside it.
+fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> Entries {
     const STRIDE: i64 = 16;
     let (b, w) = (p.size()[0], p.size()[1]);
     let noncore = p.narrow(1, c, w - c);
@@ -603,9 +662,12 @@ fn train_entries(
         let m = (2 * keep / STRIDE + 16).min(sample.size()[0]);
         sample.topk(m, 0, true, false).0.min()
     };
+    let core_on = core_thr.map(|t| {
+        let pc = p.narrow(1, 0, c);
+        pc.gt_tensor(t).logical_and(&pc.gt(0.0))
+    });
     // DMSAE_HOSTLESS_SELECT=0: the candidates' path below, with its wait (for timing).
-    if c == 0
-        && keep > 0
+    if keep > 0
         && p.kind() == Kind::BFloat16
         && p.is_contiguous()
         && kernels::use_fused(p, &kernels::SELECT)
@@ -616,14 +678,21 @@ fn train_entries(
             true => sampled_cut().to_kind(Kind::Float),
             false => Tensor::zeros([], (Kind::Float, p.device())),
         };
-        let (rows, cols) = kernels::top_entries(p, &cut, keep)
+        let (rows, cols) = kernels::top_entries(p, c, &cut, keep)
             .unwrap_or_else(|e| panic!("BatchTopK entries: {e}"));
-        return (rows, cols, true);
+        return Entries {
+            rows,
+            cols,
+            padded: true,
+            core_on,
+        };
     }
-    let core_on = core_thr.map(|t| {
-        let pc = p.narrow(1, 0, c);
-        pc.gt_tensor(t).logical_and(&pc.gt(0.0))
-    });
+    let listed = |rows, cols| Entries {
+        rows,
+        cols,
+        padded: false,
+        core_on: None,
+    };
     let core_on = core_on.as_ref();
     if sampled {
         let n_core = match core_on {
@@ -672,7 +741,7 @@ fn train_entries(
                     .index(&[Some(&rows), Some(&cols)])
                     .masked_fill(&cols.lt(c), f64::INFINITY);
                 let (_, j) = rank.topk(keep + n_core, 0, true, false);
-                return (rows.index_select(0, &j), cols.index_select(0, &j), false);
+                return listed(rows.index_select(0, &j), cols.index_select(0, &j));
             }
         }
     }
@@ -680,16 +749,27 @@ fn train_entries(
     let i = i.masked_select(&v.gt(0.0));
     let (rows, cols) = (i.floor_divide_scalar(w - c), i.remainder(w - c) + c);
     match core_on {
-        None => (rows, cols, false),
+        None => listed(rows, cols),
         Some(on) => {
             let nz = on.nonzero();
-            (
+            listed(
                 Tensor::cat(&[nz.select(1, 0), rows], 0),
                 Tensor::cat(&[nz.select(1, 1), cols], 0),
-                false,
             )
         }
     }
+}
+
+/// `train_entries`' list: (rows, cols) of the entries in row-major order, or (not `padded`) in
+/// any order.
+struct Entries {
+    rows: Tensor,
+    cols: Tensor,
+    /// `kernels::top_entries`' fixed-size list, whose places may hold non-positive entries.
+    padded: bool,
+    /// [B, c] bool: the core's JumpReLU, where the list leaves the core out (`padded` with a
+    /// core).
+    core_on: Option<Tensor>,
 }
 
 #[cfg(test)]
@@ -798,39 +878,119 @@ pub struct LossOut {
     /// Filled by the backward: the squared norm of W_enc's gradient's non-core columns in
     /// parts (`kernels::encoder_grad_sq`), where the sparse encoder gradient makes it.
     pub enc_sq: Option<Tensor>,
-    /// AuxK's dead latents' parameter rows, leaves of their own (`Trainer::auxk`).
-    dead_rows: Option<DeadRows>,
+    /// Parameters' rows and columns read as leaves of their own: AuxK's dead latents'
+    /// (`Trainer::auxk`), a core block's (`Trainer::loss_timed`).
+    leaves: Vec<Leaf>,
 }
 
-/// The dead latents AuxK read (`dead`, [n]) and their W_enc columns [d, n] (None where AuxK
-/// read them through the pre-activations' graph) and W_dec rows [n, d], detached copies whose
-/// gradients `LossOut::gradients` adds into the parameters'.
-struct DeadRows {
-    dead: Tensor,
-    w_enc_dn: Option<Tensor>,
-    w_dec_nd: Tensor,
+/// Some rows or columns of a parameter (`Sae::params`' `param`) along `dim`, detached, a leaf
+/// whose gradient `LossOut::gradients` adds into the parameter's in place: through
+/// `index_select` or `narrow` the backward would make a zeroed gradient of the whole parameter
+/// for them and add it to the kernels' (about 2.4 GB a parameter a step at the paper's sizes).
+struct Leaf {
+    param: usize,
+    dim: i64,
+    /// Which rows or columns; None: the first ones (a view).
+    index: Option<Tensor>,
+    t: Tensor,
+}
+
+impl Leaf {
+    /// The first `n` along `dim` of parameter `param`, `p`.
+    fn first(param: usize, dim: i64, p: &Tensor, n: i64) -> Leaf {
+        let t = p.detach().narrow(dim, 0, n).set_requires_grad(true);
+        Leaf {
+            param,
+            dim,
+            index: None,
+            t,
+        }
+    }
+
+    /// The rows or columns `index` along `dim` of parameter `param`, `p` (a copy).
+    fn picked(param: usize, dim: i64, p: &Tensor, index: &Tensor) -> Leaf {
+        let t = p.detach().index_select(dim, index).set_requires_grad(true);
+        Leaf {
+            param,
+            dim,
+            index: Some(index.shallow_clone()),
+            t,
+        }
+    }
+
+    /// `g`, this leaf's gradient, added into its parameter's gradient `into`.
+    fn add_into(&self, into: &Tensor, g: &Tensor) {
+        let _ = match &self.index {
+            Some(i) => into.shallow_clone().index_add_(self.dim, i, g),
+            None => into
+                .narrow(self.dim, 0, self.t.size()[self.dim as usize])
+                .g_add_(g),
+        };
+    }
+
+    /// This leaf's rows or columns of `of`.
+    fn of(&self, of: &Tensor) -> Tensor {
+        match &self.index {
+            Some(i) => of.index_select(self.dim, i),
+            None => of.narrow(self.dim, 0, self.t.size()[self.dim as usize]),
+        }
+    }
 }
 
 impl LossOut {
-    /// The loss's gradients of `params` (`Sae::params`: W_enc, b_enc, W_dec, b_dec), AuxK's
-    /// dead rows' added in place.
+    /// The loss's gradients of `params` (`Sae::params`: W_enc, b_enc, W_dec, b_dec), the
+    /// leaves' added in place.
     pub fn gradients(&self, params: [&Tensor; 4]) -> Vec<Tensor> {
-        let Some(r) = &self.dead_rows else {
-            return Tensor::run_backward(&[&self.loss], &params, false, false);
-        };
         let mut inputs = params.to_vec();
-        inputs.push(&r.w_dec_nd);
-        inputs.extend(&r.w_enc_dn);
+        inputs.extend(self.leaves.iter().map(|l| &l.t));
         let mut g = Tensor::run_backward(&[&self.loss], &inputs, false, false);
+        let from_leaves = g.split_off(params.len());
         tch::no_grad(|| {
-            if r.w_enc_dn.is_some() {
-                let g_dn = g.pop().expect("W_enc's dead columns");
-                let _ = g[0].index_add_(1, &r.dead, &g_dn);
+            // (Undefined: the leaf was not reached, a zero gradient.)
+            for (l, gl) in self.leaves.iter().zip(&from_leaves) {
+                if gl.defined() {
+                    self.add_leaf(l, gl, &g);
+                }
             }
-            let g_nd = g.pop().expect("W_dec's dead rows");
-            let _ = g[2].index_add_(0, &r.dead, &g_nd);
         });
         g
+    }
+
+    /// Leaf `l`'s gradient `gl` added into the parameters' gradients `g`, and what the kernels'
+    /// backward made of those gradients without it mended: the encoder kernel's squares
+    /// (`enc_sq`) of W_enc's non-core columns (AuxK's dead ones) change by their squares after
+    /// less before; W_dec's rows' figures for the update (`dec_stats`; a core block's rows had
+    /// no entry in the decoder's backward, AuxK's may have had some) are made again, whole in
+    /// the first span.
+    fn add_leaf(&self, l: &Leaf, gl: &Tensor, g: &[Tensor]) {
+        let sq = |t: &Tensor| l.of(t).square().sum(Kind::Double);
+        let mend_sq = match (l.param, &l.index, &self.enc_sq) {
+            (0, Some(_), Some(s)) => Some((s, sq(&g[0]))),
+            _ => None,
+        };
+        l.add_into(&g[l.param], gl);
+        if let Some((s, before)) = mend_sq {
+            let _ = s.narrow(0, 0, 1).g_add_(&(sq(&g[0]) - before));
+        }
+        let Some(st) = self.dec_stats.as_ref().filter(|_| l.param == 2) else {
+            return;
+        };
+        let (g_d, w_d) = (l.of(&g[2]).to_kind(Kind::Double), l.t.to_kind(Kind::Double));
+        let dot = |a: &Tensor, b: &Tensor| (a * b).sum_dim_intlist(1, false, None);
+        let sums = Tensor::stack(&[dot(&g_d, &g_d), dot(&g_d, &w_d), dot(&w_d, &w_d)], 0);
+        let spans = st.size()[0];
+        let (mut first, mut rest) = (st.select(0, 0), st.narrow(0, 1, spans - 1));
+        match &l.index {
+            Some(i) => {
+                let _ = rest.index_fill_(2, i, 0.0);
+                let _ = first.index_copy_(1, i, &sums);
+            }
+            None => {
+                let n = l.t.size()[0];
+                let _ = rest.narrow(2, 0, n).zero_();
+                first.narrow(1, 0, n).copy_(&sums);
+            }
+        }
     }
 }
 
@@ -1013,18 +1173,20 @@ impl Trainer {
         };
         laps.lap(0);
         let codes = s.train_codes(&pre_bf);
-        // AuxK's gradient reaches W_enc's dead columns outside the kernel.
-        let enc_sq = (sparse_grad && n_dead == 0).then(|| kernels::encoder_grad_sq(&s.w_enc));
-        let codes = match sparse_grad {
+        // (AuxK's gradient reaches W_enc's dead columns outside the kernel: `LossOut::add_leaf`
+        // mends the squares.)
+        let enc_sq = sparse_grad.then(|| kernels::encoder_grad_sq(&s.w_enc));
+        let (codes, w_enc_core) = match sparse_grad {
             true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref()),
-            false => codes,
+            false => (codes, None),
         };
+        let mut leaves: Vec<Leaf> = w_enc_core.into_iter().collect();
         laps.lap(1);
 
-        // Without AuxK's rows, W_dec's gradient is the decoder kernel's alone, so its figures
-        // for the update come from that kernel's backward.
-        let dec_stats =
-            (auxk && n_dead == 0 && s.fused_decode()).then(|| kernels::bag_decode_stats(&s.w_dec));
+        // W_dec's gradient's figures for the update from the decoder kernel's backward (those
+        // of the rows that leaves add to, AuxK's and a core block's, `LossOut::add_leaf` makes
+        // again).
+        let dec_stats = (auxk && s.fused_decode()).then(|| kernels::bag_decode_stats(&s.w_dec));
         // Training's decoder over W_dec's bf16 copy: the update's, while current, else a cast.
         let w_dec_h = (auxk && self.dec_bf16).then(|| {
             current_copy(&self.w_dec_h, &s.w_dec).map_or_else(
@@ -1038,19 +1200,32 @@ impl Trainer {
             dec_stats.as_ref(),
             w_dec_h.as_ref(),
         );
-        let l2 = s.matryoshka_l2(x_bd, &parts_bgd);
+        // A core block: its part of the reconstruction is one product, in float32 (the entries'
+        // decoder may read bf16 rows).
+        let core_bd = codes.core.as_ref().map(|k| {
+            let w_cd = Leaf::first(2, 0, &s.w_dec, s.core as i64);
+            let core_bd = k.vals.matmul(&w_cd.t);
+            leaves.push(w_cd);
+            core_bd
+        });
+        let l2 = s.matryoshka_l2(x_bd, &parts_bgd, core_bd.as_ref());
         let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
+        let x_hat_bd = match &core_bd {
+            Some(core) => x_hat_bd + core,
+            None => x_hat_bd,
+        };
 
         laps.lap(2);
-        let (auxk, dead_rows) = match auxk {
+        let (auxk, dead_leaves) = match auxk {
             true => {
                 let e_bd = (x_bd - &x_hat_bd).detach();
                 // Without a graph on the pre-activations, the dead latents' are made again.
                 let pre = (!sparse_grad).then_some(&pre_bf);
                 self.auxk(x_bd, &e_bd, pre, bf16, n_dead)
             }
-            false => (x_bd.zeros_like().sum(None), None),
+            false => (x_bd.zeros_like().sum(None), Vec::new()),
         };
+        leaves.extend(dead_leaves);
         laps.lap(3);
         LossOut {
             loss: &l2 + &auxk * self.cfg.auxk_alpha,
@@ -1060,7 +1235,7 @@ impl Trainer {
             x_hat_bd,
             dec_stats,
             enc_sq,
-            dead_rows,
+            leaves,
         }
     }
 
@@ -1077,9 +1252,9 @@ impl Trainer {
         pre_bf: Option<&Tensor>,
         bf16: bool,
         n_dead: i64,
-    ) -> (Tensor, Option<DeadRows>) {
+    ) -> (Tensor, Vec<Leaf>) {
         if n_dead == 0 {
-            return (e_bd.zeros_like().sum(None), None);
+            return (e_bd.zeros_like().sum(None), Vec::new());
         }
         let s = &self.sae;
         let dead_f = self.dead_f();
@@ -1090,17 +1265,13 @@ impl Trainer {
             .1
             .sort(0, false)
             .0;
-        // The dead latents' W_dec rows (and, without `pre_bf`, W_enc columns) as leaves of
-        // their own, their gradients added into the parameters' by `LossOut::gradients`:
-        // through `index_select` the backward would make a zeroed [W, d] gradient for a few
-        // rows and then add it to the kernels' (about 2.4 GB a parameter at the paper's sizes).
-        let leaf = |t: Tensor| t.detach().set_requires_grad(true);
-        let w_dec_nd = leaf(s.w_dec.index_select(0, &dead));
+        // The dead latents' W_dec rows (and, without `pre_bf`, W_enc columns) as leaves.
+        let w_dec_nd = Leaf::picked(2, 0, &s.w_dec, &dead);
         let (pre_bn, w_enc_dn) = match pre_bf {
             Some(p) => (p.index_select(1, &dead), None),
             None => {
-                let w_dn = leaf(s.w_enc.index_select(1, &dead));
-                (s.noncore_pre_acts(x_bd, &dead, &w_dn, bf16), Some(w_dn))
+                let w_dn = Leaf::picked(0, 1, &s.w_enc, &dead);
+                (s.noncore_pre_acts(x_bd, &dead, &w_dn.t, bf16), Some(w_dn))
             }
         };
         // A count behind the marks (never, if `n_dead` is current) picks no live latent.
@@ -1111,14 +1282,14 @@ impl Trainer {
         let e_hat_bd = if self.auxk_dense() {
             // In the pre-activations' kind: bf16 with a bf16 encoder.
             let a_bn = dead_bn.zeros_like().scatter(1, &at_bk, &acts_bk);
-            a_bn.matmul(&w_dec_nd.to_kind(a_bn.kind())).to_kind(kind)
+            a_bn.matmul(&w_dec_nd.t.to_kind(a_bn.kind())).to_kind(kind)
         } else {
             let acts_bk = acts_bk.to_kind(kind);
             // Each token's k_aux rows, as one bag each.
             let (b, k) = (at_bk.size()[0], at_bk.size()[1]);
             let idx = at_bk.reshape([-1]);
             Tensor::embedding_bag(
-                &w_dec_nd,
+                &w_dec_nd.t,
                 &idx,
                 &Tensor::arange_start_step(0, b * k, k, (Kind::Int64, idx.device())),
                 false,
@@ -1137,12 +1308,8 @@ impl Trainer {
             .square()
             .sum_dim_intlist(-1, false, None)
             .mean(None);
-        let rows = DeadRows {
-            dead,
-            w_enc_dn,
-            w_dec_nd,
-        };
-        ((err / var).nan_to_num(0.0, 0.0, 0.0), Some(rows))
+        let leaves = [Some(w_dec_nd), w_enc_dn].into_iter().flatten().collect();
+        ((err / var).nan_to_num(0.0, 0.0, 0.0), leaves)
     }
 
     /// One update and its figures: `queue`, then `settle`.
@@ -1533,6 +1700,10 @@ impl Trainer {
     fn bookkeep(&mut self, codes: &Codes) -> Option<Tensor> {
         let b = codes.batch;
         self.fired_f = counts_of(&codes.cols, self.sae.width() as i64, codes.live.as_ref());
+        if let Some(k) = &codes.core {
+            let on_c = k.on.sum_dim_intlist(0, false, Kind::Int64);
+            let _ = self.fired_f.narrow(0, 0, on_c.size()[0]).g_add_(&on_c);
+        }
         self.since_fired_f = (&self.since_fired_f + b) * self.fired_f.eq(0).to_kind(Kind::Int64);
         let c = self.sae.core as i64;
         // (Runs shorter than two warm-ups start at half-way, so every export has a threshold.)
@@ -1993,7 +2164,7 @@ mod tests {
         let run = |fused: bool| {
             let parts = parts32.copy().set_requires_grad(true);
             let l2 = with_kernel(&kernels::MATRYOSHKA_L2, fused, || {
-                sae.matryoshka_l2(&x, &parts)
+                sae.matryoshka_l2(&x, &parts, None)
             });
             let g = Tensor::run_backward(&[&l2], &[&sae.b_dec, &parts], false, false);
             (l2.detach(), g)
@@ -2148,11 +2319,12 @@ mod tests {
     /// dense definition's loss and gradients, float32, a trained core with thresholds: with
     /// every fifth non-core latent dead, AuxK over their own product beside the sparse encoder
     /// gradient; with every other one, over the dense graph. Both AuxK reconstructions
-    /// (gathered rows, and the product over the dead latents).
+    /// (gathered rows, and the product over the dead latents). At d 300 the decoder's figures
+    /// come in two spans.
     #[test]
     fn the_sparse_path_with_dead_latents_matches_the_dense_definition() {
-        for (every, n_dead) in [(5, 9), (2, 22)] {
-            kernels_path_with_dead_latents(Device::Cpu, every, n_dead, 1e-5);
+        for (every, n_dead, d) in [(5, 9, 24), (2, 22, 24), (5, 9, 300)] {
+            kernels_path_with_dead_latents(Device::Cpu, every, n_dead, d, 1e-5);
         }
     }
 
@@ -2161,14 +2333,14 @@ mod tests {
     #[test]
     fn the_sparse_path_with_dead_latents_matches_the_dense_definition_on_cuda() {
         if let Some(device) = test_cuda() {
-            for (every, n_dead) in [(5, 9), (2, 22)] {
-                kernels_path_with_dead_latents(device, every, n_dead, 1e-4);
+            for (every, n_dead, d) in [(5, 9, 24), (2, 22, 24), (5, 9, 300)] {
+                kernels_path_with_dead_latents(device, every, n_dead, d, 1e-4);
             }
         }
     }
 
-    fn kernels_path_with_dead_latents(device: Device, every: i64, n_dead: i64, tol: f64) {
-        let (d, b) = (24usize, 64usize);
+    fn kernels_path_with_dead_latents(device: Device, every: i64, n_dead: i64, d: usize, tol: f64) {
+        let b = 64usize;
         let mut t = core_and_dead_trainer(d, Kind::Float, device, every);
         assert_eq!(t.n_dead, n_dead);
         let (_, x) = sparse_dictionary(d, 20, 3, b, 0.2, 6);
@@ -2180,16 +2352,51 @@ mod tests {
             t.cfg.auxk_dense = Some(dense);
             let out = with_kernel(&kernels::ENCODER_GRAD, true, || t.loss(&x_bd));
             assert!(out.auxk.double_value(&[]) > 0.0, "AuxK idle");
-            // AuxK's gradient reaches W_enc outside the kernel, so the kernel's squares are
-            // not the norm.
-            assert!(out.enc_sq.is_none(), "squares kept with {n_dead} dead");
             let lo = out.loss.double_value(&[]);
-            let case = format!("{n_dead} dead, dense AuxK {dense}");
+            let case = format!("{n_dead} dead, d {d}, dense AuxK {dense}");
             assert!((lo - lr).abs() <= tol * lr, "{case}: loss {lo} vs {lr}");
             let g = out.gradients(t.sae.params());
             for (i, (a, r)) in g.iter().zip(&g_ref).enumerate() {
                 let rel = rel_max(a, r);
                 assert!(rel <= tol, "{case}, param {i}: {rel:e} of its largest");
+            }
+            // What the update takes from the kernels' backward, the dead latents' gradients
+            // added since (`LossOut::add_leaf`): W_enc's squared norm, and each W_dec row's
+            // g.g, g.w and projected squared norm (a row without entries there has w.w 0).
+            // (With many dead, the dense graph: no squares.)
+            if let Some(sq) = &out.enc_sq {
+                let (got, want) = (
+                    w_enc_grad_sq(sq, &g[0], t.sae.core).double_value(&[]),
+                    g[0].square().sum(Kind::Double).double_value(&[]),
+                );
+                assert!(
+                    (got - want).abs() <= tol * want,
+                    "{case}: ||dW_enc||^2 {got} vs {want}"
+                );
+            }
+            let st = out.dec_stats.as_ref().expect("the decoder's figures");
+            let s3 = st.sum_dim_intlist(0, false, None);
+            let (gd, wd) = (
+                g[2].to_kind(Kind::Double),
+                t.sae.w_dec.to_kind(Kind::Double),
+            );
+            let dot = |a: &Tensor, b: &Tensor| (a * b).sum_dim_intlist(1, false, None);
+            let (gg, gw) = (dot(&gd, &gd), dot(&gd, &wd));
+            let q = |gg: &Tensor, gw: &Tensor, ww: &Tensor| gg - gw * gw * 2.0 + gw * gw * ww;
+            for (what, a, r) in [
+                ("g.g", s3.get(0), gg.shallow_clone()),
+                ("g.w", s3.get(1), gw.shallow_clone()),
+                (
+                    "projected",
+                    q(&s3.get(0), &s3.get(1), &s3.get(2)),
+                    q(&gg, &gw, &dot(&wd, &wd)),
+                ),
+            ] {
+                let rel = rel_max(&a, &r);
+                assert!(
+                    rel <= tol,
+                    "{case}: W_dec rows' {what}, {rel:e} of its largest"
+                );
             }
         }
     }
@@ -2215,19 +2422,26 @@ mod tests {
                 let core_on = (c > 0).then(|| x.narrow(1, 0, c).gt(1.5));
                 let thr = Tensor::full([c], 1.5, (Kind::Float, Device::Cpu));
                 let thr = (c > 0).then_some(&thr);
-                let (rows, cols, padded) = train_entries(&x, c, thr, keep);
-                assert!(!padded, "ATen's entries");
+                let e = train_entries(&x, c, thr, keep);
+                assert!(!e.padded && e.core_on.is_none(), "ATen's entries");
+                let (rows, cols) = (e.rows, e.cols);
                 // The candidates from kernels/select.cu (emulated): the same entries in the
-                // same order; bf16 without a core, the device's own top-k, by its definition.
+                // same order; in bf16, the device's own top-k, by its definition, and the
+                // core's JumpReLU as a mask beside it.
                 kernels::emulate_on_cpu(true);
-                let (rows_k, cols_k, padded) = train_entries(&x, c, thr, keep);
+                let k = train_entries(&x, c, thr, keep);
                 kernels::emulate_on_cpu(false);
-                if padded {
-                    assert_eq!((x.kind(), c), (Kind::BFloat16, 0), "top_entries' case");
-                    assert!((rows_k * w + cols_k).equal(&top_reference(&x, keep)));
+                if k.padded {
+                    assert_eq!(x.kind(), Kind::BFloat16, "top_entries' case");
+                    assert!((k.rows * w + k.cols).equal(&top_reference(&x, c, keep)));
+                    match (&core_on, &k.core_on) {
+                        (Some(want), Some(got)) => assert!(got.equal(want), "core mask, c {c}"),
+                        (None, None) => {}
+                        _ => panic!("c {c}: a core mask without a core, or none with one"),
+                    }
                 } else {
                     assert!(
-                        rows_k.equal(&rows) && cols_k.equal(&cols),
+                        k.rows.equal(&rows) && k.cols.equal(&cols),
                         "c {c}, {:?}: select.cu's entries differ",
                         x.kind()
                     );
@@ -2264,17 +2478,20 @@ mod tests {
     }
 
     /// `kernels::top_entries`' definition, for a bf16 [B, W] `x` on the CPU: the flat places
-    /// of the `keep` entries with the largest keys (a positive value's bits; 0 for zero,
-    /// negative and NaN), ties taken in row-major order, listed in that order.
-    fn top_reference(x: &Tensor, keep: i64) -> Tensor {
+    /// (row * W + column) of the `keep` entries outside the first `c` columns with the largest
+    /// keys (a positive value's bits; 0 for zero, negative and NaN), ties taken in row-major
+    /// order, listed in that order.
+    fn top_reference(x: &Tensor, c: i64, keep: i64) -> Tensor {
+        let w = x.size()[1];
+        let x = x.narrow(1, c, w - c).reshape([-1]);
         let bits = x
-            .reshape([-1])
             .view_dtype(Kind::Int16)
             .to_kind(Kind::Int64)
             .bitwise_and(0xffff);
-        let key = bits.where_scalarother(&x.reshape([-1]).gt(0.0), 0);
+        let key = bits.where_scalarother(&x.gt(0.0), 0);
         let (_, order) = key.sort_stable(true, 0, true);
-        order.narrow(0, 0, keep).sort(0, false).0
+        let at = order.narrow(0, 0, keep).sort(0, false).0;
+        at.floor_divide_scalar(w - c) * w + at.remainder(w - c) + c
     }
 
     /// BatchTopK without the host (select.cu's select_top_*, emulated) against its definition:
@@ -2295,8 +2512,13 @@ mod tests {
         let (near, big, zero, nan) = (-1.0, f64::INFINITY, 0.0, f64::NAN);
         let cases = [
             // (what, x, keep, cut): near is the value about 2 keep entries reach, the aim of
-            // the trainer's sample; big, twice the largest entry.
+            // the trainer's sample; big, twice the largest entry. A name with "core" leaves
+            // the first 37 columns out.
             ("the cut's bins", &x, 2048, near),
+            ("a core", &x, 2048, near),
+            ("a core, no cut", &x, 2048, zero),
+            ("a core, every other entry", &x, n - 32 * 37, near),
+            ("a core, few positive", &bf(&normal - 3.0), 2048, big),
             ("the cut's bins, keep 1", &x, 1, near),
             ("the cut's bins, all entries", &x, n, near),
             ("no cut", &x, 2048, zero),
@@ -2320,16 +2542,18 @@ mod tests {
         kernels::emulate_on_cpu(true);
         for (what, x, keep, cut) in cases {
             let keep = keep as i64;
+            let core = if what.contains("core") { 37 } else { 0 };
             let xf = x.to_kind(Kind::Float).reshape([-1]);
             let sorted = xf.sort(0, true).0;
             let cut = match cut {
-                c if c == -1.0 => sorted.double_value(&[(2 * keep).min(xf.numel() as i64) - 1]),
+                -1.0 => sorted.double_value(&[(2 * keep).min(xf.numel() as i64) - 1]),
                 c if c == f64::INFINITY => 2.0 * sorted.double_value(&[0]).abs() + 1.0,
                 c => c,
             };
-            let (rows, cols) = kernels::top_entries(x, &Tensor::from(cut as f32), keep).unwrap();
+            let (rows, cols) =
+                kernels::top_entries(x, core, &Tensor::from(cut as f32), keep).unwrap();
             assert!(
-                (rows * x.size()[1] + cols).equal(&top_reference(x, keep)),
+                (rows * x.size()[1] + cols).equal(&top_reference(x, core, keep)),
                 "{what}: keep {keep}, cut {cut}"
             );
         }
@@ -2355,17 +2579,17 @@ mod tests {
                 let run = |fused| {
                     with_kernel(&kernels::SELECT, fused, || train_entries(&x, c, thr, keep))
                 };
-                let ((rows, cols, padded), (want_rows, want_cols, _)) = (run(true), run(false));
-                if padded {
-                    let got = (rows * w + cols).to_device(Device::Cpu);
+                let (got, want) = (run(true), run(false));
+                if got.padded {
+                    let at = (got.rows * w + got.cols).to_device(Device::Cpu);
                     assert!(
-                        got.equal(&top_reference(&x.to_device(Device::Cpu), keep)),
-                        "{kind:?}: top_entries differs from its definition"
+                        at.equal(&top_reference(&x.to_device(Device::Cpu), c, keep)),
+                        "{kind:?}, c {c}: top_entries differs from its definition"
                     );
                     continue;
                 }
                 assert!(
-                    rows.equal(&want_rows) && cols.equal(&want_cols),
+                    got.rows.equal(&want.rows) && got.cols.equal(&want.cols),
                     "{kind:?}, c {c}: select.cu's entries differ"
                 );
             }
@@ -2670,6 +2894,95 @@ mod tests {
                     "{path}: step {}, gradient norm",
                     x.step
                 );
+            }
+        }
+    }
+
+    /// With a core, BatchTopK without the host takes the core as a block (`CoreCodes`): its
+    /// codes, its part of the reconstruction and its gradients from [B, c] products, its
+    /// decoder rows' figures for the update patched in (`LossOut::gradients`). Two steps of
+    /// that against ATen's path, which lists the core's entries among the others: weights,
+    /// moments, counters, threshold and figures, float32 with every kernel emulated (the
+    /// sparse encoder gradient, the decoder's figures from its backward) with a trained core
+    /// and a frozen one, and float64 through the dense graph. The non-core b_enc is lowered
+    /// so that both keep every positive entry (as in `hostless_batchtopk_steps_as_atens`).
+    #[test]
+    fn hostless_steps_with_a_core_block_as_atens() {
+        let (d, c) = (24usize, 6i64);
+        let cfg = TrainConfig {
+            encoder_bf16: Some(true),
+            decoder_bf16: Some(false),
+            warmup_steps: 1,
+            ..small_cfg(7)
+        };
+        tch::manual_seed(9);
+        let xs: Vec<Tensor> = (0..2)
+            .map(|_| Tensor::randn([32, d as i64], (Kind::Float, Device::Cpu)))
+            .collect();
+        let w_dc = Tensor::randn([d as i64, c], (Kind::Float, Device::Cpu));
+        let core = || Core {
+            w_enc_dc: &w_dc / w_dc.norm_scalaropt_dim(2, [0], true),
+            b_enc_c: Tensor::from_slice(&[0.3f32, -0.2, 0.0, 0.1, 0.2, -0.1]),
+            threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.1, 0.3, 0.5, 0.2, 0.05])),
+        };
+        let run = |hostless: bool, kind: Kind, frozen: bool| {
+            let cfg = TrainConfig {
+                core_frozen: frozen,
+                ..cfg.clone()
+            };
+            let sae = Sae::new(d, Some(core()), &cfg, kind, Device::Cpu).unwrap();
+            let w = sae.width() as i64;
+            tch::no_grad(|| {
+                let _ = sae.b_enc.narrow(0, c, w - c).g_add_scalar_(-2.5);
+            });
+            let mut t = Trainer::new(sae, cfg, true);
+            kernels::emulate_on_cpu(true);
+            HOSTLESS_OFF.with(|o| o.set(!hostless));
+            let stats: Vec<StepStats> = xs.iter().map(|x| t.update(&x.to_kind(kind))).collect();
+            let block = t.loss(&xs[0].to_kind(kind)).codes.core.is_some();
+            HOSTLESS_OFF.with(|o| o.set(false));
+            kernels::emulate_on_cpu(false);
+            assert_eq!(block, hostless, "the core as a block without the host only");
+            (t, stats)
+        };
+        for (kind, frozen) in [
+            (Kind::Float, false),
+            (Kind::Float, true),
+            (Kind::Double, false),
+        ] {
+            let ((a, sa), (b, sb)) = (run(true, kind, frozen), run(false, kind, frozen));
+            let what = format!("{kind:?}, frozen core {frozen}");
+            assert!(
+                sa.iter()
+                    .all(|s| s.l0_core > 0.5 && s.l0_core < c as f64 - 0.5),
+                "{what}: the core fires on some tokens, not all: {sa:?}"
+            );
+            assert!(
+                sa.iter()
+                    .all(|s| s.l0_noncore > 0.0 && s.l0_noncore < cfg.k as f64),
+                "{what}: fewer positive entries than k*B, and some"
+            );
+            // Only the sums' order differs: the core's from products, not entry by entry (about
+            // 3e-8 of the largest weight apart in float32, 4e-17 in float64, here).
+            let tol = if kind == Kind::Double { 1e-14 } else { 1e-6 };
+            for ((n, x), (_, y)) in a.state().iter().zip(&b.state()) {
+                let diff = (x - y).abs().max().double_value(&[]);
+                let scale = y.abs().max().double_value(&[]).max(1e-30);
+                assert!(diff <= tol * scale, "{what}: {n} differs by {diff:e}");
+            }
+            assert!(a.sae.threshold > 0.0, "{what}: the threshold was set");
+            let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs().max(1e-30);
+            assert!(close(a.sae.threshold, b.sae.threshold), "{what}: threshold");
+            for (x, y) in sa.iter().zip(&sb) {
+                assert_eq!(
+                    (x.l0_noncore, x.l0_core),
+                    (y.l0_noncore, y.l0_core),
+                    "{what}: step {}",
+                    x.step
+                );
+                for (p, q) in [(x.loss, y.loss), (x.fvu, y.fvu), (x.grad_norm, y.grad_norm)] {
+                    assert!(close(p, q), "{what}: step {}: {p} against {q}", x.step);
+                }
             }
         }
     }
