@@ -86,8 +86,7 @@ def anchor_rate(x_all, width, k, batch, steps, warm, device, bf16, dead_tokens, 
         "b_dec": torch.zeros(d, device=device, requires_grad=True),
     }
     opt = torch.optim.Adam(params.values(), lr=3e-4, betas=(0.9, 0.999))
-    bounds = list(itertools.accumulate([0] + groups(width - core)))
-    bounds = [0] + [core + b for b in bounds[1:]] if core else bounds
+    bounds = [0] + [core + b for b in itertools.accumulate(groups(width - core))]
     fired_since = torch.zeros(width, dtype=torch.long, device=device)
     threshold = -1.0
     x_all = x_all.to(device)

@@ -1502,22 +1502,22 @@ pub fn top_entries(
         &mut [addr(&mut cp), addr(&mut sp), addr(&mut hp)],
     )?;
     // One round with the cut, and the two of the whole range that finding t can take without.
+    // select_top_hist, _count and _write: (p, n, width, c, st, then `rest`).
+    let lead = [
+        addr(&mut pp),
+        addr(&mut n),
+        addr(&mut width),
+        addr(&mut c_),
+        addr(&mut sp),
+    ];
+    let over_p = |kernel: &str, grid: u32, rest: &[*mut c_void]| {
+        let mut params: Vec<*mut c_void> = lead.iter().chain(rest).copied().collect();
+        go(kernel, grid, SEL_THREADS, &mut params)
+    };
     // (Emulated, two blocks: the tests' inputs then take several turns of the loop.)
     let grid = blocks.min(if dev.is_cuda() { TOP_HIST_BLOCKS } else { 2 });
     for _ in 0..3 {
-        go(
-            "select_top_hist",
-            grid,
-            SEL_THREADS,
-            &mut [
-                addr(&mut pp),
-                addr(&mut n),
-                addr(&mut width),
-                addr(&mut c_),
-                addr(&mut sp),
-                addr(&mut hp),
-            ],
-        )?;
+        over_p("select_top_hist", grid, &[addr(&mut hp)])?;
         go(
             "select_top_find",
             1,
@@ -1525,37 +1525,13 @@ pub fn top_entries(
             &mut [addr(&mut keep_), addr(&mut sp), addr(&mut hp)],
         )?;
     }
-    go(
-        "select_top_count",
-        blocks,
-        SEL_THREADS,
-        &mut [
-            addr(&mut pp),
-            addr(&mut n),
-            addr(&mut width),
-            addr(&mut c_),
-            addr(&mut sp),
-            addr(&mut gp),
-            addr(&mut ep),
-        ],
-    )?;
+    over_p("select_top_count", blocks, &[addr(&mut gp), addr(&mut ep)])?;
     let (gt_starts, eq_starts) = (places(&gt), places(&eq));
     let (mut gsp, mut esp) = (gt_starts.data_ptr(), eq_starts.data_ptr());
-    go(
+    over_p(
         "select_top_write",
         blocks,
-        SEL_THREADS,
-        &mut [
-            addr(&mut pp),
-            addr(&mut n),
-            addr(&mut width),
-            addr(&mut c_),
-            addr(&mut sp),
-            addr(&mut gsp),
-            addr(&mut esp),
-            addr(&mut rp),
-            addr(&mut lp),
-        ],
+        &[addr(&mut gsp), addr(&mut esp), addr(&mut rp), addr(&mut lp)],
     )?;
     Ok((rows, cols))
 }

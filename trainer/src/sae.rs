@@ -918,21 +918,34 @@ impl Leaf {
         }
     }
 
+    /// How many rows or columns.
+    fn len(&self) -> i64 {
+        self.t.size()[self.dim as usize]
+    }
+
     /// `g`, this leaf's gradient, added into its parameter's gradient `into`.
     fn add_into(&self, into: &Tensor, g: &Tensor) {
         let _ = match &self.index {
             Some(i) => into.shallow_clone().index_add_(self.dim, i, g),
-            None => into
-                .narrow(self.dim, 0, self.t.size()[self.dim as usize])
-                .g_add_(g),
+            None => self.of(into).g_add_(g),
         };
     }
 
-    /// This leaf's rows or columns of `of`.
+    /// This leaf's rows or columns of `of` (a view for the first ones).
     fn of(&self, of: &Tensor) -> Tensor {
         match &self.index {
             Some(i) => of.index_select(self.dim, i),
-            None => of.narrow(self.dim, 0, self.t.size()[self.dim as usize]),
+            None => of.narrow(self.dim, 0, self.len()),
+        }
+    }
+
+    /// `v` written into this leaf's places along `dim` of `into`.
+    fn put(&self, into: &Tensor, dim: i64, v: &Tensor) {
+        match &self.index {
+            Some(i) => {
+                let _ = into.shallow_clone().index_copy_(dim, i, v);
+            }
+            None => into.narrow(dim, 0, self.len()).copy_(v),
         }
     }
 }
@@ -979,18 +992,9 @@ impl LossOut {
         let dot = |a: &Tensor, b: &Tensor| (a * b).sum_dim_intlist(1, false, None);
         let sums = Tensor::stack(&[dot(&g_d, &g_d), dot(&g_d, &w_d), dot(&w_d, &w_d)], 0);
         let spans = st.size()[0];
-        let (mut first, mut rest) = (st.select(0, 0), st.narrow(0, 1, spans - 1));
-        match &l.index {
-            Some(i) => {
-                let _ = rest.index_fill_(2, i, 0.0);
-                let _ = first.index_copy_(1, i, &sums);
-            }
-            None => {
-                let n = l.t.size()[0];
-                let _ = rest.narrow(2, 0, n).zero_();
-                first.narrow(1, 0, n).copy_(&sums);
-            }
-        }
+        l.put(&st.select(0, 0), 1, &sums);
+        let zeros = Tensor::zeros([spans - 1, 3, l.len()], (Kind::Double, st.device()));
+        l.put(&st.narrow(0, 1, spans - 1), 2, &zeros);
     }
 }
 
@@ -2188,6 +2192,17 @@ mod tests {
     /// `f` with `src`'s kernels (`fused`) or without. On the CPU the kernels are emulated when
     /// on (every kernel: the flag is per thread); on CUDA they run unless `src`'s variable turns
     /// them off (so tests using this run one at a time there: --test-threads 1).
+    /// `f` with every kernel emulated and BatchTopK's selection without the host (`hostless`)
+    /// or through the candidates' path, on this thread only.
+    fn emulated<T>(hostless: bool, f: impl FnOnce() -> T) -> T {
+        kernels::emulate_on_cpu(true);
+        HOSTLESS_OFF.with(|o| o.set(!hostless));
+        let out = f();
+        HOSTLESS_OFF.with(|o| o.set(false));
+        kernels::emulate_on_cpu(false);
+        out
+    }
+
     fn with_kernel<T>(src: &kernels::Source, fused: bool, f: impl FnOnce() -> T) -> T {
         kernels::emulate_on_cpu(fused);
         if !fused {
@@ -2851,11 +2866,9 @@ mod tests {
                 let _ = sae.b_enc.shallow_clone().g_add_scalar_(-2.5);
             });
             let mut t = Trainer::new(sae, cfg.clone(), false);
-            kernels::emulate_on_cpu(true);
-            HOSTLESS_OFF.with(|o| o.set(!hostless));
-            let stats: Vec<StepStats> = xs.iter().map(|x| t.update(&x.to_kind(kind))).collect();
-            HOSTLESS_OFF.with(|o| o.set(false));
-            kernels::emulate_on_cpu(false);
+            let stats: Vec<StepStats> = emulated(hostless, || {
+                xs.iter().map(|x| t.update(&x.to_kind(kind))).collect()
+            });
             (t, stats)
         };
         for kind in [Kind::Float, Kind::Double] {
@@ -2936,12 +2949,10 @@ mod tests {
                 let _ = sae.b_enc.narrow(0, c, w - c).g_add_scalar_(-2.5);
             });
             let mut t = Trainer::new(sae, cfg, true);
-            kernels::emulate_on_cpu(true);
-            HOSTLESS_OFF.with(|o| o.set(!hostless));
-            let stats: Vec<StepStats> = xs.iter().map(|x| t.update(&x.to_kind(kind))).collect();
-            let block = t.loss(&xs[0].to_kind(kind)).codes.core.is_some();
-            HOSTLESS_OFF.with(|o| o.set(false));
-            kernels::emulate_on_cpu(false);
+            let (stats, block) = emulated(hostless, || {
+                let stats: Vec<StepStats> = xs.iter().map(|x| t.update(&x.to_kind(kind))).collect();
+                (stats, t.loss(&xs[0].to_kind(kind)).codes.core.is_some())
+            });
             assert_eq!(block, hostless, "the core as a block without the host only");
             (t, stats)
         };
