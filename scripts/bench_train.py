@@ -218,7 +218,8 @@ def main():
                                     "(two runs each)")
     ap.add_argument("--core", type=int, default=0,
                     help="a trained core of this many latents on both sides (ReLU, exempt from "
-                         "BatchTopK): a later cycle's or a sweep's step")
+                         "BatchTopK): a later cycle's or a sweep's step; dmsae is also timed "
+                         "with the core's entries listed rather than as a block")
     for key in ("width", "k", "batch", "steps"):
         ap.add_argument(f"--{key}", type=int, help="override the preset's")
     a = ap.parse_args()
@@ -269,6 +270,11 @@ def main():
             rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
                          rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                     a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
+        if a.core:  # what the core as a block buys
+            rows.append(("dmsae train, the core's entries listed with BatchTopK's "
+                         "(DMSAE_CORE_BLOCK=0)",
+                         rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                              a.threads, dead_tokens, "", {"DMSAE_CORE_BLOCK": "0"})[0]))
         if a.kernels_ab:  # what dmsae's trainer kernels buy
             off = {k: "0" for k in ("DMSAE_FUSED_ADAM", "DMSAE_FUSED_DECODE",
                                     "DMSAE_FUSED_ENCODER_GRAD", "DMSAE_FUSED_LOSS",

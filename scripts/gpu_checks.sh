@@ -216,7 +216,7 @@ fi
 if want traincore; then
 step "training step against eager PyTorch with a trained core (METHOD.md's distilled core, 197): a later cycle's or a sweep's step"
 TBASE=$([ -x "${BASE_BIN:-gpu/dmsae-base}" ] && echo "--base ${BASE_BIN:-gpu/dmsae-base}")
-run 240 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --core "${CORE:-197}" $TBASE
+run 300 "$PY" scripts/bench_train.py --dmsae "$BIN" --device "$DEVICE" $TRAIN_PRESET --core "${CORE:-197}" $TBASE
 fi
 
 if want fvu; then

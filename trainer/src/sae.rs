@@ -438,29 +438,30 @@ impl Sae {
         // Codes in the model's kind whatever the pre-activations' (bf16 with a bf16 encoder).
         let kind = self.w_dec.kind();
         let vals = pre_bw.index(&[Some(&e.rows), Some(&e.cols)]).to_kind(kind);
-        match e.padded {
+        let core = e.core_on.map(|on| CoreCodes {
+            vals: pre_bw
+                .narrow(1, 0, c)
+                .to_kind(kind)
+                .where_scalarother(&on, 0.0),
+            on,
+        });
+        let codes = match e.padded {
             // Row-major already; a place held (a non-positive or NaN entry) becomes a zero
             // code, which passes no gradient back.
             true => {
                 let live = vals.detach().gt(0.0);
-                let core = e.core_on.map(|on| CoreCodes {
-                    vals: pre_bw
-                        .narrow(1, 0, c)
-                        .to_kind(kind)
-                        .where_scalarother(&on, 0.0),
-                    on,
-                });
                 Codes {
                     rows: e.rows,
                     cols: e.cols,
                     vals: vals.where_scalarother(&live, 0.0),
                     live: Some(live),
                     batch: b,
-                    core,
+                    core: None,
                 }
             }
             false => Codes::sorted(e.rows, e.cols, vals, w, b),
-        }
+        };
+        Codes { core, ..codes }
     }
 
     /// Inference codes without batch statistics: the core is JumpReLU at its carried
@@ -632,18 +633,22 @@ impl Sae {
     }
 }
 
-/// The training codes' entries of the pre-activations `p` [B, W] (rows, columns): the core
-/// latents' (columns 0..c) where they pass their JumpReLU (p > `core_thr` [c] and p > 0), and
-/// the `keep` largest positive entries of the rest (BatchTopK: the set one top-k over them
-/// gives, ties aside).
+/// The training codes' entries of the pre-activations `p` [B, W] (rows, columns): the `keep`
+/// largest positive entries outside the core's columns 0..c (BatchTopK: the set one top-k over
+/// them gives, ties aside), and beside them the core's JumpReLU (p > `core_thr` [c] and p > 0)
+/// as a [B, c] mask (`Entries::core_on`). A core latent fires on a large share of tokens: as
+/// entries the core's would be a row through the sparse decoder each, often more of them than
+/// k*B (half the tokens at METHOD.md's c = 197 and B = 4,096 are 403k entries beside 262k),
+/// and their count would vary, so the list's size would wait for the device; as a block they
+/// cost [B, c] x [c, d] products. DMSAE_CORE_BLOCK=0 lists the core's entries ahead of
+/// BatchTopK's instead (for timing; then the selection waits for the host).
 ///
 /// A top-k over every 16th token's entries yields a cut that about 2 * keep entries reach;
 /// those go through the exact top-k (over 16.7M entries, batch 1,024 and width 16k, a quarter
 /// of the full top-k's time on the 2-core CPU). The sample is whole rows, which copy out as
 /// contiguous runs: every 16th column read every cache line of the batch's pre-activations
-/// (0.14 ms of a step on the H200). The core's entries come out of the same `nonzero` and its
-/// count out of the same read as the cut, the non-core columns are never copied out (with a
-/// core they are not contiguous, and flattening them copied the batch's pre-activations). Falls
+/// (0.14 ms of a step on the H200). The non-core columns are never copied out (with a core
+/// they are not contiguous, and flattening them copied the batch's pre-activations). Falls
 /// back to the full top-k when the cut is not positive (fewer positive entries than needed) or
 /// fewer than `keep` reach it.
 ///
@@ -651,7 +656,7 @@ impl Sae {
 /// `kernels::top_entries`': nothing is read back, so the step is queued whole while the device
 /// works. Its `keep` entries are in row-major order (ties taken in that order too) and may end
 /// in non-positive entries, when fewer than `keep` are positive: places that the codes hold at
-/// zero. The core is then left out of the list, its JumpReLU a [B, c] mask beside it.
+/// zero.
 fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> Entries {
     const STRIDE: i64 = 16;
     let (b, w) = (p.size()[0], p.size()[1]);
@@ -666,13 +671,24 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> En
         let pc = p.narrow(1, 0, c);
         pc.gt_tensor(t).logical_and(&pc.gt(0.0))
     });
+    // Listed with the entries (DMSAE_CORE_BLOCK=0), or a block beside them.
+    let (core_listed, core_on) = match knob_off("DMSAE_CORE_BLOCK") {
+        true => (core_on, None),
+        false => (None, core_on),
+    };
+    let entries = |rows, cols, padded| Entries {
+        rows,
+        cols,
+        padded,
+        core_on,
+    };
     // DMSAE_HOSTLESS_SELECT=0: the candidates' path below, with its wait (for timing).
     if keep > 0
+        && core_listed.is_none()
         && p.kind() == Kind::BFloat16
         && p.is_contiguous()
         && kernels::use_fused(p, &kernels::SELECT)
-        && !std::env::var("DMSAE_HOSTLESS_SELECT").is_ok_and(|v| v == "0")
-        && !tests_hostless_off()
+        && !knob_off("DMSAE_HOSTLESS_SELECT")
     {
         let cut = match sampled {
             true => sampled_cut().to_kind(Kind::Float),
@@ -680,22 +696,11 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> En
         };
         let (rows, cols) = kernels::top_entries(p, c, &cut, keep)
             .unwrap_or_else(|e| panic!("BatchTopK entries: {e}"));
-        return Entries {
-            rows,
-            cols,
-            padded: true,
-            core_on,
-        };
+        return entries(rows, cols, true);
     }
-    let listed = |rows, cols| Entries {
-        rows,
-        cols,
-        padded: false,
-        core_on: None,
-    };
-    let core_on = core_on.as_ref();
+    let core_listed = core_listed.as_ref();
     if sampled {
-        let n_core = match core_on {
+        let n_core = match core_listed {
             Some(on) => on.sum(Kind::Int64),
             None => Tensor::zeros([], (Kind::Int64, p.device())),
         };
@@ -706,9 +711,13 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> En
         // device and counts its candidates before the host waits, so the count comes back in
         // the same read and the host waits once, not twice.
         let cut_t = sampled_cut();
+        // A block's thresholds lie above every value: select.cu lists none of its entries.
+        let block_thr = (c > 0 && core_listed.is_none())
+            .then(|| Tensor::full([c], f64::INFINITY, (Kind::Float, p.device())));
         let candidates =
             (kernels::use_fused(p, &kernels::SELECT) && p.is_contiguous()).then(|| {
-                kernels::Candidates::count(p, c, core_thr, &cut_t.to_kind(Kind::Float))
+                let thr = block_thr.as_ref().or(core_thr);
+                kernels::Candidates::count(p, c, thr, &cut_t.to_kind(Kind::Float))
                     .unwrap_or_else(|e| panic!("BatchTopK candidates: {e}"))
             });
         let total = candidates
@@ -726,8 +735,10 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> En
                     .unwrap_or_else(|e| panic!("BatchTopK candidates: {e}")),
                 None => {
                     let on = p.ge(cut);
-                    if let Some(core) = core_on {
-                        on.narrow(1, 0, c).copy_(core);
+                    let mut on_c = on.narrow(1, 0, c);
+                    match core_listed {
+                        Some(core) => on_c.copy_(core),
+                        None => _ = on_c.fill_(0),
                     }
                     let nz = on.nonzero();
                     (nz.select(1, 0), nz.select(1, 1))
@@ -741,20 +752,21 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> En
                     .index(&[Some(&rows), Some(&cols)])
                     .masked_fill(&cols.lt(c), f64::INFINITY);
                 let (_, j) = rank.topk(keep + n_core, 0, true, false);
-                return listed(rows.index_select(0, &j), cols.index_select(0, &j));
+                return entries(rows.index_select(0, &j), cols.index_select(0, &j), false);
             }
         }
     }
     let (v, i) = noncore.reshape([-1]).topk(keep, 0, true, false);
     let i = i.masked_select(&v.gt(0.0));
     let (rows, cols) = (i.floor_divide_scalar(w - c), i.remainder(w - c) + c);
-    match core_on {
-        None => listed(rows, cols),
+    match core_listed {
+        None => entries(rows, cols, false),
         Some(on) => {
             let nz = on.nonzero();
-            listed(
+            entries(
                 Tensor::cat(&[nz.select(1, 0), rows], 0),
                 Tensor::cat(&[nz.select(1, 1), cols], 0),
+                false,
             )
         }
     }
@@ -767,23 +779,25 @@ struct Entries {
     cols: Tensor,
     /// `kernels::top_entries`' fixed-size list, whose places may hold non-positive entries.
     padded: bool,
-    /// [B, c] bool: the core's JumpReLU, where the list leaves the core out (`padded` with a
-    /// core).
+    /// [B, c] bool: the core's JumpReLU, where the list leaves the core out (a core, as a
+    /// block).
     core_on: Option<Tensor>,
+}
+
+/// Whether a path's knob turns it off: its variable set to 0 (for timing it against the path
+/// it replaced), or, in tests, `tests_off` on this thread (a variable would reach the tests
+/// running beside it).
+fn knob_off(var: &'static str) -> bool {
+    #[cfg(test)]
+    if TESTS_OFF.with(|o| o.borrow().contains(&var)) {
+        return true;
+    }
+    std::env::var(var).is_ok_and(|v| v == "0")
 }
 
 #[cfg(test)]
 thread_local! {
-    /// Tests: `train_entries` without `top_entries` on this thread only (the environment
-    /// variable would reach the tests running beside it).
-    static HOSTLESS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn tests_hostless_off() -> bool {
-    #[cfg(test)]
-    return HOSTLESS_OFF.with(|o| o.get());
-    #[cfg(not(test))]
-    false
+    static TESTS_OFF: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A parameter's bf16 copy (`Trainer::w_enc_h`, `w_dec_h`), if no ATen op has changed the
@@ -1404,7 +1418,7 @@ impl Trainer {
             batch: out.codes.batch,
             numel: x_bd.numel() as i64,
         });
-        if std::env::var("DMSAE_DEFER_FIGURES").is_ok_and(|v| v == "0") {
+        if knob_off("DMSAE_DEFER_FIGURES") {
             read = self.settle();
         }
         laps.lap(8);
@@ -1500,7 +1514,7 @@ impl Trainer {
         // decoder_adam: 4 warps a block, each row waiting in the block's shared memory for its
         // norm (adam.cu's DEC_HELD_WARPS); DMSAE_DECODER_HELD=0 launches 8, which read each
         // row back instead (to time one against the other).
-        let held_threads = match std::env::var("DMSAE_DECODER_HELD").is_ok_and(|v| v == "0") {
+        let held_threads = match knob_off("DMSAE_DECODER_HELD") {
             true => threads,
             false => threads.min(128),
         };
@@ -2189,20 +2203,31 @@ mod tests {
         (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
     }
 
-    /// `f` with `src`'s kernels (`fused`) or without. On the CPU the kernels are emulated when
-    /// on (every kernel: the flag is per thread); on CUDA they run unless `src`'s variable turns
-    /// them off (so tests using this run one at a time there: --test-threads 1).
-    /// `f` with every kernel emulated and BatchTopK's selection without the host (`hostless`)
-    /// or through the candidates' path, on this thread only.
-    fn emulated<T>(hostless: bool, f: impl FnOnce() -> T) -> T {
-        kernels::emulate_on_cpu(true);
-        HOSTLESS_OFF.with(|o| o.set(!hostless));
+    /// `f` on this thread with every kernel emulated (`emulate`) or none, and the paths whose
+    /// knobs `off` names (`knob_off`) turned off.
+    fn with_paths<T>(emulate: bool, off: &[&'static str], f: impl FnOnce() -> T) -> T {
+        kernels::emulate_on_cpu(emulate);
+        TESTS_OFF.with(|o| o.borrow_mut().extend_from_slice(off));
         let out = f();
-        HOSTLESS_OFF.with(|o| o.set(false));
+        TESTS_OFF.with(|o| o.borrow_mut().clear());
         kernels::emulate_on_cpu(false);
         out
     }
 
+    /// `f` with every kernel emulated and BatchTopK's selection without the host (`hostless`)
+    /// or through the candidates' path, on this thread only.
+    fn emulated<T>(hostless: bool, f: impl FnOnce() -> T) -> T {
+        let off: &[&str] = if hostless {
+            &[]
+        } else {
+            &["DMSAE_HOSTLESS_SELECT"]
+        };
+        with_paths(true, off, f)
+    }
+
+    /// `f` with `src`'s kernels (`fused`) or without. On the CPU the kernels are emulated when
+    /// on (every kernel: the flag is per thread); on CUDA they run unless `src`'s variable turns
+    /// them off (so tests using this run one at a time there: --test-threads 1).
     fn with_kernel<T>(src: &kernels::Source, fused: bool, f: impl FnOnce() -> T) -> T {
         kernels::emulate_on_cpu(fused);
         if !fused {
@@ -2418,8 +2443,9 @@ mod tests {
 
     /// The sampled-cut top-k picks the same entries as one top-k over the non-core columns: on
     /// the fast path (every entry positive), with fewer positive entries than `keep`, with a
-    /// heavy tail; without a core and with one (its entries wherever it is on, and never among
-    /// the top k).
+    /// heavy tail; without a core and with one, as a block (its JumpReLU a mask beside the
+    /// entries, none of its entries listed) or listed (DMSAE_CORE_BLOCK=0: its entries wherever
+    /// it is on, and never among the top k). ATen's path and select.cu's (emulated) alike.
     #[test]
     fn train_entries_are_the_core_and_the_top_k() {
         tch::manual_seed(0);
@@ -2433,42 +2459,47 @@ mod tests {
             (normal.exp().to_kind(Kind::BFloat16), 64),
         ];
         for (x, keep) in cases {
-            for c in [0, 37] {
+            for (c, block) in [(0, true), (37, true), (37, false)] {
+                let what = format!("c {c}, {:?}, core block {block}", x.kind());
+                let off: &[&str] = if block { &[] } else { &["DMSAE_CORE_BLOCK"] };
                 let core_on = (c > 0).then(|| x.narrow(1, 0, c).gt(1.5));
                 let thr = Tensor::full([c], 1.5, (Kind::Float, Device::Cpu));
                 let thr = (c > 0).then_some(&thr);
-                let e = train_entries(&x, c, thr, keep);
-                assert!(!e.padded && e.core_on.is_none(), "ATen's entries");
+                let mask_is_right = |got: &Option<Tensor>| match (&core_on, got) {
+                    (Some(want), Some(got)) => block && got.equal(want),
+                    (Some(_), None) => !block,
+                    (None, got) => got.is_none(),
+                };
+                let e = with_paths(false, off, || train_entries(&x, c, thr, keep));
+                assert!(!e.padded, "{what}: ATen's entries");
+                assert!(mask_is_right(&e.core_on), "{what}: ATen's core mask");
                 let (rows, cols) = (e.rows, e.cols);
                 // The candidates from kernels/select.cu (emulated): the same entries in the
-                // same order; in bf16, the device's own top-k, by its definition, and the
-                // core's JumpReLU as a mask beside it.
-                kernels::emulate_on_cpu(true);
-                let k = train_entries(&x, c, thr, keep);
-                kernels::emulate_on_cpu(false);
+                // same order; in bf16 with the core as a block, the device's own top-k, by its
+                // definition.
+                let k = with_paths(true, off, || train_entries(&x, c, thr, keep));
+                assert!(mask_is_right(&k.core_on), "{what}: select.cu's core mask");
                 if k.padded {
-                    assert_eq!(x.kind(), Kind::BFloat16, "top_entries' case");
+                    assert_eq!(x.kind(), Kind::BFloat16, "{what}: top_entries' case");
+                    assert!(block, "{what}: top_entries lists no core");
                     assert!((k.rows * w + k.cols).equal(&top_reference(&x, c, keep)));
-                    match (&core_on, &k.core_on) {
-                        (Some(want), Some(got)) => assert!(got.equal(want), "core mask, c {c}"),
-                        (None, None) => {}
-                        _ => panic!("c {c}: a core mask without a core, or none with one"),
-                    }
                 } else {
                     assert!(
                         k.rows.equal(&rows) && k.cols.equal(&cols),
-                        "c {c}, {:?}: select.cu's entries differ",
-                        x.kind()
+                        "{what}: select.cu's entries differ"
                     );
                 }
                 let is_core = cols.lt(c);
-                if let Some(on) = &core_on {
-                    let (r, cl) = (rows.masked_select(&is_core), cols.masked_select(&is_core));
-                    let got = (r * c + cl).sort(0, false).0;
-                    let nz = on.nonzero();
-                    let want = (nz.select(1, 0) * c + nz.select(1, 1)).sort(0, false).0;
-                    assert!(got.equal(&want), "core entries, c {c}");
-                }
+                let (r, cl) = (rows.masked_select(&is_core), cols.masked_select(&is_core));
+                let got = (r * c + cl).sort(0, false).0;
+                let want = match (&core_on, block) {
+                    (Some(on), false) => {
+                        let nz = on.nonzero();
+                        (nz.select(1, 0) * c + nz.select(1, 1)).sort(0, false).0
+                    }
+                    _ => got.zeros_like().narrow(0, 0, 0),
+                };
+                assert!(got.equal(&want), "{what}: core entries");
                 let not_core = is_core.logical_not();
                 let (r, cl) = (rows.masked_select(&not_core), cols.masked_select(&not_core));
                 let v = x.index(&[Some(&r), Some(&cl)]);
@@ -2476,16 +2507,16 @@ mod tests {
                 let (vw, iw) = noncore.topk(keep, 0, true, false);
                 let positive = vw.gt(0.0);
                 let (vw, iw) = (vw.masked_select(&positive), iw.masked_select(&positive));
-                assert_eq!(v.size(), vw.size(), "c {c}: how many");
+                assert_eq!(v.size(), vw.size(), "{what}: how many");
                 assert!(
                     v.sort(0, false).0.equal(&vw.sort(0, false).0),
-                    "c {c}: values"
+                    "{what}: values"
                 );
                 if x.kind() == Kind::Float {
                     let idx = r * (w - c) + (cl - c);
                     assert!(
                         idx.sort(0, false).0.equal(&iw.sort(0, false).0),
-                        "c {c}: entries"
+                        "{what}: entries"
                     );
                 }
             }
@@ -2911,16 +2942,19 @@ mod tests {
         }
     }
 
-    /// With a core, BatchTopK without the host takes the core as a block (`CoreCodes`): its
-    /// codes, its part of the reconstruction and its gradients from [B, c] products, its
-    /// decoder rows' figures for the update patched in (`LossOut::gradients`). Two steps of
-    /// that against ATen's path, which lists the core's entries among the others: weights,
-    /// moments, counters, threshold and figures, float32 with every kernel emulated (the
-    /// sparse encoder gradient, the decoder's figures from its backward) with a trained core
-    /// and a frozen one, and float64 through the dense graph. The non-core b_enc is lowered
-    /// so that both keep every positive entry (as in `hostless_batchtopk_steps_as_atens`).
+    /// A core trains as a block (`CoreCodes`): its codes, its part of the reconstruction and its
+    /// gradients from [B, c] products, its decoder rows' figures for the update patched in
+    /// (`LossOut::gradients`). Two steps of that against two that list the core's entries among
+    /// the others (DMSAE_CORE_BLOCK=0), on each path: every kernel emulated (the sparse encoder
+    /// gradient, the decoder's figures from its backward) with BatchTopK without the host or
+    /// with it, and ATen's alone (the CPU's: the dense graph). Weights, moments, counters,
+    /// threshold and figures, float32 with a trained core and a frozen one, and float64
+    /// (through the dense graph on every path). The non-core b_enc is lowered so that every
+    /// path keeps every positive entry (as in `hostless_batchtopk_steps_as_atens`); the
+    /// selection's sampled cut, with a core block or without, is
+    /// `train_entries_are_the_core_and_the_top_k`'s.
     #[test]
-    fn hostless_steps_with_a_core_block_as_atens() {
+    fn steps_with_a_core_block_as_with_its_entries() {
         let (d, c) = (24usize, 6i64);
         let cfg = TrainConfig {
             encoder_bf16: Some(true),
@@ -2938,7 +2972,7 @@ mod tests {
             b_enc_c: Tensor::from_slice(&[0.3f32, -0.2, 0.0, 0.1, 0.2, -0.1]),
             threshold_c: Some(Tensor::from_slice(&[0.0f32, 0.1, 0.3, 0.5, 0.2, 0.05])),
         };
-        let run = |hostless: bool, kind: Kind, frozen: bool| {
+        let run = |emulate: bool, off: &[&'static str], kind: Kind, frozen: bool| {
             let cfg = TrainConfig {
                 core_frozen: frozen,
                 ..cfg.clone()
@@ -2949,50 +2983,61 @@ mod tests {
                 let _ = sae.b_enc.narrow(0, c, w - c).g_add_scalar_(-2.5);
             });
             let mut t = Trainer::new(sae, cfg, true);
-            let (stats, block) = emulated(hostless, || {
+            let (stats, block) = with_paths(emulate, off, || {
                 let stats: Vec<StepStats> = xs.iter().map(|x| t.update(&x.to_kind(kind))).collect();
                 (stats, t.loss(&xs[0].to_kind(kind)).codes.core.is_some())
             });
-            assert_eq!(block, hostless, "the core as a block without the host only");
+            let want = !off.contains(&"DMSAE_CORE_BLOCK");
+            assert_eq!(
+                block, want,
+                "{off:?}: the core as a block unless its knob is off"
+            );
             (t, stats)
         };
+        let listed = "DMSAE_HOSTLESS_SELECT";
+        let paths: [(bool, &[&str]); 3] = [(true, &[]), (true, &[listed]), (false, &[])];
         for (kind, frozen) in [
             (Kind::Float, false),
             (Kind::Float, true),
             (Kind::Double, false),
         ] {
-            let ((a, sa), (b, sb)) = (run(true, kind, frozen), run(false, kind, frozen));
-            let what = format!("{kind:?}, frozen core {frozen}");
-            assert!(
-                sa.iter()
-                    .all(|s| s.l0_core > 0.5 && s.l0_core < c as f64 - 0.5),
-                "{what}: the core fires on some tokens, not all: {sa:?}"
-            );
-            assert!(
-                sa.iter()
-                    .all(|s| s.l0_noncore > 0.0 && s.l0_noncore < cfg.k as f64),
-                "{what}: fewer positive entries than k*B, and some"
-            );
-            // Only the sums' order differs: the core's from products, not entry by entry (about
-            // 3e-8 of the largest weight apart in float32, 4e-17 in float64, here).
-            let tol = if kind == Kind::Double { 1e-14 } else { 1e-6 };
-            for ((n, x), (_, y)) in a.state().iter().zip(&b.state()) {
-                let diff = (x - y).abs().max().double_value(&[]);
-                let scale = y.abs().max().double_value(&[]).max(1e-30);
-                assert!(diff <= tol * scale, "{what}: {n} differs by {diff:e}");
-            }
-            assert!(a.sae.threshold > 0.0, "{what}: the threshold was set");
-            let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs().max(1e-30);
-            assert!(close(a.sae.threshold, b.sae.threshold), "{what}: threshold");
-            for (x, y) in sa.iter().zip(&sb) {
-                assert_eq!(
-                    (x.l0_noncore, x.l0_core),
-                    (y.l0_noncore, y.l0_core),
-                    "{what}: step {}",
-                    x.step
+            for (emulate, off) in paths {
+                let (a, sa) = run(emulate, off, kind, frozen);
+                let entries = [off, &["DMSAE_CORE_BLOCK"]].concat();
+                let (b, sb) = run(emulate, &entries, kind, frozen);
+                let what =
+                    format!("{kind:?}, frozen core {frozen}, emulated {emulate}, {off:?} off");
+                assert!(
+                    sa.iter()
+                        .all(|s| s.l0_core > 0.5 && s.l0_core < c as f64 - 0.5),
+                    "{what}: the core fires on some tokens, not all: {sa:?}"
                 );
-                for (p, q) in [(x.loss, y.loss), (x.fvu, y.fvu), (x.grad_norm, y.grad_norm)] {
-                    assert!(close(p, q), "{what}: step {}: {p} against {q}", x.step);
+                assert!(
+                    sa.iter()
+                        .all(|s| s.l0_noncore > 0.0 && s.l0_noncore < cfg.k as f64),
+                    "{what}: fewer positive entries than k*B, and some"
+                );
+                // Only the sums' order differs: the core's from products, not entry by entry (about
+                // 3e-8 of the largest weight apart in float32, 4e-17 in float64, here).
+                let tol = if kind == Kind::Double { 1e-14 } else { 1e-6 };
+                for ((n, x), (_, y)) in a.state().iter().zip(&b.state()) {
+                    let diff = (x - y).abs().max().double_value(&[]);
+                    let scale = y.abs().max().double_value(&[]).max(1e-30);
+                    assert!(diff <= tol * scale, "{what}: {n} differs by {diff:e}");
+                }
+                assert!(a.sae.threshold > 0.0, "{what}: the threshold was set");
+                let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs().max(1e-30);
+                assert!(close(a.sae.threshold, b.sae.threshold), "{what}: threshold");
+                for (x, y) in sa.iter().zip(&sb) {
+                    assert_eq!(
+                        (x.l0_noncore, x.l0_core),
+                        (y.l0_noncore, y.l0_core),
+                        "{what}: step {}",
+                        x.step
+                    );
+                    for (p, q) in [(x.loss, y.loss), (x.fvu, y.fvu), (x.grad_norm, y.grad_norm)] {
+                        assert!(close(p, q), "{what}: step {}: {p} against {q}", x.step);
+                    }
                 }
             }
         }
