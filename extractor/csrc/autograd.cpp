@@ -536,12 +536,12 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
 
 // The codes' values `vals` (taken from pre-activations computed without a graph) made
 // differentiable again: as if vals[e] = xc[rows[e]] . w[:, cols[e]] + bias[cols[e]], with w
-// [d, W] and bias [W] float32, and xc = x - b_dec (given; b_dec [d] is its centre). The
-// backward never builds the dense [B, W] gradient (kernels/encoder_grad.cu), and b_dec's is
-// -w db, where the caller had added b_dec's zero term (b_dec.detach() - b_dec) w to the bias
-// for autograd to find it: a product over W_enc each forward, whose value was zero. `sq`, when
-// not empty, gets each encoder_grad block's sum of squares of W's gradient, columns from
-// `sq_from` on.
+// [d, W] and bias [W] float32, and xc = x - b_dec (given: float32, or bf16 as the forward's
+// product read it; b_dec [d] is its centre). The backward never builds the dense [B, W]
+// gradient (kernels/encoder_grad.cu), and b_dec's is -w db, where the caller had added b_dec's
+// zero term (b_dec.detach() - b_dec) w to the bias for autograd to find it: a product over
+// W_enc each forward, whose value was zero. `sq`, when not empty, gets each encoder_grad
+// block's sum of squares of W's gradient, columns from `sq_from` on.
 struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &bias,
                             const at::Tensor &b_dec, const at::Tensor &xc, const at::Tensor &vals,
@@ -556,9 +556,10 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     TORCH_CHECK(b_dec.scalar_type() == at::kFloat && b_dec.dim() == 1 && b_dec.size(0) == d &&
                     b_dec.device() == w.device(),
                 "encoder_entries: b_dec must be float32 [d] beside W");
-    TORCH_CHECK(xc.scalar_type() == at::kFloat && xc.dim() == 2 && xc.size(1) == d &&
-                    xc.is_contiguous() && xc.device() == w.device(),
-                "encoder_entries: xc must be a contiguous float32 [B, d] beside W");
+    TORCH_CHECK((xc.scalar_type() == at::kFloat || xc.scalar_type() == at::kBFloat16) &&
+                    xc.dim() == 2 && xc.size(1) == d && xc.is_contiguous() &&
+                    xc.device() == w.device(),
+                "encoder_entries: xc must be a contiguous float32 or bf16 [B, d] beside W");
     for (const at::Tensor *t : {&rows, &cols})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == n &&
                       t->is_contiguous() && t->device() == w.device(),
@@ -583,8 +584,8 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
     const auto [perm, col_offsets] = by_latent(cols, width);
-    auto dw = at::empty({d, width}, xc.options());
-    auto db = at::empty({width}, xc.options());
+    auto dw = at::empty({d, width}, w_enc.options());
+    auto db = at::empty({width}, w_enc.options());
     void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),
          *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr(),
          *pdb = db.data_ptr();
@@ -595,7 +596,8 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd, &psq, &from};
     // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
     const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
-    dispatch("encoder_grad", xc, (unsigned)blocks, 1024, args);
+    const bool h = xc.scalar_type() == at::kBFloat16;
+    dispatch(h ? "encoder_grad_bf16" : "encoder_grad_f32", xc, (unsigned)blocks, 1024, args);
     const at::Tensor d_b_dec =
         ctx->needs_input_grad(2) ? at::mv(w_enc, db).neg() : at::Tensor();
     return {dw,           db,           d_b_dec,      at::Tensor(), at::Tensor(),

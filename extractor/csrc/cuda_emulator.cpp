@@ -350,12 +350,17 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                        arg<const ll *>(a, 4), arg<const ll *>(a, 5), arg<const ll *>(a, 6),
                        arg<ll *>(a, 7), arg<ll *>(a, 8));
     });
-  } else if (k == "encoder_grad") {
+  } else if (k == "encoder_grad_bf16" || k == "encoder_grad_f32") {
+    const bool h = k == "encoder_grad_bf16";
     launch(grid, block, [=] {
-      encoder_grad(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
-                   arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
-                   arg<float *>(a, 6), arg<ll>(a, 7), arg<ll>(a, 8), arg<float *>(a, 9),
-                   arg<ll>(a, 10));
+      const void *x = arg<const void *>(a, 0);
+      auto f = [&](auto *t) {
+        encoder_grad_tiles(t, arg<const float *>(a, 1), arg<const ll *>(a, 2),
+                           arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
+                           arg<float *>(a, 6), arg<ll>(a, 7), arg<ll>(a, 8),
+                           arg<float *>(a, 9), arg<ll>(a, 10));
+      };
+      h ? f((const bf16 *)x) : f((const float *)x);
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

@@ -10,6 +10,9 @@
 // line.
 // Entries are grouped by latent through `perm` (col_offsets[j]..col_offsets[j + 1]) and summed
 // in entry order: no atomics, the same bits every run.
+// xc in float32 (encoder_grad_f32), or in bf16 (encoder_grad_bf16) where the forward's product
+// read it so (the trainer's bf16 encoder): the gradient of the product as computed, and half
+// the 2.4 GB of row reads at the paper's sizes (each entry reads d of them).
 // `sq` (may be null): each block writes its tile's sum of squares there, latents from `sq_from`
 // on, so the update's clip has ||dW|| without a pass that reads the 0.6 GB gradient back (the
 // trainer sums the blocks, and adds the columns below `sq_from`: the core's, which gain a term
@@ -20,11 +23,12 @@
 constexpr int kEncTile = 32;    // latents a block (warps)
 constexpr int kEncChunk = 256;  // rows of W_enc a block (8 a lane)
 
-// Launched 1,024 threads a block: at most 64 registers a thread, or the launch would fail.
-extern "C" __global__ void __launch_bounds__(1024)
-    encoder_grad(const float *xc, const float *dv, const long long *rows, const long long *perm,
-                 const long long *col_offsets, float *dw, float *db, long long width,
-                 long long d, float *sq, long long sq_from) {
+template <typename T>
+__device__ __forceinline__ void encoder_grad_tiles(const T *xc, const float *dv,
+                                                   const long long *rows, const long long *perm,
+                                                   const long long *col_offsets, float *dw,
+                                                   float *db, long long width, long long d,
+                                                   float *sq, long long sq_from) {
   __shared__ float tile[kEncTile][kEncChunk + 1];  // +1: a row's lanes fall in different banks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // Block b: latents tile b / chunks, rows chunk b % chunks. A core latent fires on most
@@ -51,12 +55,12 @@ extern "C" __global__ void __launch_bounds__(1024)
 #pragma unroll 4
     for (int u = 0; u < n; u++) {
       const float v = from_lane(my_v, u);
-      const float *x = xc + from_lane(my_r, u) * d + k0;
+      const T *x = xc + from_lane(my_r, u) * d + k0;
       s += v;
 #pragma unroll
       for (int t = 0; t < kEncChunk / 32; t++) {
         const long long k = lane + 32 * t;
-        if (k0 + k < d) acc[t] += v * x[k];
+        if (k0 + k < d) acc[t] += v * to_f(x[k]);
       }
     }
   }
@@ -82,4 +86,19 @@ extern "C" __global__ void __launch_bounds__(1024)
     const long long k = k0 + warp + 32 * t;
     if (k < d && j0 + lane < width) dw[k * width + j0 + lane] = tile[lane][warp + 32 * t];
   }
+}
+
+// Launched 1,024 threads a block: at most 64 registers a thread, or the launch would fail.
+extern "C" __global__ void __launch_bounds__(1024)
+    encoder_grad_f32(const float *xc, const float *dv, const long long *rows,
+                     const long long *perm, const long long *col_offsets, float *dw, float *db,
+                     long long width, long long d, float *sq, long long sq_from) {
+  encoder_grad_tiles(xc, dv, rows, perm, col_offsets, dw, db, width, d, sq, sq_from);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    encoder_grad_bf16(const bf16 *xc, const float *dv, const long long *rows,
+                      const long long *perm, const long long *col_offsets, float *dw, float *db,
+                      long long width, long long d, float *sq, long long sq_from) {
+  encoder_grad_tiles(xc, dv, rows, perm, col_offsets, dw, db, width, d, sq, sq_from);
 }

@@ -127,7 +127,7 @@ pub const ENCODER_GRAD: Source = Source {
     name: "encoder_grad.cu",
     off: "DMSAE_FUSED_ENCODER_GRAD",
     text: include_str!("../kernels/encoder_grad.cu"),
-    kernels: &["encoder_grad"],
+    kernels: &["encoder_grad_bf16", "encoder_grad_f32"],
 };
 /// The trainer's Matryoshka reconstruction loss and its gradient, through csrc/autograd.cpp
 /// (`matryoshka_l2`).
@@ -1227,8 +1227,9 @@ fn error_text(err: &[u8]) -> String {
 /// `vals` (codes' values from pre-activations computed without a graph) as a function of `w`
 /// [d, W], `bias` [W] and `b_dec` [d]: as if vals[e] = xc[rows[e]] . w[:, cols[e]] +
 /// bias[cols[e]] with xc = x - b_dec, so the backward gives their gradients from the entries
-/// alone (kernels/encoder_grad.cu through csrc/autograd.cpp). Float32 values, int64 indices,
-/// contiguous on one device; CPU tensors are emulated (tests: slow). `sq` (`encoder_grad_sq`),
+/// alone (kernels/encoder_grad.cu through csrc/autograd.cpp). Float32 values, `xc` float32 or
+/// bf16 (as the product read it: W's gradient reads it so), int64 indices, contiguous on one
+/// device; CPU tensors are emulated (tests: slow). `sq` (`encoder_grad_sq`),
 /// when given, is filled by the backward with the squared norm of W's gradient's columns from
 /// `sq_from` on, in parts.
 #[allow(clippy::too_many_arguments)]
@@ -2331,7 +2332,7 @@ pub(crate) mod tests {
     /// entries 32 at a time), an empty bag and a latent that never fires, rows of 42 floats (one
     /// at a time) and of 304 (16-byte packs of floats and of bf16; two spans of the W
     /// gradients). The decoder's forward also over W's bf16 copy, against the float64 sums of
-    /// its rounded rows.
+    /// its rounded rows; the encoder's gradient also from a bf16 xc, against its rounded rows'.
     fn sparse_kernels_against_float64(device: Device) {
         tch::manual_seed(5);
         let f64_ = (Kind::Double, device);
@@ -2443,7 +2444,6 @@ pub(crate) mod tests {
             // The encoder: vals[e] = xc[bags[e]] . w_enc[:, cols[e]] + bias[cols[e]] in value
             // (passed through), xc = x - b_dec, so its gradients are dw[:, j] = sum dv[e]
             // xc[rows[e]] and db[j] = sum dv[e] over latent j's entries, and b_dec's -w_enc db.
-            let xc = Tensor::randn([n_bags, d], f64_);
             let w_enc = w
                 .tr()
                 .contiguous()
@@ -2451,51 +2451,57 @@ pub(crate) mod tests {
                 .set_requires_grad(true);
             let bias = Tensor::zeros([latents], (Kind::Float, device)).set_requires_grad(true);
             let b_dec = Tensor::zeros([d], (Kind::Float, device)).set_requires_grad(true);
-            let sq = encoder_grad_sq(&w_enc);
-            let ve = encoder_entries(
-                &w_enc,
-                &bias,
-                &b_dec,
-                &xc.to_kind(Kind::Float),
-                &v32.detach(),
-                &bags,
-                &cols,
-                Some(&sq),
-                2,
-            )
-            .unwrap();
-            let dv = vals.randn_like();
-            let g = Tensor::run_backward(
-                &[(&ve * dv.to_kind(Kind::Float)).sum(None)],
-                &[&w_enc, &bias, &b_dec],
-                false,
-                false,
-            );
-            let x_e = xc.index_select(0, &bags) * dv.unsqueeze(1);
-            let want_dw = Tensor::zeros([latents, d], f64_)
-                .index_add(0, &cols, &x_e)
-                .tr();
-            let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
-            let want_d_b_dec = -w.tr().matmul(&want_db);
-            check(&[
-                ("W_enc gradient", &g[0], &want_dw),
-                ("b_enc gradient", &g[1], &want_db),
-                ("b_dec gradient", &g[2], &want_d_b_dec),
-            ]);
-            // The blocks' squares sum to ||dW||^2 over latents 2.. (latent 3 is the busiest; a
-            // block's or a row's squares missing, or columns 0 and 1 in, fail it).
-            let (got, want) = (
-                sq.sum(Kind::Double).double_value(&[]),
-                want_dw
-                    .narrow(1, 2, latents - 2)
-                    .square()
-                    .sum(Kind::Double)
-                    .double_value(&[]),
-            );
-            assert!(
-                (got - want).abs() <= 1e-5 * want,
-                "{case}: W_enc gradient's squared norm {got} against {want}"
-            );
+            // xc in float32, and in bf16 (the trainer's bf16 encoder), against its rounded
+            // values.
+            for xc_kind in [Kind::Float, Kind::BFloat16] {
+                let xc = Tensor::randn([n_bags, d], f64_).to_kind(xc_kind);
+                let sq = encoder_grad_sq(&w_enc);
+                let ve = encoder_entries(
+                    &w_enc,
+                    &bias,
+                    &b_dec,
+                    &xc,
+                    &v32.detach(),
+                    &bags,
+                    &cols,
+                    Some(&sq),
+                    2,
+                )
+                .unwrap();
+                let dv = vals.randn_like();
+                let g = Tensor::run_backward(
+                    &[(&ve * dv.to_kind(Kind::Float)).sum(None)],
+                    &[&w_enc, &bias, &b_dec],
+                    false,
+                    false,
+                );
+                let x_e = xc.to_kind(Kind::Double).index_select(0, &bags) * dv.unsqueeze(1);
+                let want_dw = Tensor::zeros([latents, d], f64_)
+                    .index_add(0, &cols, &x_e)
+                    .tr();
+                let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
+                let want_d_b_dec = -w.tr().matmul(&want_db);
+                check(&[
+                    ("W_enc gradient", &g[0], &want_dw),
+                    ("b_enc gradient", &g[1], &want_db),
+                    ("b_dec gradient", &g[2], &want_d_b_dec),
+                ]);
+                // The blocks' squares sum to ||dW||^2 over latents 2.. (latent 3 is the
+                // busiest; a block's or a row's squares missing, or columns 0 and 1 in, fail
+                // it).
+                let (got, want) = (
+                    sq.sum(Kind::Double).double_value(&[]),
+                    want_dw
+                        .narrow(1, 2, latents - 2)
+                        .square()
+                        .sum(Kind::Double)
+                        .double_value(&[]),
+                );
+                assert!(
+                    (got - want).abs() <= 1e-5 * want,
+                    "{case}, xc {xc_kind:?}: W_enc gradient's squared norm {got} against {want}"
+                );
+            }
         }
     }
 

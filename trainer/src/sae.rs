@@ -355,19 +355,25 @@ impl Sae {
     /// out. Float32 parameters. `sq`: see `kernels::encoder_entries` (its columns are the
     /// non-core latents': the core's gain a term through the bias's shift). A core block's
     /// values come from their own [B, d] x [d, c] product, through W_enc's core columns as a
-    /// leaf (returned) whose gradient `LossOut::gradients` adds into W_enc's.
+    /// leaf (returned) whose gradient `LossOut::gradients` adds into W_enc's. `bf16`: the
+    /// product that made the codes read x - b_dec in bf16; W_enc's gradient reads it so too.
     fn codes_with_sparse_grad(
         &self,
         x_bd: &Tensor,
         codes: Codes,
         sq: Option<&Tensor>,
+        bf16: bool,
     ) -> (Codes, Option<Leaf>) {
         let (xc_bd, bias_f) = self.encoder_terms(x_bd, self.width(), false);
+        let xc_bd = match bf16 {
+            true => xc_bd.to_kind(Kind::BFloat16),
+            false => xc_bd.contiguous(),
+        };
         let vals = kernels::encoder_entries(
             &self.w_enc,
             &bias_f,
             &self.b_dec,
-            &xc_bd.contiguous(),
+            &xc_bd,
             &codes.vals,
             &codes.rows,
             &codes.cols,
@@ -385,9 +391,14 @@ impl Sae {
         };
         let c = self.core as i64;
         let w_dc = Leaf::first(0, 1, &self.w_enc, c);
-        // Anchored to x (`encoder_terms`). The values stay those of the product (bf16 with a
-        // bf16 encoder), as the entries' do; the gradient is this product's: pre - pre is 0.
-        let pre_bc = x_bd.matmul(&w_dc.t) + self.b_enc.narrow(0, 0, c);
+        // Anchored to x (`encoder_terms`), over the rows the product read (x - b_dec in bf16
+        // with `bf16`, as the entries' gradient reads them). The values stay the product's, as
+        // the entries' do; the gradient is this product's: pre - pre is 0.
+        let x_read = match bf16 {
+            true => xc_bd.to_kind(Kind::Float) + self.b_dec.detach(),
+            false => x_bd.shallow_clone(),
+        };
+        let pre_bc = x_read.matmul(&w_dc.t) + self.b_enc.narrow(0, 0, c);
         let core_vals = k.vals.detach() + (&pre_bc - pre_bc.detach());
         let core = CoreCodes {
             vals: core_vals.where_scalarother(&k.on, 0.0),
@@ -1195,7 +1206,7 @@ impl Trainer {
         // mends the squares.)
         let enc_sq = sparse_grad.then(|| kernels::encoder_grad_sq(&s.w_enc));
         let (codes, w_enc_core) = match sparse_grad {
-            true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref()),
+            true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref(), bf16),
             false => (codes, None),
         };
         let mut leaves: Vec<Leaf> = w_enc_core.into_iter().collect();
