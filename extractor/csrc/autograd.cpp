@@ -2,12 +2,14 @@
 // trainer's bag_decode.cu and encoder_grad.cu) as autograd functions, so layers above the stored one keep autograd for everything else. tch cannot
 // define one; the C++ API can. The kernels are launched by kernels.rs (NVRTC and the driver) on CUDA tensors,
 // and run by the CPU emulator (cuda_emulator.cpp) on CPU tensors, which is how CI tests this.
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cstdio>
 #include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 // kernels.rs: launch `kernel` (with `n_args` arguments) on CUDA device `device`; 0, or 1 and why.
 extern "C" int dmsae_launch(const char *kernel, unsigned grid, unsigned block, void **args,
@@ -541,12 +543,13 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
 // gradient (kernels/encoder_grad.cu), and b_dec's is -w db, where the caller had added b_dec's
 // zero term (b_dec.detach() - b_dec) w to the bias for autograd to find it: a product over
 // W_enc each forward, whose value was zero. `sq`, when not empty, gets each encoder_grad
-// block's sum of squares of W's gradient, columns from `sq_from` on.
+// block's sum of squares of W's gradient, columns from `sq_from` on (`host`, the loop:
+// all of it in the first block's place).
 struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &bias,
                             const at::Tensor &b_dec, const at::Tensor &xc, const at::Tensor &vals,
                             const at::Tensor &rows, const at::Tensor &cols,
-                            const at::Tensor &sq, int64_t sq_from) {
+                            const at::Tensor &sq, int64_t sq_from, bool host) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "encoder_entries: W must be a contiguous float32 [d, W]");
     const int64_t d = w.size(0), width = w.size(1), n = vals.numel();
@@ -575,6 +578,7 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     }
     ctx->save_for_backward({w, xc, rows, cols});
     ctx->saved_data["width"] = width;
+    ctx->saved_data["host"] = host;
     return vals.to(at::kFloat).clone();
   }
 
@@ -583,14 +587,54 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const at::Tensor &w_enc = saved[0], &xc = saved[1], &rows = saved[2], &cols = saved[3];
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
+    const auto sq = ctx->saved_data.find("sq");
+    const at::Tensor d_b_dec_of = ctx->needs_input_grad(2) ? w_enc : at::Tensor();
     const auto [perm, col_offsets] = by_latent(cols, width);
+    if (ctx->saved_data["host"].toBool()) {
+      // The CPU's: encoder_grad.cu's sums (latent by latent, entries in order) as a loop over
+      // tiles of 32 latents, each written out as columns of dW, so the entries' scaled rows
+      // are never copied out (index_add's way: two passes over [k*B, d] more).
+      const at::Tensor x = xc.to(at::kFloat).contiguous();
+      auto dw = at::empty({d, width}, w_enc.options());
+      auto db = at::empty({width}, w_enc.options());
+      const float *px = x.data_ptr<float>(), *pv = dv.data_ptr<float>();
+      const int64_t *pr = rows.data_ptr<int64_t>(), *pp = perm.data_ptr<int64_t>(),
+                    *po = col_offsets.data_ptr<int64_t>();
+      float *pw = dw.data_ptr<float>(), *pb = db.data_ptr<float>();
+      constexpr int64_t kTile = 32;
+      at::parallel_for(0, (width + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> acc(kTile * d);
+        for (int64_t t = t0; t < t1; t++) {
+          const int64_t j0 = t * kTile, n = std::min(kTile, width - j0);
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t i = 0; i < n; i++) {
+            float *a = acc.data() + i * d, s = 0.f;
+            for (int64_t e = po[j0 + i]; e < po[j0 + i + 1]; e++) {
+              const float v = pv[pp[e]], *xr = px + pr[pp[e]] * d;
+              for (int64_t k = 0; k < d; k++) a[k] += v * xr[k];
+              s += v;
+            }
+            pb[j0 + i] = s;
+          }
+          for (int64_t k = 0; k < d; k++)
+            for (int64_t i = 0; i < n; i++) pw[k * width + j0 + i] = acc[i * d + k];
+        }
+      });
+      if (sq != ctx->saved_data.end()) {
+        const at::Tensor s = sq->second.toTensor().zero_();
+        const int64_t from = ctx->saved_data["sq_from"].toInt();
+        s.narrow(0, 0, 1).copy_(dw.narrow(1, from, width - from).square().sum());
+      }
+      return {dw, db, d_b_dec_of.defined() ? at::mv(w_enc, db).neg() : at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor()};
+    }
     auto dw = at::empty({d, width}, w_enc.options());
     auto db = at::empty({width}, w_enc.options());
     void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),
          *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr(),
          *pdb = db.data_ptr();
     long long w = width, dd = d;
-    const auto sq = ctx->saved_data.find("sq");
     void *psq = sq == ctx->saved_data.end() ? nullptr : sq->second.toTensor().data_ptr();
     long long from = psq ? ctx->saved_data["sq_from"].toInt() : 0;
     void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd, &psq, &from};
@@ -598,10 +642,9 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
     const bool h = xc.scalar_type() == at::kBFloat16;
     dispatch(h ? "encoder_grad_bf16" : "encoder_grad_f32", xc, (unsigned)blocks, 1024, args);
-    const at::Tensor d_b_dec =
-        ctx->needs_input_grad(2) ? at::mv(w_enc, db).neg() : at::Tensor();
+    const at::Tensor d_b_dec = d_b_dec_of.defined() ? at::mv(w_enc, db).neg() : at::Tensor();
     return {dw,           db,           d_b_dec,      at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -697,16 +740,17 @@ extern "C" int dmsae_swap_heads(at::Tensor *x, at::Tensor **out, char *err, size
 }
 
 // EncoderEntries above; as dmsae_softcap_softmax below.
-// `sq` may be null (none).
+// `sq` may be null (none); `host`: the backward as a loop on the host, not the kernel (the
+// CPU's).
 extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor *b_dec,
                                      at::Tensor *xc, at::Tensor *vals, at::Tensor *rows,
                                      at::Tensor *cols, at::Tensor *sq, int64_t sq_from,
-                                     at::Tensor **out, char *err, size_t err_len) {
+                                     int64_t host, at::Tensor **out, char *err, size_t err_len) {
   return guarded(
       [&] {
         const at::Tensor none = at::empty({0}, w->options());
         return EncoderEntries::apply(*w, *bias, *b_dec, *xc, *vals, *rows, *cols,
-                                     sq ? *sq : none, sq_from);
+                                     sq ? *sq : none, sq_from, host != 0);
       },
       out, err, err_len);
 }

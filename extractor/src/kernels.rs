@@ -900,7 +900,7 @@ entry_points! {
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
         wh: CTensor) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
-        cols: CTensor, sq: CTensor, sq_from: i64) => dmsae_encoder_entries;
+        cols: CTensor, sq: CTensor, sq_from: i64, host: i64) => dmsae_encoder_entries;
 }
 
 type UnaryOp = unsafe extern "C" fn(
@@ -1229,9 +1229,9 @@ fn error_text(err: &[u8]) -> String {
 /// bias[cols[e]] with xc = x - b_dec, so the backward gives their gradients from the entries
 /// alone (kernels/encoder_grad.cu through csrc/autograd.cpp). Float32 values, `xc` float32 or
 /// bf16 (as the product read it: W's gradient reads it so), int64 indices, contiguous on one
-/// device; CPU tensors are emulated (tests: slow). `sq` (`encoder_grad_sq`),
-/// when given, is filled by the backward with the squared norm of W's gradient's columns from
-/// `sq_from` on, in parts.
+/// device. On the CPU the backward runs the kernel's sums as a loop, or the kernel emulated
+/// while `emulate_on_cpu` (tests: slow). `sq` (`encoder_grad_sq`), when given, is filled by the
+/// backward with the squared norm of W's gradient's columns from `sq_from` on, in parts.
 #[allow(clippy::too_many_arguments)]
 pub fn encoder_entries(
     w: &Tensor,
@@ -1245,6 +1245,7 @@ pub fn encoder_entries(
     sq_from: i64,
 ) -> Result<Tensor, String> {
     let sq = sq.map_or(std::ptr::null_mut(), ptr);
+    let host = w.device() == Device::Cpu && !EMULATE.with(|e| e.get());
     // SAFETY: live tch handles (or a null `sq`), and the out and error pointers `new_tensor`
     // hands over.
     new_tensor(|out, err, len| unsafe {
@@ -1258,6 +1259,7 @@ pub fn encoder_entries(
             ptr(cols),
             sq,
             sq_from,
+            host as i64,
             out,
             err,
             len,

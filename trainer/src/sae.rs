@@ -1190,9 +1190,13 @@ impl Trainer {
         // AuxK reads the dead latents' pre-activations: a few from a product of their own
         // beside the sparse path; many (a quarter of the latents: a guess, not timed) from the
         // dense graph, whose product over all latents then costs less than two over most.
+        // The sparse gradient: encoder_grad.cu's on CUDA, the same sums as a loop on the CPU
+        // (csrc/autograd.cpp; DMSAE_SPARSE_ENCODER_GRAD=0 there: the dense graph, for timing).
+        let sparse_kernel = kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
         let sparse_grad = n_dead * 4 <= s.width() as i64
             && s.w_enc.kind() == Kind::Float
-            && kernels::use_fused(&s.w_enc, &kernels::ENCODER_GRAD);
+            && (sparse_kernel
+                || s.w_enc.device() == Device::Cpu && !knob_off("DMSAE_SPARSE_ENCODER_GRAD"));
         let pre_bf = match sparse_grad {
             true => {
                 let w_h = current_copy(&self.w_enc_h, &s.w_enc);
@@ -1204,7 +1208,7 @@ impl Trainer {
         let codes = s.train_codes(&pre_bf);
         // (AuxK's gradient reaches W_enc's dead columns outside the kernel: `LossOut::add_leaf`
         // mends the squares.)
-        let enc_sq = sparse_grad.then(|| kernels::encoder_grad_sq(&s.w_enc));
+        let enc_sq = (sparse_grad && sparse_kernel).then(|| kernels::encoder_grad_sq(&s.w_enc));
         let (codes, w_enc_core) = match sparse_grad {
             true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref(), bf16),
             false => (codes, None),
@@ -2299,7 +2303,8 @@ mod tests {
     }
 
     /// The W_enc and b_enc gradients from the entries alone (encoder_grad.cu, emulated, with
-    /// the decoder kernels) against autograd's dense path, float32, with a core anchored to x
+    /// the decoder kernels; and on the CPU as a loop over the same sums) against autograd's
+    /// dense path, float32, with a core anchored to x
     /// (JumpReLU thresholds) and a b_dec away from zero, so every term of the bias reaches its
     /// parameter: the loss and all four gradients. W_enc with 24 rows (one partial 256-row
     /// block) and with 300 (a full block and a partial one).
@@ -2335,34 +2340,55 @@ mod tests {
         let t = Trainer::new(sae, cfg, false);
         tch::manual_seed(11);
         let x = Tensor::randn([40, d as i64], (Kind::Float, device));
-        let grads = |fused: bool| {
-            let out = with_kernel(&kernels::ENCODER_GRAD, fused, || t.loss(&x));
+        // The dense graph (on the CPU, the sparse path turned off), encoder_grad.cu (emulated
+        // on the CPU), and on the CPU its sums as a loop (csrc/autograd.cpp).
+        let grads = |kernel: bool, aten: bool| {
+            let loss = || t.loss(&x);
+            let out = match (kernel, aten) {
+                (true, _) => with_kernel(&kernels::ENCODER_GRAD, true, loss),
+                (false, true) => with_paths(false, &[], loss),
+                (false, false) if device == Device::Cpu => {
+                    with_paths(false, &["DMSAE_SPARSE_ENCODER_GRAD"], loss)
+                }
+                (false, false) => with_kernel(&kernels::ENCODER_GRAD, false, loss),
+            };
             let g = out.gradients(t.sae.params());
-            // The sparse path's blocks' squares, its non-core columns', with the core's added.
+            // The kernel's blocks' squares, its non-core columns', with the core's added.
             let sq = out
                 .enc_sq
                 .map(|sq| w_enc_grad_sq(&sq, &g[0], t.sae.core).double_value(&[]));
             (out.loss.double_value(&[]), out.codes.count_in(0, 3), g, sq)
         };
-        let (want, core_entries, g_want, no_sq) = grads(false);
-        let (got, _, g_got, sq) = grads(true);
+        let (want, core_entries, g_want, no_sq) = grads(false, false);
         assert!(no_sq.is_none(), "the dense path has no blocks' squares");
-        // The update's clip takes W_enc's gradient norm from the blocks' squares.
-        let want_sq = g_want[0].square().sum(Kind::Double).double_value(&[]);
-        let sq = sq.expect("the sparse path's squares");
-        assert!(
-            (sq - want_sq).abs() <= 1e-5 * want_sq,
-            "W_enc's gradient's squared norm {sq} against {want_sq}"
-        );
         assert!(core_entries > 0, "the core never fired");
-        assert!(
-            (got - want).abs() <= 1e-6 * want,
-            "loss {got} against {want}"
-        );
-        for (i, (a, w)) in g_got.iter().zip(&g_want).enumerate() {
-            // NaN (never under the bound) where both are all zero: the gradient must reach it.
-            let rel = rel_max(a, w);
-            assert!(rel <= 1e-5, "param {i}: {rel:e} of its largest entry");
+        let mut paths = vec![("encoder_grad.cu", grads(true, false))];
+        if device == Device::Cpu {
+            paths.push(("the CPU's loop", grads(false, true)));
+        }
+        for (path, (got, _, g_got, sq)) in paths {
+            // The update's clip takes W_enc's gradient norm from the kernel's blocks' squares.
+            let want_sq = g_want[0].square().sum(Kind::Double).double_value(&[]);
+            match sq {
+                Some(sq) => assert!(
+                    (sq - want_sq).abs() <= 1e-5 * want_sq,
+                    "{path}: W_enc's gradient's squared norm {sq} against {want_sq}"
+                ),
+                None => assert!(path.starts_with("the CPU"), "{path}: no blocks' squares"),
+            }
+            assert!(
+                (got - want).abs() <= 1e-6 * want,
+                "{path}: loss {got} against {want}"
+            );
+            for (i, (a, w)) in g_got.iter().zip(&g_want).enumerate() {
+                // NaN (never under the bound) where both are all zero: the gradient must reach
+                // it.
+                let rel = rel_max(a, w);
+                assert!(
+                    rel <= 1e-5,
+                    "{path}: param {i}: {rel:e} of its largest entry"
+                );
+            }
         }
     }
 
