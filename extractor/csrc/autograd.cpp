@@ -588,15 +588,14 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
     const auto sq = ctx->saved_data.find("sq");
-    const at::Tensor d_b_dec_of = ctx->needs_input_grad(2) ? w_enc : at::Tensor();
     const auto [perm, col_offsets] = by_latent(cols, width);
+    auto dw = at::empty({d, width}, w_enc.options());
+    auto db = at::empty({width}, w_enc.options());
     if (ctx->saved_data["host"].toBool()) {
       // The CPU's: encoder_grad.cu's sums (latent by latent, entries in order) as a loop over
       // tiles of 32 latents, each written out as columns of dW, so the entries' scaled rows
       // are never copied out (index_add's way: two passes over [k*B, d] more).
       const at::Tensor x = xc.to(at::kFloat).contiguous();
-      auto dw = at::empty({d, width}, w_enc.options());
-      auto db = at::empty({width}, w_enc.options());
       const float *px = x.data_ptr<float>(), *pv = dv.data_ptr<float>();
       const int64_t *pr = rows.data_ptr<int64_t>(), *pp = perm.data_ptr<int64_t>(),
                     *po = col_offsets.data_ptr<int64_t>();
@@ -625,24 +624,21 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
         const int64_t from = ctx->saved_data["sq_from"].toInt();
         s.narrow(0, 0, 1).copy_(dw.narrow(1, from, width - from).square().sum());
       }
-      return {dw, db, d_b_dec_of.defined() ? at::mv(w_enc, db).neg() : at::Tensor(),
-              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-              at::Tensor()};
+    } else {
+      void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),
+           *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr(),
+           *pdb = db.data_ptr();
+      long long w = width, dd = d;
+      void *psq = sq == ctx->saved_data.end() ? nullptr : sq->second.toTensor().data_ptr();
+      long long from = psq ? ctx->saved_data["sq_from"].toInt() : 0;
+      void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd, &psq, &from};
+      // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
+      const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
+      const bool h = xc.scalar_type() == at::kBFloat16;
+      dispatch(h ? "encoder_grad_bf16" : "encoder_grad_f32", xc, (unsigned)blocks, 1024, args);
     }
-    auto dw = at::empty({d, width}, w_enc.options());
-    auto db = at::empty({width}, w_enc.options());
-    void *px = xc.data_ptr(), *pdv = dv.data_ptr(), *pr = rows.data_ptr(),
-         *pp = perm.data_ptr(), *pco = col_offsets.data_ptr(), *pdw = dw.data_ptr(),
-         *pdb = db.data_ptr();
-    long long w = width, dd = d;
-    void *psq = sq == ctx->saved_data.end() ? nullptr : sq->second.toTensor().data_ptr();
-    long long from = psq ? ctx->saved_data["sq_from"].toInt() : 0;
-    void *args[] = {&px, &pdv, &pr, &pp, &pco, &pdw, &pdb, &w, &dd, &psq, &from};
-    // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
-    const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
-    const bool h = xc.scalar_type() == at::kBFloat16;
-    dispatch(h ? "encoder_grad_bf16" : "encoder_grad_f32", xc, (unsigned)blocks, 1024, args);
-    const at::Tensor d_b_dec = d_b_dec_of.defined() ? at::mv(w_enc, db).neg() : at::Tensor();
+    const at::Tensor d_b_dec =
+        ctx->needs_input_grad(2) ? at::mv(w_enc, db).neg() : at::Tensor();
     return {dw,           db,           d_b_dec,      at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
