@@ -209,7 +209,8 @@ def main():
                          "(DMSAE_FUSED_ADAM, _DECODE, _ENCODER_GRAD, _LOSS, _SELECT = 0), all "
                          "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), with "
                          "float32 Adam moments (adam_bf16_moments = false), with the "
-                         "decoder's forward over float32 rows (decoder_bf16 = false), and with "
+                         "decoder's forward over float32 rows (decoder_bf16 = false), with a "
+                         "float32 W_enc gradient (encoder_grad_bf16 = false), and with "
                          "its update reading each row back (DMSAE_DECODER_HELD=0), each "
                          "step's figures read at its end (DMSAE_DEFER_FIGURES=0), and "
                          "BatchTopK's cut and count read by the host (DMSAE_HOSTLESS_SELECT=0); "
@@ -295,6 +296,8 @@ def main():
                  "adam_bf16_moments = false\n", None),
                 ("dmsae train, float32 decoder rows (decoder_bf16 = false)",
                  "decoder_bf16 = false\n", None),
+                ("dmsae train, float32 W_enc gradient (encoder_grad_bf16 = false)",
+                 "encoder_grad_bf16 = false\n", None),
                 ("dmsae train, decoder's update reading its rows back (DMSAE_DECODER_HELD=0)",
                  "", {"DMSAE_DECODER_HELD": "0"}),
                 ("dmsae train, each step's figures read at its end (DMSAE_DEFER_FIGURES=0)",

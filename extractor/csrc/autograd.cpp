@@ -549,7 +549,8 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &bias,
                             const at::Tensor &b_dec, const at::Tensor &xc, const at::Tensor &vals,
                             const at::Tensor &rows, const at::Tensor &cols,
-                            const at::Tensor &sq, int64_t sq_from, bool host) {
+                            const at::Tensor &sq, int64_t sq_from, const at::Tensor &sink,
+                            bool host) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "encoder_entries: W must be a contiguous float32 [d, W]");
     const int64_t d = w.size(0), width = w.size(1), n = vals.numel();
@@ -576,6 +577,13 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
       ctx->saved_data["sq"] = sq;
       ctx->saved_data["sq_from"] = sq_from;
     }
+    if (sink.numel() > 0) {
+      TORCH_CHECK(!host, "encoder_entries: a bf16 sink for dW is the kernel's, not the host's");
+      TORCH_CHECK(sink.scalar_type() == at::kBFloat16 && sink.sizes() == w.sizes() &&
+                      sink.is_contiguous() && sink.device() == w.device(),
+                  "encoder_entries: the sink must be a contiguous bf16 tensor of W's shape");
+      ctx->saved_data["sink"] = sink;
+    }
     ctx->save_for_backward({w, xc, rows, cols});
     ctx->saved_data["width"] = width;
     ctx->saved_data["host"] = host;
@@ -588,8 +596,10 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
     const at::Tensor dv = grads[0].to(at::kFloat).contiguous();
     const int64_t width = ctx->saved_data["width"].toInt(), d = xc.size(1);
     const auto sq = ctx->saved_data.find("sq");
+    const auto sink = ctx->saved_data.find("sink");
     const auto [perm, col_offsets] = by_latent(cols, width);
-    auto dw = at::empty({d, width}, w_enc.options());
+    auto dw = sink == ctx->saved_data.end() ? at::empty({d, width}, w_enc.options())
+                                            : sink->second.toTensor();
     auto db = at::empty({width}, w_enc.options());
     if (ctx->saved_data["host"].toBool()) {
       // The CPU's: encoder_grad.cu's sums (latent by latent, entries in order) as a loop over
@@ -635,11 +645,15 @@ struct EncoderEntries : public torch::autograd::Function<EncoderEntries> {
       // A block a tile of 32 latents (a warp each) and 256 rows (encoder_grad.cu's tile).
       const int64_t blocks = (width + 31) / 32 * ((d + 255) / 256);
       const bool h = xc.scalar_type() == at::kBFloat16;
-      dispatch(h ? "encoder_grad_bf16" : "encoder_grad_f32", xc, (unsigned)blocks, 1024, args);
+      const std::string g16 = sink == ctx->saved_data.end() ? "" : "_g16";
+      dispatch((h ? "encoder_grad_bf16" : "encoder_grad_f32") + g16, xc, (unsigned)blocks, 1024,
+               args);
     }
     const at::Tensor d_b_dec =
         ctx->needs_input_grad(2) ? at::mv(w_enc, db).neg() : at::Tensor();
-    return {dw,           db,           d_b_dec,      at::Tensor(), at::Tensor(),
+    // With a sink, dW is there, and W gets none through autograd.
+    if (sink != ctx->saved_data.end()) dw = at::Tensor();
+    return {dw,           db,           d_b_dec,      at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -741,12 +755,13 @@ extern "C" int dmsae_swap_heads(at::Tensor *x, at::Tensor **out, char *err, size
 extern "C" int dmsae_encoder_entries(at::Tensor *w, at::Tensor *bias, at::Tensor *b_dec,
                                      at::Tensor *xc, at::Tensor *vals, at::Tensor *rows,
                                      at::Tensor *cols, at::Tensor *sq, int64_t sq_from,
-                                     int64_t host, at::Tensor **out, char *err, size_t err_len) {
+                                     at::Tensor *sink, int64_t host, at::Tensor **out, char *err,
+                                     size_t err_len) {
   return guarded(
       [&] {
         const at::Tensor none = at::empty({0}, w->options());
         return EncoderEntries::apply(*w, *bias, *b_dec, *xc, *vals, *rows, *cols,
-                                     sq ? *sq : none, sq_from, host != 0);
+                                     sq ? *sq : none, sq_from, sink ? *sink : none, host != 0);
       },
       out, err, err_len);
 }

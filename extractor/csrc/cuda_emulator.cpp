@@ -265,15 +265,19 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                         arg<bf16 *>(a, 3), arg<const float *>(a, 4), arg<bf16 *>(a, 5),
                         arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
     });
-  } else if (k == "adam_flat_f32") {
+  } else if (k.rfind("adam_flat_", 0) == 0) {
+    // adam_flat_{f32,bf16}[_g16]: the moments' kind, then a bf16 gradient.
+    const bool mh = k.rfind("adam_flat_bf16", 0) == 0;
+    const bool g16 = k.size() > 4 && k.compare(k.size() - 4, 4, "_g16") == 0;
     launch(grid, block, [=] {
-      adam_flat_f32(arg<float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
-                    arg<float *>(a, 3), arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<AdamArgs>(a, 6));
-    });
-  } else if (k == "adam_flat_bf16") {
-    launch(grid, block, [=] {
-      adam_flat_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
-                     arg<bf16 *>(a, 3), arg<bf16 *>(a, 4), arg<ll>(a, 5), arg<AdamArgs>(a, 6));
+      void *m = arg<void *>(a, 2), *v = arg<void *>(a, 3);
+      const void *g = arg<const void *>(a, 1);
+      auto f = [&](auto *gt, auto *mt) {
+        adam_flat(arg<float *>(a, 0), gt, mt, (decltype(mt))v, arg<bf16 *>(a, 4), arg<ll>(a, 5),
+                  arg<AdamArgs>(a, 6));
+      };
+      auto by_m = [&](auto *gt) { mh ? f(gt, (bf16 *)m) : f(gt, (float *)m); };
+      g16 ? by_m((const bf16 *)g) : by_m((const float *)g);
     });
   } else if (k == "matryoshka_l2_fwd") {
     launch(grid, block, [=] {
@@ -350,17 +354,20 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                        arg<const ll *>(a, 4), arg<const ll *>(a, 5), arg<const ll *>(a, 6),
                        arg<ll *>(a, 7), arg<ll *>(a, 8));
     });
-  } else if (k == "encoder_grad_bf16" || k == "encoder_grad_f32") {
-    const bool h = k == "encoder_grad_bf16";
+  } else if (k.rfind("encoder_grad_", 0) == 0) {
+    // encoder_grad_{f32,bf16}[_g16]: xc's kind, then a bf16 dW.
+    const bool h = k.rfind("encoder_grad_bf16", 0) == 0;
+    const bool g16 = k.size() > 4 && k.compare(k.size() - 4, 4, "_g16") == 0;
     launch(grid, block, [=] {
       const void *x = arg<const void *>(a, 0);
-      auto f = [&](auto *t) {
+      void *dw = arg<void *>(a, 5);
+      auto f = [&](auto *t, auto *o) {
         encoder_grad_tiles(t, arg<const float *>(a, 1), arg<const ll *>(a, 2),
-                           arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<float *>(a, 5),
-                           arg<float *>(a, 6), arg<ll>(a, 7), arg<ll>(a, 8),
-                           arg<float *>(a, 9), arg<ll>(a, 10));
+                           arg<const ll *>(a, 3), arg<const ll *>(a, 4), o, arg<float *>(a, 6),
+                           arg<ll>(a, 7), arg<ll>(a, 8), arg<float *>(a, 9), arg<ll>(a, 10));
       };
-      h ? f((const bf16 *)x) : f((const float *)x);
+      auto g = [&](auto *t) { g16 ? f(t, (bf16 *)dw) : f(t, (float *)dw); };
+      h ? g((const bf16 *)x) : g((const float *)x);
     });
   } else {
     std::fprintf(stderr, "dmsae_emulate: no kernel %s\n", name);

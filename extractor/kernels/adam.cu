@@ -92,11 +92,13 @@ __device__ __forceinline__ Pack<float, W> adam_pack(const Pack<float, W> &p,
   return out;
 }
 
-// Whether a row (or array) of n floats with moments of M goes in packs of kFloatPack.
-template <typename M>
-__device__ __forceinline__ bool adam_packs(const float *w, const float *g, const M *m,
-                                           const M *v, long long n) {
-  return packs_fit<float>(w, n) && aligned(g, 16) && aligned(m, kFloatPack * sizeof(M)) &&
+// Whether a row (or array) of n floats with gradients of G and moments of M goes in packs of
+// kFloatPack.
+template <typename M, typename G>
+__device__ __forceinline__ bool adam_packs(const float *w, const G *g, const M *m, const M *v,
+                                           long long n) {
+  return packs_fit<float>(w, n) && aligned(g, kFloatPack * sizeof(G)) &&
+         aligned(m, kFloatPack * sizeof(M)) &&
          aligned(v, kFloatPack * sizeof(M));
 }
 
@@ -242,15 +244,17 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
 
 // shadow (may be null): each new parameter value in bf16 too, rounded to nearest as ATen's
 // cast rounds: the trainer's bf16 encoder product reads W_enc so, where a cast of its own read
-// the float32 W_enc each step (0.6 GB at the paper's width).
-template <typename M, int W>
-__device__ void adam_flat_packs(float *p, const float *g, M *m, M *v, bf16 *shadow, long long n,
+// the float32 W_enc each step (0.6 GB at the paper's width). G: the gradient's kind, float32
+// or bf16 (W_enc's from encoder_grad.cu's `_g16` kernels: 2 bytes read a parameter, not 4).
+template <typename M, typename G, int W>
+__device__ void adam_flat_packs(float *p, const G *g, M *m, M *v, bf16 *shadow, long long n,
                                 AdamArgs a) {
   const float inv_div = *a.inv_div;
   FOR_EACH_ELEMENT(j, n / W) {
-    Pack<float, W> gd = pack_at<float, W>(g, j);
+    const Pack<G, W> gp = pack_at<G, W>(g, j);
+    Pack<float, W> gd;
 #pragma unroll
-    for (int k = 0; k < W; k++) gd.v[k] *= inv_div;
+    for (int k = 0; k < W; k++) gd.v[k] = to_f(gp.v[k]) * inv_div;
     const Pack<float, W> np = adam_pack<M, W>(pack_at<float, W>(p, j), gd, m, v, j, 0, a);
     store_pack<float, W>(p, j, np);
     if (shadow) {
@@ -262,13 +266,13 @@ __device__ void adam_flat_packs(float *p, const float *g, M *m, M *v, bf16 *shad
   }
 }
 
-template <typename M>
-__device__ void adam_flat(float *p, const float *g, M *m, M *v, bf16 *shadow, long long n,
+template <typename M, typename G>
+__device__ void adam_flat(float *p, const G *g, M *m, M *v, bf16 *shadow, long long n,
                           AdamArgs a) {
   if (adam_packs(p, g, m, v, n) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16))))
-    adam_flat_packs<M, kFloatPack>(p, g, m, v, shadow, n, a);
+    adam_flat_packs<M, G, kFloatPack>(p, g, m, v, shadow, n, a);
   else
-    adam_flat_packs<M, 1>(p, g, m, v, shadow, n, a);
+    adam_flat_packs<M, G, 1>(p, g, m, v, shadow, n, a);
 }
 
 extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,
@@ -283,12 +287,14 @@ extern "C" __global__ void decoder_adam_bf16(float *w, const float *g, bf16 *m, 
   decoder_adam<bf16>(w, g, m, v, dot, shadow, rows, d, a);
 }
 
-extern "C" __global__ void adam_flat_f32(float *p, const float *g, float *m, float *v,
-                                         bf16 *shadow, long long n, AdamArgs a) {
-  adam_flat<float>(p, g, m, v, shadow, n, a);
-}
+// adam_flat_{moments}[_g16]: float32 or bf16 moments, then a bf16 gradient.
+#define ADAM_FLAT_KERNEL(NAME, M, G)                                                 \
+  extern "C" __global__ void NAME(float *p, const G *g, M *m, M *v, bf16 *shadow,    \
+                                  long long n, AdamArgs a) {                         \
+    adam_flat<M, G>(p, g, m, v, shadow, n, a);                                       \
+  }
 
-extern "C" __global__ void adam_flat_bf16(float *p, const float *g, bf16 *m, bf16 *v,
-                                          bf16 *shadow, long long n, AdamArgs a) {
-  adam_flat<bf16>(p, g, m, v, shadow, n, a);
-}
+ADAM_FLAT_KERNEL(adam_flat_f32, float, float)
+ADAM_FLAT_KERNEL(adam_flat_bf16, bf16, float)
+ADAM_FLAT_KERNEL(adam_flat_f32_g16, float, bf16)
+ADAM_FLAT_KERNEL(adam_flat_bf16_g16, bf16, bf16)

@@ -13,6 +13,9 @@
 // xc in float32 (encoder_grad_f32), or in bf16 (encoder_grad_bf16) where the forward's product
 // read it so (the trainer's bf16 encoder): the gradient of the product as computed, and half
 // the 2.4 GB of row reads at the paper's sizes (each entry reads d of them).
+// dW in float32, or in bf16 (the `_g16` kernels: the update reads a bf16 gradient, 4 bytes
+// fewer a parameter written here and read there; each sum rounded once, the squares below
+// those of the rounded values, the gradient the update sees).
 // `sq` (may be null): each block writes its tile's sum of squares there, latents from `sq_from`
 // on, so the update's clip has ||dW|| without a pass that reads the 0.6 GB gradient back (the
 // trainer sums the blocks, and adds the columns below `sq_from`: the core's, which gain a term
@@ -23,10 +26,10 @@
 constexpr int kEncTile = 32;    // latents a block (warps)
 constexpr int kEncChunk = 256;  // rows of W_enc a block (8 a lane)
 
-template <typename T>
+template <typename T, typename O>
 __device__ __forceinline__ void encoder_grad_tiles(const T *xc, const float *dv,
                                                    const long long *rows, const long long *perm,
-                                                   const long long *col_offsets, float *dw,
+                                                   const long long *col_offsets, O *dw,
                                                    float *db, long long width, long long d,
                                                    float *sq, long long sq_from) {
   __shared__ float tile[kEncTile][kEncChunk + 1];  // +1: a row's lanes fall in different banks
@@ -65,7 +68,10 @@ __device__ __forceinline__ void encoder_grad_tiles(const T *xc, const float *dv,
     }
   }
   if (k0 == 0 && lane == 0 && j < width) db[j] = s;
-  for (int t = 0; t < kEncChunk / 32; t++) tile[warp][lane + 32 * t] = acc[t];
+  for (int t = 0; t < kEncChunk / 32; t++) {
+    acc[t] = rnd<O>(acc[t]);
+    tile[warp][lane + 32 * t] = acc[t];
+  }
   if (sq != nullptr) {
     // Rows past d and latents past W summed nothing: their zeros add nothing.
     __shared__ float warp_sq[kEncTile];
@@ -84,21 +90,20 @@ __device__ __forceinline__ void encoder_grad_tiles(const T *xc, const float *dv,
   // Warp w writes rows k0 + w, k0 + w + 32, ...; lane l the tile's latent l.
   for (int t = 0; t < kEncChunk / 32; t++) {
     const long long k = k0 + warp + 32 * t;
-    if (k < d && j0 + lane < width) dw[k * width + j0 + lane] = tile[lane][warp + 32 * t];
+    if (k < d && j0 + lane < width) put(&dw[k * width + j0 + lane], tile[lane][warp + 32 * t]);
   }
 }
 
 // Launched 1,024 threads a block: at most 64 registers a thread, or the launch would fail.
-extern "C" __global__ void __launch_bounds__(1024)
-    encoder_grad_f32(const float *xc, const float *dv, const long long *rows,
-                     const long long *perm, const long long *col_offsets, float *dw, float *db,
-                     long long width, long long d, float *sq, long long sq_from) {
-  encoder_grad_tiles(xc, dv, rows, perm, col_offsets, dw, db, width, d, sq, sq_from);
-}
+#define ENCODER_GRAD_KERNEL(NAME, T, O)                                                       \
+  extern "C" __global__ void __launch_bounds__(1024)                                          \
+      NAME(const T *xc, const float *dv, const long long *rows, const long long *perm,        \
+           const long long *col_offsets, O *dw, float *db, long long width, long long d,      \
+           float *sq, long long sq_from) {                                                    \
+    encoder_grad_tiles(xc, dv, rows, perm, col_offsets, dw, db, width, d, sq, sq_from);       \
+  }
 
-extern "C" __global__ void __launch_bounds__(1024)
-    encoder_grad_bf16(const bf16 *xc, const float *dv, const long long *rows,
-                      const long long *perm, const long long *col_offsets, float *dw, float *db,
-                      long long width, long long d, float *sq, long long sq_from) {
-  encoder_grad_tiles(xc, dv, rows, perm, col_offsets, dw, db, width, d, sq, sq_from);
-}
+ENCODER_GRAD_KERNEL(encoder_grad_f32, float, float)
+ENCODER_GRAD_KERNEL(encoder_grad_bf16, bf16, float)
+ENCODER_GRAD_KERNEL(encoder_grad_f32_g16, float, bf16)
+ENCODER_GRAD_KERNEL(encoder_grad_bf16_g16, bf16, bf16)

@@ -112,6 +112,8 @@ pub const ADAM: Source = Source {
         "decoder_adam_bf16",
         "adam_flat_f32",
         "adam_flat_bf16",
+        "adam_flat_f32_g16",
+        "adam_flat_bf16_g16",
     ],
 };
 /// The trainer's sparse decoder and its backward, through csrc/autograd.cpp (`bag_decode`).
@@ -127,7 +129,12 @@ pub const ENCODER_GRAD: Source = Source {
     name: "encoder_grad.cu",
     off: "DMSAE_FUSED_ENCODER_GRAD",
     text: include_str!("../kernels/encoder_grad.cu"),
-    kernels: &["encoder_grad_bf16", "encoder_grad_f32"],
+    kernels: &[
+        "encoder_grad_bf16",
+        "encoder_grad_f32",
+        "encoder_grad_bf16_g16",
+        "encoder_grad_f32_g16",
+    ],
 };
 /// The trainer's Matryoshka reconstruction loss and its gradient, through csrc/autograd.cpp
 /// (`matryoshka_l2`).
@@ -900,7 +907,8 @@ entry_points! {
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
         wh: CTensor) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
-        cols: CTensor, sq: CTensor, sq_from: i64, host: i64) => dmsae_encoder_entries;
+        cols: CTensor, sq: CTensor, sq_from: i64, sink: CTensor, host: i64) =>
+        dmsae_encoder_entries;
 }
 
 type UnaryOp = unsafe extern "C" fn(
@@ -1232,6 +1240,9 @@ fn error_text(err: &[u8]) -> String {
 /// device. On the CPU the backward runs the kernel's sums as a loop, or the kernel emulated
 /// while `emulate_on_cpu` (tests: slow). `sq` (`encoder_grad_sq`), when given, is filled by the
 /// backward with the squared norm of W's gradient's columns from `sq_from` on, in parts.
+/// `sink`, when given (bf16, W's shape, the kernel's path only), takes W's gradient in bf16
+/// instead of autograd, which then gives W none: autograd would cast a bf16 gradient to W's
+/// float32, a pass of its own.
 #[allow(clippy::too_many_arguments)]
 pub fn encoder_entries(
     w: &Tensor,
@@ -1243,8 +1254,10 @@ pub fn encoder_entries(
     cols: &Tensor,
     sq: Option<&Tensor>,
     sq_from: i64,
+    sink: Option<&Tensor>,
 ) -> Result<Tensor, String> {
     let sq = sq.map_or(std::ptr::null_mut(), ptr);
+    let sink = sink.map_or(std::ptr::null_mut(), ptr);
     let host = w.device() == Device::Cpu && !EMULATE.with(|e| e.get());
     // SAFETY: live tch handles (or a null `sq`), and the out and error pointers `new_tensor`
     // hands over.
@@ -1259,6 +1272,7 @@ pub fn encoder_entries(
             ptr(cols),
             sq,
             sq_from,
+            sink,
             host as i64,
             out,
             err,
@@ -2334,7 +2348,8 @@ pub(crate) mod tests {
     /// entries 32 at a time), an empty bag and a latent that never fires, rows of 42 floats (one
     /// at a time) and of 304 (16-byte packs of floats and of bf16; two spans of the W
     /// gradients). The decoder's forward also over W's bf16 copy, against the float64 sums of
-    /// its rounded rows; the encoder's gradient also from a bf16 xc, against its rounded rows'.
+    /// its rounded rows; the encoder's gradient also from a bf16 xc, against its rounded rows',
+    /// and into a bf16 sink, against the float32 kernel's rounded.
     fn sparse_kernels_against_float64(device: Device) {
         tch::manual_seed(5);
         let f64_ = (Kind::Double, device);
@@ -2468,6 +2483,7 @@ pub(crate) mod tests {
                     &cols,
                     Some(&sq),
                     2,
+                    None,
                 )
                 .unwrap();
                 let dv = vals.randn_like();
@@ -2502,6 +2518,61 @@ pub(crate) mod tests {
                 assert!(
                     (got - want).abs() <= 1e-5 * want,
                     "{case}, xc {xc_kind:?}: W_enc gradient's squared norm {got} against {want}"
+                );
+                // dW into a bf16 sink (the update reads it so; the kernel's alone, so emulated
+                // on the CPU): the kernel's float32 sums, each rounded once, bit for bit;
+                // autograd gives W_enc none; the squares are the rounded values'.
+                let sink = Tensor::empty(w_enc.size(), (Kind::BFloat16, device));
+                let sq16 = encoder_grad_sq(&w_enc);
+                let kernel_grads = |sink: Option<&Tensor>, sq: Option<&Tensor>| {
+                    emulate_on_cpu(device == Device::Cpu);
+                    let ve = encoder_entries(
+                        &w_enc,
+                        &bias,
+                        &b_dec,
+                        &xc,
+                        &v32.detach(),
+                        &bags,
+                        &cols,
+                        sq,
+                        2,
+                        sink,
+                    )
+                    .unwrap();
+                    let g = Tensor::run_backward(
+                        &[(&ve * dv.to_kind(Kind::Float)).sum(None)],
+                        &[&w_enc, &bias, &b_dec],
+                        false,
+                        false,
+                    );
+                    emulate_on_cpu(false);
+                    g
+                };
+                let g32 = kernel_grads(None, None);
+                let g16 = kernel_grads(Some(&sink), Some(&sq16));
+                assert!(
+                    !g16[0].defined(),
+                    "{case}, xc {xc_kind:?}: W_enc given a gradient"
+                );
+                assert!(
+                    sink.equal(&g32[0].to_kind(Kind::BFloat16)),
+                    "{case}, xc {xc_kind:?}: the bf16 sink is not the float32 gradient rounded"
+                );
+                assert!(
+                    g16[1].equal(&g32[1]) && g16[2].equal(&g32[2]),
+                    "{case}: b_enc, b_dec"
+                );
+                let (got, want) = (
+                    sq16.sum(Kind::Double).double_value(&[]),
+                    sink.narrow(1, 2, latents - 2)
+                        .to_kind(Kind::Double)
+                        .square()
+                        .sum(Kind::Double)
+                        .double_value(&[]),
+                );
+                assert!(
+                    (got - want).abs() <= 1e-5 * want,
+                    "{case}, xc {xc_kind:?}: the sink's squared norm {got} against {want}"
                 );
             }
         }

@@ -357,12 +357,14 @@ impl Sae {
     /// values come from their own [B, d] x [d, c] product, through W_enc's core columns as a
     /// leaf (returned) whose gradient `LossOut::gradients` adds into W_enc's. `bf16`: the
     /// product that made the codes read x - b_dec in bf16; W_enc's gradient reads it so too.
+    /// `sink`: see `kernels::encoder_entries`.
     fn codes_with_sparse_grad(
         &self,
         x_bd: &Tensor,
         codes: Codes,
         sq: Option<&Tensor>,
         bf16: bool,
+        sink: Option<&Tensor>,
     ) -> (Codes, Option<Leaf>) {
         let (xc_bd, bias_f) = self.encoder_terms(x_bd, self.width(), false);
         let xc_bd = match bf16 {
@@ -379,6 +381,7 @@ impl Sae {
             &codes.cols,
             sq,
             self.core as i64,
+            sink,
         )
         .unwrap_or_else(|e| panic!("sparse encoder gradient: {e}"));
         // A place held passes no gradient back, as in `train_codes`.
@@ -851,8 +854,21 @@ fn counts_of(idx: &Tensor, n: i64, on: Option<&Tensor>) -> Tensor {
 /// non-core columns (`LossOut::enc_sq`), and the core's `core` columns read from `g_enc` itself
 /// (a frozen core's zeroed by then).
 fn w_enc_grad_sq(sq: &Tensor, g_enc: &Tensor, core: usize) -> Tensor {
-    let core = g_enc.narrow(1, 0, core as i64).square().sum(Kind::Double);
+    // (Squared in float32 from a bf16 gradient too.)
+    let core = g_enc
+        .narrow(1, 0, core as i64)
+        .to_kind(Kind::Float)
+        .square()
+        .sum(Kind::Double);
     sq.sum(Kind::Double) + core
+}
+
+/// adam.cu's kernel-name suffix for a gradient of `g`'s kind (`_g16`: bf16).
+fn g16(g: &Tensor) -> &'static str {
+    match g.kind() {
+        Kind::BFloat16 => "_g16",
+        _ => "",
+    }
 }
 
 /// The norm of all parameters' gradients from each one's norm: a float64 scalar on the device.
@@ -903,6 +919,9 @@ pub struct LossOut {
     /// Filled by the backward: the squared norm of W_enc's gradient's non-core columns in
     /// parts (`kernels::encoder_grad_sq`), where the sparse encoder gradient makes it.
     pub enc_sq: Option<Tensor>,
+    /// Filled by the backward: W_enc's gradient in bf16 (`Trainer::encoder_grad_bf16`),
+    /// which `gradients` gives as W_enc's.
+    enc_sink: Option<Tensor>,
     /// Parameters' rows and columns read as leaves of their own: AuxK's dead latents'
     /// (`Trainer::auxk`), a core block's (`Trainer::loss_timed`).
     leaves: Vec<Leaf>,
@@ -950,6 +969,8 @@ impl Leaf {
 
     /// `g`, this leaf's gradient, added into its parameter's gradient `into`.
     fn add_into(&self, into: &Tensor, g: &Tensor) {
+        // (`index_add_` wants the kinds equal: W_enc's gradient may be bf16.)
+        let g = &g.to_kind(into.kind());
         let _ = match &self.index {
             Some(i) => into.shallow_clone().index_add_(self.dim, i, g),
             None => self.of(into).g_add_(g),
@@ -984,6 +1005,14 @@ impl LossOut {
         let mut g = Tensor::run_backward(&[&self.loss], &inputs, false, false);
         let from_leaves = g.split_off(params.len());
         tch::no_grad(|| {
+            if let Some(sink) = &self.enc_sink {
+                // W_enc's gradient went to the sink; any other path's (none on the sparse
+                // path) is added to it.
+                if g[0].defined() {
+                    let _ = sink.shallow_clone().g_add_(&g[0]);
+                }
+                g[0] = sink.shallow_clone();
+            }
             // (Undefined: the leaf was not reached, a zero gradient.)
             for (l, gl) in self.leaves.iter().zip(&from_leaves) {
                 if gl.defined() {
@@ -1001,7 +1030,7 @@ impl LossOut {
     /// no entry in the decoder's backward, AuxK's may have had some) are made again, whole in
     /// the first span.
     fn add_leaf(&self, l: &Leaf, gl: &Tensor, g: &[Tensor]) {
-        let sq = |t: &Tensor| l.of(t).square().sum(Kind::Double);
+        let sq = |t: &Tensor| l.of(t).to_kind(Kind::Float).square().sum(Kind::Double);
         let mend_sq = match (l.param, &l.index, &self.enc_sq) {
             (0, Some(_), Some(s)) => Some((s, sq(&g[0]))),
             _ => None,
@@ -1094,6 +1123,9 @@ pub struct Trainer {
     dec_bf16: bool,
     /// W_dec in bf16 as the fused update left it, with W_dec's version then (as `w_enc_h`).
     w_dec_h: Option<(Tensor, i64)>,
+    /// W_enc's gradient in bf16 where its kernel and the fused update run
+    /// (`TrainConfig::encoder_grad_bf16`, as resolved).
+    enc_grad_bf16: bool,
 }
 
 impl Trainer {
@@ -1122,6 +1154,7 @@ impl Trainer {
             part_starts: sae.part_starts(),
             bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
             w_enc_h: None,
+            enc_grad_bf16: cfg.encoder_grad_bf16.unwrap_or(sae.device().is_cuda()),
             dec_bf16: cfg.decoder_bf16.unwrap_or_else(|| {
                 sae.device().is_cuda() && kernels::use_fused(&sae.w_dec, &kernels::BAG_DECODE)
             }),
@@ -1209,8 +1242,16 @@ impl Trainer {
         // (AuxK's gradient reaches W_enc's dead columns outside the kernel: `LossOut::add_leaf`
         // mends the squares.)
         let enc_sq = (sparse_grad && sparse_kernel).then(|| kernels::encoder_grad_sq(&s.w_enc));
+        // A training step's W_enc gradient in bf16, which the kernel writes and the fused
+        // update reads (`LossOut::gradients` hands it on as W_enc's).
+        let enc_sink = (auxk
+            && sparse_grad
+            && sparse_kernel
+            && self.encoder_grad_bf16()
+            && kernels::use_fused(&s.w_dec, &kernels::ADAM))
+        .then(|| Tensor::empty(s.w_enc.size(), (Kind::BFloat16, s.w_enc.device())));
         let (codes, w_enc_core) = match sparse_grad {
-            true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref(), bf16),
+            true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref(), bf16, enc_sink.as_ref()),
             false => (codes, None),
         };
         let mut leaves: Vec<Leaf> = w_enc_core.into_iter().collect();
@@ -1268,6 +1309,7 @@ impl Trainer {
             x_hat_bd,
             dec_stats,
             enc_sq,
+            enc_sink,
             leaves,
         }
     }
@@ -1580,7 +1622,7 @@ impl Trainer {
             }
         };
         let enc_norm = enc_sq.map_or_else(
-            || g[0].norm(),
+            || g[0].to_kind(Kind::Float).norm(),
             |sq| {
                 w_enc_grad_sq(sq, &g[0], self.sae.core)
                     .sqrt()
@@ -1644,7 +1686,7 @@ impl Trainer {
                     ),
                     _ => kernels::run(
                         &kernels::ADAM,
-                        &format!("adam_flat_{suffix}"),
+                        &format!("adam_flat_{suffix}{}", g16(g)),
                         dev,
                         flat_grid(n),
                         threads,
@@ -1875,6 +1917,14 @@ impl Trainer {
     /// Whether the training encoder product runs in bf16.
     pub fn encoder_bf16(&self) -> bool {
         self.bf16
+    }
+
+    /// Whether W_enc's gradient is bf16 in steps on the sparse path (where its kernel and the
+    /// fused update run; `TrainConfig::encoder_grad_bf16`).
+    pub fn encoder_grad_bf16(&self) -> bool {
+        self.enc_grad_bf16
+            && kernels::use_fused(&self.sae.w_enc, &kernels::ENCODER_GRAD)
+            && kernels::use_fused(&self.sae.w_dec, &kernels::ADAM)
     }
 
     /// Whether the training decoder's forward reads W_dec in bf16.
@@ -2337,7 +2387,8 @@ mod tests {
         };
         let mut sae = Sae::new(d, Some(core), &cfg, Kind::Float, device).unwrap();
         tch::no_grad(|| sae.b_dec.copy_(&(sae.b_dec.randn_like() * 0.3)));
-        let t = Trainer::new(sae, cfg, false);
+        let mut t = Trainer::new(sae, cfg, false);
+        t.enc_grad_bf16 = false;
         tch::manual_seed(11);
         let x = Tensor::randn([40, d as i64], (Kind::Float, device));
         // The dense graph (on the CPU, the sparse path turned off), encoder_grad.cu (emulated
@@ -2362,10 +2413,50 @@ mod tests {
         let (want, core_entries, g_want, no_sq) = grads(false, false);
         assert!(no_sq.is_none(), "the dense path has no blocks' squares");
         assert!(core_entries > 0, "the core never fired");
-        let mut paths = vec![("encoder_grad.cu", grads(true, false))];
+        let kernel = grads(true, false);
+        let g_kernel: Vec<Tensor> = kernel.2.iter().map(Tensor::shallow_clone).collect();
+        let mut paths = vec![("encoder_grad.cu", kernel)];
         if device == Device::Cpu {
             paths.push(("the CPU's loop", grads(false, true)));
         }
+        // W_enc's gradient in bf16 (the training step's, into the update): the kernel's
+        // float32 gradient rounded once, bit for bit (the core block's columns added from its
+        // leaf), the others as they were; the clip's squares are the rounded gradient's.
+        t.enc_grad_bf16 = true;
+        let (g16, sq16) = with_kernel(&kernels::ENCODER_GRAD, true, || {
+            let out = t.loss(&x);
+            let g = out.gradients(t.sae.params());
+            let sq = out.enc_sq.map(|sq| w_enc_grad_sq(&sq, &g[0], t.sae.core));
+            (g, sq.map(|s| s.double_value(&[])))
+        });
+        t.enc_grad_bf16 = false;
+        assert_eq!(
+            g16[0].kind(),
+            Kind::BFloat16,
+            "W_enc's gradient not in bf16"
+        );
+        assert!(
+            g16[0].equal(&g_kernel[0].to_kind(Kind::BFloat16)),
+            "W_enc's bf16 gradient is not the float32 one rounded"
+        );
+        for i in 1..4 {
+            assert!(
+                g16[i].equal(&g_kernel[i]),
+                "param {i} moved with W_enc's bf16 gradient"
+            );
+        }
+        let (sq_got, sq_want) = (
+            sq16.expect("the blocks' squares"),
+            g16[0]
+                .to_kind(Kind::Double)
+                .square()
+                .sum(Kind::Double)
+                .double_value(&[]),
+        );
+        assert!(
+            (sq_got - sq_want).abs() <= 1e-5 * sq_want,
+            "the bf16 gradient's squared norm {sq_got} against {sq_want}"
+        );
         for (path, (got, _, g_got, sq)) in paths {
             // The update's clip takes W_enc's gradient norm from the kernel's blocks' squares.
             let want_sq = g_want[0].square().sum(Kind::Double).double_value(&[]);
@@ -2450,6 +2541,37 @@ mod tests {
                     (got - want).abs() <= tol * want,
                     "{case}: ||dW_enc||^2 {got} vs {want}"
                 );
+                // W_enc's gradient in bf16: the dead columns' AuxK gradient and the core's
+                // added into the kernel's rounded sums, rounded again (a dead latent may still
+                // have entries this step): within two bf16 roundings of the float32 gradient;
+                // the squares mended as in float32.
+                t.enc_grad_bf16 = true;
+                let out16 = with_kernel(&kernels::ENCODER_GRAD, true, || t.loss(&x_bd));
+                t.enc_grad_bf16 = false;
+                let g16 = out16.gradients(t.sae.params());
+                assert_eq!(
+                    g16[0].kind(),
+                    Kind::BFloat16,
+                    "{case}: W_enc's gradient kind"
+                );
+                let rel = rel_max(&g16[0].to_kind(Kind::Float), &g[0]);
+                assert!(
+                    rel > 0.0 && rel <= 2f64.powi(-8),
+                    "{case}: W_enc's bf16 gradient {rel:e} of its largest from float32's"
+                );
+                let sq16 = out16.enc_sq.as_ref().expect("the blocks' squares");
+                let (got, want) = (
+                    w_enc_grad_sq(sq16, &g16[0], t.sae.core).double_value(&[]),
+                    g16[0]
+                        .to_kind(Kind::Double)
+                        .square()
+                        .sum(Kind::Double)
+                        .double_value(&[]),
+                );
+                assert!(
+                    (got - want).abs() <= tol * want,
+                    "{case}: bf16 ||dW_enc||^2 {got} vs {want}"
+                );
             }
             let st = out.dec_stats.as_ref().expect("the decoder's figures");
             let s3 = st.sum_dim_intlist(0, false, None);
@@ -2476,6 +2598,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Whole steps with W_enc's gradient in bf16 (every kernel emulated, a trained core, 9
+    /// latents dead at first) follow those with it in float32 to about bf16's precision, and
+    /// move apart from them (the bf16 gradient reached the update).
+    #[test]
+    fn steps_with_a_bf16_encoder_gradient_follow_float32s() {
+        let d = 24;
+        let (_, x) = sparse_dictionary(d, 20, 3, 64, 0.2, 6);
+        let x_bd = tensor(&x, 64, Kind::Float);
+        let run = |g16: bool| {
+            let mut t = core_and_dead_trainer(d, Kind::Float, Device::Cpu, 5);
+            t.enc_grad_bf16 = g16;
+            kernels::emulate_on_cpu(true);
+            assert_eq!(t.encoder_grad_bf16(), g16);
+            for _ in 0..3 {
+                t.update(&x_bd);
+            }
+            kernels::emulate_on_cpu(false);
+            t.sae.w_enc.detach().copy()
+        };
+        let (a, b) = (run(true), run(false));
+        let rel = rel_max(&a, &b);
+        assert!(
+            rel > 0.0 && rel <= 1e-3,
+            "W_enc {rel:e} of its largest apart"
+        );
     }
 
     /// The sampled-cut top-k picks the same entries as one top-k over the non-core columns: on
@@ -2840,6 +2989,55 @@ mod tests {
             (&b.sae.w_dec - w0).abs().max().double_value(&[]) > 1e-3,
             "nothing moved"
         );
+    }
+
+    /// The fused update with W_enc's gradient in bf16 (adam.cu's `_g16` kernels) is the update
+    /// of that gradient's values in float32, bit for bit, with float32 and bf16 moments, over
+    /// three steps (the clip active, then not); the other gradients stay float32.
+    #[test]
+    fn fused_update_reads_a_bf16_encoder_gradient() {
+        for bf16_moments in [false, true] {
+            let cfg = TrainConfig {
+                adam_bf16_moments: Some(bf16_moments),
+                ..small_cfg(2)
+            };
+            let new = || {
+                let sae = Sae::new(24, None, &cfg, Kind::Float, Device::Cpu).unwrap();
+                Trainer::new(sae, cfg.clone(), false)
+            };
+            let (mut a, mut b) = (new(), new());
+            kernels::emulate_on_cpu(true);
+            for step in 0..3 {
+                tch::manual_seed(step);
+                let scale = if step == 1 { 1e-4 } else { 1.0 };
+                let mut g: Vec<Tensor> = a
+                    .sae
+                    .params()
+                    .iter()
+                    .map(|p| p.randn_like() * scale)
+                    .collect();
+                g[0] = g[0].to_kind(Kind::BFloat16);
+                let mut g32 = copies(&g);
+                g32[0] = g[0].to_kind(Kind::Float);
+                let na = tch::no_grad(|| a.fused_update(&g, 1e-2, None, None, &mut Laps::off()));
+                let nb = tch::no_grad(|| b.fused_update(&g32, 1e-2, None, None, &mut Laps::off()));
+                assert!(na.equal(&nb), "step {step}: the clip's norm");
+                a.step += 1;
+                b.step += 1;
+            }
+            kernels::emulate_on_cpu(false);
+            let pairs = a.sae.params().into_iter().zip(b.sae.params());
+            for (i, (x, y)) in pairs
+                .chain(a.m.iter().zip(&b.m))
+                .chain(a.v.iter().zip(&b.v))
+                .enumerate()
+            {
+                assert!(
+                    x.equal(y),
+                    "bf16 moments {bf16_moments}: tensor {i} differs"
+                );
+            }
+        }
     }
 
     /// A run with bf16 moments stopped after one step and resumed from `state()` ends where an
