@@ -210,7 +210,8 @@ def main():
                          "five off, the kernels without 16-byte packs (DMSAE_PACKS=0), with "
                          "float32 Adam moments (adam_bf16_moments = false), with the "
                          "decoder's forward over float32 rows (decoder_bf16 = false), with a "
-                         "float32 W_enc gradient (encoder_grad_bf16 = false), and with "
+                         "float32 W_enc gradient (encoder_grad_bf16 = false), a float32 W_dec "
+                         "gradient (decoder_grad_bf16 = false), and with "
                          "its update reading each row back (DMSAE_DECODER_HELD=0), each "
                          "step's figures read at its end (DMSAE_DEFER_FIGURES=0), and "
                          "BatchTopK's cut and count read by the host (DMSAE_HOSTLESS_SELECT=0); "
@@ -298,6 +299,8 @@ def main():
                  "decoder_bf16 = false\n", None),
                 ("dmsae train, float32 W_enc gradient (encoder_grad_bf16 = false)",
                  "encoder_grad_bf16 = false\n", None),
+                ("dmsae train, float32 W_dec gradient (decoder_grad_bf16 = false)",
+                 "decoder_grad_bf16 = false\n", None),
                 ("dmsae train, decoder's update reading its rows back (DMSAE_DECODER_HELD=0)",
                  "", {"DMSAE_DECODER_HELD": "0"}),
                 ("dmsae train, each step's figures read at its end (DMSAE_DEFER_FIGURES=0)",

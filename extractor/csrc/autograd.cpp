@@ -422,7 +422,8 @@ struct LinearT : public torch::autograd::Function<LinearT> {
 struct BagDecode : public torch::autograd::Function<BagDecode> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &vals,
                             const at::Tensor &cols, const at::Tensor &bags, int64_t n_bags,
-                            const at::Tensor &stats, const at::Tensor &wh) {
+                            const at::Tensor &stats, const at::Tensor &wh,
+                            const at::Tensor &sink) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "bag_decode: W must be a contiguous float32 [rows, d]");
     const int64_t n = vals.numel();
@@ -454,6 +455,12 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
                   "bag_decode: stats must be a contiguous float64 [ceil(d / 256), 3, rows]");
       ctx->saved_data["stats"] = stats;
     }
+    if (sink.numel() > 0) {
+      TORCH_CHECK(sink.scalar_type() == at::kBFloat16 && sink.sizes() == w.sizes() &&
+                      sink.is_contiguous() && sink.device() == w.device(),
+                  "bag_decode: the sink must be a contiguous bf16 tensor of W's shape");
+      ctx->saved_data["sink"] = sink;
+    }
     ctx->save_for_backward({w, vals, cols, bags});
     return out;
   }
@@ -464,7 +471,9 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     const at::Tensor dout = grads[0].to(at::kFloat).contiguous();
     const int64_t rows = w.size(0), d = w.size(1), n = vals.numel();
     const auto [perm, col_offsets] = by_latent(cols, rows);
-    auto dw = at::empty_like(w);
+    const auto sink = ctx->saved_data.find("sink");
+    const bool g16 = sink != ctx->saved_data.end();
+    auto dw = g16 ? sink->second.toTensor() : at::empty_like(w);
     // A warp a span of 256 columns of a row (bag_decode.cu's DW_SPAN), each writing its part
     // of every one of the row's entries' value gradients.
     const int64_t spans = (d + 255) / 256;
@@ -476,9 +485,12 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     const auto stats = ctx->saved_data.find("stats");
     void *pst = stats == ctx->saved_data.end() ? nullptr : stats->second.toTensor().data_ptr();
     void *args[] = {&pw, &pdout, &pv, &pb, &pp, &pco, &pdw, &ppart, &r, &dd, &nn, &pst};
-    launch("bag_decode_bwd", w, rows * spans, args);
+    launch(g16 ? "bag_decode_bwd_g16" : "bag_decode_bwd", w, rows * spans, args);
     const at::Tensor dvals = part.sum(0);
-    return {dw, dvals, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // With a sink, dW is there, and W gets none through autograd.
+    if (g16) dw = at::Tensor();
+    return {dw,           dvals,        at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -780,10 +792,11 @@ extern "C" int dmsae_matryoshka_l2(at::Tensor *x, at::Tensor *b_dec, at::Tensor 
 }
 
 // BagDecode above; as dmsae_softcap_softmax below.
-// `stats` and `wh` may be null (none).
+// `stats`, `wh` and `sink` may be null (none).
 extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *cols,
                                 at::Tensor *bags, int64_t n_bags, at::Tensor *stats,
-                                at::Tensor *wh, at::Tensor **out, char *err, size_t err_len) {
+                                at::Tensor *wh, at::Tensor *sink, at::Tensor **out, char *err,
+                                size_t err_len) {
   return guarded(
       [&] {
         // None as an empty tensor: autograd's apply asks every tensor argument its device.
@@ -791,7 +804,7 @@ extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *col
           return t ? *t : at::empty({0}, w->options().dtype(k));
         };
         return BagDecode::apply(*w, *vals, *cols, *bags, n_bags, none(stats, at::kDouble),
-                                none(wh, at::kBFloat16));
+                                none(wh, at::kBFloat16), none(sink, at::kBFloat16));
       },
       out, err, err_len);
 }

@@ -253,17 +253,19 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
       decoder_grad_stats(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
                          arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5));
     });
-  } else if (k == "decoder_adam_f32") {
+  } else if (k.rfind("decoder_adam_", 0) == 0) {
+    // decoder_adam_{f32,bf16}[_g16]: the moments' kind, then a bf16 gradient.
+    const bool mh = k.rfind("decoder_adam_bf16", 0) == 0;
+    const bool g16 = k.size() > 4 && k.compare(k.size() - 4, 4, "_g16") == 0;
     launch(grid, block, [=] {
-      decoder_adam_f32(arg<float *>(a, 0), arg<const float *>(a, 1), arg<float *>(a, 2),
-                       arg<float *>(a, 3), arg<const float *>(a, 4), arg<bf16 *>(a, 5),
-                       arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
-    });
-  } else if (k == "decoder_adam_bf16") {
-    launch(grid, block, [=] {
-      decoder_adam_bf16(arg<float *>(a, 0), arg<const float *>(a, 1), arg<bf16 *>(a, 2),
-                        arg<bf16 *>(a, 3), arg<const float *>(a, 4), arg<bf16 *>(a, 5),
-                        arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
+      void *m = arg<void *>(a, 2), *v = arg<void *>(a, 3);
+      const void *g = arg<const void *>(a, 1);
+      auto f = [&](auto *gt, auto *mt) {
+        decoder_adam(arg<float *>(a, 0), gt, mt, (decltype(mt))v, arg<const float *>(a, 4),
+                     arg<bf16 *>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
+      };
+      auto by_m = [&](auto *gt) { mh ? f(gt, (bf16 *)m) : f(gt, (float *)m); };
+      g16 ? by_m((const bf16 *)g) : by_m((const float *)g);
     });
   } else if (k.rfind("adam_flat_", 0) == 0) {
     // adam_flat_{f32,bf16}[_g16]: the moments' kind, then a bf16 gradient.
@@ -302,12 +304,18 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                           arg<const ll *>(a, 2), arg<const ll *>(a, 3), arg<float *>(a, 4),
                           arg<ll>(a, 5), arg<ll>(a, 6));
     });
-  } else if (k == "bag_decode_bwd") {
+  } else if (k == "bag_decode_bwd" || k == "bag_decode_bwd_g16") {
+    const bool g16 = k == "bag_decode_bwd_g16";
     launch(grid, block, [=] {
-      bag_decode_bwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const float *>(a, 2),
-                     arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
-                     arg<float *>(a, 6), arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9),
-                     arg<ll>(a, 10), arg<double *>(a, 11));
+      void *dw = arg<void *>(a, 6);
+      auto f = [&](auto *o) {
+        bag_decode_bwd_rows(arg<const float *>(a, 0), arg<const float *>(a, 1),
+                            arg<const float *>(a, 2), arg<const ll *>(a, 3),
+                            arg<const ll *>(a, 4), arg<const ll *>(a, 5), o,
+                            arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9), arg<ll>(a, 10),
+                            arg<double *>(a, 11));
+      };
+      g16 ? f((bf16 *)dw) : f((float *)dw);
     });
   } else if (k == "select_count_bf16" || k == "select_count_f32") {
     const bool h = k == "select_count_bf16";

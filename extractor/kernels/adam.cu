@@ -149,18 +149,20 @@ extern "C" __global__ void decoder_grad_stats(const float *g, const float *w, fl
 #define DEC_HELD 2304
 #define DEC_HELD_WARPS 4
 
-// What decoder_adam_row reads of pack j of a row.
-template <typename M, int W> struct RowPack {
-  Pack<float, W> w, g;
+// What decoder_adam_row reads of pack j of a row; G: the gradient's kind (float32, or bf16 from
+// bag_decode_bwd_g16).
+template <typename M, typename G, int W> struct RowPack {
+  Pack<float, W> w;
+  Pack<G, W> g;
   Pack<M, W> m, v;
 };
 
-template <typename M, int W>
-__device__ __forceinline__ RowPack<M, W> row_pack(const float *wr, const float *gr, const M *mr,
-                                                  const M *vr, long long j) {
-  RowPack<M, W> r;
+template <typename M, typename G, int W>
+__device__ __forceinline__ RowPack<M, G, W> row_pack(const float *wr, const G *gr, const M *mr,
+                                                     const M *vr, long long j) {
+  RowPack<M, G, W> r;
   r.w = pack_at<float, W>(wr, j);
-  r.g = pack_at<float, W>(gr, j);
+  r.g = pack_at<G, W>(gr, j);
   r.m = pack_at<M, W>(mr, j);
   r.v = pack_at<M, W>(vr, j);
   return r;
@@ -168,13 +170,13 @@ __device__ __forceinline__ RowPack<M, W> row_pack(const float *wr, const float *
 
 // The update of pack j (read as r): Adam's new values into `held`, the new moments stored; adds
 // their squares to ss.
-template <typename M, int W>
-__device__ __forceinline__ void held_update(RowPack<M, W> &r, M *mr, M *vr, float *held,
+template <typename M, typename G, int W>
+__device__ __forceinline__ void held_update(RowPack<M, G, W> &r, M *mr, M *vr, float *held,
                                             float c, long long j, long long at,
                                             const AdamArgs &a, float inv_div, float &ss) {
   Pack<float, W> gd;
 #pragma unroll
-  for (int k = 0; k < W; k++) gd.v[k] = (r.g.v[k] - c * r.w.v[k]) * inv_div;
+  for (int k = 0; k < W; k++) gd.v[k] = (to_f(r.g.v[k]) - c * r.w.v[k]) * inv_div;
   const Pack<float, W> p = adam_loaded<M, W>(r.w, gd, r.m, r.v, j, at, a);
   store_pack<M, W>(mr, j, r.m);
   store_pack<M, W>(vr, j, r.v);
@@ -191,18 +193,18 @@ __device__ __forceinline__ void held_update(RowPack<M, W> &r, M *mr, M *vr, floa
 // H200). Each lane reads two packs before storing either: the compiler keeps a pack's loads
 // after the previous pack's stores, and this kernel has fewer warps an SM (4 a block, 6 blocks
 // by shared memory). The same sums in the same order whatever `held`: the same bits.
-template <typename M, int W>
-__device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, bf16 *sr, float c,
+template <typename M, typename G, int W>
+__device__ void decoder_adam_row(float *wr, const G *gr, M *mr, M *vr, bf16 *sr, float c,
                                  long long at, long long d, int lane, const AdamArgs &a,
                                  float inv_div, float *held) {
   const long long n = d / W;
   float ss = 0.f;
   for (long long j = lane; j < n; j += 64) {
     const bool two = j + 32 < n;
-    RowPack<M, W> r0 = row_pack<M, W>(wr, gr, mr, vr, j), r1;
-    if (two) r1 = row_pack<M, W>(wr, gr, mr, vr, j + 32);
-    held_update<M, W>(r0, mr, vr, held, c, j, at, a, inv_div, ss);
-    if (two) held_update<M, W>(r1, mr, vr, held, c, j + 32, at, a, inv_div, ss);
+    RowPack<M, G, W> r0 = row_pack<M, G, W>(wr, gr, mr, vr, j), r1;
+    if (two) r1 = row_pack<M, G, W>(wr, gr, mr, vr, j + 32);
+    held_update<M, G, W>(r0, mr, vr, held, c, j, at, a, inv_div, ss);
+    if (two) held_update<M, G, W>(r1, mr, vr, held, c, j + 32, at, a, inv_div, ss);
   }
   // Each lane reads back what it wrote itself: no barrier.
   const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
@@ -220,8 +222,8 @@ __device__ void decoder_adam_row(float *wr, const float *gr, M *mr, M *vr, bf16 
   }
 }
 
-template <typename M>
-__device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *dot,
+template <typename M, typename G>
+__device__ void decoder_adam(float *w, const G *g, M *m, M *v, const float *dot,
                              bf16 *shadow, long long rows, long long d, AdamArgs a) {
   // Packs, so that a row's floats line up for 16-byte access at any d.
   __shared__ Pack<float, kFloatPack> held_rows[DEC_HELD_WARPS][DEC_HELD / kFloatPack];
@@ -235,11 +237,11 @@ __device__ void decoder_adam(float *w, const float *g, M *m, M *v, const float *
                     ? (float *)held_rows[warp]
                     : w + at;
   if (adam_packs(w, g, m, v, d) && (!shadow || aligned(shadow, kFloatPack * sizeof(bf16))))
-    decoder_adam_row<M, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
-                                    inv_div, held);
+    decoder_adam_row<M, G, kFloatPack>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a,
+                                       inv_div, held);
   else
-    decoder_adam_row<M, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div,
-                           held);
+    decoder_adam_row<M, G, 1>(w + at, g + at, m + at, v + at, sr, c, at, d, lane, a, inv_div,
+                              held);
 }
 
 // shadow (may be null): each new parameter value in bf16 too, rounded to nearest as ATen's
@@ -275,17 +277,21 @@ __device__ void adam_flat(float *p, const G *g, M *m, M *v, bf16 *shadow, long l
     adam_flat_packs<M, G, 1>(p, g, m, v, shadow, n, a);
 }
 
-extern "C" __global__ void decoder_adam_f32(float *w, const float *g, float *m, float *v,
-                                            const float *dot, bf16 *shadow, long long rows,
-                                            long long d, AdamArgs a) {
-  decoder_adam<float>(w, g, m, v, dot, shadow, rows, d, a);
-}
+// decoder_adam_{moments}[_g16]: float32 or bf16 moments, then a bf16 gradient. Launched with
+// 128 threads a block (256 with DMSAE_DECODER_HELD=0); the bound holds a thread to 85 registers,
+// so that six 128-thread blocks, as many as the held rows' shared memory allows, fit an SM (bf16
+// moments and gradient took 94 without it, five blocks).
+#define DECODER_ADAM_KERNEL(NAME, M, G)                                              \
+  extern "C" __global__ void __launch_bounds__(256, 3)                              \
+      NAME(float *w, const G *g, M *m, M *v, const float *dot, bf16 *shadow,        \
+           long long rows, long long d, AdamArgs a) {                               \
+    decoder_adam<M, G>(w, g, m, v, dot, shadow, rows, d, a);                        \
+  }
 
-extern "C" __global__ void decoder_adam_bf16(float *w, const float *g, bf16 *m, bf16 *v,
-                                             const float *dot, bf16 *shadow, long long rows,
-                                             long long d, AdamArgs a) {
-  decoder_adam<bf16>(w, g, m, v, dot, shadow, rows, d, a);
-}
+DECODER_ADAM_KERNEL(decoder_adam_f32, float, float)
+DECODER_ADAM_KERNEL(decoder_adam_bf16, bf16, float)
+DECODER_ADAM_KERNEL(decoder_adam_f32_g16, float, bf16)
+DECODER_ADAM_KERNEL(decoder_adam_bf16_g16, bf16, bf16)
 
 // adam_flat_{moments}[_g16]: float32 or bf16 moments, then a bf16 gradient.
 #define ADAM_FLAT_KERNEL(NAME, M, G)                                                 \

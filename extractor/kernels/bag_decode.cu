@@ -134,12 +134,15 @@ __device__ __forceinline__ float lanes_sum_each(float (&p)[32], int lane) {
 // (unless null) [spans, 3, rows], float64: span s's dw.dw, dw.w and w.w of each row, which the
 // update's projection and clip need (adam.cu's decoder_grad_stats otherwise reads W_dec and
 // its gradient once more). A row without entries has dw = 0 and leaves w unread: zeros, which
-// give its projected gradient 0 all the same.
-extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, const float *vals,
-                                          const long long *bags, const long long *perm,
-                                          const long long *col_offsets, float *dw, float *part,
-                                          long long rows, long long d, long long n_entries,
-                                          double *stats) {
+// give its projected gradient 0 all the same. dw in float32, or in bf16 (bag_decode_bwd_g16:
+// the update reads a bf16 gradient, 4 bytes fewer a parameter each way), each sum rounded
+// once and the figures those of the rounded gradient, the one the update sees.
+template <typename O>
+__device__ void bag_decode_bwd_rows(const float *w, const float *dout, const float *vals,
+                                    const long long *bags, const long long *perm,
+                                    const long long *col_offsets, O *dw, float *part,
+                                    long long rows, long long d, long long n_entries,
+                                    double *stats) {
   const long long spans = (d + DW_SPAN - 1) / DW_SPAN, warp = warp_index();
   const long long j = warp / spans, k0 = (warp % spans) * DW_SPAN;
   if (j >= rows) return;
@@ -188,7 +191,8 @@ extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, con
 #pragma unroll
   for (int c = 0; c < DW_SPAN / 32; c++) {
     const long long k = k0 + 32 * c + lane;
-    if (k < d) dw[j * d + k] = acc[c];
+    acc[c] = rnd<O>(acc[c]);
+    if (k < d) put(&dw[j * d + k], acc[c]);
   }
   if (stats) {
     double gg = 0.0, gw = 0.0, ww = 0.0;
@@ -208,4 +212,23 @@ extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, con
       st[2 * rows] = ww;
     }
   }
+}
+
+extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, const float *vals,
+                                          const long long *bags, const long long *perm,
+                                          const long long *col_offsets, float *dw, float *part,
+                                          long long rows, long long d, long long n_entries,
+                                          double *stats) {
+  bag_decode_bwd_rows(w, dout, vals, bags, perm, col_offsets, dw, part, rows, d, n_entries,
+                      stats);
+}
+
+extern "C" __global__ void bag_decode_bwd_g16(const float *w, const float *dout,
+                                              const float *vals, const long long *bags,
+                                              const long long *perm,
+                                              const long long *col_offsets, bf16 *dw,
+                                              float *part, long long rows, long long d,
+                                              long long n_entries, double *stats) {
+  bag_decode_bwd_rows(w, dout, vals, bags, perm, col_offsets, dw, part, rows, d, n_entries,
+                      stats);
 }

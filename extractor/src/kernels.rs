@@ -110,6 +110,8 @@ pub const ADAM: Source = Source {
         "decoder_grad_stats",
         "decoder_adam_f32",
         "decoder_adam_bf16",
+        "decoder_adam_f32_g16",
+        "decoder_adam_bf16_g16",
         "adam_flat_f32",
         "adam_flat_bf16",
         "adam_flat_f32_g16",
@@ -121,7 +123,12 @@ pub const BAG_DECODE: Source = Source {
     name: "bag_decode.cu",
     off: "DMSAE_FUSED_DECODE",
     text: include_str!("../kernels/bag_decode.cu"),
-    kernels: &["bag_decode_fwd", "bag_decode_fwd_bf16", "bag_decode_bwd"],
+    kernels: &[
+        "bag_decode_fwd",
+        "bag_decode_fwd_bf16",
+        "bag_decode_bwd",
+        "bag_decode_bwd_g16",
+    ],
 };
 /// The trainer's W_enc and b_enc gradients from the codes alone, through csrc/autograd.cpp
 /// (`encoder_entries`).
@@ -905,7 +912,7 @@ entry_points! {
     (x: CTensor, b_dec: CTensor, parts: CTensor, core: CTensor) => dmsae_matryoshka_l2;
     (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
-        wh: CTensor) => dmsae_bag_decode;
+        wh: CTensor, sink: CTensor) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
         cols: CTensor, sq: CTensor, sq_from: i64, sink: CTensor, host: i64) =>
         dmsae_encoder_entries;
@@ -1286,7 +1293,10 @@ pub fn encoder_entries(
 /// through csrc/autograd.cpp). Float32 values, int64 indices, all contiguous on one device;
 /// CPU tensors are emulated (tests: slow). `stats` (`bag_decode_stats`), when given, is
 /// filled by the backward with W's gradient's figures for the update. `wh`, when given, is W
-/// in bf16 (contiguous, as a cast rounds), which the forward reads in W's place.
+/// in bf16 (contiguous, as a cast rounds), which the forward reads in W's place. `sink`, when
+/// given (bf16, W's shape), takes W's gradient in bf16 instead of autograd, as
+/// `encoder_entries`' does.
+#[allow(clippy::too_many_arguments)]
 pub fn bag_decode(
     w: &Tensor,
     vals: &Tensor,
@@ -1295,9 +1305,11 @@ pub fn bag_decode(
     n_bags: i64,
     stats: Option<&Tensor>,
     wh: Option<&Tensor>,
+    sink: Option<&Tensor>,
 ) -> Result<Tensor, String> {
     let stats = stats.map_or(std::ptr::null_mut(), ptr);
     let wh = wh.map_or(std::ptr::null_mut(), ptr);
+    let sink = sink.map_or(std::ptr::null_mut(), ptr);
     // SAFETY: live tch handles (or null `stats` and `wh`), and the out and error pointers
     // `new_tensor` hands over.
     new_tensor(|out, err, len| unsafe {
@@ -1309,6 +1321,7 @@ pub fn bag_decode(
             n_bags,
             stats,
             wh,
+            sink,
             out,
             err,
             len,
@@ -2397,13 +2410,46 @@ pub(crate) mod tests {
             let w32 = w.to_kind(Kind::Float).set_requires_grad(true);
             let v32 = vals.to_kind(Kind::Float).set_requires_grad(true);
             let stats = bag_decode_stats(&w32);
-            let out = bag_decode(&w32, &v32, &cols, &bags, n_bags, Some(&stats), None).unwrap();
-            let g = Tensor::run_backward(
-                &[(&out * r.to_kind(Kind::Float)).sum(None)],
-                &[&w32, &v32],
-                false,
-                false,
+            let decode = |stats: &Tensor, sink: Option<&Tensor>| {
+                let out =
+                    bag_decode(&w32, &v32, &cols, &bags, n_bags, Some(stats), None, sink).unwrap();
+                let g = Tensor::run_backward(
+                    &[(&out * r.to_kind(Kind::Float)).sum(None)],
+                    &[&w32, &v32],
+                    false,
+                    false,
+                );
+                (out, g)
+            };
+            let (out, g) = decode(&stats, None);
+            // W's gradient into a bf16 sink (the update reads it so): the float32 one rounded
+            // once, bit for bit, autograd giving W none; the figures are the rounded
+            // gradient's (against the float32 ones from it: summed in another order).
+            let sink = Tensor::empty(w32.size(), (Kind::BFloat16, device));
+            let stats16 = bag_decode_stats(&w32);
+            let (_, g16) = decode(&stats16, Some(&sink));
+            assert!(!g16[0].defined(), "{case}: W given a gradient with a sink");
+            assert!(
+                sink.equal(&g[0].to_kind(Kind::BFloat16)),
+                "{case}: the sink is not W's float32 gradient rounded"
             );
+            assert!(g16[1].equal(&g[1]), "{case}: the values' gradient moved");
+            let (s16, sd) = (
+                sink.to_kind(Kind::Double),
+                w32.detach().to_kind(Kind::Double),
+            );
+            let row_dot = |a: &Tensor, b: &Tensor| (a * b).sum_dim_intlist(1, false, None);
+            let st16 = stats16.sum_dim_intlist(0, false, None);
+            for (what, got, want) in [
+                ("dw.dw", st16.get(0), row_dot(&s16, &s16)),
+                ("dw.w", st16.get(1), row_dot(&s16, &sd)),
+            ] {
+                let rel = rel_max(&got, &want);
+                assert!(
+                    rel <= 1e-12,
+                    "{case}: the sink's {what}, {rel:e} of its largest"
+                );
+            }
             let rows_w = w.index_select(0, &cols);
             let want = Tensor::zeros([n_bags, d], f64_).index_add(
                 0,
@@ -2439,7 +2485,8 @@ pub(crate) mod tests {
             ]);
             // Over the bf16 copy: its rounded rows, not W's (which differ by about 2^-9).
             let wh = w32.detach().to_kind(Kind::BFloat16);
-            let out_h = bag_decode(&w32, &v32, &cols, &bags, n_bags, None, Some(&wh)).unwrap();
+            let out_h =
+                bag_decode(&w32, &v32, &cols, &bags, n_bags, None, Some(&wh), None).unwrap();
             let want_h = Tensor::zeros([n_bags, d], f64_).index_add(
                 0,
                 &bags,

@@ -94,6 +94,13 @@ pub struct TrainConfig {
     /// (docs/BENCHMARKS.md). Not yet timed on a GPU.
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub encoder_grad_bf16: Option<bool>,
+    /// W_dec's gradient in bf16, as `encoder_grad_bf16`'s (bag_decode.cu's backward writes
+    /// it, rounded once a sum, and its figures for the update's projection and clip are the
+    /// rounded gradient's; adam.cu's decoder update reads it). None: on CUDA, where those
+    /// kernels run. Ours: the FVU measurement above (both gradients rounded). Not yet timed
+    /// on a GPU.
+    #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
+    pub decoder_grad_bf16: Option<bool>,
     /// A given core is held fixed (encoder rows and b_enc). METHOD.md "frozen or trainable ...
     /// make it a key (default frozen)".
     pub core_frozen: bool,
@@ -188,6 +195,7 @@ impl Default for TrainConfig {
             auxk_dense: None,
             adam_bf16_moments: None,
             encoder_grad_bf16: None,
+            decoder_grad_bf16: None,
             core_frozen: true,
             steps: 30_000,
             tokens: None,

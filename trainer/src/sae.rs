@@ -500,7 +500,7 @@ impl Sae {
 
     pub fn decode(&self, f_bf: &Tensor) -> Tensor {
         let codes = Codes::of(f_bf);
-        self.decode_bags(&codes, &codes.rows, codes.batch, None, None) + &self.b_dec
+        self.decode_bags(&codes, &codes.rows, codes.batch, None, None, None) + &self.b_dec
     }
 
     /// sum of f_j W_dec[j] over each bag's entries, [n_bags, d], touching only the active
@@ -509,6 +509,7 @@ impl Sae {
     /// `embedding_bag` differentiates both the codes and the rows it reads. `stats`: see
     /// `kernels::bag_decode`, which alone fills them. `w_h`: W_dec in bf16 (its cast), which
     /// the forward reads instead (`TrainConfig::decoder_bf16`); the gradients are W_dec's.
+    /// `sink`: W_dec's gradient in bf16 (`kernels::bag_decode`; the kernel's path only).
     fn decode_bags(
         &self,
         codes: &Codes,
@@ -516,8 +517,13 @@ impl Sae {
         n_bags: i64,
         stats: Option<&Tensor>,
         w_h: Option<&Tensor>,
+        sink: Option<&Tensor>,
     ) -> Tensor {
         let w = &self.w_dec;
+        assert!(
+            sink.is_none() || self.fused_decode(),
+            "a bf16 W_dec gradient off the kernel"
+        );
         if self.fused_decode() {
             // One pass a direction, and a W_dec gradient written once (kernels/bag_decode.cu).
             let c = |t: &Tensor| t.contiguous();
@@ -529,6 +535,7 @@ impl Sae {
                 n_bags,
                 stats,
                 w_h,
+                sink,
             )
             .unwrap_or_else(|e| panic!("sparse decode: {e}"));
         }
@@ -612,7 +619,7 @@ impl Sae {
     /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
     /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
     /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
-    /// each and autograd summed them. `starts`: `part_starts`; `stats` and `w_h`: see
+    /// each and autograd summed them. `starts`: `part_starts`; `stats`, `w_h` and `sink`: see
     /// `decode_bags`.
     pub fn decode_parts(
         &self,
@@ -620,12 +627,13 @@ impl Sae {
         starts: &Tensor,
         stats: Option<&Tensor>,
         w_h: Option<&Tensor>,
+        sink: Option<&Tensor>,
     ) -> Tensor {
         let parts = 1 + self.groups.len() as i64;
         let part = codes.cols.bucketize(starts, false, true);
         // Parts are column ranges, so within a token the bags stay in order.
         let bag = &codes.rows * parts + part;
-        self.decode_bags(codes, &bag, codes.batch * parts, stats, w_h)
+        self.decode_bags(codes, &bag, codes.batch * parts, stats, w_h, sink)
             .view([codes.batch, parts, self.d_in as i64])
     }
 
@@ -922,6 +930,8 @@ pub struct LossOut {
     /// Filled by the backward: W_enc's gradient in bf16 (`Trainer::encoder_grad_bf16`),
     /// which `gradients` gives as W_enc's.
     enc_sink: Option<Tensor>,
+    /// The same for W_dec (`Trainer::decoder_grad_bf16`).
+    dec_sink: Option<Tensor>,
     /// Parameters' rows and columns read as leaves of their own: AuxK's dead latents'
     /// (`Trainer::auxk`), a core block's (`Trainer::loss_timed`).
     leaves: Vec<Leaf>,
@@ -1005,13 +1015,14 @@ impl LossOut {
         let mut g = Tensor::run_backward(&[&self.loss], &inputs, false, false);
         let from_leaves = g.split_off(params.len());
         tch::no_grad(|| {
-            if let Some(sink) = &self.enc_sink {
-                // W_enc's gradient went to the sink; any other path's (none on the sparse
-                // path) is added to it.
-                if g[0].defined() {
-                    let _ = sink.shallow_clone().g_add_(&g[0]);
+            for (i, sink) in [(0, &self.enc_sink), (2, &self.dec_sink)] {
+                let Some(sink) = sink else { continue };
+                // The kernel's gradient went to the sink; any other path's (none on the
+                // kernels' paths) is added to it.
+                if g[i].defined() {
+                    let _ = sink.shallow_clone().g_add_(&g[i]);
                 }
-                g[0] = sink.shallow_clone();
+                g[i] = sink.shallow_clone();
             }
             // (Undefined: the leaf was not reached, a zero gradient.)
             for (l, gl) in self.leaves.iter().zip(&from_leaves) {
@@ -1126,6 +1137,8 @@ pub struct Trainer {
     /// W_enc's gradient in bf16 where its kernel and the fused update run
     /// (`TrainConfig::encoder_grad_bf16`, as resolved).
     enc_grad_bf16: bool,
+    /// The same for W_dec (`TrainConfig::decoder_grad_bf16`).
+    dec_grad_bf16: bool,
 }
 
 impl Trainer {
@@ -1155,6 +1168,7 @@ impl Trainer {
             bf16: cfg.encoder_bf16.unwrap_or(sae.device().is_cuda()),
             w_enc_h: None,
             enc_grad_bf16: cfg.encoder_grad_bf16.unwrap_or(sae.device().is_cuda()),
+            dec_grad_bf16: cfg.decoder_grad_bf16.unwrap_or(sae.device().is_cuda()),
             dec_bf16: cfg.decoder_bf16.unwrap_or_else(|| {
                 sae.device().is_cuda() && kernels::use_fused(&sae.w_dec, &kernels::BAG_DECODE)
             }),
@@ -1268,11 +1282,18 @@ impl Trainer {
                 Tensor::shallow_clone,
             )
         });
+        // W_dec's gradient in bf16, as W_enc's (where the decoder's figures come from its
+        // kernel: the update's projection reads them, not the gradient).
+        let dec_sink = (dec_stats.is_some()
+            && self.decoder_grad_bf16()
+            && kernels::use_fused(&s.w_dec, &kernels::ADAM))
+        .then(|| Tensor::empty(s.w_dec.size(), (Kind::BFloat16, s.w_dec.device())));
         let parts_bgd = s.decode_parts(
             &codes,
             &self.part_starts,
             dec_stats.as_ref(),
             w_dec_h.as_ref(),
+            dec_sink.as_ref(),
         );
         // A core block: its part of the reconstruction is one product, in float32 (the entries'
         // decoder may read bf16 rows).
@@ -1310,6 +1331,7 @@ impl Trainer {
             dec_stats,
             enc_sq,
             enc_sink,
+            dec_sink,
             leaves,
         }
     }
@@ -1597,7 +1619,9 @@ impl Trainer {
             None => {
                 let dot = Tensor::empty([rows], (Kind::Float, dev));
                 let sq = Tensor::empty([rows], (Kind::Float, dev));
-                let (mut a0, mut a1, mut a2, mut a3) = (ptr(&g[2]), ptr(w), ptr(&dot), ptr(&sq));
+                // (A bf16 gradient comes with the decoder kernel's figures; else in float32.)
+                let g2 = g[2].to_kind(Kind::Float);
+                let (mut a0, mut a1, mut a2, mut a3) = (ptr(&g2), ptr(w), ptr(&dot), ptr(&sq));
                 // SAFETY: decoder_grad_stats(g, w, dot, sq, rows, d) over live contiguous
                 // float32 tensors of those shapes on `dev`.
                 unsafe {
@@ -1668,7 +1692,7 @@ impl Trainer {
                 match i {
                     2 => kernels::run(
                         &kernels::ADAM,
-                        &format!("decoder_adam_{suffix}"),
+                        &format!("decoder_adam_{suffix}{}", g16(g)),
                         dev,
                         held_grid,
                         held_threads,
@@ -1924,6 +1948,14 @@ impl Trainer {
     pub fn encoder_grad_bf16(&self) -> bool {
         self.enc_grad_bf16
             && kernels::use_fused(&self.sae.w_enc, &kernels::ENCODER_GRAD)
+            && kernels::use_fused(&self.sae.w_dec, &kernels::ADAM)
+    }
+
+    /// Whether W_dec's gradient is bf16 (where its kernel and the fused update run;
+    /// `TrainConfig::decoder_grad_bf16`).
+    pub fn decoder_grad_bf16(&self) -> bool {
+        self.dec_grad_bf16
+            && self.sae.fused_decode()
             && kernels::use_fused(&self.sae.w_dec, &kernels::ADAM)
     }
 
@@ -2317,7 +2349,7 @@ mod tests {
         let run = |fused: bool| {
             let (codes, parts) = with_kernel(&kernels::BAG_DECODE, fused, || {
                 let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
-                let parts = sae.decode_parts(&codes, &sae.part_starts(), None, None);
+                let parts = sae.decode_parts(&codes, &sae.part_starts(), None, None, None);
                 (codes, parts)
             });
             let loss = (&parts * &proj).sum(None);
@@ -2419,32 +2451,38 @@ mod tests {
         if device == Device::Cpu {
             paths.push(("the CPU's loop", grads(false, true)));
         }
-        // W_enc's gradient in bf16 (the training step's, into the update): the kernel's
-        // float32 gradient rounded once, bit for bit (the core block's columns added from its
-        // leaf), the others as they were; the clip's squares are the rounded gradient's.
-        t.enc_grad_bf16 = true;
-        let (g16, sq16) = with_kernel(&kernels::ENCODER_GRAD, true, || {
+        // W_enc's and W_dec's gradients in bf16 (the training step's, into the update): the
+        // kernels' float32 gradients rounded once, bit for bit (the core block's columns and
+        // rows added from its leaves), the biases' as they were; the clip's squares and the
+        // decoder rows' figures are the rounded gradients'.
+        (t.enc_grad_bf16, t.dec_grad_bf16) = (true, true);
+        let (g16, sq16, dec16) = with_kernel(&kernels::ENCODER_GRAD, true, || {
             let out = t.loss(&x);
             let g = out.gradients(t.sae.params());
             let sq = out.enc_sq.map(|sq| w_enc_grad_sq(&sq, &g[0], t.sae.core));
-            (g, sq.map(|s| s.double_value(&[])))
+            (g, sq.map(|s| s.double_value(&[])), out.dec_stats)
         });
-        t.enc_grad_bf16 = false;
-        assert_eq!(
-            g16[0].kind(),
-            Kind::BFloat16,
-            "W_enc's gradient not in bf16"
-        );
-        assert!(
-            g16[0].equal(&g_kernel[0].to_kind(Kind::BFloat16)),
-            "W_enc's bf16 gradient is not the float32 one rounded"
-        );
-        for i in 1..4 {
+        (t.enc_grad_bf16, t.dec_grad_bf16) = (false, false);
+        for i in 0..4 {
+            let want = match i {
+                0 | 2 => g_kernel[i].to_kind(Kind::BFloat16),
+                _ => g_kernel[i].shallow_clone(),
+            };
             assert!(
-                g16[i].equal(&g_kernel[i]),
-                "param {i} moved with W_enc's bf16 gradient"
+                g16[i].kind() == want.kind() && g16[i].equal(&want),
+                "param {i}"
             );
         }
+        let s3 = dec16
+            .expect("the decoder's figures")
+            .sum_dim_intlist(0, false, None);
+        let g2 = g16[2].to_kind(Kind::Double);
+        let gg = (&g2 * &g2).sum_dim_intlist(1, false, None);
+        let rel = rel_max(&s3.get(0), &gg);
+        assert!(
+            rel <= 1e-12,
+            "W_dec's bf16 gradient's g.g, {rel:e} of its largest"
+        );
         let (sq_got, sq_want) = (
             sq16.expect("the blocks' squares"),
             g16[0]
@@ -2545,19 +2583,27 @@ mod tests {
                 // added into the kernel's rounded sums, rounded again (a dead latent may still
                 // have entries this step): within two bf16 roundings of the float32 gradient;
                 // the squares mended as in float32.
-                t.enc_grad_bf16 = true;
+                (t.enc_grad_bf16, t.dec_grad_bf16) = (true, true);
                 let out16 = with_kernel(&kernels::ENCODER_GRAD, true, || t.loss(&x_bd));
-                t.enc_grad_bf16 = false;
+                (t.enc_grad_bf16, t.dec_grad_bf16) = (false, false);
                 let g16 = out16.gradients(t.sae.params());
-                assert_eq!(
-                    g16[0].kind(),
-                    Kind::BFloat16,
-                    "{case}: W_enc's gradient kind"
-                );
-                let rel = rel_max(&g16[0].to_kind(Kind::Float), &g[0]);
+                for i in [0, 2] {
+                    assert_eq!(g16[i].kind(), Kind::BFloat16, "{case}: param {i}'s kind");
+                    let rel = rel_max(&g16[i].to_kind(Kind::Float), &g[i]);
+                    assert!(
+                        rel > 0.0 && rel <= 2f64.powi(-8),
+                        "{case}: param {i}'s bf16 gradient {rel:e} of its largest from float32's"
+                    );
+                }
+                // W_dec's rows' figures, mended where AuxK's rows were added, are the bf16
+                // gradient's.
+                let s16 = out16.dec_stats.as_ref().expect("the decoder's figures");
+                let g2 = g16[2].to_kind(Kind::Double);
+                let gg = (&g2 * &g2).sum_dim_intlist(1, false, None);
+                let rel = rel_max(&s16.sum_dim_intlist(0, false, None).get(0), &gg);
                 assert!(
-                    rel > 0.0 && rel <= 2f64.powi(-8),
-                    "{case}: W_enc's bf16 gradient {rel:e} of its largest from float32's"
+                    rel <= 1e-12,
+                    "{case}: W_dec's bf16 g.g, {rel:e} of its largest"
                 );
                 let sq16 = out16.enc_sq.as_ref().expect("the blocks' squares");
                 let (got, want) = (
@@ -2600,31 +2646,33 @@ mod tests {
         }
     }
 
-    /// Whole steps with W_enc's gradient in bf16 (every kernel emulated, a trained core, 9
-    /// latents dead at first) follow those with it in float32 to about bf16's precision, and
-    /// move apart from them (the bf16 gradient reached the update).
+    /// Whole steps with W_enc's and W_dec's gradients in bf16 (every kernel emulated, a
+    /// trained core, 9 latents dead at first) follow those with them in float32 to about
+    /// bf16's precision, and move apart from them (the bf16 gradients reached the update).
     #[test]
-    fn steps_with_a_bf16_encoder_gradient_follow_float32s() {
+    fn steps_with_bf16_gradients_follow_float32s() {
         let d = 24;
         let (_, x) = sparse_dictionary(d, 20, 3, 64, 0.2, 6);
         let x_bd = tensor(&x, 64, Kind::Float);
         let run = |g16: bool| {
             let mut t = core_and_dead_trainer(d, Kind::Float, Device::Cpu, 5);
-            t.enc_grad_bf16 = g16;
+            (t.enc_grad_bf16, t.dec_grad_bf16) = (g16, g16);
             kernels::emulate_on_cpu(true);
-            assert_eq!(t.encoder_grad_bf16(), g16);
+            assert_eq!((t.encoder_grad_bf16(), t.decoder_grad_bf16()), (g16, g16));
             for _ in 0..3 {
                 t.update(&x_bd);
             }
             kernels::emulate_on_cpu(false);
-            t.sae.w_enc.detach().copy()
+            [t.sae.w_enc.detach().copy(), t.sae.w_dec.detach().copy()]
         };
         let (a, b) = (run(true), run(false));
-        let rel = rel_max(&a, &b);
-        assert!(
-            rel > 0.0 && rel <= 1e-3,
-            "W_enc {rel:e} of its largest apart"
-        );
+        for i in 0..2 {
+            let rel = rel_max(&a[i], &b[i]);
+            assert!(
+                rel > 0.0 && rel <= 1e-3,
+                "weight {i}: {rel:e} of its largest apart"
+            );
+        }
     }
 
     /// The sampled-cut top-k picks the same entries as one top-k over the non-core columns: on
@@ -2991,11 +3039,11 @@ mod tests {
         );
     }
 
-    /// The fused update with W_enc's gradient in bf16 (adam.cu's `_g16` kernels) is the update
-    /// of that gradient's values in float32, bit for bit, with float32 and bf16 moments, over
-    /// three steps (the clip active, then not); the other gradients stay float32.
+    /// The fused update with W_enc's and W_dec's gradients in bf16 (adam.cu's `_g16` kernels)
+    /// is the update of those gradients' values in float32, bit for bit, with float32 and bf16
+    /// moments, over three steps (the clip active, then not); the biases' stay float32.
     #[test]
-    fn fused_update_reads_a_bf16_encoder_gradient() {
+    fn fused_update_reads_bf16_gradients() {
         for bf16_moments in [false, true] {
             let cfg = TrainConfig {
                 adam_bf16_moments: Some(bf16_moments),
@@ -3016,9 +3064,11 @@ mod tests {
                     .iter()
                     .map(|p| p.randn_like() * scale)
                     .collect();
-                g[0] = g[0].to_kind(Kind::BFloat16);
                 let mut g32 = copies(&g);
-                g32[0] = g[0].to_kind(Kind::Float);
+                for i in [0, 2] {
+                    g[i] = g[i].to_kind(Kind::BFloat16);
+                    g32[i] = g[i].to_kind(Kind::Float);
+                }
                 let na = tch::no_grad(|| a.fused_update(&g, 1e-2, None, None, &mut Laps::off()));
                 let nb = tch::no_grad(|| b.fused_update(&g32, 1e-2, None, None, &mut Laps::off()));
                 assert!(na.equal(&nb), "step {step}: the clip's norm");

@@ -721,6 +721,7 @@ impl Member {
             "decoder_bf16": t.decoder_bf16(),
             "adam_bf16_moments": t.bf16_moments(),
             "encoder_grad_bf16": t.encoder_grad_bf16(),
+            "decoder_grad_bf16": t.decoder_grad_bf16(),
             "eval": eval,
             "store": {
                 "path": store_dir.display().to_string(),
