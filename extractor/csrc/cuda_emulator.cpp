@@ -140,6 +140,22 @@ A arg(void **args, int i) {
   return *static_cast<A *>(args[i]);
 }
 
+// Whether kernel name k ends in s: the `_g16` kernels take a bf16 gradient.
+bool ends_with(const std::string &k, const char *s) {
+  const std::string t = s;
+  return k.size() >= t.size() && k.compare(k.size() - t.size(), t.size(), t) == 0;
+}
+
+// f(g, m, v) with adam.cu's gradient (argument 1) and moments (2, 3) typed as kernel k's name
+// says: {decoder_adam,adam_flat}_{f32,bf16}[_g16], the moments' kind, then a bf16 gradient.
+template <typename F>
+void adam_typed(const std::string &k, void **a, F f) {
+  const bool mh = k.find("_bf16") != std::string::npos;
+  void *g = arg<void *>(a, 1), *m = arg<void *>(a, 2), *v = arg<void *>(a, 3);
+  auto by_m = [&](auto *gt) { mh ? f(gt, (bf16 *)m, (bf16 *)v) : f(gt, (float *)m, (float *)v); };
+  ends_with(k, "_g16") ? by_m((const bf16 *)g) : by_m((const float *)g);
+}
+
 // Run kernel `name` of extractor/kernels/ with cuLaunchKernel's argument array. For tests;
 // one launch at a time.
 extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, void **a) {
@@ -254,32 +270,18 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                          arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5));
     });
   } else if (k.rfind("decoder_adam_", 0) == 0) {
-    // decoder_adam_{f32,bf16}[_g16]: the moments' kind, then a bf16 gradient.
-    const bool mh = k.rfind("decoder_adam_bf16", 0) == 0;
-    const bool g16 = k.size() > 4 && k.compare(k.size() - 4, 4, "_g16") == 0;
     launch(grid, block, [=] {
-      void *m = arg<void *>(a, 2), *v = arg<void *>(a, 3);
-      const void *g = arg<const void *>(a, 1);
-      auto f = [&](auto *gt, auto *mt) {
-        decoder_adam(arg<float *>(a, 0), gt, mt, (decltype(mt))v, arg<const float *>(a, 4),
-                     arg<bf16 *>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
-      };
-      auto by_m = [&](auto *gt) { mh ? f(gt, (bf16 *)m) : f(gt, (float *)m); };
-      g16 ? by_m((const bf16 *)g) : by_m((const float *)g);
+      adam_typed(k, a, [&](auto *g, auto *m, auto *v) {
+        decoder_adam(arg<float *>(a, 0), g, m, v, arg<const float *>(a, 4), arg<bf16 *>(a, 5),
+                     arg<ll>(a, 6), arg<ll>(a, 7), arg<AdamArgs>(a, 8));
+      });
     });
   } else if (k.rfind("adam_flat_", 0) == 0) {
-    // adam_flat_{f32,bf16}[_g16]: the moments' kind, then a bf16 gradient.
-    const bool mh = k.rfind("adam_flat_bf16", 0) == 0;
-    const bool g16 = k.size() > 4 && k.compare(k.size() - 4, 4, "_g16") == 0;
     launch(grid, block, [=] {
-      void *m = arg<void *>(a, 2), *v = arg<void *>(a, 3);
-      const void *g = arg<const void *>(a, 1);
-      auto f = [&](auto *gt, auto *mt) {
-        adam_flat(arg<float *>(a, 0), gt, mt, (decltype(mt))v, arg<bf16 *>(a, 4), arg<ll>(a, 5),
+      adam_typed(k, a, [&](auto *g, auto *m, auto *v) {
+        adam_flat(arg<float *>(a, 0), g, m, v, arg<bf16 *>(a, 4), arg<ll>(a, 5),
                   arg<AdamArgs>(a, 6));
-      };
-      auto by_m = [&](auto *gt) { mh ? f(gt, (bf16 *)m) : f(gt, (float *)m); };
-      g16 ? by_m((const bf16 *)g) : by_m((const float *)g);
+      });
     });
   } else if (k == "matryoshka_l2_fwd") {
     launch(grid, block, [=] {
@@ -364,8 +366,7 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
     });
   } else if (k.rfind("encoder_grad_", 0) == 0) {
     // encoder_grad_{f32,bf16}[_g16]: xc's kind, then a bf16 dW.
-    const bool h = k.rfind("encoder_grad_bf16", 0) == 0;
-    const bool g16 = k.size() > 4 && k.compare(k.size() - 4, 4, "_g16") == 0;
+    const bool h = k.rfind("encoder_grad_bf16", 0) == 0, g16 = ends_with(k, "_g16");
     launch(grid, block, [=] {
       const void *x = arg<const void *>(a, 0);
       void *dw = arg<void *>(a, 5);

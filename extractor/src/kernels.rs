@@ -2519,60 +2519,12 @@ pub(crate) mod tests {
             // values.
             for xc_kind in [Kind::Float, Kind::BFloat16] {
                 let xc = Tensor::randn([n_bags, d], f64_).to_kind(xc_kind);
-                let sq = encoder_grad_sq(&w_enc);
-                let ve = encoder_entries(
-                    &w_enc,
-                    &bias,
-                    &b_dec,
-                    &xc,
-                    &v32.detach(),
-                    &bags,
-                    &cols,
-                    Some(&sq),
-                    2,
-                    None,
-                )
-                .unwrap();
                 let dv = vals.randn_like();
-                let g = Tensor::run_backward(
-                    &[(&ve * dv.to_kind(Kind::Float)).sum(None)],
-                    &[&w_enc, &bias, &b_dec],
-                    false,
-                    false,
-                );
-                let x_e = xc.to_kind(Kind::Double).index_select(0, &bags) * dv.unsqueeze(1);
-                let want_dw = Tensor::zeros([latents, d], f64_)
-                    .index_add(0, &cols, &x_e)
-                    .tr();
-                let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
-                let want_d_b_dec = -w.tr().matmul(&want_db);
-                check(&[
-                    ("W_enc gradient", &g[0], &want_dw),
-                    ("b_enc gradient", &g[1], &want_db),
-                    ("b_dec gradient", &g[2], &want_d_b_dec),
-                ]);
-                // The blocks' squares sum to ||dW||^2 over latents 2.. (latent 3 is the
-                // busiest; a block's or a row's squares missing, or columns 0 and 1 in, fail
-                // it).
-                let (got, want) = (
-                    sq.sum(Kind::Double).double_value(&[]),
-                    want_dw
-                        .narrow(1, 2, latents - 2)
-                        .square()
-                        .sum(Kind::Double)
-                        .double_value(&[]),
-                );
-                assert!(
-                    (got - want).abs() <= 1e-5 * want,
-                    "{case}, xc {xc_kind:?}: W_enc gradient's squared norm {got} against {want}"
-                );
-                // dW into a bf16 sink (the update reads it so; the kernel's alone, so emulated
-                // on the CPU): the kernel's float32 sums, each rounded once, bit for bit;
-                // autograd gives W_enc none; the squares are the rounded values'.
-                let sink = Tensor::empty(w_enc.size(), (Kind::BFloat16, device));
-                let sq16 = encoder_grad_sq(&w_enc);
-                let kernel_grads = |sink: Option<&Tensor>, sq: Option<&Tensor>| {
-                    emulate_on_cpu(device == Device::Cpu);
+                // The gradients through encoder_entries, its kernel emulated on the CPU with
+                // `emulate` (else there the host's loop), with blocks' squares `sq` and dW's
+                // bf16 `sink`.
+                let grads = |emulate: bool, sq: Option<&Tensor>, sink: Option<&Tensor>| {
+                    emulate_on_cpu(emulate && device == Device::Cpu);
                     let ve = encoder_entries(
                         &w_enc,
                         &bias,
@@ -2595,8 +2547,44 @@ pub(crate) mod tests {
                     emulate_on_cpu(false);
                     g
                 };
-                let g32 = kernel_grads(None, None);
-                let g16 = kernel_grads(Some(&sink), Some(&sq16));
+                // The blocks' squares `sq` sum to ||dW||^2 over latents 2.. of `dw`.
+                let check_sq = |what: &str, sq: &Tensor, dw: &Tensor| {
+                    let (got, want) = (
+                        sq.sum(Kind::Double).double_value(&[]),
+                        dw.narrow(1, 2, latents - 2)
+                            .to_kind(Kind::Double)
+                            .square()
+                            .sum(Kind::Double)
+                            .double_value(&[]),
+                    );
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want,
+                        "{case}, xc {xc_kind:?}: {what}'s squared norm {got} against {want}"
+                    );
+                };
+                let sq = encoder_grad_sq(&w_enc);
+                let g = grads(false, Some(&sq), None);
+                let x_e = xc.to_kind(Kind::Double).index_select(0, &bags) * dv.unsqueeze(1);
+                let want_dw = Tensor::zeros([latents, d], f64_)
+                    .index_add(0, &cols, &x_e)
+                    .tr();
+                let want_db = Tensor::zeros([latents], f64_).index_add(0, &cols, &dv);
+                let want_d_b_dec = -w.tr().matmul(&want_db);
+                check(&[
+                    ("W_enc gradient", &g[0], &want_dw),
+                    ("b_enc gradient", &g[1], &want_db),
+                    ("b_dec gradient", &g[2], &want_d_b_dec),
+                ]);
+                // Latent 3 is the busiest; a block's or a row's squares missing, or columns 0
+                // and 1 in, fail it.
+                check_sq("W_enc gradient", &sq, &want_dw);
+                // dW into a bf16 sink (the update reads it so; the kernel's alone, so emulated
+                // on the CPU): the kernel's float32 sums, each rounded once, bit for bit;
+                // autograd gives W_enc none; the squares are the rounded values'.
+                let sink = Tensor::empty(w_enc.size(), (Kind::BFloat16, device));
+                let sq16 = encoder_grad_sq(&w_enc);
+                let g32 = grads(true, None, None);
+                let g16 = grads(true, Some(&sq16), Some(&sink));
                 assert!(
                     !g16[0].defined(),
                     "{case}, xc {xc_kind:?}: W_enc given a gradient"
@@ -2609,18 +2597,7 @@ pub(crate) mod tests {
                     g16[1].equal(&g32[1]) && g16[2].equal(&g32[2]),
                     "{case}: b_enc, b_dec"
                 );
-                let (got, want) = (
-                    sq16.sum(Kind::Double).double_value(&[]),
-                    sink.narrow(1, 2, latents - 2)
-                        .to_kind(Kind::Double)
-                        .square()
-                        .sum(Kind::Double)
-                        .double_value(&[]),
-                );
-                assert!(
-                    (got - want).abs() <= 1e-5 * want,
-                    "{case}, xc {xc_kind:?}: the sink's squared norm {got} against {want}"
-                );
+                check_sq("the sink", &sq16, &sink);
             }
         }
     }

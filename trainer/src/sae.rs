@@ -872,7 +872,7 @@ fn w_enc_grad_sq(sq: &Tensor, g_enc: &Tensor, core: usize) -> Tensor {
 }
 
 /// adam.cu's kernel-name suffix for a gradient of `g`'s kind (`_g16`: bf16).
-fn g16(g: &Tensor) -> &'static str {
+fn g16_suffix(g: &Tensor) -> &'static str {
     match g.kind() {
         Kind::BFloat16 => "_g16",
         _ => "",
@@ -1257,13 +1257,10 @@ impl Trainer {
         // mends the squares.)
         let enc_sq = (sparse_grad && sparse_kernel).then(|| kernels::encoder_grad_sq(&s.w_enc));
         // A training step's W_enc gradient in bf16, which the kernel writes and the fused
-        // update reads (`LossOut::gradients` hands it on as W_enc's).
-        let enc_sink = (auxk
-            && sparse_grad
-            && sparse_kernel
-            && self.encoder_grad_bf16()
-            && kernels::use_fused(&s.w_dec, &kernels::ADAM))
-        .then(|| Tensor::empty(s.w_enc.size(), (Kind::BFloat16, s.w_enc.device())));
+        // update reads (`LossOut::gradients` hands it on as W_enc's); `encoder_grad_bf16`
+        // asks both kernels.
+        let enc_sink = (auxk && sparse_grad && self.encoder_grad_bf16())
+            .then(|| Tensor::empty(s.w_enc.size(), (Kind::BFloat16, s.w_enc.device())));
         let (codes, w_enc_core) = match sparse_grad {
             true => s.codes_with_sparse_grad(x_bd, codes, enc_sq.as_ref(), bf16, enc_sink.as_ref()),
             false => (codes, None),
@@ -1284,10 +1281,8 @@ impl Trainer {
         });
         // W_dec's gradient in bf16, as W_enc's (where the decoder's figures come from its
         // kernel: the update's projection reads them, not the gradient).
-        let dec_sink = (dec_stats.is_some()
-            && self.decoder_grad_bf16()
-            && kernels::use_fused(&s.w_dec, &kernels::ADAM))
-        .then(|| Tensor::empty(s.w_dec.size(), (Kind::BFloat16, s.w_dec.device())));
+        let dec_sink = (dec_stats.is_some() && self.decoder_grad_bf16())
+            .then(|| Tensor::empty(s.w_dec.size(), (Kind::BFloat16, s.w_dec.device())));
         let parts_bgd = s.decode_parts(
             &codes,
             &self.part_starts,
@@ -1692,7 +1687,7 @@ impl Trainer {
                 match i {
                     2 => kernels::run(
                         &kernels::ADAM,
-                        &format!("decoder_adam_{suffix}{}", g16(g)),
+                        &format!("decoder_adam_{suffix}{}", g16_suffix(g)),
                         dev,
                         held_grid,
                         held_threads,
@@ -1710,7 +1705,7 @@ impl Trainer {
                     ),
                     _ => kernels::run(
                         &kernels::ADAM,
-                        &format!("adam_flat_{suffix}{}", g16(g)),
+                        &format!("adam_flat_{suffix}{}", g16_suffix(g)),
                         dev,
                         flat_grid(n),
                         threads,
@@ -2300,6 +2295,26 @@ mod tests {
         (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
     }
 
+    /// ||t||^2 summed in float64 from float64 squares (of a bf16 gradient, exactly).
+    fn sq_norm(t: &Tensor) -> f64 {
+        t.to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[])
+    }
+
+    /// The decoder kernel's figures `stats` (`LossOut::dec_stats`) give each row's g.g of the
+    /// gradient `g` (a bf16 one's, to float64 rounding).
+    fn assert_rows_gg(stats: &Tensor, g: &Tensor, case: &str) {
+        let g = g.to_kind(Kind::Double);
+        let gg = (&g * &g).sum_dim_intlist(1, false, None);
+        let rel = rel_max(&stats.sum_dim_intlist(0, false, None).get(0), &gg);
+        assert!(
+            rel <= 1e-12,
+            "{case}: W_dec rows' g.g, {rel:e} of its largest"
+        );
+    }
+
     /// `f` on this thread with every kernel emulated (`emulate`) or none, and the paths whose
     /// knobs `off` names (`knob_off`) turned off.
     fn with_paths<T>(emulate: bool, off: &[&'static str], f: impl FnOnce() -> T) -> T {
@@ -2473,24 +2488,12 @@ mod tests {
                 "param {i}"
             );
         }
-        let s3 = dec16
-            .expect("the decoder's figures")
-            .sum_dim_intlist(0, false, None);
-        let g2 = g16[2].to_kind(Kind::Double);
-        let gg = (&g2 * &g2).sum_dim_intlist(1, false, None);
-        let rel = rel_max(&s3.get(0), &gg);
-        assert!(
-            rel <= 1e-12,
-            "W_dec's bf16 gradient's g.g, {rel:e} of its largest"
+        assert_rows_gg(
+            &dec16.expect("the decoder's figures"),
+            &g16[2],
+            "bf16 gradients",
         );
-        let (sq_got, sq_want) = (
-            sq16.expect("the blocks' squares"),
-            g16[0]
-                .to_kind(Kind::Double)
-                .square()
-                .sum(Kind::Double)
-                .double_value(&[]),
-        );
+        let (sq_got, sq_want) = (sq16.expect("the blocks' squares"), sq_norm(&g16[0]));
         assert!(
             (sq_got - sq_want).abs() <= 1e-5 * sq_want,
             "the bf16 gradient's squared norm {sq_got} against {sq_want}"
@@ -2598,21 +2601,11 @@ mod tests {
                 // W_dec's rows' figures, mended where AuxK's rows were added, are the bf16
                 // gradient's.
                 let s16 = out16.dec_stats.as_ref().expect("the decoder's figures");
-                let g2 = g16[2].to_kind(Kind::Double);
-                let gg = (&g2 * &g2).sum_dim_intlist(1, false, None);
-                let rel = rel_max(&s16.sum_dim_intlist(0, false, None).get(0), &gg);
-                assert!(
-                    rel <= 1e-12,
-                    "{case}: W_dec's bf16 g.g, {rel:e} of its largest"
-                );
+                assert_rows_gg(s16, &g16[2], &format!("{case}, bf16"));
                 let sq16 = out16.enc_sq.as_ref().expect("the blocks' squares");
                 let (got, want) = (
                     w_enc_grad_sq(sq16, &g16[0], t.sae.core).double_value(&[]),
-                    g16[0]
-                        .to_kind(Kind::Double)
-                        .square()
-                        .sum(Kind::Double)
-                        .double_value(&[]),
+                    sq_norm(&g16[0]),
                 );
                 assert!(
                     (got - want).abs() <= tol * want,
