@@ -214,8 +214,9 @@ def main():
                          "gradient (decoder_grad_bf16 = false), and with "
                          "its update reading each row back (DMSAE_DECODER_HELD=0), each "
                          "step's figures read at its end (DMSAE_DEFER_FIGURES=0), and "
-                         "BatchTopK's cut and count read by the host (DMSAE_HOSTLESS_SELECT=0); "
-                         "CUDA")
+                         "BatchTopK's cut and count read by the host (DMSAE_HOSTLESS_SELECT=0), "
+                         "and its entries from three passes over the pre-activations "
+                         "(DMSAE_SELECT_SLOTS=0); CUDA")
     ap.add_argument("--base", help="an earlier dmsae binary, timed beside this one, alternating "
                                     "(two runs each)")
     ap.add_argument("--core", type=int, default=0,
@@ -307,6 +308,9 @@ def main():
                  "", {"DMSAE_DEFER_FIGURES": "0"}),
                 ("dmsae train, BatchTopK's cut and count read by the host "
                  "(DMSAE_HOSTLESS_SELECT=0)", "", {"DMSAE_HOSTLESS_SELECT": "0"}),
+                ("dmsae train, BatchTopK's entries counted and written from three passes over "
+                 "the pre-activations, not one (DMSAE_SELECT_SLOTS=0)", "",
+                 {"DMSAE_SELECT_SLOTS": "0"}),
             ):
                 rows.append((name, rate(a.dmsae, store, work, width, k, batch, steps, warm,
                                               a.device, a.threads, dead_tokens, extra, env)[0]))

@@ -100,6 +100,7 @@ static inline unsigned atomicAdd(unsigned *a, unsigned v) {
 static inline unsigned long long atomicAdd(unsigned long long *a, unsigned long long v) {
   return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
 }
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 #include "../kernels/softcap_ce.cu"
 #include "../kernels/softcap_softmax.cu"
 #include "../kernels/rms_norm.cu"
@@ -347,7 +348,8 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
   } else if (k == "select_top_hist") {
     launch(grid, block, [=] {
       select_top_hist(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
-                      arg<const ll *>(a, 4), arg<unsigned long long *>(a, 5));
+                      arg<ll *>(a, 4), arg<unsigned long long *>(a, 5), arg<ll>(a, 6),
+                      arg<unsigned *>(a, 7), arg<int *>(a, 8), arg<unsigned *>(a, 9));
     });
   } else if (k == "select_top_find") {
     launch(grid, block, [=] {
@@ -356,13 +358,27 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
   } else if (k == "select_top_count") {
     launch(grid, block, [=] {
       select_top_count(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
-                       arg<const ll *>(a, 4), arg<ll *>(a, 5), arg<ll *>(a, 6));
+                       arg<const ll *>(a, 4), arg<const unsigned *>(a, 5), arg<ll *>(a, 6),
+                       arg<ll *>(a, 7));
     });
   } else if (k == "select_top_write") {
     launch(grid, block, [=] {
       select_top_write(arg<const bf16 *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2), arg<ll>(a, 3),
-                       arg<const ll *>(a, 4), arg<const ll *>(a, 5), arg<const ll *>(a, 6),
-                       arg<ll *>(a, 7), arg<ll *>(a, 8));
+                       arg<const ll *>(a, 4), arg<const unsigned *>(a, 5), arg<const ll *>(a, 6),
+                       arg<const ll *>(a, 7), arg<ll *>(a, 8), arg<ll *>(a, 9));
+    });
+  } else if (k == "select_top_slot_count") {
+    launch(grid, block, [=] {
+      select_top_slot_count(arg<const ll *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2),
+                            arg<const unsigned *>(a, 3), arg<const int *>(a, 4), arg<ll *>(a, 5),
+                            arg<ll *>(a, 6));
+    });
+  } else if (k == "select_top_slot_write") {
+    launch(grid, block, [=] {
+      select_top_slot_write(arg<const ll *>(a, 0), arg<ll>(a, 1), arg<ll>(a, 2),
+                            arg<const unsigned *>(a, 3), arg<const int *>(a, 4),
+                            arg<const ll *>(a, 5), arg<const ll *>(a, 6), arg<ll>(a, 7),
+                            arg<ll *>(a, 8), arg<ll *>(a, 9));
     });
   } else if (k.rfind("encoder_grad_", 0) == 0) {
     // encoder_grad_{f32,bf16}[_g16]: xc's kind, then a bf16 dW.

@@ -58,21 +58,28 @@ __device__ __forceinline__ void sel_run(const T *p, long long n, long long width
   });
 }
 
-// The sum of m over the block's threads before this one; `warps` a __shared__ int per warp,
-// read after the barrier here with none after it: a second call needs arrays of its own.
-__device__ __forceinline__ long long block_before(int m, int *warps) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Inclusive sum of m over the warp's lanes up to this one, then over the warps before.
-  int before = m;
+// The sum of m over the warp's lanes before this one (all 32 take part); *total, over all 32.
+__device__ __forceinline__ int warp_before(int m, int *total) {
+  const int lane = threadIdx.x & 31;
+  int incl = m;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int y = from_lane(before, lane >= o ? lane - o : lane);
-    if (lane >= o) before += y;
+    const int y = from_lane(incl, lane >= o ? lane - o : lane);
+    if (lane >= o) incl += y;
   }
-  if (lane == 31) warps[warp] = before;
+  *total = from_lane(incl, 31);
+  return incl - m;
+}
+
+// The sum of m over the block's threads before this one; `warps` a __shared__ int per warp,
+// read after the barrier here with none after it: a second call needs arrays of its own, or a
+// barrier between.
+__device__ __forceinline__ long long block_before(int m, int *warps) {
+  int total;
+  long long at = warp_before(m, &total);
+  if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = total;
   __syncthreads();
-  long long at = before - m;
-  for (int w = 0; w < warp; w++) at += warps[w];
+  for (int w = 0; w < (int)(threadIdx.x >> 5); w++) at += warps[w];
   return at;
 }
 
@@ -159,14 +166,25 @@ extern "C" __global__ void select_write_f32(const float *p, long long n, long lo
 // row: about 2 * keep entries reach it, so t is almost always there); failing that, keys by
 // 256s, then the 256 keys of the chosen one. Integer counts summed by atomics: the same totals
 // whatever their order, so the same entries every run.
+//
+// Counting and writing the kept entries took two more passes over p. So the first round also
+// lists, for each chunk of SEL_CHUNK entries, its entries from the cut's key up (a few per
+// chunk: about 2 * keep in all) in a slot of `cap`. When t is found in that round, every kept
+// entry of a chunk is in its slot unless the chunk's list overflowed, and the slot kernels
+// count and write from the slots; p is read again only for the chunks that overflowed (listed
+// in `over`), or for all of them when t came from a later round: one pass over p, not three,
+// in the usual case. The places still come from counts in chunk order, so the same list.
 
 #define TOP_BINS 4096
 #define TOP_KEYS 0x8000u  // every key is below this
 #define TOP_THREADS 256   // select_top_init and select_top_find's block
 #define TOP_PER (TOP_BINS / TOP_THREADS)  // bins a thread of select_top_find
+#define SEL_CHUNK (SEL_THREADS * SEL_RUN)  // entries a chunk (a block's, one run a thread)
+static_assert(SEL_RUN <= 32, "a run's candidates are a 32-bit mask");
+static_assert(SEL_CHUNK <= 0x10000, "a slot's entry holds its place in the chunk in 16 bits");
 
-// The state the rounds pass on (long long [8]).
-enum { ST_DONE, ST_LEVEL, ST_LO, ST_HI, ST_SHIFT, ST_T, ST_GT, ST_QUOTA };
+// The state the rounds pass on (long long [ST_LEN]); ST_OVER, the overflowed chunks' count.
+enum { ST_DONE, ST_LEVEL, ST_LO, ST_HI, ST_SHIFT, ST_T, ST_GT, ST_QUOTA, ST_OVER, ST_LEN };
 
 __device__ __forceinline__ unsigned top_key(bf16 x) {
   return x >= 1u && x <= 0x7f80u ? (unsigned)x : 0u;
@@ -196,32 +214,56 @@ extern "C" __global__ void select_top_init(const float *cut, long long *st,
   st[ST_LO] = k;
   st[ST_HI] = k == 0 ? TOP_KEYS : (k + TOP_BINS < TOP_KEYS ? k + TOP_BINS : TOP_KEYS);
   st[ST_SHIFT] = k == 0 ? 8 : 0;
+  st[ST_OVER] = 0;
 }
 
 // This round's histogram: keys in [lo, hi) by bins of 2^shift, keys >= hi in the last slot,
 // key 0 nowhere (its count is what the rest leave; counted, about half of all entries would
-// meet at one bin's atomics). A grid-stride loop over p's entries.
+// meet at one bin's atomics). The chunks in turn, grid-stride. In the first round (the cut's,
+// level 0) each chunk's entries with key >= lo also go in its slot: slots [chunks * cap] as
+// (place in the chunk << 16 | key), in order, their number in slot_n [chunks]; a chunk with
+// more than cap goes on `over` [chunks] (in no set order) and counts in st[ST_OVER].
 extern "C" __global__ void select_top_hist(const bf16 *p, long long n, long long width,
-                                           long long c, const long long *st,
-                                           unsigned long long *hist) {
+                                           long long c, long long *st,
+                                           unsigned long long *hist, long long cap,
+                                           unsigned *slots, int *slot_n, unsigned *over) {
   __shared__ unsigned h[TOP_BINS + 1];
+  __shared__ int warps[SEL_THREADS / 32];
   if (st[ST_DONE]) return;  // the same in every thread
   const unsigned lo = (unsigned)st[ST_LO], hi = (unsigned)st[ST_HI];
   const int shift = (int)st[ST_SHIFT];
+  const bool gather = st[ST_LEVEL] == 0;  // then lo >= 1
   const int bins = (int)((hi - lo + (1u << shift) - 1) >> shift);
   for (int b = threadIdx.x; b < bins; b += blockDim.x) h[b] = 0;
   if (threadIdx.x == 0) h[TOP_BINS] = 0;
   __syncthreads();
   unsigned above = 0;
-  const long long stride = (long long)gridDim.x * blockDim.x * SEL_RUN;
-  for (long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * SEL_RUN; i0 < n;
-       i0 += stride)
-    top_run(p, n, width, c, i0, [&](long long, long long, unsigned k) {
-      if (k >= hi)
-        above++;
-      else if (k >= lo && k != 0)
-        atomicAdd(&h[(k - lo) >> shift], 1u);
-    });
+  const long long chunks = (n + SEL_CHUNK - 1) / SEL_CHUNK;
+  for (long long b = blockIdx.x; b < chunks; b += gridDim.x) {
+    const long long i0 = b * SEL_CHUNK + (long long)threadIdx.x * SEL_RUN;
+    unsigned mask = 0;  // the run's entries from lo up
+    if (i0 < n)
+      top_run(p, n, width, c, i0, [&](long long i, long long, unsigned k) {
+        if (k >= hi)
+          above++;
+        else if (k >= lo && k != 0)
+          atomicAdd(&h[(k - lo) >> shift], 1u);
+        if (k >= lo && k != 0) mask |= 1u << (unsigned)(i - i0);
+      });
+    if (!gather) continue;
+    const int m = __popc(mask);
+    long long at = block_before(m, warps);
+    if (threadIdx.x == blockDim.x - 1) {
+      slot_n[b] = (int)(at + m);
+      if (at + m > cap) over[atomicAdd((unsigned long long *)&st[ST_OVER], 1ull)] = (unsigned)b;
+    }
+    for (int q = 0; mask; q++, mask >>= 1)
+      if (mask & 1) {
+        if (at < cap) slots[b * cap + at] = (unsigned)(i0 + q - b * SEL_CHUNK) << 16 | top_key(p[i0 + q]);
+        at++;
+      }
+    __syncthreads();  // warps: the next chunk's block_before writes it
+  }
   above = warp_sum(above);
   if ((threadIdx.x & 31) == 0 && above) atomicAdd(&h[TOP_BINS], above);
   __syncthreads();
@@ -305,6 +347,23 @@ extern "C" __global__ void select_top_find(long long keep, long long *st,
   for (int b = threadIdx.x; b <= TOP_BINS; b += blockDim.x) hist[b] = 0;
 }
 
+// Whether chunk b's kept entries are all in its slot: t came from the cut's round, and the
+// chunk's list fitted.
+__device__ __forceinline__ bool in_slot(const long long *st, const int *slot_n, long long cap,
+                                        long long b) {
+  return st[ST_LEVEL] == 0 && slot_n[b] <= cap;
+}
+
+// The chunks p must be read again for, grid-stride: f(chunk) for the overflowed ones, or for
+// every chunk when t came from a later round. f ends with a barrier (its shared arrays).
+template <typename F>
+__device__ __forceinline__ void each_read_chunk(long long n, const long long *st,
+                                                const unsigned *over, F f) {
+  const bool slotted = st[ST_LEVEL] == 0;
+  const long long todo = slotted ? st[ST_OVER] : (n + SEL_CHUNK - 1) / SEL_CHUNK;
+  for (long long r = blockIdx.x; r < todo; r += gridDim.x) f(slotted ? (long long)over[r] : r);
+}
+
 // This thread's run's counts of entries with key > t (mg) and with key == t (me).
 __device__ __forceinline__ void top_run_counts(const bf16 *p, long long n, long long width,
                                                long long c, long long i0, unsigned t, int &mg,
@@ -317,62 +376,120 @@ __device__ __forceinline__ void top_run_counts(const bf16 *p, long long n, long 
     });
 }
 
-// Each block's count of entries with key > t and with key == t (blocks as select_count's).
+// Each chunk's count of entries with key > t and with key == t, for the chunks read again.
 extern "C" __global__ void select_top_count(const bf16 *p, long long n, long long width,
-                                            long long c, const long long *st, long long *gt,
-                                            long long *eq) {
+                                            long long c, const long long *st,
+                                            const unsigned *over, long long *gt, long long *eq) {
   __shared__ int wg[SEL_THREADS / 32], we[SEL_THREADS / 32];
   const unsigned t = (unsigned)st[ST_T];
-  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * SEL_RUN;
-  int mg, me;
-  top_run_counts(p, n, width, c, i0, t, mg, me);
-  mg = warp_sum(mg);
-  me = warp_sum(me);
-  if ((threadIdx.x & 31) == 0) {
-    wg[threadIdx.x >> 5] = mg;
-    we[threadIdx.x >> 5] = me;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    long long sg = 0, se = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
-      sg += wg[w];
-      se += we[w];
+  each_read_chunk(n, st, over, [&](long long b) {
+    int mg, me;
+    top_run_counts(p, n, width, c, b * SEL_CHUNK + (long long)threadIdx.x * SEL_RUN, t, mg, me);
+    mg = warp_sum(mg);
+    me = warp_sum(me);
+    if ((threadIdx.x & 31) == 0) {
+      wg[threadIdx.x >> 5] = mg;
+      we[threadIdx.x >> 5] = me;
     }
-    gt[blockIdx.x] = sg;
-    eq[blockIdx.x] = se;
-  }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      long long sg = 0, se = 0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+        sg += wg[w];
+        se += we[w];
+      }
+      gt[b] = sg;
+      eq[b] = se;
+    }
+    __syncthreads();
+  });
 }
 
-// The kept entries' (row, column), in row-major order, given each block's first place among
-// the entries with key > t and among those with key == t: an entry's place is the count of
-// the first before it plus the count of the second, up to the quota.
+// The place of an entry with key k, given the counts before it of entries with key > t (ng)
+// and with key == t (ne): after those of both kinds, the ties up to the quota; -1 if not kept.
+__device__ __forceinline__ long long top_place(unsigned k, unsigned t, long long ng,
+                                               long long ne, long long quota) {
+  if (k > t) return ng + (ne < quota ? ne : quota);
+  if (k == t && ne < quota) return ng + ne;
+  return -1;
+}
+
+// The kept entries' (row, column) of the chunks read again, given each chunk's first place
+// among the entries with key > t and among those with key == t.
 extern "C" __global__ void select_top_write(const bf16 *p, long long n, long long width,
                                             long long c, const long long *st,
-                                            const long long *gt_starts,
+                                            const unsigned *over, const long long *gt_starts,
                                             const long long *eq_starts, long long *rows,
                                             long long *cols) {
   __shared__ int wg[SEL_THREADS / 32], we[SEL_THREADS / 32];
   const unsigned t = (unsigned)st[ST_T];
   const long long quota = st[ST_QUOTA];
-  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * SEL_RUN;
-  int mg, me;
-  top_run_counts(p, n, width, c, i0, t, mg, me);
-  long long ng = gt_starts[blockIdx.x] + block_before(mg, wg);
-  long long ne = eq_starts[blockIdx.x] + block_before(me, we);
-  if (i0 < n)
-    top_run(p, n, width, c, i0, [&](long long i, long long j, unsigned k) {
-      long long at = -1;
-      if (k > t) {
-        at = ng + (ne < quota ? ne : quota);
-        ng++;
-      } else if (k == t) {
-        if (ne < quota) at = ng + ne;
-        ne++;
-      }
-      if (at >= 0) {
-        rows[at] = i / width;
-        cols[at] = j;
-      }
-    });
+  each_read_chunk(n, st, over, [&](long long b) {
+    const long long i0 = b * SEL_CHUNK + (long long)threadIdx.x * SEL_RUN;
+    int mg, me;
+    top_run_counts(p, n, width, c, i0, t, mg, me);
+    long long ng = gt_starts[b] + block_before(mg, wg);
+    long long ne = eq_starts[b] + block_before(me, we);
+    if (i0 < n)
+      top_run(p, n, width, c, i0, [&](long long i, long long j, unsigned k) {
+        const long long at = top_place(k, t, ng, ne, quota);
+        ng += k > t;
+        ne += k == t;
+        if (at >= 0) {
+          rows[at] = i / width;
+          cols[at] = j;
+        }
+      });
+    __syncthreads();
+  });
+}
+
+// The slotted chunks' counts, a warp a chunk (lanes over the slot's entries).
+extern "C" __global__ void select_top_slot_count(const long long *st, long long chunks,
+                                                 long long cap, const unsigned *slots,
+                                                 const int *slot_n, long long *gt,
+                                                 long long *eq) {
+  const long long b = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  if (b >= chunks || !in_slot(st, slot_n, cap, b)) return;  // the same in the whole warp
+  const unsigned t = (unsigned)st[ST_T];
+  int mg = 0, me = 0;
+  for (int s = threadIdx.x & 31; s < slot_n[b]; s += 32) {
+    const unsigned k = slots[b * cap + s] & 0xffffu;
+    mg += k > t;
+    me += k == t;
+  }
+  mg = warp_sum(mg);
+  me = warp_sum(me);
+  if ((threadIdx.x & 31) == 0) {
+    gt[b] = mg;
+    eq[b] = me;
+  }
+}
+
+// The slotted chunks' kept entries, a warp a chunk, 32 of the slot's entries a turn.
+extern "C" __global__ void select_top_slot_write(const long long *st, long long chunks,
+                                                 long long cap, const unsigned *slots,
+                                                 const int *slot_n, const long long *gt_starts,
+                                                 const long long *eq_starts, long long width,
+                                                 long long *rows, long long *cols) {
+  const long long b = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  if (b >= chunks || !in_slot(st, slot_n, cap, b)) return;  // the same in the whole warp
+  const unsigned t = (unsigned)st[ST_T];  // >= the cut's key >= 1: no padding entry is kept
+  const long long quota = st[ST_QUOTA];
+  long long ng = gt_starts[b], ne = eq_starts[b];
+  const int len = slot_n[b];
+  for (int s0 = 0; s0 < len; s0 += 32) {
+    const int s = s0 + (threadIdx.x & 31);
+    const unsigned e = s < len ? slots[b * cap + s] : 0u, k = e & 0xffffu;
+    int tg, te;
+    const long long at = top_place(k, t, ng + warp_before(k > t, &tg),
+                                   ne + warp_before(k == t, &te), quota);
+    if (at >= 0) {
+      const long long i = b * SEL_CHUNK + (e >> 16);
+      rows[at] = i / width;
+      cols[at] = i % width;
+    }
+    ng += tg;
+    ne += te;
+  }
 }

@@ -40,6 +40,8 @@ pub const SELECT: Source = Source {
         "select_top_find",
         "select_top_count",
         "select_top_write",
+        "select_top_slot_count",
+        "select_top_slot_write",
     ],
 };
 
@@ -1478,11 +1480,17 @@ impl Candidates {
 /// high or too low, costs one or two more passes over p, not the answer. Non-positive entries
 /// count as one value below every positive one: they are listed only when fewer than `keep`
 /// entries are positive.
+///
+/// `slot_cap` is how many of the entries that reach the cut a chunk of p (select.cu's
+/// SEL_CHUNK entries) keeps aside so that p is read once, not three times; a chunk with more
+/// is read again. None: eight times the chunks' mean share of 2 * keep (about what reaches the
+/// trainer's cut), at least 64. Tests set it to force chunks either way.
 pub fn top_entries(
     p: &Tensor,
     c: i64,
     cut: &Tensor,
     keep: i64,
+    slot_cap: Option<i64>,
 ) -> Result<(Tensor, Tensor), String> {
     if p.kind() != Kind::BFloat16 || p.dim() != 2 || !p.is_contiguous() {
         return Err("select_top: the pre-activations must be a contiguous bf16 [B, W]".into());
@@ -1498,16 +1506,23 @@ pub fn top_entries(
         ));
     }
     let dev = p.device();
-    let st = Tensor::empty([8], (Kind::Int64, dev));
-    let hist = Tensor::empty([TOP_BINS + 1], (Kind::Int64, dev));
-    let blocks = select_blocks(n);
-    let gt = Tensor::empty([blocks], (Kind::Int64, dev));
-    let eq = Tensor::empty([blocks], (Kind::Int64, dev));
-    let (rows, cols) = (
-        Tensor::empty([keep], (Kind::Int64, dev)),
-        Tensor::empty([keep], (Kind::Int64, dev)),
+    let mut chunks = select_blocks(n);
+    let mut cap = slot_cap
+        .unwrap_or_else(|| (8 * ((2 * keep + chunks - 1) / chunks)).max(64))
+        .clamp(0, SEL_THREADS * SEL_RUN);
+    let int64 = |len: i64| Tensor::empty([len], (Kind::Int64, dev));
+    let int32 = |len: i64| Tensor::empty([len.max(1)], (Kind::Int, dev));
+    let (st, hist, gt, eq) = (
+        int64(ST_LEN),
+        int64(TOP_BINS + 1),
+        int64(chunks),
+        int64(chunks),
     );
-    let blocks = u32::try_from(blocks).map_err(|_| "select_top: too many entries".to_string())?;
+    let (slots, slot_n, over) = (int32(chunks * cap), int32(chunks), int32(chunks));
+    let (rows, cols) = (int64(keep), int64(keep));
+    let too_many = |_| "select_top: too many entries".to_string();
+    let blocks = u32::try_from(chunks).map_err(too_many)?;
+    let warps = u32::try_from((chunks * 32 + SEL_THREADS - 1) / SEL_THREADS).map_err(too_many)?;
     let (mut pp, mut sp, mut hp, mut cp) =
         (p.data_ptr(), st.data_ptr(), hist.data_ptr(), cut.data_ptr());
     let (mut gp, mut ep, mut rp, mut lp) = (
@@ -1516,13 +1531,15 @@ pub fn top_entries(
         rows.data_ptr(),
         cols.data_ptr(),
     );
+    let (mut slp, mut snp, mut op) = (slots.data_ptr(), slot_n.data_ptr(), over.data_ptr());
     let go = |kernel: &str, grid: u32, block: i64, params: &mut [*mut c_void]| {
         // SAFETY: the select_top_* kernels over live contiguous tensors on one device, each
         // held here until the launches are queued on torch's stream, whose allocator reuses
-        // their memory only behind them: p [n] bf16, the float32 cut, st [8] int64,
-        // hist [TOP_BINS + 1] (int64, read as unsigned), gt and eq [blocks] int64 (counts,
-        // then places), rows and cols [keep] int64; keep is at most the entries outside the
-        // core's c <= width columns, so the places stay within them.
+        // their memory only behind them: p [n] bf16, the float32 cut, st [ST_LEN] int64,
+        // hist [TOP_BINS + 1] (int64, read as unsigned), gt and eq [chunks] int64 (counts,
+        // then places), rows and cols [keep] int64, slots [chunks * cap] (int32 read as
+        // unsigned, at least one), slot_n and over [chunks] int32; keep is at most the
+        // entries outside the core's c <= width columns, so the places stay within them.
         unsafe { run(&SELECT, kernel, dev, grid, block as c_uint, params) }
     };
     go(
@@ -1531,23 +1548,16 @@ pub fn top_entries(
         TOP_THREADS,
         &mut [addr(&mut cp), addr(&mut sp), addr(&mut hp)],
     )?;
-    // One round with the cut, and the two of the whole range that finding t can take without.
-    // select_top_hist, _count and _write: (p, n, width, c, st, then `rest`).
-    let lead = [
-        addr(&mut pp),
-        addr(&mut n),
-        addr(&mut width),
-        addr(&mut c_),
-        addr(&mut sp),
-    ];
-    let over_p = |kernel: &str, grid: u32, rest: &[*mut c_void]| {
-        let mut params: Vec<*mut c_void> = lead.iter().chain(rest).copied().collect();
-        go(kernel, grid, SEL_THREADS, &mut params)
-    };
-    // (Emulated, two blocks: the tests' inputs then take several turns of the loop.)
+    // (Emulated, two blocks: the tests' inputs then take several turns of the loops.)
     let grid = blocks.min(if dev.is_cuda() { TOP_HIST_BLOCKS } else { 2 });
+    // One round with the cut, which fills the slots, and the two of the whole range that
+    // finding t can take without.
     for _ in 0..3 {
-        over_p("select_top_hist", grid, &[addr(&mut hp)])?;
+        #[rustfmt::skip]
+        go("select_top_hist", grid, SEL_THREADS, &mut [
+            addr(&mut pp), addr(&mut n), addr(&mut width), addr(&mut c_), addr(&mut sp),
+            addr(&mut hp), addr(&mut cap), addr(&mut slp), addr(&mut snp), addr(&mut op),
+        ])?;
         go(
             "select_top_find",
             1,
@@ -1555,21 +1565,38 @@ pub fn top_entries(
             &mut [addr(&mut keep_), addr(&mut sp), addr(&mut hp)],
         )?;
     }
-    over_p("select_top_count", blocks, &[addr(&mut gp), addr(&mut ep)])?;
+    // Each chunk's counts, then places, then entries: the slotted chunks' from their slots (a
+    // warp each), the others' from p.
+    #[rustfmt::skip]
+    go("select_top_slot_count", warps, SEL_THREADS, &mut [
+        addr(&mut sp), addr(&mut chunks), addr(&mut cap), addr(&mut slp), addr(&mut snp),
+        addr(&mut gp), addr(&mut ep),
+    ])?;
+    #[rustfmt::skip]
+    go("select_top_count", grid, SEL_THREADS, &mut [
+        addr(&mut pp), addr(&mut n), addr(&mut width), addr(&mut c_), addr(&mut sp),
+        addr(&mut op), addr(&mut gp), addr(&mut ep),
+    ])?;
     let (gt_starts, eq_starts) = (places(&gt), places(&eq));
     let (mut gsp, mut esp) = (gt_starts.data_ptr(), eq_starts.data_ptr());
-    over_p(
-        "select_top_write",
-        blocks,
-        &[addr(&mut gsp), addr(&mut esp), addr(&mut rp), addr(&mut lp)],
-    )?;
+    #[rustfmt::skip]
+    go("select_top_slot_write", warps, SEL_THREADS, &mut [
+        addr(&mut sp), addr(&mut chunks), addr(&mut cap), addr(&mut slp), addr(&mut snp),
+        addr(&mut gsp), addr(&mut esp), addr(&mut width), addr(&mut rp), addr(&mut lp),
+    ])?;
+    #[rustfmt::skip]
+    go("select_top_write", grid, SEL_THREADS, &mut [
+        addr(&mut pp), addr(&mut n), addr(&mut width), addr(&mut c_), addr(&mut sp),
+        addr(&mut op), addr(&mut gsp), addr(&mut esp), addr(&mut rp), addr(&mut lp),
+    ])?;
     Ok((rows, cols))
 }
 
-/// select.cu's TOP_BINS and TOP_THREADS; the histogram rounds' grid (a grid-stride loop: each
-/// block adds its counts to the total once).
+/// select.cu's TOP_BINS, TOP_THREADS and ST_LEN; the histogram rounds' grid and the grid of
+/// the chunks read again (grid-stride loops: each block adds its counts to the total once).
 const TOP_BINS: i64 = 4096;
 const TOP_THREADS: i64 = 256;
+const ST_LEN: i64 = 9;
 const TOP_HIST_BLOCKS: u32 = 1024;
 
 /// gelu(gate) * up from `gu` [..., 2f] (contiguous, bf16 or float32; gate the first f columns,

@@ -716,7 +716,9 @@ fn train_entries(p: &Tensor, c: i64, core_thr: Option<&Tensor>, keep: i64) -> En
             true => sampled_cut().to_kind(Kind::Float),
             false => Tensor::zeros([], (Kind::Float, p.device())),
         };
-        let (rows, cols) = kernels::top_entries(p, c, &cut, keep)
+        // DMSAE_SELECT_SLOTS=0: every chunk of p read again to count and write (for timing).
+        let slots = knob_off("DMSAE_SELECT_SLOTS").then_some(0);
+        let (rows, cols) = kernels::top_entries(p, c, &cut, keep, slots)
             .unwrap_or_else(|e| panic!("BatchTopK entries: {e}"));
         return entries(rows, cols, true);
     }
@@ -2771,7 +2773,9 @@ mod tests {
     /// whatever the cut (the sampled one; none; one above every entry; one so low that its bins
     /// end below the answer; NaN), with ties everywhere, with fewer positive entries than
     /// `keep` and with none, at keep 1 and all entries, and over rows whose packs do not line
-    /// up. A wrong round (the cut's, the 256s', the keys') or a place off by one fails it.
+    /// up; and with every chunk's entries that reach the cut in its slot, none, or about half
+    /// (the others read from p again). A wrong round (the cut's, the 256s', the keys'), a place
+    /// off by one, or a slot's entry off by one fails it.
     #[test]
     fn top_entries_are_the_top_keep_in_row_major_order() {
         tch::manual_seed(5);
@@ -2823,19 +2827,42 @@ mod tests {
                 c if c == f64::INFINITY => 2.0 * sorted.double_value(&[0]).abs() + 1.0,
                 c => c,
             };
-            let (rows, cols) =
-                kernels::top_entries(x, core, &Tensor::from(cut as f32), keep).unwrap();
-            assert!(
-                (rows * x.size()[1] + cols).equal(&top_reference(x, core, keep)),
-                "{what}: keep {keep}, cut {cut}"
-            );
+            // Each chunk's entries reaching the cut (select.cu's slot lists): with a cap of 0
+            // and of their median, none and about half of the chunks keep theirs in a slot.
+            let (w, chunk) = (x.size()[1], 8192);
+            let cut_bf = Tensor::from(cut as f32)
+                .to_kind(Kind::BFloat16)
+                .double_value(&[]);
+            let reach = x.ge(cut_bf).logical_and(&x.gt(0.0)).to_kind(Kind::Int64);
+            let _ = reach.narrow(1, 0, core).fill_(0);
+            let reach = reach.reshape([-1]);
+            let pad = (chunk - reach.numel() as i64 % chunk) % chunk;
+            let per_chunk = reach
+                .constant_pad_nd([0, pad])
+                .reshape([-1, chunk])
+                .sum_dim_intlist(1, false, Kind::Int64);
+            let median = per_chunk.median().int64_value(&[]);
+            let caps: &[Option<i64>] = match cut > 0.0 && cut.is_finite() {
+                true => &[None, Some(0), Some(median)],
+                false => &[None],
+            };
+            for &cap in caps {
+                let (rows, cols) =
+                    kernels::top_entries(x, core, &Tensor::from(cut as f32), keep, cap).unwrap();
+                assert!(
+                    (rows * w + cols).equal(&top_reference(x, core, keep)),
+                    "{what}: keep {keep}, cut {cut}, slots of {cap:?} (chunks reaching the cut: \
+                     {per_chunk:?})"
+                );
+            }
         }
         kernels::emulate_on_cpu(false);
     }
 
     /// select.cu on a GPU (DMSAE_TEST_CUDA=1; scripts/gpu_checks.sh) against ATen's mask and
     /// `nonzero`: the same entries in the same order, in bf16 (as training runs) and float32,
-    /// with and without a core, at 512 tokens of width 16,384.
+    /// with and without a core, at 512 tokens of width 16,384; `top_entries` (bf16) against
+    /// its definition, also with none and some of the chunks' lists in their slots.
     #[test]
     fn the_fused_candidates_match_aten_on_cuda() {
         let Some(device) = test_cuda() else {
@@ -2854,11 +2881,27 @@ mod tests {
                 };
                 let (got, want) = (run(true), run(false));
                 if got.padded {
+                    let want = top_reference(&x.to_device(Device::Cpu), c, keep);
                     let at = (got.rows * w + got.cols).to_device(Device::Cpu);
                     assert!(
-                        at.equal(&top_reference(&x.to_device(Device::Cpu), c, keep)),
+                        at.equal(&want),
                         "{kind:?}, c {c}: top_entries differs from its definition"
                     );
+                    // No chunk's list in its slot, and about half (about 32 reach the cut in each).
+                    let noncore = x.narrow(1, c, w - c).reshape([-1]);
+                    let cut = noncore
+                        .topk(2 * keep, 0, true, false)
+                        .0
+                        .min()
+                        .to_kind(Kind::Float);
+                    for cap in [0, 32] {
+                        let (rows, cols) = kernels::top_entries(&x, c, &cut, keep, Some(cap))
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        assert!(
+                            (rows * w + cols).to_device(Device::Cpu).equal(&want),
+                            "{kind:?}, c {c}, slots of {cap}: top_entries differs"
+                        );
+                    }
                     continue;
                 }
                 assert!(
