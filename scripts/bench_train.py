@@ -211,7 +211,8 @@ def main():
                          "float32 Adam moments (adam_bf16_moments = false), with the "
                          "decoder's forward over float32 rows (decoder_bf16 = false), with a "
                          "float32 W_enc gradient (encoder_grad_bf16 = false), a float32 W_dec "
-                         "gradient (decoder_grad_bf16 = false), and with "
+                         "gradient (decoder_grad_bf16 = false), float32 Matryoshka parts "
+                         "(parts_bf16 = false), and with "
                          "its update reading each row back (DMSAE_DECODER_HELD=0), each "
                          "step's figures read at its end (DMSAE_DEFER_FIGURES=0), and "
                          "BatchTopK's cut and count read by the host (DMSAE_HOSTLESS_SELECT=0), "
@@ -302,6 +303,8 @@ def main():
                  "encoder_grad_bf16 = false\n", None),
                 ("dmsae train, float32 W_dec gradient (decoder_grad_bf16 = false)",
                  "decoder_grad_bf16 = false\n", None),
+                ("dmsae train, float32 Matryoshka parts and their gradient "
+                 "(parts_bf16 = false)", "parts_bf16 = false\n", None),
                 ("dmsae train, decoder's update reading its rows back (DMSAE_DECODER_HELD=0)",
                  "", {"DMSAE_DECODER_HELD": "0"}),
                 ("dmsae train, each step's figures read at its end (DMSAE_DEFER_FIGURES=0)",

@@ -227,13 +227,14 @@ fvu() {
   run 60 "$BIN" train --shards "$REAL" --config "$W/fvu.toml" --device "$DEVICE" --quiet --out "$W/fvu-$seed-$1"
   [ -f "$W/fvu-$seed-$1/metrics.jsonl" ] && echo "seed $seed, $2: held-out FVU $(last_fvu "$W/fvu-$seed-$1/metrics.jsonl")" | tee -a "$LOG"
 }
-step "bf16 encoder product against float32, then bf16 Adam moments, then the decoder over bf16 rows, then W_enc's and W_dec's gradients in bf16: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
+step "bf16 encoder product against float32, then bf16 Adam moments, then the decoder over bf16 rows, then W_enc's and W_dec's gradients in bf16, then the Matryoshka parts in bf16: held-out FVU on real Gemma-3-270M activations ($REAL), 2 seeds"
 for seed in 1 2; do
-  fvu bf16 $'encoder_bf16 = true\nadam_bf16_moments = false\ndecoder_bf16 = false\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false'
-  fvu f32 $'encoder_bf16 = false\nadam_bf16_moments = false\ndecoder_bf16 = false\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false'
-  fvu moments $'adam_bf16_moments = true\ndecoder_bf16 = false\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false'
-  fvu decoder $'adam_bf16_moments = true\ndecoder_bf16 = true\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false'
-  fvu grad $'adam_bf16_moments = true\ndecoder_bf16 = true\nencoder_grad_bf16 = true\ndecoder_grad_bf16 = true'
+  fvu bf16 $'encoder_bf16 = true\nadam_bf16_moments = false\ndecoder_bf16 = false\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false\nparts_bf16 = false'
+  fvu f32 $'encoder_bf16 = false\nadam_bf16_moments = false\ndecoder_bf16 = false\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false\nparts_bf16 = false'
+  fvu moments $'adam_bf16_moments = true\ndecoder_bf16 = false\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false\nparts_bf16 = false'
+  fvu decoder $'adam_bf16_moments = true\ndecoder_bf16 = true\nencoder_grad_bf16 = false\ndecoder_grad_bf16 = false\nparts_bf16 = false'
+  fvu grad $'adam_bf16_moments = true\ndecoder_bf16 = true\nencoder_grad_bf16 = true\ndecoder_grad_bf16 = true\nparts_bf16 = false'
+  fvu parts $'adam_bf16_moments = true\ndecoder_bf16 = true\nencoder_grad_bf16 = true\ndecoder_grad_bf16 = true\nparts_bf16 = true'
 done
 fi
 

@@ -418,12 +418,14 @@ struct LinearT : public torch::autograd::Function<LinearT> {
 // unless empty, is float64 [spans, 3, rows] (spans = ceil(d / 256)) that the backward fills with
 // each span's dw.dw, dw.w and w.w a row (bag_decode.cu): the W gradient's figures for the
 // update, while this is all that W's gradient comes from. `wh`, unless empty, is W in bf16 (as
-// W rounds to nearest), which the forward reads instead of W; the backward reads W.
+// W rounds to nearest), which the forward reads instead of W; the backward reads W. `out16`:
+// the output in bf16 (each float32 sum rounded once), and so its gradient, which the backward
+// reads as it comes.
 struct BagDecode : public torch::autograd::Function<BagDecode> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &w, const at::Tensor &vals,
                             const at::Tensor &cols, const at::Tensor &bags, int64_t n_bags,
                             const at::Tensor &stats, const at::Tensor &wh,
-                            const at::Tensor &sink) {
+                            const at::Tensor &sink, bool out16) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
                 "bag_decode: W must be a contiguous float32 [rows, d]");
     const int64_t n = vals.numel();
@@ -439,14 +441,16 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     TORCH_CHECK(!half || (wh.scalar_type() == at::kBFloat16 && wh.sizes() == w.sizes() &&
                           wh.is_contiguous() && wh.device() == w.device()),
                 "bag_decode: W's bf16 copy must be contiguous bf16 shaped as W, beside it");
-    auto out = at::empty({n_bags, d}, w.options());
+    auto out = at::empty({n_bags, d}, w.options().dtype(out16 ? at::kBFloat16 : at::kFloat));
     if (n_bags > 0) {
       const auto offsets = group_offsets(bags, n_bags);
       void *pw = half ? wh.data_ptr() : w.data_ptr(), *pv = vals.data_ptr(),
            *pc = cols.data_ptr(), *po = offsets.data_ptr(), *pout = out.data_ptr();
       long long nb = n_bags, dd = d;
       void *args[] = {&pw, &pv, &pc, &po, &pout, &nb, &dd};
-      launch(half ? "bag_decode_fwd_bf16" : "bag_decode_fwd", w, n_bags, args);
+      const std::string name =
+          std::string("bag_decode_fwd") + (half ? "_bf16" : "") + (out16 ? "_o16" : "");
+      launch(name, w, n_bags, args);
     }
     if (stats.numel() > 0) {
       TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
@@ -468,7 +472,8 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &w = saved[0], &vals = saved[1], &cols = saved[2], &bags = saved[3];
-    const at::Tensor dout = grads[0].to(at::kFloat).contiguous();
+    const bool d16 = grads[0].scalar_type() == at::kBFloat16;
+    const at::Tensor dout = (d16 ? grads[0] : grads[0].to(at::kFloat)).contiguous();
     const int64_t rows = w.size(0), d = w.size(1), n = vals.numel();
     const auto [perm, col_offsets] = by_latent(cols, rows);
     const auto sink = ctx->saved_data.find("sink");
@@ -485,11 +490,13 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
     const auto stats = ctx->saved_data.find("stats");
     void *pst = stats == ctx->saved_data.end() ? nullptr : stats->second.toTensor().data_ptr();
     void *args[] = {&pw, &pdout, &pv, &pb, &pp, &pco, &pdw, &ppart, &r, &dd, &nn, &pst};
-    launch(g16 ? "bag_decode_bwd_g16" : "bag_decode_bwd", w, rows * spans, args);
+    const std::string name =
+        std::string("bag_decode_bwd") + (g16 ? "_g16" : "") + (d16 ? "_d16" : "");
+    launch(name, w, rows * spans, args);
     const at::Tensor dvals = part.sum(0);
     // With a sink, dW is there, and W gets none through autograd.
     if (g16) dw = at::Tensor();
-    return {dw,           dvals,        at::Tensor(), at::Tensor(),
+    return {dw,           dvals,        at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -498,7 +505,8 @@ struct BagDecode : public torch::autograd::Function<BagDecode> {
 // with parts [B, P, d]: the Matryoshka loss before its mean (kernels/matryoshka_l2.cu),
 // float32, differentiable in b_dec, parts and core (x is data). `core` [B, d] (empty: none) is
 // the core's part where the trainer decodes it as a dense block: it enters where part_0 does,
-// so its gradient is part_0's.
+// so its gradient is part_0's. The parts may be bf16 (BagDecode's out16), and then their
+// gradient is too (each rounded once), and b_dec's and the core's are part_0's rounded one.
 struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x_in, const at::Tensor &b_dec,
                             const at::Tensor &parts, const at::Tensor &core) {
@@ -509,9 +517,11 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
                      (core.sizes() == x_in.sizes() && core.scalar_type() == at::kFloat)),
                 "matryoshka_l2: x [B, d], b_dec [d], parts [B, P, d], core [B, d] or none");
     for (const at::Tensor *t : {&x_in, &b_dec, &parts})
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                      t->device() == x_in.device(),
-                  "matryoshka_l2: contiguous float32 tensors on one device");
+      TORCH_CHECK((t->scalar_type() == at::kFloat ||
+                   (t == &parts && t->scalar_type() == at::kBFloat16)) &&
+                      t->is_contiguous() && t->device() == x_in.device(),
+                  "matryoshka_l2: contiguous float32 tensors (parts float32 or bf16) on one "
+                  "device");
     const bool has_core = core.numel() > 0;
     const at::Tensor x = has_core ? x_in.sub(core).contiguous() : x_in;
     ctx->saved_data["core"] = has_core;
@@ -522,7 +532,8 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
            *ps = sq.data_ptr();
       long long nn = n, np = parts.size(1), d = x.size(1);
       void *args[] = {&px, &pb, &pp, &ps, &nn, &np, &d};
-      launch("matryoshka_l2_fwd", x, n, args);
+      launch(parts.scalar_type() == at::kBFloat16 ? "matryoshka_l2_fwd_bf16" : "matryoshka_l2_fwd",
+             x, n, args);
     }
     ctx->save_for_backward({x, b_dec, parts});
     return sq;
@@ -539,11 +550,12 @@ struct MatryoshkaL2 : public torch::autograd::Function<MatryoshkaL2> {
            *pd = dsq.data_ptr(), *pg = dparts.data_ptr();
       long long nn = n, np = parts.size(1), d = x.size(1);
       void *args[] = {&px, &pb, &pp, &pd, &pg, &nn, &np, &d};
-      launch("matryoshka_l2_bwd", x, n, args);
+      launch(parts.scalar_type() == at::kBFloat16 ? "matryoshka_l2_bwd_bf16" : "matryoshka_l2_bwd",
+             x, n, args);
     }
     // b_dec (and the core) enter every residual where part_0 does.
     const at::Tensor d0 = dparts.select(1, 0);
-    return {at::Tensor(), d0.sum(0), dparts,
+    return {at::Tensor(), d0.sum(0, false, at::kFloat), dparts,
             ctx->saved_data["core"].toBool() ? d0 : at::Tensor()};
   }
 };
@@ -795,8 +807,8 @@ extern "C" int dmsae_matryoshka_l2(at::Tensor *x, at::Tensor *b_dec, at::Tensor 
 // `stats`, `wh` and `sink` may be null (none).
 extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *cols,
                                 at::Tensor *bags, int64_t n_bags, at::Tensor *stats,
-                                at::Tensor *wh, at::Tensor *sink, at::Tensor **out, char *err,
-                                size_t err_len) {
+                                at::Tensor *wh, at::Tensor *sink, int64_t out16, at::Tensor **out,
+                                char *err, size_t err_len) {
   return guarded(
       [&] {
         // None as an empty tensor: autograd's apply asks every tensor argument its device.
@@ -804,7 +816,8 @@ extern "C" int dmsae_bag_decode(at::Tensor *w, at::Tensor *vals, at::Tensor *col
           return t ? *t : at::empty({0}, w->options().dtype(k));
         };
         return BagDecode::apply(*w, *vals, *cols, *bags, n_bags, none(stats, at::kDouble),
-                                none(wh, at::kBFloat16), none(sink, at::kBFloat16));
+                                none(wh, at::kBFloat16), none(sink, at::kBFloat16),
+                                out16 != 0);
       },
       out, err, err_len);
 }

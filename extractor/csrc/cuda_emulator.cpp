@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace emu {
@@ -284,41 +285,50 @@ extern "C" void dmsae_emulate(const char *name, unsigned grid, unsigned block, v
                   arg<AdamArgs>(a, 6));
       });
     });
-  } else if (k == "matryoshka_l2_fwd") {
+  } else if (k.rfind("matryoshka_l2_", 0) == 0) {
+    // matryoshka_l2_{fwd,bwd}[_bf16]: the parts' kind.
+    const bool fwd = k.rfind("matryoshka_l2_fwd", 0) == 0, h = ends_with(k, "_bf16");
     launch(grid, block, [=] {
-      matryoshka_l2_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1),
-                        arg<const float *>(a, 2), arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5),
-                        arg<ll>(a, 6));
+      auto f = [&](auto *parts) {
+        using P = std::remove_const_t<std::remove_pointer_t<decltype(parts)>>;
+        if (fwd)
+          matryoshka_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1), parts,
+                         arg<float *>(a, 3), arg<ll>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6));
+        else
+          matryoshka_bwd(arg<const float *>(a, 0), arg<const float *>(a, 1), parts,
+                         arg<const float *>(a, 3), arg<P *>(a, 4), arg<ll>(a, 5),
+                         arg<ll>(a, 6), arg<ll>(a, 7));
+      };
+      h ? f(arg<const bf16 *>(a, 2)) : f(arg<const float *>(a, 2));
     });
-  } else if (k == "matryoshka_l2_bwd") {
+  } else if (k.rfind("bag_decode_fwd", 0) == 0) {
+    // bag_decode_fwd[_bf16][_o16]: W's rows' kind, then out's.
+    const bool h = k.rfind("bag_decode_fwd_bf16", 0) == 0, o16 = ends_with(k, "_o16");
     launch(grid, block, [=] {
-      matryoshka_l2_bwd(arg<const float *>(a, 0), arg<const float *>(a, 1),
-                        arg<const float *>(a, 2), arg<const float *>(a, 3), arg<float *>(a, 4),
-                        arg<ll>(a, 5), arg<ll>(a, 6), arg<ll>(a, 7));
+      auto f = [&](auto *w, auto *out) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(w)>>;
+        constexpr int C = sizeof(T) == 2 ? DEC_PACKS_BF16 : DEC_PACKS;
+        bag_decode_rows<T, C>(w, arg<const float *>(a, 1), arg<const ll *>(a, 2),
+                              arg<const ll *>(a, 3), out, arg<ll>(a, 5), arg<ll>(a, 6));
+      };
+      auto g = [&](auto *w) {
+        o16 ? f(w, arg<bf16 *>(a, 4)) : f(w, arg<float *>(a, 4));
+      };
+      h ? g(arg<const bf16 *>(a, 0)) : g(arg<const float *>(a, 0));
     });
-  } else if (k == "bag_decode_fwd") {
-    launch(grid, block, [=] {
-      bag_decode_fwd(arg<const float *>(a, 0), arg<const float *>(a, 1), arg<const ll *>(a, 2),
-                     arg<const ll *>(a, 3), arg<float *>(a, 4), arg<ll>(a, 5), arg<ll>(a, 6));
-    });
-  } else if (k == "bag_decode_fwd_bf16") {
-    launch(grid, block, [=] {
-      bag_decode_fwd_bf16(arg<const bf16 *>(a, 0), arg<const float *>(a, 1),
-                          arg<const ll *>(a, 2), arg<const ll *>(a, 3), arg<float *>(a, 4),
-                          arg<ll>(a, 5), arg<ll>(a, 6));
-    });
-  } else if (k == "bag_decode_bwd" || k == "bag_decode_bwd_g16") {
-    const bool g16 = k == "bag_decode_bwd_g16";
+  } else if (k.rfind("bag_decode_bwd", 0) == 0) {
+    // bag_decode_bwd[_g16][_d16]: dW's kind, then dout's.
+    const bool g16 = k.find("_g16") != std::string::npos, d16 = ends_with(k, "_d16");
     launch(grid, block, [=] {
       void *dw = arg<void *>(a, 6);
-      auto f = [&](auto *o) {
-        bag_decode_bwd_rows(arg<const float *>(a, 0), arg<const float *>(a, 1),
-                            arg<const float *>(a, 2), arg<const ll *>(a, 3),
-                            arg<const ll *>(a, 4), arg<const ll *>(a, 5), o,
-                            arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9), arg<ll>(a, 10),
+      auto f = [&](auto *dout, auto *o) {
+        bag_decode_bwd_rows(arg<const float *>(a, 0), dout, arg<const float *>(a, 2),
+                            arg<const ll *>(a, 3), arg<const ll *>(a, 4), arg<const ll *>(a, 5),
+                            o, arg<float *>(a, 7), arg<ll>(a, 8), arg<ll>(a, 9), arg<ll>(a, 10),
                             arg<double *>(a, 11));
       };
-      g16 ? f((bf16 *)dw) : f((float *)dw);
+      auto g = [&](auto *dout) { g16 ? f(dout, (bf16 *)dw) : f(dout, (float *)dw); };
+      d16 ? g(arg<const bf16 *>(a, 1)) : g(arg<const float *>(a, 1));
     });
   } else if (k == "select_count_bf16" || k == "select_count_f32") {
     const bool h = k == "select_count_bf16";

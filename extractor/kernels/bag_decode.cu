@@ -6,7 +6,10 @@
 //
 // bag_decode_fwd, one warp a bag (bag_decode_fwd_bf16 the same over a bf16 copy of W, the
 // sums in float32: half the bytes of the forward's row reads, 2.4 GB a step at the paper's
-// sizes in float32); bag_decode_bwd, one warp a span of 256 columns of a row of
+// sizes in float32; _o16, out in bf16, each sum rounded once: the trainer's Matryoshka parts,
+// [B, 1 + G, d], whose gradient dout then comes back in bf16 too, and the backward's _d16
+// kernels read it: each entry reads a row of dout, 2.4 GB a step in float32 at the paper's
+// sizes); bag_decode_bwd, one warp a span of 256 columns of a row of
 // W: the row's gradient from its entries (grouped by column through `perm`, in entry order),
 // written once, zeros for a latent that did not fire; and, from the same reads of dout, each
 // entry's part of W[cols[e]] . dout[b] over the span, which the caller sums over the spans
@@ -30,9 +33,9 @@
 // A bf16 pack holds 8 columns, so 3 cover the same 768 columns a pass as 6 float packs.
 #define DEC_PACKS_BF16 3
 
-template <typename T, int W, int C>
+template <typename T, int W, int C, typename O>
 __device__ void bag_decode_bag(const T *w, const float *vals, const long long *cols,
-                               long long lo, long long hi, float *out, long long d, int lane) {
+                               long long lo, long long hi, O *out, long long d, int lane) {
   for (long long k0 = 0; k0 < d; k0 += 32 * W * C) {
     float acc[C][W];
 #pragma unroll
@@ -62,14 +65,14 @@ __device__ void bag_decode_bag(const T *w, const float *vals, const long long *c
     for (int i = 0; i < C; i++) {
       const long long k = k0 + W * (32 * i + lane);
       if (k < d) {
-        // In packs of at most 16 bytes: a bf16 pack's 8 columns go out as two.
-        const int O = W < kFloatPack ? W : kFloatPack;
+        // In packs of at most 16 bytes: a bf16 pack's 8 columns go out as two of floats.
+        const int P = W < PackLen<O>::n ? W : PackLen<O>::n;
 #pragma unroll
-        for (int h = 0; h < W / O; h++) {
-          Pack<float, O> p;
+        for (int h = 0; h < W / P; h++) {
+          Pack<O, P> p;
 #pragma unroll
-          for (int q = 0; q < O; q++) p.v[q] = acc[i][h * O + q];
-          store_pack<float, O>(out, (k + h * O) / O, p);
+          for (int q = 0; q < P; q++) put(&p.v[q], acc[i][h * P + q]);
+          store_pack<O, P>(out, (k + h * P) / P, p);
         }
       }
     }
@@ -78,9 +81,9 @@ __device__ void bag_decode_bag(const T *w, const float *vals, const long long *c
 
 // One warp a bag, over W's rows in T: 16-byte packs where they line up (768 columns a pass
 // either way: 6 packs of 4 floats, 3 of 8 bf16), a column at a time otherwise.
-template <typename T, int C>
+template <typename T, int C, typename O>
 __device__ void bag_decode_rows(const T *w, const float *vals, const long long *cols,
-                                const long long *offsets, float *out, long long n_bags,
+                                const long long *offsets, O *out, long long n_bags,
                                 long long d) {
   const long long b = warp_index();
   if (b >= n_bags) return;  // the whole warp
@@ -92,17 +95,17 @@ __device__ void bag_decode_rows(const T *w, const float *vals, const long long *
     bag_decode_bag<T, 1, DEC_COLS>(w, vals, cols, lo, hi, out + b * d, d, lane);
 }
 
-extern "C" __global__ void bag_decode_fwd(const float *w, const float *vals,
-                                          const long long *cols, const long long *offsets,
-                                          float *out, long long n_bags, long long d) {
-  bag_decode_rows<float, DEC_PACKS>(w, vals, cols, offsets, out, n_bags, d);
-}
-
-extern "C" __global__ void bag_decode_fwd_bf16(const bf16 *w, const float *vals,
-                                               const long long *cols, const long long *offsets,
-                                               float *out, long long n_bags, long long d) {
-  bag_decode_rows<bf16, DEC_PACKS_BF16>(w, vals, cols, offsets, out, n_bags, d);
-}
+// bag_decode_fwd[_bf16][_o16]: W's rows in T, out in O.
+#define BAG_DECODE_FWD(name, T, C, O)                                                  \
+  extern "C" __global__ void name(const T *w, const float *vals, const long long *cols, \
+                                  const long long *offsets, O *out, long long n_bags,    \
+                                  long long d) {                                         \
+    bag_decode_rows<T, C>(w, vals, cols, offsets, out, n_bags, d);                       \
+  }
+BAG_DECODE_FWD(bag_decode_fwd, float, DEC_PACKS, float)
+BAG_DECODE_FWD(bag_decode_fwd_bf16, bf16, DEC_PACKS_BF16, float)
+BAG_DECODE_FWD(bag_decode_fwd_o16, float, DEC_PACKS, bf16)
+BAG_DECODE_FWD(bag_decode_fwd_bf16_o16, bf16, DEC_PACKS_BF16, bf16)
 
 // Rows of dw a warp writes: a core latent fires on most tokens, and its thousands of entries
 // would hold one warp (and the kernel) far longer than the rest if it had the whole row.
@@ -137,8 +140,8 @@ __device__ __forceinline__ float lanes_sum_each(float (&p)[32], int lane) {
 // give its projected gradient 0 all the same. dw in float32, or in bf16 (bag_decode_bwd_g16:
 // the update reads a bf16 gradient, 4 bytes fewer a parameter each way), each sum rounded
 // once and the figures those of the rounded gradient, the one the update sees.
-template <typename O>
-__device__ void bag_decode_bwd_rows(const float *w, const float *dout, const float *vals,
+template <typename O, typename G>
+__device__ void bag_decode_bwd_rows(const float *w, const G *dout, const float *vals,
                                     const long long *bags, const long long *perm,
                                     const long long *col_offsets, O *dw, float *part,
                                     long long rows, long long d, long long n_entries,
@@ -173,12 +176,12 @@ __device__ void bag_decode_bwd_rows(const float *w, const float *dout, const flo
       dot[t] = 0.f;
       if (t < n) {  // the same for the whole warp
         const float v = from_lane(my_v, t);
-        const float *g = dout + from_lane(my_b, t) * d;
+        const G *g = dout + from_lane(my_b, t) * d;
 #pragma unroll
         for (int c = 0; c < DW_SPAN / 32; c++) {
           const long long k = k0 + 32 * c + lane;
           if (k < d) {
-            const float gk = g[k];
+            const float gk = to_f(g[k]);
             acc[c] += v * gk;
             dot[t] += wj[c] * gk;
           }
@@ -214,21 +217,17 @@ __device__ void bag_decode_bwd_rows(const float *w, const float *dout, const flo
   }
 }
 
-extern "C" __global__ void bag_decode_bwd(const float *w, const float *dout, const float *vals,
-                                          const long long *bags, const long long *perm,
-                                          const long long *col_offsets, float *dw, float *part,
-                                          long long rows, long long d, long long n_entries,
-                                          double *stats) {
-  bag_decode_bwd_rows(w, dout, vals, bags, perm, col_offsets, dw, part, rows, d, n_entries,
-                      stats);
-}
-
-extern "C" __global__ void bag_decode_bwd_g16(const float *w, const float *dout,
-                                              const float *vals, const long long *bags,
-                                              const long long *perm,
-                                              const long long *col_offsets, bf16 *dw,
-                                              float *part, long long rows, long long d,
-                                              long long n_entries, double *stats) {
-  bag_decode_bwd_rows(w, dout, vals, bags, perm, col_offsets, dw, part, rows, d, n_entries,
-                      stats);
-}
+// bag_decode_bwd[_g16][_d16]: dw in O, dout in G.
+#define BAG_DECODE_BWD(name, O, G)                                                           \
+  extern "C" __global__ void name(const float *w, const G *dout, const float *vals,          \
+                                  const long long *bags, const long long *perm,              \
+                                  const long long *col_offsets, O *dw, float *part,          \
+                                  long long rows, long long d, long long n_entries,          \
+                                  double *stats) {                                           \
+    bag_decode_bwd_rows(w, dout, vals, bags, perm, col_offsets, dw, part, rows, d, n_entries, \
+                        stats);                                                              \
+  }
+BAG_DECODE_BWD(bag_decode_bwd, float, float)
+BAG_DECODE_BWD(bag_decode_bwd_g16, bf16, float)
+BAG_DECODE_BWD(bag_decode_bwd_d16, float, bf16)
+BAG_DECODE_BWD(bag_decode_bwd_g16_d16, bf16, bf16)

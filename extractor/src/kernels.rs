@@ -128,8 +128,12 @@ pub const BAG_DECODE: Source = Source {
     kernels: &[
         "bag_decode_fwd",
         "bag_decode_fwd_bf16",
+        "bag_decode_fwd_o16",
+        "bag_decode_fwd_bf16_o16",
         "bag_decode_bwd",
         "bag_decode_bwd_g16",
+        "bag_decode_bwd_d16",
+        "bag_decode_bwd_g16_d16",
     ],
 };
 /// The trainer's W_enc and b_enc gradients from the codes alone, through csrc/autograd.cpp
@@ -151,7 +155,12 @@ pub const MATRYOSHKA_L2: Source = Source {
     name: "matryoshka_l2.cu",
     off: "DMSAE_FUSED_LOSS",
     text: include_str!("../kernels/matryoshka_l2.cu"),
-    kernels: &["matryoshka_l2_fwd", "matryoshka_l2_bwd"],
+    kernels: &[
+        "matryoshka_l2_fwd",
+        "matryoshka_l2_bwd",
+        "matryoshka_l2_fwd_bf16",
+        "matryoshka_l2_bwd_bf16",
+    ],
 };
 pub const SOURCES: [&Source; 10] = [
     &SOFTCAP_CE,
@@ -914,7 +923,7 @@ entry_points! {
     (x: CTensor, b_dec: CTensor, parts: CTensor, core: CTensor) => dmsae_matryoshka_l2;
     (x: CTensor, w: CTensor, wt: CTensor) => dmsae_linear_t;
     (w: CTensor, vals: CTensor, cols: CTensor, bags: CTensor, n_bags: i64, stats: CTensor,
-        wh: CTensor, sink: CTensor) => dmsae_bag_decode;
+        wh: CTensor, sink: CTensor, out16: i64) => dmsae_bag_decode;
     (w: CTensor, bias: CTensor, b_dec: CTensor, xc: CTensor, vals: CTensor, rows: CTensor,
         cols: CTensor, sq: CTensor, sq_from: i64, sink: CTensor, host: i64) =>
         dmsae_encoder_entries;
@@ -942,7 +951,8 @@ fn autograd_op(op: AutogradOp, a: &Tensor, b: &Tensor, x: f64) -> Result<Tensor,
 /// Per token of x [B, d], the sum over prefixes p >= 1 of |x - core - b_dec - parts[:, 0] -
 /// ... - parts[:, p]|^2 (parts [B, P, d]; `core` [B, d], the core's part decoded apart, or
 /// none), differentiable in b_dec, parts and core (kernels/matryoshka_l2.cu through
-/// csrc/autograd.cpp). Contiguous float32 on one device; CPU tensors are emulated (tests:
+/// csrc/autograd.cpp). Contiguous float32 on one device, but for parts, which may be bf16
+/// (`bag_decode`'s `out16`; their gradient is then bf16 too); CPU tensors are emulated (tests:
 /// slow).
 pub fn matryoshka_l2(
     x: &Tensor,
@@ -1297,7 +1307,8 @@ pub fn encoder_entries(
 /// filled by the backward with W's gradient's figures for the update. `wh`, when given, is W
 /// in bf16 (contiguous, as a cast rounds), which the forward reads in W's place. `sink`, when
 /// given (bf16, W's shape), takes W's gradient in bf16 instead of autograd, as
-/// `encoder_entries`' does.
+/// `encoder_entries`' does. `out16`: the sums in bf16, each rounded once (the trainer's
+/// `parts_bf16`); their gradient then comes back in bf16, and the backward reads it so.
 #[allow(clippy::too_many_arguments)]
 pub fn bag_decode(
     w: &Tensor,
@@ -1308,6 +1319,7 @@ pub fn bag_decode(
     stats: Option<&Tensor>,
     wh: Option<&Tensor>,
     sink: Option<&Tensor>,
+    out16: bool,
 ) -> Result<Tensor, String> {
     let stats = stats.map_or(std::ptr::null_mut(), ptr);
     let wh = wh.map_or(std::ptr::null_mut(), ptr);
@@ -1324,6 +1336,7 @@ pub fn bag_decode(
             stats,
             wh,
             sink,
+            out16 as i64,
             out,
             err,
             len,
@@ -2388,8 +2401,9 @@ pub(crate) mod tests {
     /// entries 32 at a time), an empty bag and a latent that never fires, rows of 42 floats (one
     /// at a time) and of 304 (16-byte packs of floats and of bf16; two spans of the W
     /// gradients). The decoder's forward also over W's bf16 copy, against the float64 sums of
-    /// its rounded rows; the encoder's gradient also from a bf16 xc, against its rounded rows',
-    /// and into a bf16 sink, against the float32 kernel's rounded.
+    /// its rounded rows, and into bf16 sums, whose bf16 gradient the backward reads; the
+    /// encoder's gradient also from a bf16 xc, against its rounded rows', and into a bf16
+    /// sink, against the float32 kernel's rounded.
     fn sparse_kernels_against_float64(device: Device) {
         tch::manual_seed(5);
         let f64_ = (Kind::Double, device);
@@ -2438,8 +2452,18 @@ pub(crate) mod tests {
             let v32 = vals.to_kind(Kind::Float).set_requires_grad(true);
             let stats = bag_decode_stats(&w32);
             let decode = |stats: &Tensor, sink: Option<&Tensor>| {
-                let out =
-                    bag_decode(&w32, &v32, &cols, &bags, n_bags, Some(stats), None, sink).unwrap();
+                let out = bag_decode(
+                    &w32,
+                    &v32,
+                    &cols,
+                    &bags,
+                    n_bags,
+                    Some(stats),
+                    None,
+                    sink,
+                    false,
+                )
+                .unwrap();
                 let g = Tensor::run_backward(
                     &[(&out * r.to_kind(Kind::Float)).sum(None)],
                     &[&w32, &v32],
@@ -2461,6 +2485,48 @@ pub(crate) mod tests {
                 "{case}: the sink is not W's float32 gradient rounded"
             );
             assert!(g16[1].equal(&g[1]), "{case}: the values' gradient moved");
+            // The sums in bf16 (the trainer's `parts_bf16`): the float32 sums rounded once,
+            // bit for bit. Their gradient comes back in bf16 and the backward reads it so: W's
+            // (in float32 and into a sink) and the values' equal, bit for bit, the float32
+            // kernel's from the same gradient in float32.
+            let r16 = r.to_kind(Kind::BFloat16);
+            for sink in [
+                None,
+                Some(Tensor::empty(w32.size(), (Kind::BFloat16, device))),
+            ] {
+                let grads = |out16: bool| {
+                    let out = bag_decode(
+                        &w32,
+                        &v32,
+                        &cols,
+                        &bags,
+                        n_bags,
+                        None,
+                        None,
+                        sink.as_ref(),
+                        out16,
+                    )
+                    .unwrap();
+                    let loss = match out16 {
+                        true => (&out * &r16).sum(None),
+                        false => (&out * r16.to_kind(Kind::Float)).sum(None),
+                    };
+                    let g = Tensor::run_backward(&[loss], &[&w32, &v32], true, false);
+                    let dw = sink.as_ref().map_or(g[0].shallow_clone(), |s| s.copy());
+                    (out, dw, g[1].shallow_clone())
+                };
+                let ((o32, dw32, dv32), (o16, dw16, dv16)) = (grads(false), grads(true));
+                assert_eq!(o16.kind(), Kind::BFloat16, "{case}: bf16 sums' kind");
+                assert!(
+                    o16.equal(&o32.to_kind(Kind::BFloat16)),
+                    "{case}: the bf16 sums are not the float32 ones rounded"
+                );
+                assert!(
+                    dw16.equal(&dw32) && dv16.equal(&dv32),
+                    "{case}: the gradients from a bf16 gradient of the sums (sink {})",
+                    sink.is_some()
+                );
+            }
             let (s16, sd) = (
                 sink.to_kind(Kind::Double),
                 w32.detach().to_kind(Kind::Double),
@@ -2512,8 +2578,34 @@ pub(crate) mod tests {
             ]);
             // Over the bf16 copy: its rounded rows, not W's (which differ by about 2^-9).
             let wh = w32.detach().to_kind(Kind::BFloat16);
-            let out_h =
-                bag_decode(&w32, &v32, &cols, &bags, n_bags, None, Some(&wh), None).unwrap();
+            let out_h = bag_decode(
+                &w32,
+                &v32,
+                &cols,
+                &bags,
+                n_bags,
+                None,
+                Some(&wh),
+                None,
+                false,
+            )
+            .unwrap();
+            let out_h16 = bag_decode(
+                &w32,
+                &v32,
+                &cols,
+                &bags,
+                n_bags,
+                None,
+                Some(&wh),
+                None,
+                true,
+            )
+            .unwrap();
+            assert!(
+                out_h16.equal(&out_h.to_kind(Kind::BFloat16)),
+                "{case}: the bf16 sums over bf16 rows are not the float32 ones rounded"
+            );
             let want_h = Tensor::zeros([n_bags, d], f64_).index_add(
                 0,
                 &bags,

@@ -101,6 +101,16 @@ pub struct TrainConfig {
     /// on a GPU.
     #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
     pub decoder_grad_bf16: Option<bool>,
+    /// The training step's Matryoshka parts (the sparse decoder's output, [B, 1 + G, d]) in
+    /// bf16, each float32 sum rounded once, and so their gradient, which the decoder's
+    /// backward reads: an entry reads a row of it, 2.4 GB a step in float32 at the paper's
+    /// sizes. The loss's sums stay float32. None: on CUDA, where bag_decode.cu runs; float32
+    /// elsewhere. Ours: with the parts (and their gradient) rounded to bf16 on the CPU (the
+    /// real Gemma-3-270M sample, width 1,024, k 32, 5 seeds) the held-out FVU moved by
+    /// -0.00003 to +0.00006, against 0.012 between seeds (docs/BENCHMARKS.md). Not yet timed
+    /// on a GPU.
+    #[serde(skip_serializing_if = "Option::is_none")] // runs from before the key compare equal
+    pub parts_bf16: Option<bool>,
     /// A given core is held fixed (encoder rows and b_enc). METHOD.md "frozen or trainable ...
     /// make it a key (default frozen)".
     pub core_frozen: bool,
@@ -196,6 +206,7 @@ impl Default for TrainConfig {
             adam_bf16_moments: None,
             encoder_grad_bf16: None,
             decoder_grad_bf16: None,
+            parts_bf16: None,
             core_frozen: true,
             steps: 30_000,
             tokens: None,

@@ -500,7 +500,7 @@ impl Sae {
 
     pub fn decode(&self, f_bf: &Tensor) -> Tensor {
         let codes = Codes::of(f_bf);
-        self.decode_bags(&codes, &codes.rows, codes.batch, None, None, None) + &self.b_dec
+        self.decode_bags(&codes, &codes.rows, codes.batch, None, None, None, false) + &self.b_dec
     }
 
     /// sum of f_j W_dec[j] over each bag's entries, [n_bags, d], touching only the active
@@ -510,6 +510,8 @@ impl Sae {
     /// `kernels::bag_decode`, which alone fills them. `w_h`: W_dec in bf16 (its cast), which
     /// the forward reads instead (`TrainConfig::decoder_bf16`); the gradients are W_dec's.
     /// `sink`: W_dec's gradient in bf16 (`kernels::bag_decode`; the kernel's path only).
+    /// `out16`: the sums in bf16, and so their gradient (`kernels::bag_decode`; likewise).
+    #[allow(clippy::too_many_arguments)]
     fn decode_bags(
         &self,
         codes: &Codes,
@@ -518,11 +520,12 @@ impl Sae {
         stats: Option<&Tensor>,
         w_h: Option<&Tensor>,
         sink: Option<&Tensor>,
+        out16: bool,
     ) -> Tensor {
         let w = &self.w_dec;
         assert!(
-            sink.is_none() || self.fused_decode(),
-            "a bf16 W_dec gradient off the kernel"
+            (sink.is_none() && !out16) || self.fused_decode(),
+            "a bf16 W_dec gradient or bf16 sums off the kernel"
         );
         if self.fused_decode() {
             // One pass a direction, and a W_dec gradient written once (kernels/bag_decode.cu).
@@ -536,6 +539,7 @@ impl Sae {
                 stats,
                 w_h,
                 sink,
+                out16,
             )
             .unwrap_or_else(|e| panic!("sparse decode: {e}"));
         }
@@ -619,8 +623,8 @@ impl Sae {
     /// The core's and each group's part of the reconstruction, [B, 1 + groups, d], without
     /// b_dec, from one `embedding_bag` whose bags are (token, part): one gather of the active
     /// rows and one dense W_dec gradient in the backward, where a bag call per part made one
-    /// each and autograd summed them. `starts`: `part_starts`; `stats`, `w_h` and `sink`: see
-    /// `decode_bags`.
+    /// each and autograd summed them. `starts`: `part_starts`; `stats`, `w_h`, `sink` and
+    /// `out16` (the parts in bf16): see `decode_bags`.
     pub fn decode_parts(
         &self,
         codes: &Codes,
@@ -628,12 +632,13 @@ impl Sae {
         stats: Option<&Tensor>,
         w_h: Option<&Tensor>,
         sink: Option<&Tensor>,
+        out16: bool,
     ) -> Tensor {
         let parts = 1 + self.groups.len() as i64;
         let part = codes.cols.bucketize(starts, false, true);
         // Parts are column ranges, so within a token the bags stay in order.
         let bag = &codes.rows * parts + part;
-        self.decode_bags(codes, &bag, codes.batch * parts, stats, w_h, sink)
+        self.decode_bags(codes, &bag, codes.batch * parts, stats, w_h, sink, out16)
             .view([codes.batch, parts, self.d_in as i64])
     }
 
@@ -1141,6 +1146,9 @@ pub struct Trainer {
     enc_grad_bf16: bool,
     /// The same for W_dec (`TrainConfig::decoder_grad_bf16`).
     dec_grad_bf16: bool,
+    /// The Matryoshka parts and their gradient in bf16 where the decoder's kernel runs
+    /// (`TrainConfig::parts_bf16`, as resolved).
+    parts16: bool,
 }
 
 impl Trainer {
@@ -1171,6 +1179,7 @@ impl Trainer {
             w_enc_h: None,
             enc_grad_bf16: cfg.encoder_grad_bf16.unwrap_or(sae.device().is_cuda()),
             dec_grad_bf16: cfg.decoder_grad_bf16.unwrap_or(sae.device().is_cuda()),
+            parts16: cfg.parts_bf16.unwrap_or(sae.device().is_cuda()),
             dec_bf16: cfg.decoder_bf16.unwrap_or_else(|| {
                 sae.device().is_cuda() && kernels::use_fused(&sae.w_dec, &kernels::BAG_DECODE)
             }),
@@ -1291,6 +1300,7 @@ impl Trainer {
             dec_stats.as_ref(),
             w_dec_h.as_ref(),
             dec_sink.as_ref(),
+            self.parts_bf16(),
         );
         // A core block: its part of the reconstruction is one product, in float32 (the entries'
         // decoder may read bf16 rows).
@@ -1301,7 +1311,12 @@ impl Trainer {
             core_bd
         });
         let l2 = s.matryoshka_l2(x_bd, &parts_bgd, core_bd.as_ref());
-        let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, None) + &s.b_dec;
+        // bf16 parts (`parts_bf16`) summed in float32.
+        let sum_kind = match parts_bgd.kind() {
+            Kind::BFloat16 => Kind::Float,
+            k => k,
+        };
+        let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, sum_kind) + &s.b_dec;
         let x_hat_bd = match &core_bd {
             Some(core) => x_hat_bd + core,
             None => x_hat_bd,
@@ -1956,6 +1971,12 @@ impl Trainer {
             && kernels::use_fused(&self.sae.w_dec, &kernels::ADAM)
     }
 
+    /// Whether the training step's Matryoshka parts, and their gradient, are bf16 (where the
+    /// decoder's kernel runs; `TrainConfig::parts_bf16`).
+    pub fn parts_bf16(&self) -> bool {
+        self.parts16 && self.sae.fused_decode()
+    }
+
     /// Whether the training decoder's forward reads W_dec in bf16.
     pub fn decoder_bf16(&self) -> bool {
         self.dec_bf16
@@ -2240,7 +2261,9 @@ mod tests {
 
     /// The fused Matryoshka loss (matryoshka_l2.cu, emulated) against the ATen chain: the loss
     /// and its gradients in b_dec and the parts, to float32 summation order (1e-5 relative);
-    /// d = 40 leaves the second lane pass part-filled.
+    /// d = 40 leaves the second lane pass part-filled. With bf16 parts (`parts_bf16`): the
+    /// loss is the float32 kernel's over the rounded parts, their gradient its gradient
+    /// rounded, bit for bit, and b_dec's the float32 sum of the rounded part 0's.
     #[test]
     fn the_fused_loss_matches_aten() {
         fused_loss_against_aten(Device::Cpu, 40);
@@ -2282,6 +2305,43 @@ mod tests {
             (l2.detach(), g)
         };
         let ((l2, g), (want_l2, want_g)) = (run(true), run(false));
+        // The parts in bf16, on the kernel's path and on ATen's (which promotes them).
+        let parts16 = parts32.to_kind(Kind::BFloat16);
+        let rounded = parts16.to_kind(Kind::Float).set_requires_grad(true);
+        let l2_r = with_kernel(&kernels::MATRYOSHKA_L2, true, || {
+            sae.matryoshka_l2(&x, &rounded, None)
+        });
+        let g_r = Tensor::run_backward(&[&l2_r], &[&rounded], false, false);
+        for fused in [true, false] {
+            let p16 = parts16.copy().set_requires_grad(true);
+            let l2_16 = with_kernel(&kernels::MATRYOSHKA_L2, fused, || {
+                sae.matryoshka_l2(&x, &p16, None)
+            });
+            let g16 = Tensor::run_backward(&[&l2_16], &[&sae.b_dec, &p16], false, false);
+            assert_eq!(g16[1].kind(), Kind::BFloat16, "bf16 parts' gradient");
+            if fused {
+                let want_db = g_r[0].select(1, 0).to_kind(Kind::BFloat16).sum_dim_intlist(
+                    0,
+                    false,
+                    Kind::Float,
+                );
+                assert!(
+                    l2_16.equal(&l2_r) && g16[1].equal(&g_r[0].to_kind(Kind::BFloat16)),
+                    "bf16 parts: the loss or their gradient is not the float32 kernel's"
+                );
+                let db16 = rel_max(&g16[0], &want_db);
+                assert!(db16 <= 1e-6, "bf16 parts: b_dec's gradient, {db16:e}");
+            }
+            // Against float32 parts, within bf16's rounding of the parts.
+            let (dl16, dp16) = (
+                rel_max(&l2_16, &want_l2),
+                rel_max(&g16[1].to_kind(Kind::Float), &want_g[1]),
+            );
+            assert!(
+                dl16 <= 1e-2 && dp16 <= 1e-2 && dp16 > 0.0,
+                "bf16 parts (fused {fused}): loss {dl16:e}, parts' gradient {dp16:e}"
+            );
+        }
         let dl = rel_max(&l2, &want_l2);
         let (db, dp) = (rel_max(&g[0], &want_g[0]), rel_max(&g[1], &want_g[1]));
         eprintln!("matryoshka loss on {device:?}, d {d}: loss {dl:.2e}, b_dec gradient {db:.2e}, parts gradient {dp:.2e}");
@@ -2366,7 +2426,7 @@ mod tests {
         let run = |fused: bool| {
             let (codes, parts) = with_kernel(&kernels::BAG_DECODE, fused, || {
                 let codes = sae.train_codes(&sae.pre_acts(&x, sae.width()));
-                let parts = sae.decode_parts(&codes, &sae.part_starts(), None, None, None);
+                let parts = sae.decode_parts(&codes, &sae.part_starts(), None, None, None, false);
                 (codes, parts)
             });
             let loss = (&parts * &proj).sum(None);
@@ -2641,32 +2701,38 @@ mod tests {
         }
     }
 
-    /// Whole steps with W_enc's and W_dec's gradients in bf16 (every kernel emulated, a
-    /// trained core, 9 latents dead at first) follow those with them in float32 to about
-    /// bf16's precision, and move apart from them (the bf16 gradients reached the update).
+    /// Whole steps with W_enc's and W_dec's gradients in bf16, or with the Matryoshka parts
+    /// and their gradient in bf16 (every kernel emulated, a trained core, 9 latents dead at
+    /// first), follow those in float32 to about bf16's precision, and move apart from them
+    /// (the bf16 values reached the update).
     #[test]
     fn steps_with_bf16_gradients_follow_float32s() {
         let d = 24;
         let (_, x) = sparse_dictionary(d, 20, 3, 64, 0.2, 6);
         let x_bd = tensor(&x, 64, Kind::Float);
-        let run = |g16: bool| {
+        let run = |g16: bool, p16: bool| {
             let mut t = core_and_dead_trainer(d, Kind::Float, Device::Cpu, 5);
-            (t.enc_grad_bf16, t.dec_grad_bf16) = (g16, g16);
+            (t.enc_grad_bf16, t.dec_grad_bf16, t.parts16) = (g16, g16, p16);
             kernels::emulate_on_cpu(true);
-            assert_eq!((t.encoder_grad_bf16(), t.decoder_grad_bf16()), (g16, g16));
+            assert_eq!(
+                (t.encoder_grad_bf16(), t.decoder_grad_bf16(), t.parts_bf16()),
+                (g16, g16, p16)
+            );
             for _ in 0..3 {
                 t.update(&x_bd);
             }
             kernels::emulate_on_cpu(false);
             [t.sae.w_enc.detach().copy(), t.sae.w_dec.detach().copy()]
         };
-        let (a, b) = (run(true), run(false));
-        for i in 0..2 {
-            let rel = rel_max(&a[i], &b[i]);
-            assert!(
-                rel > 0.0 && rel <= 1e-3,
-                "weight {i}: {rel:e} of its largest apart"
-            );
+        let f32s = run(false, false);
+        for (what, a) in [("gradients", run(true, false)), ("parts", run(false, true))] {
+            for i in 0..2 {
+                let rel = rel_max(&a[i], &f32s[i]);
+                assert!(
+                    rel > 0.0 && rel <= 1e-3,
+                    "bf16 {what}, weight {i}: {rel:e} of its largest apart"
+                );
+            }
         }
     }
 

@@ -722,6 +722,7 @@ impl Member {
             "adam_bf16_moments": t.bf16_moments(),
             "encoder_grad_bf16": t.encoder_grad_bf16(),
             "decoder_grad_bf16": t.decoder_grad_bf16(),
+            "parts_bf16": t.parts_bf16(),
             "eval": eval,
             "store": {
                 "path": store_dir.display().to_string(),
