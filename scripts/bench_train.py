@@ -260,25 +260,40 @@ def main():
         ours, wait, dead = rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
                                 a.threads, dead_tokens)
         bf16 = ", bf16 encoder product" if a.device != "cpu" else ""
-        rows = [(f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours)]
+        rows = []
+
+        def add(row):
+            # Each row as it comes, so a run cut off by a time limit still tells what it timed.
+            rows.append(row)
+            print(f"-- {row[0]}: {row[1]:,.0f} tokens/s, dmsae / this {ours / row[1]:.2f}",
+                  flush=True)
+
+        add((f"dmsae train (sparse decoder{bf16}, streamed from the store)", ours))
         if a.base:  # the same bench of an earlier version, alternating with this one
             for r in (1, 2):
-                rows.append((f"base {a.base}, run {r}",
-                             rate(a.base, store, work, width, k, batch, steps, warm,
-                                        a.device, a.threads, dead_tokens)[0]))
+                add((f"base {a.base}, run {r}",
+                     rate(a.base, store, work, width, k, batch, steps, warm, a.device,
+                          a.threads, dead_tokens)[0]))
                 if r == 1:
-                    rows.append(("dmsae train, run 2",
-                                 rate(a.dmsae, store, work, width, k, batch, steps, warm,
-                                            a.device, a.threads, dead_tokens)[0]))
+                    add(("dmsae train, run 2",
+                         rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                              a.threads, dead_tokens)[0]))
+        # The anchors before the variants: the ratio the issue asks for comes first.
+        torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
+        add(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
+             anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens, a.core)))
+        if a.device != "cpu":
+            add(("eager PyTorch, bf16 autocast",
+                 anchor_rate(xt, width, k, batch, steps, warm, a.device, True, dead_tokens,
+                             a.core)))
         if a.encoder_f32:  # what the bf16 encoder product buys
-            rows.append(("dmsae train, float32 encoder product (encoder_bf16 = false)",
-                         rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
-                                    a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
+            add(("dmsae train, float32 encoder product (encoder_bf16 = false)",
+                 rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                      a.threads, dead_tokens, "encoder_bf16 = false\n")[0]))
         if a.core:  # what the core as a block buys
-            rows.append(("dmsae train, the core's entries listed with BatchTopK's "
-                         "(DMSAE_CORE_BLOCK=0)",
-                         rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
-                              a.threads, dead_tokens, "", {"DMSAE_CORE_BLOCK": "0"})[0]))
+            add(("dmsae train, the core's entries listed with BatchTopK's (DMSAE_CORE_BLOCK=0)",
+                 rate(a.dmsae, store, work, width, k, batch, steps, warm, a.device,
+                      a.threads, dead_tokens, "", {"DMSAE_CORE_BLOCK": "0"})[0]))
         if a.kernels_ab:  # what dmsae's trainer kernels buy
             off = {k: "0" for k in ("DMSAE_FUSED_ADAM", "DMSAE_FUSED_DECODE",
                                     "DMSAE_FUSED_ENCODER_GRAD", "DMSAE_FUSED_LOSS",
@@ -315,16 +330,8 @@ def main():
                  "the pre-activations, not one (DMSAE_SELECT_SLOTS=0)", "",
                  {"DMSAE_SELECT_SLOTS": "0"}),
             ):
-                rows.append((name, rate(a.dmsae, store, work, width, k, batch, steps, warm,
-                                              a.device, a.threads, dead_tokens, extra, env)[0]))
-        torch.backends.cuda.matmul.allow_tf32 = True  # the issue's float32 anchor used tf32
-        rows.append(("eager PyTorch, float32" + (" (tf32)" if a.device != "cpu" else ""),
-                     anchor_rate(xt, width, k, batch, steps, warm, a.device, False, dead_tokens,
-                                 a.core)))
-        if a.device != "cpu":
-            rows.append(("eager PyTorch, bf16 autocast",
-                         anchor_rate(xt, width, k, batch, steps, warm, a.device, True, dead_tokens,
-                                 a.core)))
+                add((name, rate(a.dmsae, store, work, width, k, batch, steps, warm,
+                                a.device, a.threads, dead_tokens, extra, env)[0]))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
