@@ -108,6 +108,9 @@ gpu-bundle: build
 	done
 	cargo build $(CARGO_FLAGS) -p dmsae-store --example writer_rate --example stream_rate
 	for e in writer_rate stream_rate; do strip -o gpu/$$e target/release/examples/$$e || exit 1; done
+	# Real activations for the checks' FVU step: the demo's store, else the real sample's (make demo-sample).
+	rm -rf gpu/demo-extract && src=$$(ls -d target/demo/extract target/demo-store 2>/dev/null | head -1); \
+	  if [ -n "$$src" ]; then cp -r "$$src" gpu/demo-extract; fi
 ifdef GPU_BASE
 	rm -rf target/gpu-base-src && git worktree prune && git worktree add -f --detach target/gpu-base-src $(GPU_BASE)
 	cd target/gpu-base-src && CARGO_TARGET_DIR=$(abspath target/gpu-base) cargo build $(CARGO_FLAGS) --bin dmsae

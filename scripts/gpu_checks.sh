@@ -6,8 +6,8 @@
 #                      --lib --no-run` prints the path)
 #   gpu/extractor-tests the extractor's unit tests, stripped (the same with -p dmsae-extractor):
 #                      dmsae's CUDA kernels against the ATen sequences they replace
-#   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract),
-#                      for the bf16-encoder FVU check
+#   gpu/demo-extract   a store of real Gemma-3-270M activations (make demo's target/demo/extract,
+#                      else make demo-sample's target/demo-store), for the FVU checks
 #   run: OUT=$OUT bash scripts/gpu_checks.sh            (figures in $OUT/gpu-checks.log)
 #   ONLY="env adam kernels model extract base knobs ab train trainauxk traindead traincore fvu" runs only the steps named (default: all; the
 #   names are those of the `want` tests below). TRAIN_EXTRA= leaves out the train step's float32
