@@ -1563,14 +1563,37 @@ pub fn top_entries(
     )?;
     // (Emulated, two blocks: the tests' inputs then take several turns of the loops.)
     let grid = blocks.min(if dev.is_cuda() { TOP_HIST_BLOCKS } else { 2 });
+    // The kernels over p take (p, n, width, c, st, then the rest); the slots' (st, chunks,
+    // cap, slots, slot_n, then the rest).
+    let over_p = [
+        addr(&mut pp),
+        addr(&mut n),
+        addr(&mut width),
+        addr(&mut c_),
+        addr(&mut sp),
+    ];
+    let over_slots = [
+        addr(&mut sp),
+        addr(&mut chunks),
+        addr(&mut cap),
+        addr(&mut slp),
+        addr(&mut snp),
+    ];
+    let with = |kernel: &str, grid: u32, lead: &[*mut c_void], rest: &[*mut c_void]| {
+        let mut params: Vec<*mut c_void> = lead.iter().chain(rest).copied().collect();
+        go(kernel, grid, SEL_THREADS, &mut params)
+    };
     // One round with the cut, which fills the slots, and the two of the whole range that
     // finding t can take without.
+    let hist_rest = [
+        addr(&mut hp),
+        addr(&mut cap),
+        addr(&mut slp),
+        addr(&mut snp),
+        addr(&mut op),
+    ];
     for _ in 0..3 {
-        #[rustfmt::skip]
-        go("select_top_hist", grid, SEL_THREADS, &mut [
-            addr(&mut pp), addr(&mut n), addr(&mut width), addr(&mut c_), addr(&mut sp),
-            addr(&mut hp), addr(&mut cap), addr(&mut slp), addr(&mut snp), addr(&mut op),
-        ])?;
+        with("select_top_hist", grid, &over_p, &hist_rest)?;
         go(
             "select_top_find",
             1,
@@ -1580,28 +1603,19 @@ pub fn top_entries(
     }
     // Each chunk's counts, then places, then entries: the slotted chunks' from their slots (a
     // warp each), the others' from p.
-    #[rustfmt::skip]
-    go("select_top_slot_count", warps, SEL_THREADS, &mut [
-        addr(&mut sp), addr(&mut chunks), addr(&mut cap), addr(&mut slp), addr(&mut snp),
-        addr(&mut gp), addr(&mut ep),
-    ])?;
-    #[rustfmt::skip]
-    go("select_top_count", grid, SEL_THREADS, &mut [
-        addr(&mut pp), addr(&mut n), addr(&mut width), addr(&mut c_), addr(&mut sp),
-        addr(&mut op), addr(&mut gp), addr(&mut ep),
-    ])?;
+    let (g, e, o) = (addr(&mut gp), addr(&mut ep), addr(&mut op));
+    with("select_top_slot_count", warps, &over_slots, &[g, e])?;
+    with("select_top_count", grid, &over_p, &[o, g, e])?;
     let (gt_starts, eq_starts) = (places(&gt), places(&eq));
     let (mut gsp, mut esp) = (gt_starts.data_ptr(), eq_starts.data_ptr());
-    #[rustfmt::skip]
-    go("select_top_slot_write", warps, SEL_THREADS, &mut [
-        addr(&mut sp), addr(&mut chunks), addr(&mut cap), addr(&mut slp), addr(&mut snp),
-        addr(&mut gsp), addr(&mut esp), addr(&mut width), addr(&mut rp), addr(&mut lp),
-    ])?;
-    #[rustfmt::skip]
-    go("select_top_write", grid, SEL_THREADS, &mut [
-        addr(&mut pp), addr(&mut n), addr(&mut width), addr(&mut c_), addr(&mut sp),
-        addr(&mut op), addr(&mut gsp), addr(&mut esp), addr(&mut rp), addr(&mut lp),
-    ])?;
+    let (gs, es, r, l) = (addr(&mut gsp), addr(&mut esp), addr(&mut rp), addr(&mut lp));
+    with(
+        "select_top_slot_write",
+        warps,
+        &over_slots,
+        &[gs, es, addr(&mut width), r, l],
+    )?;
+    with("select_top_write", grid, &over_p, &[o, gs, es, r, l])?;
     Ok((rows, cols))
 }
 
@@ -2451,19 +2465,16 @@ pub(crate) mod tests {
             let w32 = w.to_kind(Kind::Float).set_requires_grad(true);
             let v32 = vals.to_kind(Kind::Float).set_requires_grad(true);
             let stats = bag_decode_stats(&w32);
+            // These rows and values through the kernel, with the given stats, bf16 copy,
+            // sink and kind of out.
+            let bag = |stats: Option<&Tensor>,
+                       wh: Option<&Tensor>,
+                       sink: Option<&Tensor>,
+                       out16: bool| {
+                bag_decode(&w32, &v32, &cols, &bags, n_bags, stats, wh, sink, out16).unwrap()
+            };
             let decode = |stats: &Tensor, sink: Option<&Tensor>| {
-                let out = bag_decode(
-                    &w32,
-                    &v32,
-                    &cols,
-                    &bags,
-                    n_bags,
-                    Some(stats),
-                    None,
-                    sink,
-                    false,
-                )
-                .unwrap();
+                let out = bag(Some(stats), None, sink, false);
                 let g = Tensor::run_backward(
                     &[(&out * r.to_kind(Kind::Float)).sum(None)],
                     &[&w32, &v32],
@@ -2495,18 +2506,7 @@ pub(crate) mod tests {
                 Some(Tensor::empty(w32.size(), (Kind::BFloat16, device))),
             ] {
                 let grads = |out16: bool| {
-                    let out = bag_decode(
-                        &w32,
-                        &v32,
-                        &cols,
-                        &bags,
-                        n_bags,
-                        None,
-                        None,
-                        sink.as_ref(),
-                        out16,
-                    )
-                    .unwrap();
+                    let out = bag(None, None, sink.as_ref(), out16);
                     let loss = match out16 {
                         true => (&out * &r16).sum(None),
                         false => (&out * r16.to_kind(Kind::Float)).sum(None),
@@ -2578,30 +2578,10 @@ pub(crate) mod tests {
             ]);
             // Over the bf16 copy: its rounded rows, not W's (which differ by about 2^-9).
             let wh = w32.detach().to_kind(Kind::BFloat16);
-            let out_h = bag_decode(
-                &w32,
-                &v32,
-                &cols,
-                &bags,
-                n_bags,
-                None,
-                Some(&wh),
-                None,
-                false,
-            )
-            .unwrap();
-            let out_h16 = bag_decode(
-                &w32,
-                &v32,
-                &cols,
-                &bags,
-                n_bags,
-                None,
-                Some(&wh),
-                None,
-                true,
-            )
-            .unwrap();
+            let (out_h, out_h16) = (
+                bag(None, Some(&wh), None, false),
+                bag(None, Some(&wh), None, true),
+            );
             assert!(
                 out_h16.equal(&out_h.to_kind(Kind::BFloat16)),
                 "{case}: the bf16 sums over bf16 rows are not the float32 ones rounded"

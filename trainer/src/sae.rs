@@ -1311,12 +1311,8 @@ impl Trainer {
             core_bd
         });
         let l2 = s.matryoshka_l2(x_bd, &parts_bgd, core_bd.as_ref());
-        // bf16 parts (`parts_bf16`) summed in float32.
-        let sum_kind = match parts_bgd.kind() {
-            Kind::BFloat16 => Kind::Float,
-            k => k,
-        };
-        let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, sum_kind) + &s.b_dec;
+        // In x's kind: bf16 parts (`parts_bf16`) summed in float32.
+        let x_hat_bd = parts_bgd.sum_dim_intlist(1, false, x_bd.kind()) + &s.b_dec;
         let x_hat_bd = match &core_bd {
             Some(core) => x_hat_bd + core,
             None => x_hat_bd,
